@@ -1,0 +1,1 @@
+"""CUDA C sources of the integer kernels, shipped as package data (onnxquant.kernels)."""

@@ -1,0 +1,3 @@
+// shared helpers for onnxquant integer kernels
+#pragma once
+#include <stdint.h>

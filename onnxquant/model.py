@@ -1,0 +1,290 @@
+"""Loading, saving and inspecting ONNX models.
+
+`load_model` accepts what real exporters write: opsets 11 to the newest, weights as initializers or as
+`Constant` nodes (turned into initializers), external data files (which must stay inside the model's
+directory), dynamic batch dimensions. `save_model` writes atomically. `make_session` builds an ONNX Runtime
+session, asking for the CUDA provider only when it can actually load.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterable
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper, shape_inference
+
+from onnxquant.errors import BadModelError, OnnxQuantError
+
+log = logging.getLogger(__name__)
+
+MIN_OPSET = 11
+INT4_OPSET = 21
+TWO_GIB = 2**31
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    """The default-domain opset the model imports."""
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    raise BadModelError(f"{model.graph.name or 'model'}: imports no default-domain opset")
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load, validate and normalise a model: Constant weights become initializers, shapes are inferred."""
+    path = Path(path)
+    if path.is_dir():
+        raise BadModelError(f"{path}: is a directory, expected an .onnx model file")
+    if not path.exists():
+        raise BadModelError(f"{path}: no such file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError or a bare message
+        raise BadModelError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from exc
+    if not model.graph.node and not model.graph.output:
+        raise BadModelError(f"{path}: not an ONNX model (empty graph)")
+    _load_external_data(model, path.parent)
+    opset = opset_of(model)
+    if opset < MIN_OPSET:
+        raise BadModelError(f"{path}: opset {opset} is not supported; accepted: opset {MIN_OPSET} or newer "
+                            "(convert with onnx.version_converter)")
+    if opset > onnx.defs.onnx_opset_version():
+        raise BadModelError(f"{path}: opset {opset} is newer than this onnx package knows "
+                            f"({onnx.defs.onnx_opset_version()}); upgrade onnx")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise BadModelError(f"{path}: invalid ONNX model ({_first_line(exc)})") from exc
+    constants_to_initializers(model)
+    return infer_shapes(model)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+def _load_external_data(model: onnx.ModelProto, base: Path) -> None:
+    """Read external tensors, refusing locations that point outside the model's directory."""
+    base = base.resolve()
+    for tensor in _all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        target = (base / location).resolve()
+        if Path(location).is_absolute() or base not in target.parents:
+            raise BadModelError(f"tensor {tensor.name!r}: external data location {location!r} points outside "
+                                f"the model's directory {base}; accepted: a relative path inside it")
+        if not target.is_file():
+            raise BadModelError(f"tensor {tensor.name!r}: external data file {target} not found")
+        offset, length = int(info.get("offset", 0)), info.get("length")
+        with open(target, "rb") as f:
+            f.seek(offset)
+            data = f.read(int(length)) if length is not None else f.read()
+        expected = int(np.prod(tensor.dims)) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        if tensor.data_type != onnx.TensorProto.STRING and len(data) < expected:
+            raise BadModelError(f"tensor {tensor.name!r}: external data file {target} is truncated "
+                                f"({len(data)} of {expected} bytes)")
+        tensor.raw_data = data
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterable[onnx.TensorProto]:
+    def graph_tensors(graph: onnx.GraphProto):
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.GRAPH:
+                    yield from graph_tensors(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for g in attr.graphs:
+                        yield from graph_tensors(g)
+    yield from graph_tensors(model.graph)
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> int:
+    """Move top-level `Constant` nodes holding a tensor into initializers; returns how many moved."""
+    graph = model.graph
+    keep, moved = [], 0
+    for node in graph.node:
+        value = _constant_value(node)
+        if value is None:
+            keep.append(node)
+            continue
+        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        moved += 1
+    if moved:
+        del graph.node[:]
+        graph.node.extend(keep)
+        log.info("moved %d Constant nodes into initializers", moved)
+    return moved
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.attribute) != 1:
+        return None
+    attr = node.attribute[0]
+    if attr.name == "value":
+        return numpy_helper.to_array(attr.t)
+    if attr.name in ("value_float", "value_int"):
+        dtype = np.float32 if attr.name == "value_float" else np.int64
+        return np.array(onnx.helper.get_attribute_value(attr), dtype=dtype)
+    if attr.name in ("value_floats", "value_ints"):
+        dtype = np.float32 if attr.name == "value_floats" else np.int64
+        return np.array(list(onnx.helper.get_attribute_value(attr)), dtype=dtype)
+    return None
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape inference that degrades to the unchanged model when the inferencer gives up."""
+    try:
+        if model.ByteSize() < TWO_GIB:
+            return shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception as exc:  # the inferencer raises on exotic custom ops; shapes are only a help
+        log.warning("shape inference failed: %s", _first_line(exc))
+    return model
+
+
+def upgrade_opset(model: onnx.ModelProto, target: int = INT4_OPSET) -> onnx.ModelProto:
+    """Convert to `target` opset (e.g. 21 for INT4 Q/DQ); an error if the converter cannot do it cleanly."""
+    if opset_of(model) >= target:
+        return model
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(model, target)
+        onnx.checker.check_model(converted)
+    except Exception as exc:
+        raise BadModelError(f"model: cannot upgrade opset {opset_of(model)} to {target} for INT4 storage "
+                            f"({_first_line(exc)}); accepted: --bits 5..8, or a model that converts") from exc
+    return infer_shapes(converted)
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write `model` atomically; models over 2 GiB get one external data file beside them."""
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        if model.ByteSize() >= TWO_GIB:
+            onnx.save_model(model, str(tmp), save_as_external_data=True, location=path.name + ".data")
+        else:
+            tmp.write_bytes(model.SerializeToString(deterministic=True))
+
+
+class atomic_write:  # noqa: N801 - used like open()
+    """Context manager yielding a temp path in the target's directory, renamed onto the target on success."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __enter__(self) -> Path:
+        directory = self.path.parent if str(self.path.parent) else Path(".")
+        if self.path.is_dir():
+            raise OnnxQuantError(f"{self.path}: is a directory; accepted: a file path")
+        if not directory.is_dir():
+            raise OnnxQuantError(f"{self.path}: directory {directory} does not exist")
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
+        except OSError as exc:
+            raise OnnxQuantError(f"{self.path}: cannot write ({exc.strerror})") from exc
+        os.close(fd)
+        self.tmp = Path(name)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike) -> Path:
+    """Refuse an output that would overwrite an input or cannot be written."""
+    out = Path(out)
+    for inp in inputs:
+        if inp is not None and Path(inp).exists() and out.exists() and out.resolve() == Path(inp).resolve():
+            raise OnnxQuantError(f"{out}: output path equals the input; accepted: a different file")
+    if out.is_dir():
+        raise OnnxQuantError(f"{out}: is a directory; accepted: a file path")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OnnxQuantError(f"{out}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OnnxQuantError(f"{out}: directory {parent} is not writable")
+    return out
+
+
+@lru_cache(maxsize=1)
+def available_providers() -> tuple[str, ...]:
+    """Execution providers that can actually run here: CUDA only when its libraries load and a GPU exists."""
+    import onnxruntime as ort
+
+    providers = ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in ort.get_available_providers() and _cuda_loads():
+        providers.insert(0, "CUDAExecutionProvider")
+    return tuple(providers)
+
+
+def _cuda_loads() -> bool:
+    import ctypes
+
+    for lib in ("libcuda.so.1", "libcudart.so.12", "libcublas.so.12", "libcudnn.so.9"):
+        try:
+            ctypes.CDLL(lib)
+        except OSError:
+            return False
+    return True
+
+
+def make_session(model: onnx.ModelProto | bytes, optimize: bool = True, use_gpu: bool = False):
+    """An ONNX Runtime session; `optimize=False` disables all graph optimizations."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    providers = list(available_providers()) if use_gpu else ["CPUExecutionProvider"]
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    try:
+        return ort.InferenceSession(data, opts, providers=providers)
+    except Exception as exc:
+        raise BadModelError(f"ONNX Runtime cannot load the model ({_first_line(exc)})") from exc
+
+
+def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of `model` whose graph also outputs the named intermediate tensors."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    present = {o.name for o in exposed.graph.output}
+    for name in names:
+        if name not in present:
+            exposed.graph.output.append(onnx.ValueInfoProto(name=name))
+            present.add(name)
+    return exposed
+
+
+def initializer_map(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Real inputs: graph inputs that are not initializers."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def file_size(path: str | os.PathLike) -> int:
+    """Size of a model on disk, its external data files included."""
+    path = Path(path)
+    total = path.stat().st_size
+    data = path.with_name(path.name + ".data")
+    return total + (data.stat().st_size if data.exists() else 0)
