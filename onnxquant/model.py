@@ -61,7 +61,33 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     except onnx.checker.ValidationError as exc:
         raise BadModelError(f"{path}: invalid ONNX model ({_first_line(exc)})") from exc
     constants_to_initializers(model)
+    drop_initializer_inputs(model)
+    name_nodes(model)
     return infer_shapes(model)
+
+
+def drop_initializer_inputs(model: onnx.ModelProto) -> None:
+    """Initializers also listed as graph inputs (old exporters) become plain constants (IR >= 4 allows it)."""
+    if model.ir_version < 4:
+        return
+    inits = {t.name for t in model.graph.initializer}
+    real = [i for i in model.graph.input if i.name not in inits]
+    if len(real) != len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(real)
+
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    """Give every node a unique name (`<op>_<index>` for unnamed or repeated ones): rules match on names."""
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            base, n = f"{node.op_type}_{i}", 0
+            node.name = base
+            while node.name in seen:
+                n += 1
+                node.name = f"{base}_{n}"
+        seen.add(node.name)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -149,7 +175,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         if model.ByteSize() < TWO_GIB:
             return shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    except Exception as exc:  # the inferencer raises on exotic custom ops; shapes are only a help
+    except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as exc:
         log.warning("shape inference failed: %s", _first_line(exc))
     return model
 
@@ -179,7 +205,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
             tmp.write_bytes(model.SerializeToString(deterministic=True))
 
 
-class atomic_write:  # noqa: N801 - used like open()
+class atomic_write:
     """Context manager yielding a temp path in the target's directory, renamed onto the target on success."""
 
     def __init__(self, path: str | os.PathLike):

@@ -1,1 +1,215 @@
-"""passes."""
+"""Graph rewrites that run before quantization, and `run_passes`, which applies a chosen subset.
+
+`PASSES` is the explicit registry, in the order the passes run: folds into a preceding layer first, then
+BN into a following Conv, then lowering of any BN left over. Each pass reports an `Outcome` per match
+(done, or the reason it refused); a BatchNormalization that no enabled pass matched gets an outcome
+under the name `UNFOLDED` saying why, so `inspect` can show every BN.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+
+from onnxquant.errors import BadRulesError
+from onnxquant.model import infer_shapes
+from onnxquant.passes.base import Graph, Match, Outcome, Pass, is_op, subgraph_reads
+from onnxquant.passes.bn_to_affine import BNToAffine
+from onnxquant.passes.fold_bn import FoldBNConv, FoldConvBN, FoldConvTransposeBN, FoldGemmBN
+
+__all__ = ["PASSES", "PASS_NAMES", "UNFOLDED", "Graph", "Match", "Outcome", "Pass", "run_passes"]
+
+log = logging.getLogger(__name__)
+
+PASSES: list[Pass] = [FoldConvBN(), FoldConvTransposeBN(), FoldGemmBN(), FoldBNConv(), BNToAffine()]
+PASS_NAMES: tuple[str, ...] = tuple(p.name for p in PASSES)
+UNFOLDED = "unfolded"
+
+_FOLD_AFTER = {"Conv": "fold_conv_bn", "ConvTranspose": "fold_convtranspose_bn", "Gemm": "fold_gemm_bn",
+               "MatMul": "fold_gemm_bn"}
+_SMALL_INITIALIZER = 64  # elements; larger float initializers are shown to shape inference as inputs
+
+
+def run_passes(model: onnx.ModelProto, names: Sequence[str],
+               dry_run: bool = False) -> tuple[onnx.ModelProto, list[Outcome]]:
+    """Apply the named passes (in registry order) to a copy of `model`.
+
+    Returns the rewritten model, topologically sorted and without unused initializers, and one outcome
+    per match plus one per BN left untouched. With `dry_run` the rewrite happens on a scratch copy and
+    the input model itself is returned unchanged, with the outcomes a real run would give. Unnamed (or
+    duplicate-named) nodes are given unique names so outcomes can refer to them.
+    """
+    wanted = _validate(names)
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    _name_nodes(work.graph)
+    graph = Graph(work, _infer_types(work))
+    outcomes: list[Outcome] = []
+    for p in PASSES:
+        if p.name in wanted:
+            outcomes += _run_pass(p, graph)
+    outcomes += _unfolded(graph, outcomes, wanted)
+    for o in outcomes:
+        log.info("%s %s: %s", o.pass_name, ",".join(o.nodes), o.reason)
+    if dry_run:
+        return model, outcomes
+    _finish(graph)
+    return work, outcomes
+
+
+def _validate(names: Sequence[str]) -> set[str]:
+    if isinstance(names, str):
+        names = [names]
+    unknown = [n for n in names if n not in PASS_NAMES]
+    if unknown:
+        raise BadRulesError(f"passes: unknown pass {unknown[0]!r}; accepted: {', '.join(PASS_NAMES)}")
+    return set(names)
+
+
+def _run_pass(p: Pass, graph: Graph) -> list[Outcome]:
+    """Apply `p` at every match; look again after a round that changed something (chains like BN→BN)."""
+    seen: set[Match] = set()
+    outcomes = []
+    while True:
+        fresh = [m for m in p.find(graph) if m not in seen]
+        applied = False
+        for match in fresh:
+            seen.add(match)
+            if any(graph.node(n) is None for n in match.nodes):
+                continue  # an earlier rewrite in this round removed it
+            reason = p.check(graph, match)
+            if reason is None:
+                p.rewrite(graph, match)
+                applied = True
+                outcomes.append(Outcome(p.name, match.nodes, True, _done(p, match)))
+            else:
+                outcomes.append(Outcome(p.name, match.nodes, False, reason))
+        if not applied:
+            return outcomes
+
+
+def _done(p: Pass, match: Match) -> str:
+    if p.name == "bn_to_affine":
+        return f"lowered BN '{match.nodes[0]}' to Mul + Add"
+    return f"folded BN '{match.nodes[0]}' into '{match.nodes[1]}'"
+
+
+def _unfolded(graph: Graph, outcomes: list[Outcome], wanted: set[str]) -> list[Outcome]:
+    """An outcome for each BN still in the graph that no enabled pass matched."""
+    reported = {o.nodes[0] for o in outcomes}
+    extra = []
+    for bn in graph.nodes("BatchNormalization"):
+        if bn.name in reported:
+            continue
+        prod = graph.producer(bn.input[0])
+        after = prod.op_type if prod is not None else "graph input"
+        if prod is not None and _FOLD_AFTER.get(after) and _FOLD_AFTER[after] not in wanted:
+            reason = f"BN after {after}: {_FOLD_AFTER[after]} is not enabled"
+        elif any(is_op(c, "Conv") for c in graph.consumers(bn.output[0])) and "fold_bn_conv" not in wanted:
+            reason = f"BN after {after}, before Conv: fold_bn_conv is not enabled"
+        else:
+            reason = f"BN after {after}: no preceding Conv/ConvTranspose/Gemm/MatMul or following Conv to fold into"
+            if "bn_to_affine" not in wanted:
+                reason += "; enable bn_to_affine to lower it to Mul+Add"
+        extra.append(Outcome(UNFOLDED, (bn.name,), False, reason))
+    return extra
+
+
+def _name_nodes(graph: onnx.GraphProto) -> None:
+    taken = {n.name for n in graph.node if n.name}
+    seen: set[str] = set()
+    for i, node in enumerate(graph.node):
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+            continue
+        base = node.name or f"{node.op_type}_{i}"
+        name, k = base, 1
+        while name in taken or name in seen:
+            name, k = f"{base}_{k}", k + 1
+        node.name = name
+        seen.add(name)
+        taken.add(name)
+
+
+def _infer_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """Types and shapes of all tensors, inferred on a copy whose large weights are only declared."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    src, dst = model.graph, light.graph
+    dst.node.extend(src.node)
+    dst.input.extend(src.input)
+    dst.output.extend(src.output)
+    dst.value_info.extend(src.value_info)
+    declared = {i.name for i in src.input}
+    for t in src.initializer:
+        if int(np.prod(t.dims)) <= _SMALL_INITIALIZER or t.data_type in (onnx.TensorProto.INT64,
+                                                                           onnx.TensorProto.INT32):
+            dst.initializer.append(t)
+        elif t.name not in declared:
+            dst.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    inferred = infer_shapes(light).graph
+    return {v.name: v.type for v in (*inferred.input, *inferred.output, *inferred.value_info)}
+
+
+def _finish(graph: Graph) -> None:
+    """Sort the nodes, drop unused initializers and stale value_info, describe new tensors."""
+    proto = graph.proto
+    _toposort(proto)
+    used = {o.name for o in proto.output}
+    produced = set()
+    for node in proto.node:
+        used.update(node.input)
+        used |= subgraph_reads(node)
+        produced.update(node.output)
+    unused = [t.name for t in proto.initializer if t.name not in used]
+    if unused:
+        log.debug("removing %d unused initializers", len(unused))
+        keep = [t for t in proto.initializer if t.name in used]
+        _replace(proto.initializer, keep)
+        gone = set(unused)
+        _replace(proto.input, [i for i in proto.input if i.name not in gone])
+    live = produced | used
+    _replace(proto.value_info, [v for v in proto.value_info if v.name in live])
+    described = {v.name for v in proto.value_info} | {v.name for v in (*proto.input, *proto.output)}
+    for name in sorted(graph.new_tensors & live - described):
+        proto.value_info.append(onnx.helper.make_value_info(name, graph.types[name]))
+    graph.changed()
+
+
+def _replace(field, items: list) -> None:
+    copies = [type(i)() for i in items]
+    for copy, item in zip(copies, items):
+        copy.CopyFrom(item)
+    del field[:]
+    field.extend(copies)
+
+
+def _toposort(proto: onnx.GraphProto) -> None:
+    """Stable topological order: each node right after the producers it needs, original order otherwise."""
+    nodes = list(proto.node)
+    producer = {out: i for i, n in enumerate(nodes) for out in n.output if out}
+    deps = [[producer[x] for x in (*n.input, *subgraph_reads(n)) if x in producer and producer[x] != i]
+            for i, n in enumerate(nodes)]
+    state = [0] * len(nodes)  # 0 new, 1 on the stack, 2 placed
+    order: list[int] = []
+    for root in range(len(nodes)):
+        if state[root]:
+            continue
+        stack = [(root, iter(deps[root]))]
+        state[root] = 1
+        while stack:
+            i, it = stack[-1]
+            nxt = next((d for d in it if state[d] == 0), None)
+            if nxt is None:
+                stack.pop()
+                state[i] = 2
+                order.append(i)
+            else:
+                state[nxt] = 1
+                stack.append((nxt, iter(deps[nxt])))
+    if order != list(range(len(nodes))):
+        _replace(proto.node, [nodes[i] for i in order])

@@ -1,0 +1,209 @@
+"""Calibration engine: run the float model in ONNX Runtime batch by batch and stream statistics.
+
+The tensors to calibrate are exposed as extra graph outputs (graph inputs are read from the feed) and one
+ONNX Runtime session runs over the data once (pass 1: min, max, Σx) and, when a method needs it, a second time
+(pass 2: deviations around the pass-1 mean and fixed-range histograms; see `onnxquant.calib.stats`). Memory is
+the model, one batch of activations and the statistics, whatever the number of samples.
+
+Sharding (same table as one run): `p1 = [collect_stats(..., shard_i, histograms=False)]`, `merged =
+merge_stats(*p1)`, `s_i = collect_stats(..., shard_i, pass1=merged)`, `stats = merge_stats(*s_i)`.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from functools import reduce
+
+import numpy as np
+import onnx
+
+from onnxquant.calib.stats import DEFAULT_BINS, NonFiniteError, TensorStats, merge_all, update_pass2
+from onnxquant.errors import BadDataError, BadModelError, OnnxQuantError
+from onnxquant.model import graph_inputs, make_session, with_outputs
+from onnxquant.tables import CalibrationTable, TensorRange
+
+log = logging.getLogger(__name__)
+
+Batch = Mapping[str, np.ndarray]
+
+
+def collect_stats(model: onnx.ModelProto, tensors: Sequence[str], data: Iterable[Batch], *,
+                  histograms: bool = True, moments: bool = False, per_channel: Sequence[str] = (),
+                  bins: int = DEFAULT_BINS, progress: bool = False,
+                  pass1: Mapping[str, TensorStats] | None = None) -> dict[str, TensorStats]:
+    """Statistics of `tensors` over `data` (an iterable of {input_name: array} batches, re-iterable for pass 2).
+
+    Pass 2 runs when `histograms` or `moments` is set. `per_channel`: tensors that also get per-channel
+    statistics on axis 1. `pass1`: merged pass-1 statistics of all shards (sharding protocol): only the
+    second pass runs, referenced to them; the shard's own pass-1 values are recomputed on the way.
+    """
+    tensors = list(dict.fromkeys(tensors))
+    if bins < 8:
+        raise OnnxQuantError(f"bins={bins}: too few histogram bins; accepted: 8 or more (default 2048)")
+    unknown_pc = sorted(set(per_channel) - set(tensors))
+    if unknown_pc:
+        raise OnnxQuantError(f"per-channel tensors not among the calibrated tensors: {', '.join(unknown_pc)}")
+    inputs = [i.name for i in graph_inputs(model)]
+    _check_tensor_names(model, tensors, inputs)
+    fetch = [t for t in tensors if t not in inputs]
+    session = make_session(with_outputs(model, fetch)) if fetch else None
+    channels = set(per_channel)
+    second = histograms or moments or pass1 is not None
+
+    if pass1 is None:
+        stats = {t: TensorStats() for t in tensors}
+
+        def pass1_update(name: str, x: np.ndarray, first_sample: int) -> None:
+            stats[name].update_pass1(x, name in channels)
+
+        n1 = _run(session, inputs, fetch, tensors, data, pass1_update, progress, "calibration pass 1")
+        if n1 == 0:
+            raise BadDataError("calibration data is empty; accepted: at least one sample")
+        log.info("pass 1: %d samples, %d tensors", n1, len(tensors))
+        if not second:
+            return stats
+        reference = stats
+    else:
+        missing = sorted(set(tensors) - set(pass1))
+        if missing:
+            raise OnnxQuantError(f"pass-1 statistics lack tensors: {', '.join(missing[:10])}")
+        reference = pass1
+
+    if isinstance(data, Iterator):
+        raise OnnxQuantError("the second calibration pass needs re-iterable data (a list or a DataSource), "
+                             "got a one-shot iterator")
+    accs = {}
+    for t in tensors:
+        ref = reference[t]
+        if t in channels and not ref.per_channel:
+            raise OnnxQuantError(f"tensor {t}: pass-1 statistics have no per-channel values")
+        accs[t] = ref.start_pass2(bins, histograms)
+        if t not in channels:
+            accs[t].ch_ref_mean = accs[t].ch_abs_dev = accs[t].ch_sq_dev = None
+    local = {t: TensorStats() for t in tensors}
+
+    def pass2_update(name: str, x: np.ndarray, first_sample: int) -> None:
+        local[name].update_pass1(x, name in channels)
+        update_pass2(accs[name], x)
+
+    n2 = _run(session, inputs, fetch, tensors, data, pass2_update, progress, "calibration pass 2")
+    log.info("pass 2: %d samples", n2)
+    for t in tensors:
+        ref, st = reference[t], local[t]
+        if pass1 is None and st.count != ref.count:
+            raise BadDataError(f"calibration data changed between passes ({ref.count} then {st.count} values of "
+                               f"tensor {t}); accepted: a data source that yields the same batches every time")
+        if st.count and (st.min < ref.min or st.max > ref.max):
+            raise OnnxQuantError(f"tensor {t}: values [{st.min:g}, {st.max:g}] exceed the pass-1 range "
+                                 f"[{ref.min:g}, {ref.max:g}]; pass 1 must cover every shard")
+        (local if pass1 is not None else reference)[t].pass2 = accs[t]
+    return local if pass1 is not None else reference
+
+
+def merge_stats(*parts: Mapping[str, TensorStats]) -> dict[str, TensorStats]:
+    """Statistics of the union of the parts' data sets (sharding; see the module docstring)."""
+    if not parts:
+        raise OnnxQuantError("merge_stats needs at least one statistics set")
+    return reduce(merge_all, [dict(p) for p in parts])
+
+
+def compute_table(stats: Mapping[str, TensorStats], specs: Mapping[str, tuple], method: str, *,
+                  per_channel: Sequence[str] = (), **options) -> CalibrationTable:
+    """A table for `specs` (tensor -> (bits, symmetric)) with `method` and its options (e.g. percentile=99.99).
+
+    Symmetric entries get signed codes and zero point 0, others unsigned codes with a zero point. Tensors in
+    `per_channel` get per-channel (axis 1) ranges; their bits may be an int or one int per channel.
+    """
+    from onnxquant.calib.methods import METHODS, check_options
+
+    if method not in METHODS:
+        raise OnnxQuantError(f"unknown calibration method {method!r}; accepted: {', '.join(METHODS)}")
+    opts = check_options(method, options)
+    missing = sorted(set(specs) - set(stats))
+    if missing:
+        raise OnnxQuantError(f"no statistics for {len(missing)} tensors: {', '.join(missing[:10])}")
+    fn = METHODS[method]
+    channels = set(per_channel)
+    entries = {}
+    table_bits = 0
+    for name in sorted(specs):
+        bits, symmetric = specs[name]
+        pc = name in channels
+        bits_arr = np.asarray(bits, np.int64)
+        table_bits = max(table_bits, int(bits_arr.max()))
+        try:
+            lo, hi = fn(stats[name], bits_arr if pc else int(bits_arr), bool(symmetric), per_channel=pc, **opts)
+        except OnnxQuantError as exc:
+            raise OnnxQuantError(f"tensor {name}: {exc}") from exc
+        lo, hi, note = _nonzero_range(np.asarray(lo, np.float64), np.asarray(hi, np.float64), symmetric)
+        entry = TensorRange.from_range(lo, hi, bits_arr if pc else int(bits_arr), bool(symmetric), method,
+                                       axis=1 if pc else None)
+        if note:
+            log.warning("tensor %s: %s", name, note)
+            entry = entry.with_note(note)
+        entries[name] = entry
+    return CalibrationTable(method=method, bits=table_bits or 8, tensors=entries)
+
+
+def _nonzero_range(lo: np.ndarray, hi: np.ndarray, symmetric: bool) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """Give all-zero (constant 0) ranges the range [-1, 1] (or [0, 1] unsigned) so the scale is valid."""
+    zero = (np.minimum(lo, 0) == 0) & (np.maximum(hi, 0) == 0)
+    if not zero.any():
+        return lo, hi, None
+    hi = np.where(zero, 1.0, hi)
+    lo = np.where(zero, -1.0 if symmetric else 0.0, lo)
+    what = "the tensor" if zero.ndim == 0 else f"{int(zero.sum())} channel(s)"
+    return lo, hi, f"{what} is constant 0 (zero range): range set to [{float(lo.min()):g}, 1] for a valid scale"
+
+
+def _check_tensor_names(model: onnx.ModelProto, tensors: Sequence[str], inputs: Sequence[str]) -> None:
+    produced = set(inputs)
+    for node in model.graph.node:
+        produced.update(o for o in node.output if o)
+    unknown = [t for t in tensors if t not in produced]
+    if unknown:
+        raise BadModelError(f"tensors not produced by the model: {', '.join(unknown[:10])}"
+                            + (f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else ""))
+
+
+def _run(session, inputs: Sequence[str], fetch: Sequence[str], tensors: Sequence[str], data: Iterable[Batch],
+         update, progress: bool, label: str) -> int:
+    """Run `session` on each batch and call update(name, array, first_sample_index); returns samples seen."""
+    samples = 0
+    for batch in _progress(data, progress, label):
+        missing = [i for i in inputs if i not in batch]
+        if missing:
+            raise BadDataError(f"calibration batch lacks model input(s) {', '.join(missing)}; "
+                               f"accepted: batches with keys {', '.join(inputs)}")
+        feed = {i: batch[i] for i in inputs}
+        outs = dict(zip(fetch, session.run(list(fetch), feed))) if fetch else {}
+        outs.update({i: np.asarray(feed[i]) for i in inputs if i in tensors})
+        for name in tensors:
+            x = np.asarray(outs[name])
+            if x.dtype.kind != "f":
+                raise BadModelError(f"tensor {name} has dtype {x.dtype}; accepted: float tensors only")
+            try:
+                update(name, x, samples)
+            except NonFiniteError:
+                _reject_nonfinite(name, x, samples)
+        first = np.asarray(feed[inputs[0]]) if inputs else None
+        samples += int(first.shape[0]) if first is not None and first.ndim else 1
+    return samples
+
+
+def _reject_nonfinite(name: str, x: np.ndarray, first_sample: int) -> None:
+    bad = np.argwhere(~np.isfinite(x))[0]
+    sample = first_sample + (int(bad[0]) if x.ndim else 0)
+    raise BadDataError(f"tensor {name}: NaN or Inf at sample {sample}; accepted: data giving finite values")
+
+
+def _progress(data: Iterable[Batch], enabled: bool, label: str):
+    if not enabled:
+        yield from data
+        return
+    import click
+
+    length = len(data) if hasattr(data, "__len__") else None
+    with click.progressbar(data, length=length, label=label, file=sys.stderr) as bar:
+        yield from bar

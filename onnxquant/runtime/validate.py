@@ -1,0 +1,234 @@
+"""Validation of the integer plan against ONNX Runtime running the same QDQ model with all optimizations.
+
+Per integer step the comparison is *isolated*: the step is fed ONNX Runtime's values of its integer inputs
+(the Q outputs exposed as extra graph outputs; those are node boundaries, so ORT's QDQ fusion into
+QLinearConv / QGemm / QLinearAdd / … is unaffected) and its codes are compared with ORT's at the step's Q output.
+Per graph output the comparison is end to end. Differences are counted in steps of the quantized tensor (LSB):
+integer outputs directly, float outputs of a per-tensor DequantizeLinear as ``|Δ| / s``; other float outputs
+by absolute difference.
+
+Criteria (`ValidationResult.passed`): ``float`` requant — every integer node and every LSB-measured output
+bit-exact, other float outputs within ``1e-5 + 1e-5·|ref|``; ``fixed`` requant — every integer node within
+1 LSB (outputs are reported: fixed-point rounding differences propagate through later layers).
+In fixed mode each node is also compared with the float-requant result on the same inputs (``vs_float``).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxquant.errors import BadDataError, OnnxQuantError
+from onnxquant.runtime import plan as P
+from onnxquant.runtime.requant import MODES
+
+log = logging.getLogger(__name__)
+
+FLOAT_RTOL = FLOAT_ATOL = 1e-5
+
+
+@dataclass
+class Comparison:
+    """Element counts and differences at one tensor; `hist` maps |Δ| in LSB to a count (unit "lsb")."""
+
+    name: str
+    op: str
+    tensor: str
+    kind: str
+    unit: str = "lsb"
+    count: int = 0
+    differ: int = 0
+    max_lsb: int = 0
+    max_abs: float = 0.0
+    hist: dict[int, int] = field(default_factory=dict)
+    vs_float: Comparison | None = None
+
+    def add(self, got, ref, scale: float | None = None) -> None:
+        got, ref = np.asarray(got), np.asarray(ref)
+        if got.shape != ref.shape:
+            raise OnnxQuantError(f"{self.name}: shape {got.shape} differs from ONNX Runtime's {ref.shape}")
+        self.count += int(ref.size)
+        if self.unit == "abs":
+            diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+            self.max_abs = max(self.max_abs, float(diff.max(initial=0.0)))
+            bad = diff > FLOAT_ATOL + FLOAT_RTOL * np.abs(ref.astype(np.float64))
+            self.differ += int(np.count_nonzero(diff))
+            self.max_lsb = max(self.max_lsb, int(np.count_nonzero(bad) > 0))
+            return
+        if scale is None:
+            lsb = np.abs(got.astype(np.int64) - ref.astype(np.int64))
+        else:
+            diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+            self.max_abs = max(self.max_abs, float(diff.max(initial=0.0)))
+            lsb = np.rint(diff / float(scale)).astype(np.int64)
+        values, counts = np.unique(lsb, return_counts=True)
+        for v, c in zip(values.tolist(), counts.tolist()):
+            self.hist[int(v)] = self.hist.get(int(v), 0) + int(c)
+        self.differ += int(np.count_nonzero(lsb))
+        self.max_lsb = max(self.max_lsb, int(lsb.max(initial=0)))
+
+    def to_json(self) -> dict:
+        out = {"name": self.name, "op": self.op, "tensor": self.tensor, "kind": self.kind, "unit": self.unit,
+               "elements": self.count, "differ": self.differ}
+        if self.unit == "lsb":
+            out.update(max_lsb=self.max_lsb, histogram={str(k): v for k, v in sorted(self.hist.items())})
+        if self.unit == "abs" or self.max_abs:
+            out["max_abs"] = self.max_abs
+        if self.vs_float is not None:
+            out["vs_float_requant"] = self.vs_float.to_json()
+        return out
+
+    def line(self) -> str:
+        if self.unit == "abs":
+            return (f"  {self.kind:<8} {self.name} ({self.op} -> {self.tensor}): {self.count} elements, "
+                    f"{self.differ} differ, max |diff| {self.max_abs:.3g}")
+        hist = ", ".join(f"{k}:{v}" for k, v in sorted(self.hist.items()) if k)
+        text = (f"  {self.kind:<8} {self.name} ({self.op} -> {self.tensor}): {self.count} elements, "
+                f"{self.differ} differ, max {self.max_lsb} LSB" + (f" [{hist}]" if hist else ""))
+        if self.vs_float is not None:
+            text += f"; vs float requant: {self.vs_float.differ} differ, max {self.vs_float.max_lsb} LSB"
+        return text
+
+
+@dataclass
+class ValidationResult:
+    """Per integer node and per output comparisons, plus the plan's node statuses."""
+
+    backend: str
+    requant: str
+    samples: int
+    nodes: list[Comparison]
+    outputs: list[Comparison]
+    plan: list[P.NodeStatus]
+
+    @property
+    def passed(self) -> bool:
+        if self.requant == "fixed":
+            return all(c.max_lsb <= (1 if c.kind == P.KIND_INTEGER else 0) for c in self.nodes)
+        return (all(c.differ == 0 for c in self.nodes)
+                and all(c.max_lsb == 0 for c in self.outputs))
+
+    def to_json(self) -> dict:
+        return {"backend": self.backend, "requant": self.requant, "samples": self.samples,
+                "passed": self.passed, "nodes": [c.to_json() for c in self.nodes],
+                "outputs": [c.to_json() for c in self.outputs],
+                "plan": [{"node": s.node, "op": s.op, "kind": s.kind, "step": s.step, "reason": s.reason}
+                         for s in self.plan]}
+
+    def summary_lines(self) -> list[str]:
+        kinds: dict[str, int] = {}
+        for s in self.plan:
+            kinds[s.kind] = kinds.get(s.kind, 0) + 1
+        lines = [f"validate: backend {self.backend}, requant {self.requant}, {self.samples} samples",
+                 f"plan: {kinds.get(P.KIND_INTEGER, 0)} nodes in {len(self.nodes)} integer/quantize steps, "
+                 f"{kinds.get(P.KIND_FLOAT, 0)} float fallback nodes"]
+        lines += [f"  float    {s.op} {s.node!r}: {s.reason}" for s in self.plan if s.kind == P.KIND_FLOAT]
+        lines.append("nodes (fed ONNX Runtime's inputs):")
+        lines += [c.line() for c in self.nodes]
+        lines.append("outputs (end to end):")
+        lines += [c.line() for c in self.outputs]
+        crit = ("bit-exact at every integer node and output" if self.requant == "float"
+                else "every integer node within 1 LSB")
+        lines.append(f"{'PASSED' if self.passed else 'FAILED'} ({self.requant} requant: {crit})")
+        return lines
+
+
+def get_backend(name: str):
+    """The backend object for `name` ('numpy' or 'cuda'); a one-line OnnxQuantError when unusable."""
+    if name == "numpy":
+        from onnxquant.runtime.numpy_backend import NumpyBackend
+
+        return NumpyBackend()
+    if name == "cuda":
+        from onnxquant.runtime.cuda_backend import CudaBackend
+
+        return CudaBackend()
+    raise OnnxQuantError(f"backend {name!r} is unknown; accepted: numpy, cuda")
+
+
+def validate(model: onnx.ModelProto, data: Iterable[Mapping[str, np.ndarray]], backend: str = "numpy",
+             requant: str = "float") -> ValidationResult:
+    """Run the integer plan and ONNX Runtime on the same batches and compare them (see module docstring)."""
+    from onnxquant.model import constants_to_initializers, make_session, with_outputs
+    from onnxquant.runtime.lower import lower
+
+    if requant not in MODES:
+        raise OnnxQuantError(f"requant mode {requant!r} is unknown; accepted: {', '.join(MODES)}")
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    constants_to_initializers(work)
+    plan = lower(work)
+    be = get_backend(backend)
+    checked = [s for s in plan.steps if s.kind in (P.KIND_INTEGER, P.KIND_QUANTIZE)]
+    exposed = sorted({n for s in checked for n in [*s.inputs, *s.outputs]
+                      if n and n not in plan.constants and n not in plan.inputs
+                      and not (isinstance(s, P.AddStep) and n in s.const)})
+    sess = make_session(with_outputs(work, exposed))
+    out_names = [o.name for o in sess.get_outputs()]
+    producers = {o: s for s in plan.steps for o in s.outputs}
+    nodes = [Comparison(s.name, s.op, s.outputs[0], s.kind) for s in checked]
+    if requant == "fixed":
+        for c in nodes:
+            if c.kind == P.KIND_INTEGER:
+                c.vs_float = Comparison(c.name, c.op, c.tensor, c.kind)
+    outputs = []
+    for name in plan.outputs:
+        prod = producers.get(name)
+        lsb = name in plan.int_dtypes or (isinstance(prod, P.DequantizeStep) and np.size(prod.scale) == 1)
+        outputs.append(Comparison(name, prod.op if prod else "input", name, "output", "lsb" if lsb else "abs"))
+    samples = 0
+    for batch in data:
+        feeds = _feeds(batch, sess.get_inputs())
+        try:
+            ref = dict(zip(out_names, sess.run(None, feeds)))
+        except Exception as exc:
+            raise BadDataError(f"ONNX Runtime rejects the data: {str(exc).splitlines()[0][:200]}") from exc
+        samples += len(next(iter(feeds.values()))) if feeds and np.ndim(next(iter(feeds.values()))) else 1
+        known = {**ref, **feeds}
+        for step, comp in zip(checked, nodes):
+            args = [be.arg(known, step, n) for n in step.inputs]
+            got = be.run_step(plan, step, args, requant)[0]
+            comp.add(got, ref[step.outputs[0]])
+            if comp.vs_float is not None:
+                comp.vs_float.add(got, be.run_step(plan, step, args, "float")[0])
+        env = be.run(plan, feeds, requant)
+        for comp in outputs:
+            prod = producers.get(comp.tensor)
+            scale = float(np.asarray(prod.scale).reshape(-1)[0]) if isinstance(prod, P.DequantizeStep) else None
+            comp.add(env[comp.tensor], ref[comp.tensor], scale if comp.unit == "lsb" else None)
+    if samples == 0:
+        raise BadDataError("the data holds no samples; accepted: at least one batch of model inputs")
+    result = ValidationResult(backend, requant, samples, nodes, outputs, plan.status)
+    log.info("validation %s", "passed" if result.passed else "failed")
+    return result
+
+
+def _feeds(batch, inputs) -> dict[str, np.ndarray]:
+    if not isinstance(batch, Mapping):
+        raise BadDataError(f"a data batch is a {type(batch).__name__}; accepted: a mapping input name -> array")
+    expected = {i.name: i for i in inputs}
+    missing = sorted(set(expected) - set(batch))
+    extra = sorted(set(batch) - set(expected))
+    if missing or extra:
+        raise BadDataError(f"data keys {sorted(batch)} do not match the model inputs {sorted(expected)}"
+                           + (f" (missing {missing})" if missing else "") + (f" (unknown {extra})" if extra else ""))
+    feeds = {}
+    for name, info in expected.items():
+        arr = np.asarray(batch[name])
+        want = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64,
+                "tensor(uint8)": np.uint8, "tensor(int8)": np.int8, "tensor(int32)": np.int32}.get(info.type)
+        if want is not None and arr.dtype != want:
+            if not np.can_cast(arr.dtype, np.float64, "same_kind") and arr.dtype.kind not in "iuf":
+                raise BadDataError(f"input {name!r}: dtype {arr.dtype} is not numeric; accepted: {info.type}")
+            arr = arr.astype(want)
+        if len(info.shape) != arr.ndim:
+            raise BadDataError(f"input {name!r}: array has shape {arr.shape}, the model expects rank "
+                               f"{len(info.shape)} {list(info.shape)}")
+        for axis, (dim, have) in enumerate(zip(info.shape, arr.shape)):
+            if isinstance(dim, int) and dim != have:
+                raise BadDataError(f"input {name!r}: axis {axis} has size {have}, the model expects {dim}")
+        feeds[name] = arr
+    return feeds

@@ -1,0 +1,135 @@
+"""Percentile, MSE, minmax and the method registry / compute_table."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxquant.calib.engine import compute_table
+from onnxquant.calib.methods import METHODS, NEEDS_HISTOGRAM, NEEDS_PASS2, check_options, collect_options
+from onnxquant.calib.mse import mse
+from onnxquant.calib.percentile import percentile
+from onnxquant.calib.stats import stats_of
+from onnxquant.errors import OnnxQuantError
+
+BINS = 512
+
+
+def _x(seed=0, n=100_000, shift=0.0):
+    return (np.random.default_rng(seed).laplace(shift, 1, n)).astype(np.float32)
+
+
+def test_registry_is_explicit_and_ordered():
+    assert list(METHODS) == ["minmax", "percentile", "mse", "laplace", "gauss", "kl"]
+    assert NEEDS_HISTOGRAM <= NEEDS_PASS2 and "minmax" not in NEEDS_PASS2
+    assert collect_options(["minmax"]) == {"histograms": False, "moments": False}
+    assert collect_options(["laplace"]) == {"histograms": False, "moments": True}
+    assert collect_options(["laplace", "kl"]) == {"histograms": True, "moments": True}
+    with pytest.raises(OnnxQuantError, match="accepted"):
+        collect_options(["entropy"])
+    with pytest.raises(OnnxQuantError, match="unknown calibration option"):
+        check_options("kl", {"percentil": 99})
+    assert check_options("kl", {"percentile": 99.9}) == {}
+    assert check_options("percentile", {"percentile": 99.9}) == {"percentile": 99.9}
+
+
+@pytest.mark.parametrize("p", [99.0, 99.9, 99.99])
+def test_percentile_within_one_bin_of_numpy(p):
+    x = _x(shift=0.7)
+    st = stats_of(x, bins=BINS)
+    width = st.hist_range / BINS
+    lo, hi = percentile(st, 8, True, percentile=p)
+    t = np.percentile(np.abs(x), p)
+    assert abs(hi - t) <= width and lo == -hi
+    lo, hi = percentile(st, 8, False, percentile=p)  # two-sided, unsigned codes: each side
+    assert abs(hi - np.percentile(x, p)) <= width
+    assert abs(lo - np.percentile(x, 100 - p)) <= width
+    with pytest.raises(OnnxQuantError, match="percentile"):
+        percentile(st, 8, True, percentile=0)
+
+
+def _reference_mse_symmetric(counts, width, levels):
+    best, best_t = np.inf, None
+    centres = (np.arange(len(counts)) + 0.5) * width
+    for i in range(1, len(counts) + 1):
+        t = i * width
+        s = t / levels
+        err = 0.0
+        for c, n in zip(centres, counts):
+            if n:
+                err += n * (c - s * min(np.rint(c / s), levels)) ** 2
+        if err < best:
+            best, best_t = err, t
+    return best_t
+
+
+def _reference_mse_affine(counts, first, width, lo, hi, bits):
+    best, best_range = np.inf, None
+    nz = np.nonzero(counts)[0]
+    centres, n = first + (nz + 0.5) * width, counts[nz]
+    qmax = 2 ** bits - 1
+    half = len(counts) // 2
+    for i in range(1, half + 1):
+        clo, chi = lo * i / half, hi * i / half
+        s = (chi - clo) / qmax
+        z = np.clip(np.rint(-clo / s), 0, qmax)
+        q = np.clip(np.rint(centres / s) + z, 0, qmax)
+        err = float(np.sum(n * (centres - s * (q - z)) ** 2))
+        if err < best:
+            best, best_range = err, (clo, chi)
+    return best_range
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_mse_matches_brute_force(bits):
+    x = _x(seed=1, n=20_000)
+    st = stats_of(x, bins=128)
+    w = st.hist_range / 128
+    lo, hi = mse(st, bits, True)
+    t = _reference_mse_symmetric(st.abs_hist, w, 2 ** (bits - 1) - 1)
+    assert (lo, hi) == pytest.approx((max(st.min, -t), min(st.max, t)))
+    xr = np.abs(x)
+    sr = stats_of(xr, bins=128)
+    wr = sr.hist_range / 128
+    _, hi = mse(sr, bits, False)  # one-sided, unsigned codes: 2^b - 1 levels
+    assert hi == pytest.approx(min(sr.max, _reference_mse_symmetric(sr.abs_hist, wr, 2 ** bits - 1)))
+    lo, hi = mse(st, bits, False)  # two-sided, unsigned codes
+    ref = _reference_mse_affine(st.hist, -st.hist_range, w, st.min, st.max, bits)
+    assert (lo, hi) == pytest.approx(ref)
+
+
+def test_mse_prefers_clipping_at_low_bits():
+    st = stats_of(_x(seed=2), bins=BINS)
+    t4, t8 = mse(st, 4, True)[1], mse(st, 8, True)[1]
+    assert t4 < t8 < st.amax
+
+
+def test_compute_table_constant_zero_tensor_gets_valid_scale_and_note():
+    st = stats_of(np.zeros((4, 3), np.float32), bins=64)
+    for method in METHODS:
+        table = compute_table({"z": st}, {"z": (8, True)}, method)
+        entry = table.tensors["z"]
+        assert entry.scale > 0 and np.isfinite(entry.scale)
+        assert "constant" in entry.note
+
+
+def test_compute_table_entries_and_errors():
+    x = np.abs(_x(seed=3)).reshape(-1, 4)
+    stats = {"a": stats_of(x, bins=BINS, per_channel=True), "b": stats_of(_x(seed=4), bins=BINS)}
+    table = compute_table(stats, {"a": (4, False), "b": (8, True)}, "laplace")
+    a, b = table.tensors["a"], table.tensors["b"]
+    assert (a.signed, a.zero_point, a.bits, a.min) == (False, 0, 4, 0.0)
+    assert (b.signed, b.zero_point, b.bits) == (True, 0, 8)
+    assert table.bits == 8 and table.method == "laplace"
+    pc = compute_table(stats, {"a": ([3, 4, 5, 4], False)}, "minmax", per_channel=["a"]).tensors["a"]
+    assert pc.axis == 1 and pc.bits == [3, 4, 5, 4] and len(pc.scale) == 4
+    np.testing.assert_allclose(pc.max, x.max(axis=0))
+    with pytest.raises(OnnxQuantError, match="per tensor only"):
+        compute_table(stats, {"a": (4, False)}, "kl", per_channel=["a"])
+    with pytest.raises(OnnxQuantError, match="no statistics"):
+        compute_table(stats, {"c": (4, False)}, "minmax")
+    with pytest.raises(OnnxQuantError, match="unknown calibration method"):
+        compute_table(stats, {"a": (4, False)}, "entropy")
+    no_hist = {"b": stats_of(_x(), histograms=False)}
+    with pytest.raises(OnnxQuantError, match="histogram"):
+        compute_table(no_hist, {"b": (8, True)}, "kl")
+    compute_table(no_hist, {"b": (8, True)}, "gauss")

@@ -1,0 +1,161 @@
+"""Streaming statistics through ONNX Runtime: exactness, batch invariance, determinism, sharding."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.parser
+import pytest
+
+from onnxquant.calib.engine import collect_stats, compute_table, merge_stats
+from onnxquant.calib.methods import METHODS
+from onnxquant.calib.stats import histogram, stats_of
+from onnxquant.errors import BadDataError, BadModelError, OnnxQuantError
+from onnxquant.tables import dumps_json, load_stats, save_stats
+
+MODEL = onnx.parser.parse_model("""
+<ir_version: 8, opset_import: ["" : 17]>
+agraph (float[N, 3, 5] x) => (float[N, 3, 5] y) {
+  c = Constant <value = float[1] {0.25}> ()
+  t1 = Sub(x, c)
+  r = Relu(t1)
+  k = Constant <value = float[1] {2.0}> ()
+  y = Mul(r, k)
+}
+""")
+TENSORS = ["x", "t1", "r", "y"]
+SPECS = {"x": (8, True), "t1": (4, False), "r": (4, False), "y": (8, True)}
+BINS = 256
+
+
+def _samples(n=64, seed=0):
+    return np.random.default_rng(seed).laplace(0, 1, (n, 3, 5)).astype(np.float32)
+
+
+def _batches(x, size):
+    return [{"x": x[i:i + size]} for i in range(0, len(x), size)]
+
+
+def _tables(stats):
+    return {m: compute_table(stats, SPECS, m) for m in METHODS}
+
+
+def test_statistics_are_exact():
+    x = _samples()
+    stats = collect_stats(MODEL, TENSORS, _batches(x, 10), per_channel=["t1"], bins=BINS)
+    t1 = (x - np.float32(0.25)).astype(np.float64)
+    st = stats["t1"]
+    assert st.count == t1.size and st.min == t1.min() and st.max == t1.max()
+    assert st.mean == pytest.approx(t1.mean(), rel=1e-12)
+    assert st.mad == pytest.approx(np.abs(t1 - t1.mean()).mean(), rel=1e-6)
+    assert st.std == pytest.approx(t1.std(), rel=1e-6)
+    np.testing.assert_array_equal(st.ch_min, t1.min(axis=(0, 2)))
+    np.testing.assert_allclose(st.ch_mean, t1.mean(axis=(0, 2)), rtol=1e-12)
+    np.testing.assert_allclose(st.ch_std, t1.std(axis=(0, 2)), rtol=1e-5)
+    assert st.hist.sum() == t1.size and st.abs_hist.sum() == t1.size
+    ref, _ = np.histogram(np.abs(t1), bins=BINS, range=(0, st.amax))
+    assert np.abs(st.abs_hist - ref).sum() <= 2  # differs only for values exactly on a bin edge
+    assert stats["r"].one_sided and stats["y"].max == pytest.approx(2 * stats["r"].max)
+
+
+def test_minmax_needs_one_pass():
+    calls = []
+
+    class Counting(list):
+        def __iter__(self):
+            calls.append(1)
+            return super().__iter__()
+
+    stats = collect_stats(MODEL, TENSORS, Counting(_batches(_samples(), 8)), histograms=False)
+    assert len(calls) == 1 and stats["x"].pass2 is None
+    compute_table(stats, SPECS, "minmax")
+    collect_stats(MODEL, TENSORS, Counting(_batches(_samples(), 8)), histograms=False, moments=True)
+    assert len(calls) == 3
+
+
+def test_batch_invariance_and_determinism():
+    x = _samples()
+    runs = {size: collect_stats(MODEL, TENSORS, _batches(x, size), bins=BINS) for size in (1, 7, 32)}
+    tables = {size: _tables(stats) for size, stats in runs.items()}
+    for size in (7, 32):
+        for name in TENSORS:
+            np.testing.assert_array_equal(runs[size][name].hist, runs[1][name].hist)
+        for method in METHODS:
+            a, b = tables[size][method], tables[1][method]
+            if method in ("laplace", "gauss"):  # moments: equal up to float rounding
+                for name in TENSORS:
+                    assert a.tensors[name].amax == pytest.approx(b.tensors[name].amax, rel=1e-9)
+            else:
+                assert dumps_json(a) == dumps_json(b), method
+    again = _tables(collect_stats(MODEL, TENSORS, _batches(x, 7), bins=BINS))
+    for method in METHODS:
+        assert dumps_json(again[method]) == dumps_json(tables[7][method])
+
+
+def test_shards_merge_to_one_run(tmp_path):
+    x = _samples(96, seed=5)
+    shards = [_batches(x[:40], 8), _batches(x[40:41], 1), _batches(x[41:], 16)]
+    single = collect_stats(MODEL, TENSORS, _batches(x, 12), per_channel=["t1"], bins=BINS)
+    p1 = [collect_stats(MODEL, TENSORS, s, per_channel=["t1"], histograms=False) for s in shards]
+    for i, part in enumerate(p1):  # shards may travel as files
+        save_stats(part, tmp_path / f"p1_{i}.npz")
+    merged1 = merge_stats(*[load_stats(tmp_path / f"p1_{i}.npz") for i in range(3)])
+    p2 = [collect_stats(MODEL, TENSORS, s, per_channel=["t1"], bins=BINS, pass1=merged1) for s in shards]
+    merged = merge_stats(*p2)
+    for name in TENSORS:
+        a, b = merged[name], single[name]
+        assert (a.count, a.min, a.max) == (b.count, b.min, b.max)
+        np.testing.assert_array_equal(a.hist, b.hist)
+        assert a.mad == pytest.approx(b.mad, rel=1e-9) and a.std == pytest.approx(b.std, rel=1e-9)
+    np.testing.assert_allclose(merged["t1"].ch_mad, single["t1"].ch_mad, rtol=1e-9)
+    for method in ("minmax", "percentile", "mse", "kl"):
+        assert dumps_json(compute_table(merged, SPECS, method)) == dumps_json(compute_table(single, SPECS, method))
+    for method in ("laplace", "gauss"):
+        a, b = compute_table(merged, SPECS, method), compute_table(single, SPECS, method)
+        for name in TENSORS:
+            assert a.tensors[name].amax == pytest.approx(b.tensors[name].amax, rel=1e-9)
+    with pytest.raises(OnnxQuantError, match="protocol"):  # pass 2 against different references
+        merge_stats(p2[0], collect_stats(MODEL, TENSORS, shards[1], bins=BINS, per_channel=["t1"]))
+    with pytest.raises(OnnxQuantError, match="exceed the pass-1 range"):
+        collect_stats(MODEL, TENSORS, _batches(x * 10, 8), bins=BINS, pass1=merged1)
+
+
+def test_save_load_stats_round_trip(tmp_path):
+    stats = collect_stats(MODEL, TENSORS, _batches(_samples(), 16), per_channel=["t1"], bins=BINS)
+    save_stats(stats, tmp_path / "s.npz")
+    back = load_stats(tmp_path / "s.npz")
+    for m in METHODS:
+        assert dumps_json(compute_table(back, SPECS, m)) == dumps_json(compute_table(stats, SPECS, m))
+    np.testing.assert_array_equal(back["t1"].pass2.ch_abs_dev, stats["t1"].pass2.ch_abs_dev)
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(OnnxQuantError, match="bad.npz"):
+        load_stats(tmp_path / "bad.npz")
+
+
+def test_bad_data_is_rejected_with_names():
+    x = _samples(20)
+    x[13, 1, 2] = np.nan
+    with pytest.raises(BadDataError, match=r"tensor x: NaN or Inf at sample 13"):
+        collect_stats(MODEL, TENSORS, _batches(x, 4))
+    with pytest.raises(BadModelError, match="nope"):
+        collect_stats(MODEL, ["r", "nope"], _batches(_samples(), 4))
+    with pytest.raises(BadDataError, match="lacks model input"):
+        collect_stats(MODEL, ["r"], [{"z": _samples()}])
+    with pytest.raises(OnnxQuantError, match="re-iterable"):
+        collect_stats(MODEL, ["r"], iter(_batches(_samples(), 4)))
+    with pytest.raises(BadDataError, match="empty"):
+        collect_stats(MODEL, ["r"], [])
+
+
+def test_progress_bar_goes_to_stderr(capsys):
+    collect_stats(MODEL, ["r"], _batches(_samples(), 16), progress=True, bins=BINS)
+    out = capsys.readouterr()
+    assert out.out == ""
+
+
+def test_histogram_folding_and_edges():
+    x = np.array([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0], np.float32)
+    h = histogram(x, 2.0, 4)  # 8 bins over [-2, 2], width 0.5
+    assert h.tolist() == [1, 0, 1, 1, 1, 1, 1, 1]
+    st = stats_of(x, bins=4)
+    assert st.abs_hist.tolist() == [2, 2, 1, 2]
+    assert stats_of(np.abs(x), bins=4).abs_hist.tolist() == np.histogram(np.abs(x), 4, (0, 2))[0].tolist()

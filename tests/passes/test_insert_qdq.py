@@ -1,0 +1,146 @@
+"""Q/DQ insertion: checker-clean models that ONNX Runtime runs, exact b-bit codes, int32 bias, placement."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, numpy_helper
+
+from onnxquant import api
+from onnxquant.model import load_model, make_session, with_outputs
+from onnxquant.quant import qrange
+from onnxquant.rules import load_rules, parse_rules
+from onnxquant.tables import CalibrationTable, TensorRange
+
+DEMO = "calib_data/digits/model.onnx"
+
+RESIDUAL = """
+<ir_version: 7, opset_import: ["" : 13]>
+g (float[N, 4, 6, 6] x) => (float[N, 10] y) {
+  c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+  r1 = Relu (c1)
+  c2 = Conv <pads = [1, 1, 1, 1]> (r1, w2, b2)
+  s = Add (c2, x)
+  r2 = Relu (s)
+  p = GlobalAveragePool (r2)
+  f = Flatten (p)
+  y = Gemm <transB = 1> (f, wf, bf)
+}
+"""
+
+
+def residual_model(seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    model = onnx.parser.parse_model(RESIDUAL)
+    for name, shape in (("w1", (4, 4, 3, 3)), ("b1", (4,)), ("w2", (4, 4, 3, 3)), ("b2", (4,)),
+                        ("wf", (10, 4)), ("bf", (10,))):
+        model.graph.initializer.append(numpy_helper.from_array(
+            (rng.standard_normal(shape) * 0.3).astype(np.float32), name))
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def data(n: int = 64, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 4, 6, 6)).astype(np.float32)
+
+
+def minmax_table(model: onnx.ModelProto, plan, x: np.ndarray) -> CalibrationTable:
+    """An independent min/max calibration: run the float model with every planned tensor exposed."""
+    names = sorted(plan.activations)
+    values = make_session(with_outputs(model, names)).run(names, {model.graph.input[0].name: x})
+    entries = {n: TensorRange.from_range(v.min(), v.max(), plan.activations[n].bits,
+                                         plan.activations[n].symmetric, "minmax") for n, v in zip(names, values)}
+    return CalibrationTable(method="minmax", bits=8, tensors=entries)
+
+
+def quantize(model: onnx.ModelProto, rules, x: np.ndarray):
+    folded, _, plan, _ = api.prepare(model, rules)
+    return api.convert(model, rules, table=minmax_table(folded, plan, x))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_codes_stay_in_the_b_bit_range_and_model_runs_both_ways(bits):
+    model, x = residual_model(), data()
+    result = quantize(model, load_rules("default").with_cli(wbits=bits, abits=bits), x)
+    q = result.model
+    onnx.checker.check_model(q, full_check=True)
+    inits = {t.name: t for t in q.graph.initializer}
+    for node in q.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits and "bias" not in node.input[0] \
+                and inits[node.input[0]].data_type != TensorProto.INT32:
+            codes = numpy_helper.to_array(inits[node.input[0]]).astype(np.int64)
+            lo, hi = qrange(bits, True)
+            assert lo <= codes.min() and codes.max() <= hi
+            assert inits[node.input[0]].data_type == (TensorProto.INT4 if bits == 4 else TensorProto.INT8)
+    quant_outs = [n.output[0] for n in q.graph.node if n.op_type == "QuantizeLinear"]
+    codes = make_session(with_outputs(q, quant_outs), optimize=False).run(quant_outs, {"x": x})
+    for c in codes:
+        assert c.min() >= 0 and c.max() <= 2**bits - 1
+        assert c.max() >= 2**bits - 2
+    full = make_session(q, optimize=True).run(None, {"x": x})[0]
+    none = make_session(q, optimize=False).run(None, {"x": x})[0]
+    np.testing.assert_allclose(full, none, atol=1e-4 * np.abs(none).max())
+
+
+def relative_error(bits: int) -> float:
+    model, x = residual_model(), data()
+    q = quantize(model, load_rules("default").with_cli(wbits=bits, abits=bits), x).model
+    ref = make_session(model).run(None, {"x": x})[0]
+    return float(np.abs(make_session(q).run(None, {"x": x})[0] - ref).max() / np.abs(ref).max())
+
+
+def test_error_shrinks_with_every_added_bit():
+    errors = [relative_error(bits) for bits in range(2, 9)]
+    assert all(a > b for a, b in itertools.pairwise(errors)), errors
+    assert errors[-1] < 0.02
+
+
+def test_bias_is_int32_with_scale_sx_times_sw():
+    model, x = residual_model(), data()
+    q = quantize(model, load_rules("default"), x).model
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    conv = next(n for n in q.graph.node if n.op_type == "Conv" and n.output[0] == "c1")
+    dq = {n.output[0]: n for n in q.graph.node if n.op_type == "DequantizeLinear"}
+    bias_dq, w_dq, x_dq = dq[conv.input[2]], dq[conv.input[1]], dq[conv.input[0]]
+    assert inits[bias_dq.input[0]].dtype == np.int32
+    x_scale = inits[x_dq.input[1]]
+    np.testing.assert_allclose(inits[bias_dq.input[1]], x_scale * inits[w_dq.input[1]], rtol=1e-6)
+    b1 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "b1"))
+    np.testing.assert_allclose(inits[bias_dq.input[0]] * inits[bias_dq.input[1]], b1,
+                               atol=float(inits[bias_dq.input[1]].max()))
+
+
+def test_w8a8_lets_onnxruntime_fuse_to_integer_kernels(tmp_path):
+    model = load_model(DEMO)
+    x = np.load("calib_data/digits/calib.npz")["input"]
+    q = quantize(model, load_rules("default"), x).model
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(q.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node]
+    assert ops.count("QLinearConv") == 4, ops
+
+
+def test_tensorrt_placement_quantizes_only_inputs_of_compute_ops_and_adds():
+    model, x = residual_model(), data()
+    result = quantize(model, load_rules("tensorrt").with_cli(method="minmax"), x)
+    assert set(result.plan.activations) == {"x", "r1", "c2", "f"}
+    q = result.model
+    inits = {t.name: t for t in q.graph.initializer}
+    for node in q.graph.node:
+        if node.op_type == "QuantizeLinear":
+            assert inits[node.input[2]].data_type == TensorProto.INT8
+            assert numpy_helper.to_array(inits[node.input[2]]) == 0
+
+
+def test_skip_override_leaves_the_node_float():
+    model, x = residual_model(), data()
+    rules = parse_rules("overrides: [{match: {op_type: Gemm}, skip: true}]", "skip.yaml")
+    result = quantize(model, rules, x)
+    gemm = next(n for n in result.model.graph.node if n.op_type == "Gemm")
+    assert gemm.input[1] == "wf" and gemm.input[0] == "f"
+    assert ("Gemm" in {op for _, op, _ in result.summary.float_nodes})
+    assert any("skipped by skip.yaml override 1" in reason for _, _, reason in result.summary.float_nodes)

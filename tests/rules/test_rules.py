@@ -1,0 +1,90 @@
+"""Rule files: presets, validation errors naming file and key, override order, CLI precedence."""
+from __future__ import annotations
+
+import pytest
+
+from onnxquant.errors import BadRulesError
+from onnxquant.rules import load_rules, parse_rules
+
+FIRST_LAST_8 = """
+weights: {bits: 4}
+activations: {bits: 4, method: laplace}
+overrides:
+  - match: {position: first}
+    weights: {bits: 8}
+    activations: {bits: 8}
+  - match: {position: last}
+    weights: {bits: 8}
+  - match: {name: "head*"}
+    skip: true
+  - match: {op_type: Gemm, name: "head_keep"}
+    skip: false
+"""
+
+
+def test_presets_load_with_their_placements():
+    default, trt = load_rules("default"), load_rules("tensorrt")
+    assert (default.placement, default.activations.symmetric, default.weights.granularity) == \
+        ("ort", False, "per_channel")
+    assert (trt.placement, trt.activations.symmetric, trt.activations.bits) == ("tensorrt", True, 8)
+    assert "fold_conv_bn" in default.passes and "Add" in trt.quantize_ops
+
+
+def test_overrides_apply_in_order_and_cli_overrides_globals():
+    rules = parse_rules(FIRST_LAST_8, "r.yaml")
+    first = rules.for_node("conv1", "Conv", frozenset({"first"}))
+    assert (first.weights.bits, first.activations.bits, first.activations.method) == (8, 8, "laplace")
+    middle = rules.for_node("conv2", "Conv", frozenset())
+    assert (middle.weights.bits, middle.activations.bits, middle.quantize) == (4, 4, True)
+    last = rules.for_node("fc", "Gemm", frozenset({"last"}))
+    assert (last.weights.bits, last.activations.bits) == (8, 4)
+    head = rules.for_node("head_conv", "Conv", frozenset())
+    assert not head.quantize and "override 3" in head.reason and "r.yaml" in head.reason
+    assert rules.for_node("head_keep", "Gemm", frozenset()).quantize
+    cli = rules.with_cli(wbits=6, abits=5, method="kl")
+    assert cli.for_node("conv2", "Conv", frozenset()).weights.bits == 6
+    assert cli.for_node("conv2", "Conv", frozenset()).activations.method == "kl"
+    assert cli.for_node("conv1", "Conv", frozenset({"first"})).weights.bits == 8
+
+
+def test_op_types_outside_quantize_ops_stay_float_with_reason():
+    rules = load_rules("tensorrt")
+    decision = rules.for_node("sm", "Softmax", frozenset())
+    assert not decision.quantize and decision.reason == "op type Softmax not in quantize_ops"
+
+
+@pytest.mark.parametrize("text, key, accepted", [
+    ("wieghts: {bits: 4}", "wieghts", "placement, passes"),
+    ("weights: {bits: 9}", "weights.bits", "2..8"),
+    ("weights: {bits: 0}", "weights.bits", "2..8"),
+    ("weights: {bits: four}", "weights.bits", "2..8"),
+    ("weights: {symmetric: maybe}", "weights.symmetric", "true, false"),
+    ("weights: {granularity: per_row}", "weights.granularity", "per_channel, per_tensor"),
+    ("weights: {method: kl}", "weights.method", "minmax, laplace, gauss, mse"),
+    ("activations: {method: magic}", "activations.method", "minmax"),
+    ("activations: {granularity: per_channel}", "activations.granularity", "per_tensor"),
+    ("placement: onnx", "placement", "ort, tensorrt"),
+    ("passes: [fold_everything]", "passes", "fold_conv_bn"),
+    ("passes: fold_conv_bn", "passes", "list of strings"),
+    ("overrides: [{skip: true}]", "overrides[0].match", "name, op_type, position"),
+    ("overrides: [{match: {position: middle}}]", "overrides[0].match.position", "first, last"),
+    ("overrides: [{match: {nmae: x}}]", "overrides[0].match.nmae", "name, op_type, position"),
+    ("overrides: [{match: {name: x}, skip: yes please}]", "overrides[0].skip", "true, false"),
+    ("overrides: [{match: {name: x}, weights: {bits: 1}}]", "overrides[0].weights.bits", "2..8"),
+])
+def test_bad_rule_files_name_file_key_and_choices(tmp_path, text, key, accepted):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(BadRulesError) as err:
+        load_rules(path)
+    message = str(err.value)
+    assert str(path) in message and key in message and accepted in message and "\n" not in message
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("weights: {bits: 4\nactivations: [")
+    with pytest.raises(BadRulesError, match=r"broken.yaml: not valid YAML at line \d"):
+        load_rules(path)
+    with pytest.raises(BadRulesError, match="rule file not found"):
+        load_rules(tmp_path / "none.yaml")

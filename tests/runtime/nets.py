@@ -1,0 +1,73 @@
+"""Tiny float models for the runtime tests, quantized with ONNX Runtime's quantize_static (QDQ)."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+IR_VERSION = 8
+
+
+def _init(name: str, arr: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(arr), name)
+
+
+def conv_net(seed: int = 0, channels: int = 8, size: int = 12) -> onnx.ModelProto:
+    """Conv-Relu, strided Conv-Relu, depthwise Conv, residual Add, MaxPool, Concat, AveragePool, GAP, Gemm."""
+    rng = np.random.default_rng(seed)
+    c = channels
+
+    def w(*shape):
+        return (rng.standard_normal(shape) * (2.0 / np.prod(shape[1:])) ** 0.5).astype(np.float32)
+
+    def b(n):
+        return (rng.standard_normal(n) * 0.1).astype(np.float32)
+
+    inits = [_init("w1", w(c, 3, 3, 3)), _init("b1", b(c)), _init("w2", w(c, c, 3, 3)), _init("b2", b(c)),
+             _init("w3", w(c, 1, 3, 3)), _init("b3", b(c)), _init("w4", w(c, 2 * c, 1, 1)), _init("b4", b(c)),
+             _init("wf", w(10, c)), _init("bf", b(10)), _init("shape", np.array([0, -1], np.int64))]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"], pads=[1, 1, 1, 1], group=c, name="dw3"),
+        helper.make_node("Add", ["c3", "r1"], ["a3"], name="add3"),
+        helper.make_node("MaxPool", ["a3"], ["p3"], kernel_shape=[2, 2], strides=[2, 2], name="pool3"),
+        helper.make_node("AveragePool", ["r1"], ["p1"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+                         name="avg1"),
+        helper.make_node("Concat", ["p3", "p1"], ["cat"], axis=1, name="cat"),
+        helper.make_node("Conv", ["cat", "w4", "b4"], ["c4"], strides=[1, 1], name="conv4"),
+        helper.make_node("Relu", ["c4"], ["r4"], name="relu4"),
+        helper.make_node("GlobalAveragePool", ["r4"], ["gap"], name="gap"),
+        helper.make_node("Reshape", ["gap", "shape"], ["flat"], name="flat"),
+        helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], transB=1, name="fc"),
+    ]
+    graph = helper.make_graph(nodes, "conv_net", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                 ["N", 3, size, size])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=IR_VERSION)
+
+
+def quantize(model: onnx.ModelProto, calib: np.ndarray, per_channel: bool = True,
+             input_name: str = "x", **extra) -> onnx.ModelProto:
+    """QDQ, uint8 activations, int8 weights, via onnxruntime.quantization.quantize_static."""
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{input_name: calib[i:i + 4]} for i in range(0, len(calib), 4)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
+        onnx.save(model, src)
+        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, **extra)
+        return onnx.load(dst)

@@ -1,0 +1,168 @@
+"""The CLI end to end on the digits demo, and every kind of bad input: one line, exit 2, nothing written."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from onnxquant.cli import main
+from onnxquant.model import make_session
+
+DEMO = Path("calib_data/digits")
+
+
+@pytest.fixture()
+def demo(tmp_path):
+    for name in ("model.onnx", "calib.npz", "eval.npz"):
+        shutil.copy(DEMO / name, tmp_path / name)
+    return tmp_path
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def accuracy(model_path: Path) -> float:
+    ev = np.load(DEMO / "eval.npz")
+    logits = make_session(onnx.load(model_path)).run(None, {"input": ev["input"]})[0]
+    return float((logits.argmax(1) == ev["labels"]).mean())
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_convert_w8a8_keeps_accuracy_and_shrinks_the_file(demo):
+    out = demo / "w8.onnx"
+    result = invoke("convert", demo / "model.onnx", "--bits", "8", "--calib", "minmax",
+                    "--calib-data", demo / "calib.npz", "-o", out, "--table-out", demo / "t.json")
+    assert result.exit_code == 0, result.output
+    assert "folded 4 nodes: bn1 into conv1," in result.output and "weights quantized: 5 at 8 bits" in result.output
+    onnx.checker.check_model(onnx.load(out), full_check=True)
+    float_acc, quant_acc = accuracy(demo / "model.onnx"), accuracy(out)
+    assert quant_acc >= float_acc - 0.005, (float_acc, quant_acc)
+    assert out.stat().st_size <= 0.30 * (demo / "model.onnx").stat().st_size
+    table = json.loads((demo / "t.json").read_text())
+    assert table["format"] == "onnxquant-calibration" and table["bits"] == 8
+
+
+def test_convert_w4_stores_int4_weights(demo):
+    out = demo / "w4.onnx"
+    result = invoke("convert", demo / "model.onnx", "--wbits", "4", "--abits", "8",
+                    "--calib-data", demo / "calib.npz", "-o", out)
+    assert result.exit_code == 0, result.output
+    model = onnx.load(out)
+    assert model.opset_import[0].version >= 21
+    assert sum(t.data_type == onnx.TensorProto.INT4 and t.name.endswith("weight_quantized")
+               for t in model.graph.initializer) == 5
+    assert out.stat().st_size <= 0.18 * (demo / "model.onnx").stat().st_size
+
+
+def test_default_output_goes_beside_the_model(demo, monkeypatch, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("cwd")
+    monkeypatch.chdir(cwd)
+    result = invoke("convert", demo / "model.onnx", "--bits", "8", "--calib-data", demo / "calib.npz")
+    assert result.exit_code == 0, result.output
+    assert (demo / "model.int8.onnx").exists() and list(cwd.iterdir()) == []
+
+
+def test_fold_and_inspect(demo):
+    result = invoke("fold", demo / "model.onnx", "-o", demo / "folded.onnx")
+    assert result.exit_code == 0, result.output
+    folded = onnx.load(demo / "folded.onnx")
+    assert not any(n.op_type == "BatchNormalization" for n in folded.graph.node)
+    ev = np.load(DEMO / "eval.npz")["input"][:64]
+    ref = make_session(onnx.load(demo / "model.onnx")).run(None, {"input": ev})[0]
+    got = make_session(folded).run(None, {"input": ev})[0]
+    np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max())
+    result = invoke("inspect", demo / "model.onnx", "--rules", "tensorrt", "--bits", "4")
+    assert result.exit_code == 0, result.output
+    assert "fold [fold_conv_bn] folded BN 'bn1' into 'conv1'" in result.output and "conv2 (Conv): W4 per_channel minmax, A4" in result.output
+    assert "relu1 (Relu): fused into the quantized node before it" in result.output
+    assert "relu2 (Relu): float: op type Relu not in quantize_ops" in result.output
+
+
+def _bad_npz(folder: Path, kind: str) -> Path:
+    x = np.load(folder / "calib.npz")["input"]
+    path = folder / f"bad_{kind}.npz"
+    arrays = {"nan": {"input": np.where(np.arange(x.size).reshape(x.shape) == 77, np.nan, x)},
+              "name": {"image": x}, "rank": {"input": x[:, 0]}, "shape": {"input": x[:, :, :4]},
+              "dtype": {"input": (x * 16).astype(np.int32)}, "empty": {"input": x[:0]}}[kind]
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("not_onnx", "not a readable ONNX model|not an ONNX model|invalid ONNX model"),
+    ("truncated", "model.onnx"),
+    ("directory", "is a directory"),
+    ("bits0", "--bits"),
+    ("bits9", "--bits"),
+    ("same_output", "equals the input"),
+    ("unwritable", "does not exist"),
+    ("rules_unknown_key", "unknown key 'weight'"),
+    ("rules_wrong_type", "weights.bits"),
+    ("nan", "NaN|Inf"),
+    ("name", "input"),
+    ("rank", "input"),
+    ("shape", "input"),
+    ("dtype", "input"),
+    ("empty", "empty|no samples|0 samples"),
+    ("old_opset", "opset 9 is not supported"),
+])
+def test_bad_input_is_one_line_exit_2_nothing_written(demo, case, pattern):
+    model = demo / "model.onnx"
+    args = ["convert", model, "--calib-data", demo / "calib.npz", "-o", demo / "out.onnx"]
+    if case == "not_onnx":
+        model.write_bytes(b"hello, this is not protobuf")
+    elif case == "truncated":
+        data = model.read_bytes()
+        model.write_bytes(data[: len(data) // 3])
+    elif case == "directory":
+        args[1] = demo
+    elif case in ("bits0", "bits9"):
+        args += ["--bits", case[-1]]
+    elif case == "same_output":
+        args[-1] = model
+    elif case == "unwritable":
+        args[-1] = demo / "no" / "such" / "dir.onnx"
+    elif case.startswith("rules"):
+        rules = demo / "r.yaml"
+        rules.write_text("weight: {bits: 4}" if case == "rules_unknown_key" else "weights: {bits: [4]}")
+        args += ["--rules", rules]
+    elif case == "old_opset":
+        m = onnx.load(model)
+        m.opset_import[0].version = 9
+        onnx.save(m, model)
+    else:
+        args[3] = _bad_npz(demo, case)
+    before = digest(demo)
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 2, (result.output, result.exception)
+    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
+    assert "Traceback" not in result.output
+    assert any(__import__("re").search(pattern, ln) for ln in lines), result.output
+    if not case.startswith("bits"):
+        assert len(lines) == 1, result.output
+    assert digest(demo) == before
+    assert not (demo / "out.onnx").exists()
+
+
+def test_debug_shows_the_traceback(demo):
+    (demo / "model.onnx").write_bytes(b"garbage")
+    result = CliRunner().invoke(main, ["convert", str(demo / "model.onnx"), "--calib-data",
+                                       str(demo / "calib.npz"), "--debug"])
+    assert result.exit_code != 0 and result.exception is not None
+    assert type(result.exception).__name__ == "BadModelError"
+
+
+def test_every_command_has_help_with_an_example():
+    for command in ("convert", "calibrate", "table", "fold", "inspect"):
+        result = invoke(command, "--help")
+        assert result.exit_code == 0 and "Example:" in result.output and "onnxquant " + command in result.output

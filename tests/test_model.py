@@ -1,0 +1,140 @@
+"""Loading real-world model shapes: Constant-node weights, external data, dynamic batch, opsets 11..21."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxquant.errors import BadModelError, OnnxQuantError
+from onnxquant.model import (
+    check_output_path,
+    constants_to_initializers,
+    load_model,
+    make_session,
+    name_nodes,
+    opset_of,
+    save_model,
+    upgrade_opset,
+)
+
+RNG = np.random.default_rng(0)
+W = RNG.standard_normal((4, 3, 3, 3)).astype(np.float32)
+B = RNG.standard_normal(4).astype(np.float32)
+
+
+def conv_model(opset: int = 13, constant_nodes: bool = False, batch: int | str = "N") -> onnx.ModelProto:
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["y"], ["z"])]
+    inits = [numpy_helper.from_array(W, "w"), numpy_helper.from_array(B, "b")]
+    if constant_nodes:
+        nodes = [helper.make_node("Constant", [], ["w"], value=inits[0]),
+                 helper.make_node("Constant", [], ["b"], value=inits[1])] + nodes
+        inits = []
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 6, 6])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [batch, 4, 6, 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 7 if opset < 21 else 10
+    return model
+
+
+def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return make_session(model).run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17, 21])
+def test_loads_opsets_and_keeps_numbers(tmp_path, opset):
+    path = tmp_path / "m.onnx"
+    onnx.save(conv_model(opset), path)
+    model = load_model(path)
+    assert opset_of(model) == opset
+    x = RNG.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    np.testing.assert_array_equal(run(model, x), run(conv_model(opset), x))
+
+
+def test_constant_node_weights_become_initializers(tmp_path):
+    path = tmp_path / "paddle_style.onnx"
+    onnx.save(conv_model(constant_nodes=True), path)
+    model = load_model(path)
+    assert [n.op_type for n in model.graph.node] == ["Conv", "Relu"]
+    np.testing.assert_array_equal(numpy_helper.to_array(model.graph.initializer[0]), W)
+    assert constants_to_initializers(model) == 0
+
+
+def test_external_data_is_loaded(tmp_path):
+    onnx.save(conv_model(), tmp_path / "ext.onnx", save_as_external_data=True, location="ext.bin",
+              size_threshold=0)
+    assert (tmp_path / "ext.bin").exists()
+    loaded = load_model(tmp_path / "ext.onnx")
+    x = RNG.standard_normal((1, 3, 6, 6)).astype(np.float32)
+    np.testing.assert_array_equal(run(loaded, x), run(conv_model(), x))
+
+
+def test_external_data_outside_model_directory_is_refused(tmp_path):
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    onnx.save(conv_model(), tmp_path / "tmp.onnx", save_as_external_data=True, location="w.bin", size_threshold=0)
+    model = onnx.load(tmp_path / "tmp.onnx", load_external_data=False)
+    for t in model.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = "../w.bin"
+    onnx.save(model, inner / "evil.onnx")
+    with pytest.raises(BadModelError, match=r"outside the model's directory"):
+        load_model(inner / "evil.onnx")
+
+
+def test_dynamic_batch_survives_loading(tmp_path):
+    onnx.save(conv_model(batch="batch"), tmp_path / "m.onnx")
+    model = load_model(tmp_path / "m.onnx")
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert run(model, RNG.standard_normal((5, 3, 6, 6)).astype(np.float32)).shape == (5, 4, 6, 6)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"not a model at all", "not a readable ONNX model|not an ONNX model|invalid ONNX model"),
+    (None, "truncated|not a readable ONNX model|invalid ONNX model"),
+])
+def test_bad_files_are_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "bad.onnx"
+    data = conv_model().SerializeToString()
+    path.write_bytes(content if content is not None else data[: len(data) // 2])
+    with pytest.raises(BadModelError, match=message) as err:
+        load_model(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def test_directory_and_old_opset_are_refused(tmp_path):
+    with pytest.raises(BadModelError, match="is a directory"):
+        load_model(tmp_path)
+    onnx.save(conv_model(opset=9), tmp_path / "old.onnx")
+    with pytest.raises(BadModelError, match="opset 9 is not supported"):
+        load_model(tmp_path / "old.onnx")
+
+
+def test_upgrade_to_opset_21_keeps_numbers():
+    model = conv_model(13)
+    upgraded = upgrade_opset(model, 21)
+    assert opset_of(upgraded) == 21
+    x = RNG.standard_normal((1, 3, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(run(upgraded, x), run(model, x), rtol=1e-6)
+
+
+def test_unnamed_nodes_get_unique_names():
+    model = conv_model()
+    model.graph.node[1].name = model.graph.node[0].name = ""
+    name_nodes(model)
+    assert [n.name for n in model.graph.node] == ["Conv_0", "Relu_1"]
+
+
+def test_save_is_atomic_and_output_checks(tmp_path):
+    path = tmp_path / "out.onnx"
+    save_model(conv_model(), path)
+    assert onnx.load(path).graph.node[0].op_type == "Conv"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"]
+    with pytest.raises(OnnxQuantError, match="equals the input"):
+        check_output_path(path, path)
+    with pytest.raises(OnnxQuantError, match="does not exist"):
+        check_output_path(tmp_path / "missing" / "x.onnx")
+    with pytest.raises(OnnxQuantError, match="is a directory"):
+        check_output_path(tmp_path)
