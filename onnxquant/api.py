@@ -45,6 +45,12 @@ def fold(model: onnx.ModelProto, rules: Rules) -> tuple[onnx.ModelProto, list[Ou
     return run_passes(model, rules.passes)
 
 
+def _compute_inputs(model: onnx.ModelProto, plan: QuantPlan) -> tuple[str, ...]:
+    """First inputs of the quantized Conv/Gemm nodes: their per-channel means drive bias correction."""
+    quantized = {d.name for d in plan.nodes if d.quantize and d.weight and d.op_type in ("Conv", "Gemm")}
+    return tuple(sorted({n.input[0] for n in model.graph.node if n.name in quantized}))
+
+
 @dataclass
 class Inspection:
     outcomes: list[Outcome]
@@ -77,10 +83,12 @@ def prepare(model: onnx.ModelProto, rules: Rules) -> tuple[onnx.ModelProto, list
 
 
 def calibrate(model: onnx.ModelProto, plan: QuantPlan, data: Batches, *, progress: bool = False,
-              bins: int = 2048, stats: dict | None = None, **method_options) -> tuple[CalibrationTable, dict]:
+              bins: int = 2048, stats: dict | None = None, per_channel: tuple[str, ...] = (),
+              **method_options) -> tuple[CalibrationTable, dict]:
     """Collect streaming statistics of the planned activations on `data` and turn them into a table.
 
     Tensors are grouped by their calibration method; `stats` (e.g. loaded with --load-stats) skips collection.
+    `per_channel` tensors also get per-channel (axis 1) statistics, which bias correction needs.
     """
     from onnxquant.calib.engine import collect_stats, compute_table
     from onnxquant.calib.methods import collect_options
@@ -89,7 +97,8 @@ def calibrate(model: onnx.ModelProto, plan: QuantPlan, data: Batches, *, progres
         return CalibrationTable(method="none", bits=0), {}
     methods = {spec.method for spec in plan.activations.values()}
     if stats is None:
-        stats = collect_stats(model, sorted(plan.activations), data, bins=bins, progress=progress,
+        tensors = sorted(set(plan.activations) | set(per_channel))
+        stats = collect_stats(model, tensors, data, bins=bins, progress=progress, per_channel=per_channel,
                               **collect_options(methods))
     tensors = {}
     for method in sorted(methods):
@@ -101,24 +110,51 @@ def calibrate(model: onnx.ModelProto, plan: QuantPlan, data: Batches, *, progres
 
 
 def convert(model: onnx.ModelProto, rules: Rules, *, data: Batches | None = None,
-            table: CalibrationTable | None = None, progress: bool = False, bias_correction: str | None = None,
-            **method_options) -> ConvertResult:
-    """Fold, calibrate (or take `table`), and insert Q/DQ. The input model is not modified."""
+            table: CalibrationTable | None = None, stats: dict | None = None, progress: bool = False,
+            bias_correction: str | None = None, bit_alloc: bool = False, **method_options) -> ConvertResult:
+    """Fold, calibrate (or take `table`), and insert Q/DQ. The input model is not modified.
+
+    `bias_correction` is None, "mean" or "full"; `bit_alloc` allocates weight widths per channel.
+    """
     folded, outcomes, plan, notes = prepare(model, rules)
-    stats = None
+    corrected_inputs = _compute_inputs(folded, plan) if bias_correction else ()
     if table is None:
-        if data is None and plan.activations:
+        if data is None and stats is None and plan.activations:
             raise BadDataError(f"convert: {len(plan.activations)} activation tensors need calibration; "
                                "accepted: --calib-data PATH, --calib-reader MODULE:FUNCTION or --table FILE")
-        table, stats = calibrate(folded, plan, data or [], progress=progress, **method_options)
+        table, stats = calibrate(folded, plan, data or [], progress=progress, stats=stats,
+                                 per_channel=corrected_inputs, **method_options)
     else:
         missing = sorted(set(plan.activations) - set(table.tensors))
         if missing:
             notes.append(f"table has no entry for {len(missing)} tensors (e.g. {missing[0]!r}): left float")
-    quant, summary = insert_qdq(folded, plan, table, bias_correction=bias_correction)
+    if corrected_inputs and stats is None:
+        if data is None:
+            raise BadDataError("convert: --bias-correction needs calibration data for the input means; "
+                               "accepted: --calib-data PATH or --calib-reader MODULE:FUNCTION")
+        from onnxquant.calib.engine import collect_stats
+
+        stats = collect_stats(folded, corrected_inputs, data, histograms=False, per_channel=corrected_inputs)
+    means = {t: stats[t].ch_mean for t in corrected_inputs if t in (stats or {}) and stats[t].per_channel}
+    quant, summary = insert_qdq(folded, plan, table, bias_correction=bias_correction, bit_alloc=bit_alloc,
+                                input_means=means)
     try:
         onnx.checker.check_model(quant, full_check=True)
     except onnx.checker.ValidationError as exc:  # a bug of ours, not the user's: keep the traceback
         raise RuntimeError(f"quantized model fails onnx.checker: {exc}") from exc
     return ConvertResult(model=quant, float_model=folded, table=table, plan=plan, outcomes=outcomes,
                          summary=summary, stats=stats, notes=notes + summary.notes)
+
+
+def report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, data: Batches, **options):
+    """Accuracy-diff report of `quant_model` against `float_model` on `data` (see onnxquant.report)."""
+    from onnxquant.report import build_report
+
+    return build_report(float_model, quant_model, data, **options)
+
+
+def validate(quant_model: onnx.ModelProto, data: Batches, *, backend: str = "numpy", requant: str = "float"):
+    """Run the integer plan of `quant_model` and ONNX Runtime side by side (see onnxquant.runtime)."""
+    from onnxquant.runtime.validate import validate as run_validation
+
+    return run_validation(quant_model, data, backend=backend, requant=requant)

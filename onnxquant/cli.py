@@ -8,12 +8,13 @@ from pathlib import Path
 
 import click
 
-from onnxquant.errors import OnnxQuantError
+from onnxquant.calib.methods import METHODS, WEIGHT_METHODS
+from onnxquant.errors import CheckFailed, OnnxQuantError
 from onnxquant.quant import MAX_BITS, MIN_BITS
 
 log = logging.getLogger("onnxquant")
 
-CALIB_METHODS = ("minmax", "percentile", "mse", "laplace", "gauss", "kl")
+CALIB_METHODS = tuple(METHODS)
 BITS = click.IntRange(MIN_BITS, MAX_BITS)
 MODEL = click.Path(exists=True, dir_okay=True, path_type=Path)
 
@@ -135,10 +136,24 @@ def main() -> None:
 @click.option("--table-out", type=click.Path(path_type=Path), default=None, help="Write the calibration table.")
 @click.option("--percentile", type=click.FloatRange(50, 100), default=99.99, show_default=True,
               help="Percentile for --calib percentile.")
+@click.option("--wcalib", type=click.Choice(WEIGHT_METHODS), default=None,
+              help="Weight range method [default: the rule file's, minmax].")
+@click.option("--bias-correction", type=click.Choice(["mean", "full"]), is_flag=False, flag_value="mean",
+              default=None, help="Correct each weight channel's mean (and with =full its spread), ACIQ eq. 12-13.")
+@click.option("--bit-alloc", type=click.Choice(["weights"]), default=None,
+              help="Per-channel bit allocation of weights at the same average width (ACIQ eq. 10-11).")
+@click.option("--bins", type=click.IntRange(min=8), default=2048, show_default=True,
+              help="Histogram bins for percentile, mse and kl.")
+@click.option("--save-stats", type=click.Path(path_type=Path), default=None,
+              help="Save the calibration statistics (to merge shards, or for the report's calibration view).")
+@click.option("--load-stats", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Use saved (possibly merged) statistics instead of running the model on data.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
+              help="Write an accuracy-diff report (HTML) of this conversion; needs --calib-data.")
 @_data_options
 @_common
 def convert(model, output, bits, wbits, abits, method, calib_data, rules_path, table_in, table_out, percentile,
-            **data_opts):
+            wcalib, bias_correction, bit_alloc, bins, save_stats, load_stats, report_path, **data_opts):
     """Fold, calibrate and insert Q/DQ: write a quantized model ONNX Runtime and TensorRT run.
 
     \b
@@ -146,24 +161,35 @@ def convert(model, output, bits, wbits, abits, method, calib_data, rules_path, t
       onnxquant convert calib_data/digits/model.onnx --bits 4 --calib laplace \\
           --calib-data calib_data/digits/calib.npz -o digits.int4.onnx
     """
-    from onnxquant import api
+    from onnxquant import api, tables
     from onnxquant.model import check_output_path, file_size, save_model
-    from onnxquant.tables import load_table, save_table
 
     wbits, abits = _bits(bits, wbits, abits)
     out = output or model.with_name(f"{model.stem}.int{abits or wbits or 8}.onnx")
-    check_output_path(out, model)
-    if table_out is not None:
-        check_output_path(table_out, model)
-    rules = _rules(rules_path, wbits=wbits, abits=abits, method=method)
+    for path in (out, table_out, save_stats, report_path):
+        if path is not None:
+            check_output_path(path, model)
+    rules = _rules(rules_path, wbits=wbits, abits=abits, method=method, wmethod=wcalib)
     float_model = _load(model)
-    table = load_table(table_in) if table_in else None
-    data = None if table else _open_data(float_model, calib_data, **data_opts)
-    result = api.convert(float_model, rules, data=data, table=table, progress=sys.stderr.isatty(),
+    table = tables.load_table(table_in) if table_in else None
+    stats = tables.load_stats(load_stats) if load_stats else None
+    data = _open_data(float_model, calib_data, **data_opts)
+    if report_path is not None and data is None:
+        raise click.UsageError("--report needs --calib-data (or --calib-reader) to compare the models on")
+    result = api.convert(float_model, rules, data=data, table=table, stats=stats, progress=sys.stderr.isatty(),
+                         bias_correction=bias_correction, bit_alloc=bit_alloc == "weights", bins=bins,
                          percentile=percentile)
+    report = None
+    if report_path is not None:
+        report = api.report(result.float_model, result.model, data, stats=result.stats, table=result.table,
+                            progress=sys.stderr.isatty())
     save_model(result.model, out)
     if table_out is not None:
-        save_table(result.table, table_out)
+        tables.save_table(result.table, table_out)
+    if save_stats is not None and result.stats:
+        tables.save_stats(result.stats, save_stats)
+    if report is not None:
+        _write_report(report, report_path, None)
     _print_convert_summary(result, file_size(model), file_size(out), out)
 
 
@@ -184,7 +210,7 @@ def _print_convert_summary(result, size_in: int, size_out: int, out: Path) -> No
             click.echo(f"  ... and {len(s.float_nodes) - 12} more (see `onnxquant inspect`)")
     for note in result.notes:
         click.echo(f"note: {note}")
-    click.echo(f"size: {_human(size_in)} -> {_human(size_out)} ({size_out / size_in:.2f}x); wrote {out}")
+    click.echo(f"size: {_human(size_in)} -> {_human(size_out)} ({size_out / size_in:.3f}x); wrote {out}")
 
 
 @main.command()
@@ -296,6 +322,119 @@ def inspect(model, rules_path, bits):
             what = f"float: {d.reason}"
         click.echo(f"  {d.name} ({d.op_type}): {what}")
     click.echo(f"activation tensors with Q/DQ: {len(result.plan.activations)}")
+
+
+@main.command()
+@click.argument("float_model", type=MODEL)
+@click.argument("quant_model", type=MODEL)
+@click.option("--data", "data_path", type=click.Path(exists=True, path_type=Path), required=True,
+              help="Evaluation data (.npz/.npy/directory), as for --calib-data.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="HTML report path.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write JSON.")
+@click.option("--labels", "labels_key", default=None, help="Key of an integer labels array in the .npz data.")
+@click.option("--sensitivity-samples", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Samples for the isolated (one layer quantized) sensitivity runs.")
+@click.option("--stats", "stats_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Saved calibration statistics (convert/calibrate --save-stats) for the calibration view.")
+@click.option("--suggest-rules", type=click.Path(path_type=Path), default=None,
+              help="Write a rule file keeping the most sensitive layers at --high-bits.")
+@click.option("--target-sqnr", type=float, default=None, help="Pick the number of kept layers to reach this.")
+@click.option("--top-k", type=click.IntRange(min=1), default=None, help="Keep this many layers (default 3).")
+@click.option("--high-bits", type=BITS, default=8, show_default=True)
+@click.option("--fail-under-sqnr", type=float, default=None, help="Exit 1 when any output's SQNR is below DB.")
+@_data_options
+@_common
+def report(float_model, quant_model, data_path, output, json_path, labels_key, sensitivity_samples, stats_path,
+           suggest_rules, target_sqnr, top_k, high_bits, fail_under_sqnr, **data_opts):
+    """Compare a quantized model with its float original: per-layer error, sensitivity, outputs.
+
+    \b
+    Example:
+      onnxquant report calib_data/digits/model.onnx digits.int4.onnx \\
+          --data calib_data/digits/eval.npz --labels labels -o report.html
+    """
+    from onnxquant import api
+    from onnxquant.model import check_output_path
+    from onnxquant.tables import load_stats
+
+    for path in (output, json_path, suggest_rules):
+        if path is not None:
+            check_output_path(path, float_model, quant_model)
+    float_m, quant_m = _load(float_model), _load(quant_model)
+    extra = (labels_key,) if labels_key else ()
+    data = _open_data(float_m, data_path, extra_keys=extra, **{**data_opts, "calib_reader": None})
+    labels = data.extra(labels_key) if labels_key else None
+    stats = load_stats(stats_path) if stats_path else None
+    result = api.report(float_m, quant_m, data, labels=labels, sensitivity_samples=sensitivity_samples,
+                        stats=stats, progress=sys.stderr.isatty())
+    _write_report(result, output, json_path)
+    if suggest_rules is not None:
+        from onnxquant.model import atomic_write
+        from onnxquant.report import suggest_rules as suggest
+
+        with atomic_write(suggest_rules) as tmp:
+            tmp.write_text(suggest(result, None, target_sqnr=target_sqnr, k=top_k, high_bits=high_bits))
+        click.echo(f"wrote suggested rules to {suggest_rules}")
+    _fail_under(result, fail_under_sqnr)
+
+
+def _write_report(result, html_path: Path, json_path: Path | None) -> None:
+    import json
+
+    from onnxquant.model import atomic_write
+    from onnxquant.report import render_html, render_text
+
+    with atomic_write(html_path) as tmp:
+        tmp.write_text(render_html(result), encoding="utf-8")
+    if json_path is not None:
+        with atomic_write(json_path) as tmp:
+            tmp.write_text(json.dumps(result.to_json(), indent=1, sort_keys=True), encoding="utf-8")
+    click.echo(render_text(result))
+    click.echo(f"wrote {html_path}" + (f" and {json_path}" if json_path else ""))
+
+
+def _fail_under(result, threshold: float | None) -> None:
+    if threshold is None:
+        return
+    failing = result.fails_under(threshold)
+    if failing:
+        raise CheckFailed(f"output SQNR below {threshold} dB: {', '.join(failing)}")
+
+
+@main.command()
+@click.argument("quant_model", type=MODEL)
+@click.option("--data", "data_path", type=click.Path(exists=True, path_type=Path), required=True,
+              help="Input data (.npz/.npy/directory), as for --calib-data.")
+@click.option("--backend", type=click.Choice(["numpy", "cuda"]), default="numpy", show_default=True)
+@click.option("--requant", type=click.Choice(["float", "fixed"]), default="float", show_default=True,
+              help="float: float32 multiply like ONNX Runtime's CPU kernels; fixed: gemmlowp fixed point.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write results as JSON.")
+@_data_options
+@_common
+def validate(quant_model, data_path, backend, requant, json_path, **data_opts):
+    """Execute the QDQ model in integer arithmetic and compare it with ONNX Runtime, node by node.
+
+    \b
+    Example:
+      onnxquant validate digits.int8.onnx --data calib_data/digits/eval.npz --requant float
+    """
+    import json
+
+    from onnxquant import api
+    from onnxquant.model import atomic_write, check_output_path
+
+    if json_path is not None:
+        check_output_path(json_path, quant_model)
+    model = _load(quant_model)
+    data = _open_data(model, data_path, extra_keys=("labels",), **data_opts)
+    result = api.validate(model, data, backend=backend, requant=requant)
+    if json_path is not None:
+        with atomic_write(json_path) as tmp:
+            tmp.write_text(json.dumps(result.to_json(), indent=1, sort_keys=True), encoding="utf-8")
+    for line in result.summary_lines():
+        click.echo(line)
+    if not result.passed:
+        raise CheckFailed("validate: the integer plan disagrees with ONNX Runtime beyond the criteria")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ def test_ruff_clean():
 
 IMPORT_ALL_WITHOUT_PYCUDA = """
 import importlib, pkgutil, sys
-sys.modules["pycuda"] = None  # any `import pycuda...` now raises ImportErrornames = [m.name for m in pkgutil.walk_packages(onnxquant.__path__, "onnxquant.")]
+sys.modules["pycuda"] = None  # any `import pycuda...` now raises ImportError
+import onnxquant
+names = [m.name for m in pkgutil.walk_packages(onnxquant.__path__, "onnxquant.")]
 for name in names:
     importlib.import_module(name)
 print(len(names), "pycuda" in sys.modules and sys.modules["pycuda"] is not None)

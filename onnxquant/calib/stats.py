@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -200,13 +200,6 @@ class TensorStats:
         return TensorStats(count=self.count + other.count, min=min(self.min, other.min),
                            max=max(self.max, other.max), sum=self.sum + other.sum, **ch,
                            pass2=_merge_pass2(self.pass2, other.pass2))
-
-    def copy(self) -> TensorStats:
-        p2 = None if self.pass2 is None else replace(self.pass2, **{
-            f.name: getattr(self.pass2, f.name).copy() for f in fields(Pass2)
-            if isinstance(getattr(self.pass2, f.name), np.ndarray)})
-        arrays = {k: getattr(self, k).copy() for k in ("ch_min", "ch_max", "ch_sum") if getattr(self, k) is not None}
-        return replace(self, pass2=p2, **arrays)
 
 
 def update_pass2(p: Pass2, x: np.ndarray) -> None:

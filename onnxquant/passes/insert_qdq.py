@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import ml_dtypes
 import numpy as np
@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxquant.errors import OnnxQuantError
 from onnxquant.model import INT4_OPSET, opset_of
 from onnxquant.passes.plan import QuantPlan, consumers
-from onnxquant.quant import QParams, qparams_from_range, qrange, quantize
+from onnxquant.quant import MAX_BITS, MIN_BITS, QParams, dequantize, qparams_from_range, qrange, quantize
 from onnxquant.tables import CalibrationTable
 
 log = logging.getLogger(__name__)
@@ -109,10 +109,13 @@ class _Builder:
 
 
 def insert_qdq(model: onnx.ModelProto, plan: QuantPlan, table: CalibrationTable, *,
-               weight_method: str = "minmax", bias_correction: str | None = None) -> tuple[onnx.ModelProto, QdqSummary]:
-    """A copy of `model` with Q/DQ inserted; the float graph is never modified."""
-    from onnxquant.calib.weights import weight_range
+               bias_correction: str | None = None, bit_alloc: bool = False,
+               input_means: dict[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, QdqSummary]:
+    """A copy of `model` with Q/DQ inserted; the float graph is never modified.
 
+    `bias_correction` ("mean" or "full", ACIQ eq. 12–13) needs `input_means`, the per-channel means of each
+    compute node's input; `bit_alloc` spreads each weight's width over its channels (ACIQ eq. 10–11).
+    """
     out = onnx.ModelProto()
     out.CopyFrom(model)
     opset = opset_of(out)
@@ -125,23 +128,25 @@ def insert_qdq(model: onnx.ModelProto, plan: QuantPlan, table: CalibrationTable,
     inits = {t.name: t for t in graph.initializer}
     users = consumers(out)
     skipped = {d.name for d in plan.nodes if not d.quantize and d.reason.startswith("skipped")}
+    input_means = input_means or {}
 
     act_params: dict[str, QParams] = {}
-    for tensor, spec in sorted(plan.activations.items()):
+    for tensor in sorted(plan.activations):
         entry = table.tensors.get(tensor)
         if entry is None:
             summary.notes.append(f"{tensor}: no calibration entry, left float")
             continue
         params = entry.qparams()
         dq = _insert_activation_qdq(build, tensor, params)
-        act_params[dq] = params
+        act_params[tensor] = params
         summary.activations[int(np.max(params.bits))] += 1
         for node in users.get(tensor, []):
             if node.name not in skipped:
                 _rewire(node, tensor, dq)
 
-    quantized_weights: dict[tuple, tuple[str, QParams]] = {}
+    quantized_weights: dict[tuple, tuple[str, QParams, np.ndarray | None]] = {}
     by_name = {n.name: n for n in graph.node}
+    first_input = {n.name: n.input[0] for n in model.graph.node if n.input}
     for decision in plan.nodes:
         if not decision.quantize:
             if decision.reason:
@@ -150,23 +155,81 @@ def insert_qdq(model: onnx.ModelProto, plan: QuantPlan, table: CalibrationTable,
         if decision.weight is None:
             continue
         node = by_name[decision.name]
+        x_name = first_input[node.name]
         spec = decision.weights
         w = numpy_helper.to_array(inits[decision.weight]).astype(np.float32)
         axis = weight_axis(node, w.ndim) if spec.granularity == "per_channel" else None
         key = (decision.weight, spec, axis)
         if key not in quantized_weights:
-            lo, hi = weight_range(w, axis, spec.bits, spec.method)
-            params = qparams_from_range(lo, hi, spec.bits, spec.symmetric, axis)
-            quantized_weights[key] = (_insert_weight(build, decision.weight, w, params, opset), params)
+            params = weight_params(w, axis, spec, bit_alloc)
+            offset = None
+            if bias_correction and axis is not None and node.op_type in ("Conv", "Gemm"):
+                params, offset = _corrected(w, params, axis, full=bias_correction == "full")
+            quantized_weights[key] = (_insert_weight(build, decision.weight, w, params, opset), params, offset)
             summary.weights[spec.bits] += 1
-        dq, w_params = quantized_weights[key]
+        dq, w_params, offset = quantized_weights[key]
         _rewire(node, decision.weight, dq, only_index=1)
-        x_params = act_params.get(node.input[0])
-        if len(node.input) > 2 and node.input[2] in inits and x_params is not None:
-            _insert_bias(build, node, inits[node.input[2]], x_params, w_params)
+        bias = _float_bias(node, inits)
+        if bias is None and len(node.input) > 2 and node.input[2]:
+            continue
+        shift = None if offset is None else _bias_shift(node, offset, input_means.get(x_name), w.shape)
+        if offset is not None and shift is None:
+            summary.notes.append(f"{node.name}: bias correction skipped (no per-channel mean of {x_name!r})")
+        if shift is not None:
+            bias = shift if bias is None else bias + shift
+        if bias is not None and (shift is not None or x_name in act_params):
+            _insert_bias(build, node, bias, act_params.get(x_name), w_params)
     build.finish()
     _drop_unused_initializers(out)
     return out, summary
+
+
+def weight_params(w: np.ndarray, axis: int | None, spec, bit_alloc: bool = False) -> QParams:
+    """Quantization parameters of a weight: per-channel range by `spec.method`, optionally bit-allocated."""
+    from onnxquant.calib.bitalloc import allocate_bits
+    from onnxquant.calib.weights import weight_range
+
+    bits = spec.bits
+    if bit_alloc and axis is not None:
+        lo, hi = weight_range(w, axis, bits, spec.method, symmetric=spec.symmetric)
+        bits = allocate_bits(np.maximum(-lo, hi), spec.bits, lo=MIN_BITS, hi=MAX_BITS)
+    lo, hi = weight_range(w, axis, bits, spec.method, symmetric=spec.symmetric)
+    return qparams_from_range(lo, hi, bits, spec.symmetric, axis)
+
+
+def _corrected(w: np.ndarray, params: QParams, axis: int, full: bool) -> tuple[QParams, np.ndarray]:
+    """Scale ξ_c folded into the channel scales, and the per-channel weight offset left for the bias."""
+    from onnxquant.calib.weights import bias_correction
+
+    w_deq = dequantize(quantize(w, params), params)
+    shift, ratio = bias_correction(w, w_deq, axis, full)
+    deq_mean = np.moveaxis(w_deq, axis, 0).reshape(w.shape[axis], -1).mean(axis=1)
+    scaled = replace(params, scale=(params.scale * ratio).astype(np.float32))
+    return scaled, (1.0 - ratio) * deq_mean + shift
+
+
+def _bias_shift(node: onnx.NodeProto, offset: np.ndarray, x_mean: np.ndarray | None,
+                w_shape: tuple[int, ...]) -> np.ndarray | None:
+    """E[Σ over a receptive field of x] times each output channel's weight offset (padding ignored)."""
+    if x_mean is None:
+        return None
+    if node.op_type == "Conv":
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if x_mean.size != w_shape[1] * group:
+            return None
+        per_group = x_mean.reshape(group, w_shape[1]).sum(axis=1) * int(np.prod(w_shape[2:]))
+        return offset * np.repeat(per_group, w_shape[0] // group)
+    trans_a = next((a.i for a in node.attribute if a.name == "transA"), 0)
+    if trans_a or x_mean.size != (w_shape[1] if weight_axis(node, 2) == 0 else w_shape[0]):
+        return None
+    return offset * x_mean.sum()
+
+
+def _float_bias(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np.ndarray | None:
+    if len(node.input) > 2 and node.input[2] in inits:
+        bias = numpy_helper.to_array(inits[node.input[2]])
+        return bias.astype(np.float64) if bias.ndim == 1 else None
+    return None
 
 
 def _rewire(node: onnx.NodeProto, old: str, new: str, only_index: int | None = None) -> None:
@@ -202,23 +265,26 @@ def _insert_weight(build: _Builder, name: str, w: np.ndarray, params: QParams, o
     return build.node(None, "DequantizeLinear", [q, scale, zero], f"{name}_dequantized", **attrs)
 
 
-def _insert_bias(build: _Builder, node: onnx.NodeProto, bias_t: onnx.TensorProto, x: QParams, w: QParams) -> None:
-    """Bias as int32 codes with scale s_x·s_w per output channel."""
-    bias = numpy_helper.to_array(bias_t).astype(np.float64)
-    if bias.ndim != 1:
-        return
-    w_scale = np.asarray(w.scale, np.float64).ravel()
-    if w_scale.size not in (1, bias.size):
-        w_scale = np.tile(w_scale, bias.size // w_scale.size)
-    scale = (np.float64(x.scale) * w_scale).astype(np.float32)
-    scale = np.broadcast_to(scale, bias.shape) if scale.size == 1 else scale
-    lo, hi = qrange(32, True)
-    codes = np.clip(np.rint(bias / scale.astype(np.float64)), lo, hi).astype(np.int32)
-    q = build.constant(f"{bias_t.name}_quantized", codes)
-    s = build.constant(f"{bias_t.name}_scale", np.ascontiguousarray(scale, np.float32))
-    z = build.constant(f"{bias_t.name}_zero_point", np.zeros(bias.shape, np.int32))
-    dq = build.node(None, "DequantizeLinear", [q, s, z], f"{bias_t.name}_dequantized", axis=0)
-    _rewire(node, bias_t.name, dq, only_index=2)
+def _insert_bias(build: _Builder, node: onnx.NodeProto, bias: np.ndarray, x: QParams | None, w: QParams) -> None:
+    """Bias as int32 codes with scale s_x·s_w per output channel (float when the input is not quantized)."""
+    base = node.input[2] if len(node.input) > 2 and node.input[2] else f"{node.name}_bias"
+    if x is None:
+        name = build.constant(f"{base}_corrected", bias.astype(np.float32))
+    else:
+        w_scale = np.asarray(w.scale, np.float64).ravel()
+        if w_scale.size not in (1, bias.size):
+            w_scale = np.tile(w_scale, bias.size // w_scale.size)
+        scale = np.broadcast_to((np.float64(x.scale) * w_scale).astype(np.float32), bias.shape)
+        lo, hi = qrange(32, True)
+        codes = np.clip(np.rint(bias / scale.astype(np.float64)), lo, hi).astype(np.int32)
+        q = build.constant(f"{base}_quantized", codes)
+        s = build.constant(f"{base}_scale", np.ascontiguousarray(scale, np.float32))
+        z = build.constant(f"{base}_zero_point", np.zeros(bias.shape, np.int32))
+        name = build.node(None, "DequantizeLinear", [q, s, z], f"{base}_dequantized", axis=0)
+    if len(node.input) > 2:
+        node.input[2] = name
+    else:
+        node.input.append(name)
 
 
 def _drop_unused_initializers(model: onnx.ModelProto) -> None:

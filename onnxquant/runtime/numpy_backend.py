@@ -184,7 +184,7 @@ class NumpyBackend:
         out_sp, pads = conv_geometry(x.shape[2:], attrs["kernel"], attrs["strides"], attrs["dilations"],
                                      attrs["pads"], attrs["auto_pad"])
         cols = windows(x - step.x_zp, attrs["kernel"], attrs["strides"], attrs["dilations"], pads, out_sp, 0)
-        n, c = x.shape[:2]
+        n = x.shape[0]
         m = step.w.shape[0]
         cols = cols.reshape(n, g, -1, out_sp[0] * out_sp[1])
         w = (step.w - step.w_zp.reshape(-1, *[1] * (step.w.ndim - 1))).reshape(g, m // g, -1)
@@ -204,7 +204,7 @@ class NumpyBackend:
         op = step.attrs.get("output_padding", [0])
         opad = [0, op[0]] if one_d else op
         g = attrs["group"]
-        n, c, h, w_ = x.shape
+        n, _, h, w_ = x.shape
         cg, mg = step.w.shape[:2]  # cg: all input channels
         kh, kw = attrs["kernel"]
         sh, sw = attrs["strides"]

@@ -165,9 +165,9 @@ class Plan:
     def report_lines(self) -> list[str]:
         """One line per model node that is not part of an integer step: fallbacks with their reason."""
         counts = self.counts()
-        lines = [f"plan: {len(self.integer_steps())} integer steps covering {counts.get(KIND_INTEGER, 0)} nodes, "
-                 f"{counts.get(KIND_FLOAT, 0)} float fallback nodes, {counts.get(KIND_QUANTIZE, 0)} quantize, "
-                 f"{counts.get(KIND_DEQUANTIZE, 0)} dequantize, {counts.get(KIND_CONSTANT, 0)} constant"]
+        lines = [(f"plan: {len(self.integer_steps())} integer steps covering {counts.get(KIND_INTEGER, 0)} nodes, "
+                  f"{counts.get(KIND_FLOAT, 0)} float fallback nodes, {counts.get(KIND_QUANTIZE, 0)} quantize, "
+                  f"{counts.get(KIND_DEQUANTIZE, 0)} dequantize, {counts.get(KIND_CONSTANT, 0)} constant")]
         for st in self.status:
             if st.kind == KIND_FLOAT:
                 lines.append(f"  float  {st.op} {st.node!r}: {st.reason}")

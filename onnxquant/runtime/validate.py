@@ -123,8 +123,8 @@ class ValidationResult:
         for s in self.plan:
             kinds[s.kind] = kinds.get(s.kind, 0) + 1
         lines = [f"validate: backend {self.backend}, requant {self.requant}, {self.samples} samples",
-                 f"plan: {kinds.get(P.KIND_INTEGER, 0)} nodes in {len(self.nodes)} integer/quantize steps, "
-                 f"{kinds.get(P.KIND_FLOAT, 0)} float fallback nodes"]
+                 (f"plan: {kinds.get(P.KIND_INTEGER, 0)} nodes in {len(self.nodes)} integer/quantize steps, "
+                  f"{kinds.get(P.KIND_FLOAT, 0)} float fallback nodes")]
         lines += [f"  float    {s.op} {s.node!r}: {s.reason}" for s in self.plan if s.kind == P.KIND_FLOAT]
         lines.append("nodes (fed ONNX Runtime's inputs):")
         lines += [c.line() for c in self.nodes]

@@ -149,7 +149,7 @@ def test_bad_data_is_rejected_with_names():
 def test_progress_bar_goes_to_stderr(capsys):
     collect_stats(MODEL, ["r"], _batches(_samples(), 16), progress=True, bins=BINS)
     out = capsys.readouterr()
-    assert out.out == ""
+    assert out.out == "" and "calibration pass 1" in out.err and "calibration pass 2" in out.err
 
 
 def test_histogram_folding_and_edges():

@@ -71,3 +71,20 @@ def quantize(model: onnx.ModelProto, calib: np.ndarray, per_channel: bool = True
         quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, **extra)
         return onnx.load(dst)
+
+
+def matmul_net(seed: int = 0, k: int = 16, n: int = 12) -> onnx.ModelProto:
+    """3-D MatMul with a bias Add, Relu, Transpose and a second MatMul: the transformer-style GEMM path."""
+    rng = np.random.default_rng(seed)
+    inits = [_init("w1", (rng.standard_normal((k, n)) / k ** 0.5).astype(np.float32)),
+             _init("b1", (rng.standard_normal(n) * 0.1).astype(np.float32)),
+             _init("w2", (rng.standard_normal((5, 7)) / 5 ** 0.5).astype(np.float32))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"], name="mm1"),
+             helper.make_node("Add", ["m1", "b1"], ["a1"], name="bias1"),
+             helper.make_node("Relu", ["a1"], ["r1"], name="relu1"),
+             helper.make_node("Transpose", ["r1"], ["t1"], perm=[0, 2, 1], name="tr"),
+             helper.make_node("MatMul", ["t1", "w2"], ["y"], name="mm2")]
+    graph = helper.make_graph(nodes, "matmul_net", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                   ["N", 5, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n, 7])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=IR_VERSION)

@@ -1,0 +1,286 @@
+"""The accuracy diff report: what was compared, and `build_report`, which computes it.
+
+A report holds, for the model outputs, each layer and each quantized tensor, the metrics of `metrics.py`
+accumulated over all the data with the whole model quantized (`compare.py`) and isolated on a subset with one
+layer quantized alone (`sensitivity.py`), code entropies, and the calibration view (`calibview.py`) when
+statistics are given. Layers are ranked by isolated sensitivity: the lowest output SQNR with only that layer
+quantized.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxquant.errors import BadDataError
+from onnxquant.report.calibview import CalibView, calibration_view
+from onnxquant.report.compare import QdqGraph, QTensor, accumulate, analyze, check_compatible
+from onnxquant.report.metrics import CodeHistogram, Metrics, code_entropy, compare
+from onnxquant.report.sensitivity import run_isolated
+from onnxquant.tables import CalibrationTable
+
+log = logging.getLogger(__name__)
+
+
+def _m(m: Metrics | None) -> dict | None:
+    return None if m is None else m.to_json()
+
+
+def _num(v: float | None) -> float | None:
+    return None if v is None or not math.isfinite(v) else float(v)
+
+
+@dataclass
+class OutputResult:
+    """One model output: error of the quantized model against the float one."""
+
+    name: str
+    metrics: Metrics
+    top1_agreement: float | None = None
+    accuracy_float: float | None = None
+    accuracy_quant: float | None = None
+
+    @property
+    def sqnr_db(self) -> float:
+        return self.metrics.sqnr_db
+
+    def to_json(self) -> dict:
+        return {"name": self.name, **self.metrics.to_json(), "top1_agreement": self.top1_agreement,
+                "accuracy_float": self.accuracy_float, "accuracy_quant": self.accuracy_quant}
+
+
+@dataclass
+class TensorResult:
+    """One quantized tensor (activation or weight)."""
+
+    name: str
+    kind: str
+    bits: int
+    signed: bool
+    entropy: float
+    clip_fraction: float | None
+    accumulated: Metrics | None
+    isolated: Metrics | None
+    matched: bool
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "bits": self.bits, "signed": self.signed,
+                "entropy_bits": self.entropy, "clip_fraction": self.clip_fraction, "matched": self.matched,
+                "accumulated": _m(self.accumulated), "isolated": _m(self.isolated)}
+
+
+@dataclass
+class LayerResult:
+    """One layer: errors at its output, and its isolated sensitivity at the model outputs."""
+
+    name: str
+    op_type: str
+    index: int
+    output: str
+    inputs: tuple[str, ...]
+    weight: str | None
+    weight_bits: int | None
+    act_bits: int | None
+    owners: tuple[str, ...]
+    accumulated: Metrics | None = None               # at its output, whole model quantized
+    isolated: Metrics | None = None                  # at its output, only this layer quantized
+    sensitivity: dict[str, Metrics] = field(default_factory=dict)  # model outputs, only this layer quantized
+
+    @property
+    def bits(self) -> int:
+        return max(b for b in (self.weight_bits, self.act_bits, 0) if b is not None)
+
+    @property
+    def sensitivity_db(self) -> float | None:
+        """Lowest model-output SQNR with only this layer quantized (None when not measured)."""
+        if not self.sensitivity:
+            return None
+        return min(m.sqnr_db for m in self.sensitivity.values())
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "op_type": self.op_type, "index": self.index, "output": self.output,
+                "inputs": list(self.inputs), "weight": self.weight, "weight_bits": self.weight_bits,
+                "act_bits": self.act_bits, "owners": list(self.owners),
+                "accumulated": _m(self.accumulated), "isolated": _m(self.isolated),
+                "sensitivity_sqnr_db": _num(self.sensitivity_db),
+                "sensitivity": {o: m.to_json() for o, m in self.sensitivity.items()}}
+
+
+@dataclass
+class Report:
+    samples: int
+    sensitivity_samples: int
+    outputs: list[OutputResult]
+    layers: list[LayerResult]
+    tensors: list[TensorResult]
+    calibration: dict[str, CalibView] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    matched: bool = True
+    seconds: dict[str, float] = field(default_factory=dict)
+    suggestion: object | None = None  # a suggest.Suggestion, attached by the caller
+
+    @property
+    def ranked_by(self) -> str:
+        return "sensitivity" if any(la.sensitivity for la in self.layers) else "accumulated"
+
+    def worst(self, k: int | None = None) -> list[LayerResult]:
+        """Layers from most to least harmful: by isolated output SQNR, else by accumulated SQNR at the layer."""
+        if self.ranked_by == "sensitivity":
+            key = [(la.sensitivity_db, la) for la in self.layers if la.sensitivity_db is not None]
+        else:
+            key = [(la.accumulated.sqnr_db, la) for la in self.layers if la.accumulated is not None]
+        ranked = [la for v, la in sorted(key, key=lambda p: (p[0], p[1].index)) if not math.isnan(v)]
+        return ranked if k is None else ranked[:k]
+
+    def fails_under(self, db: float) -> list[str]:
+        """One message per model output whose SQNR is below `db` (for --fail-under-sqnr)."""
+        return [f"output {o.name}: SQNR {o.sqnr_db:.2f} dB is below {db:g} dB" for o in self.outputs
+                if not o.sqnr_db >= db]
+
+    def output_sqnr(self) -> dict[str, float]:
+        return {o.name: o.sqnr_db for o in self.outputs}
+
+    def to_json(self) -> dict:
+        doc = {"format": "onnxquant-report", "version": 1, "samples": self.samples,
+               "sensitivity_samples": self.sensitivity_samples, "matched": self.matched, "notes": self.notes,
+               "ranked_by": self.ranked_by, "seconds": self.seconds,
+               "outputs": [o.to_json() for o in self.outputs],
+               "worst": [la.name for la in self.worst(10)],
+               "layers": [la.to_json() for la in self.layers],
+               "tensors": [t.to_json() for t in self.tensors],
+               "calibration": {t: v.to_json() for t, v in self.calibration.items()}}
+        if self.suggestion is not None:
+            doc["suggestion"] = self.suggestion.to_json()
+        return doc
+
+
+def _check_labels(labels, data) -> np.ndarray | None:
+    if labels is None:
+        return None
+    arr = np.asarray(labels)
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1 or arr.dtype.kind not in "iub":
+        raise BadDataError(f"labels: array of {arr.dtype} {arr.shape}; accepted: one integer class per sample "
+                           "(shape [N])")
+    n = getattr(data, "num_samples", None)
+    if isinstance(n, int) and n != len(arr):
+        raise BadDataError(f"labels: {len(arr)} labels for {n} samples; accepted: one label per sample")
+    return arr.astype(np.int64)
+
+
+def dequantize_initializer(quant_model: onnx.ModelProto, qt: QTensor) -> tuple[np.ndarray, np.ndarray]:
+    """(integer codes, dequantized values) of a weight stored as codes → DequantizeLinear."""
+    inits = {t.name: t for t in quant_model.graph.initializer}
+    dq = next(n for n in quant_model.graph.node if n.output and n.output[0] == qt.dequantized)
+    codes = numpy_helper.to_array(inits[dq.input[0]]).astype(np.int64)
+    scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
+    zp = (numpy_helper.to_array(inits[dq.input[2]]).astype(np.int64) if len(dq.input) > 2 and dq.input[2]
+          else np.zeros_like(scale, np.int64))
+    if scale.ndim == 1 and codes.ndim > 1:
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        shape = [1] * codes.ndim
+        shape[axis] = -1
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    return codes, ((codes - zp) * scale).astype(np.float32)
+
+
+def build_report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, data, *,
+                 labels: np.ndarray | None = None, sensitivity_samples: int = 64, stats: dict | None = None,
+                 table: CalibrationTable | None = None, progress: bool = False) -> Report:
+    """Compare `quant_model` with the `float_model` it was converted from on `data` (re-iterable batches).
+
+    `labels`: one class per sample, for accuracies of classifier-like outputs. `sensitivity_samples`: size of
+    the subset for isolated sensitivity (0 skips it). `stats`/`table`: saved calibration statistics and the
+    table used, for the calibration view.
+    """
+    check_compatible(float_model, quant_model)
+    labels = _check_labels(labels, data)
+    if isinstance(sensitivity_samples, bool) or not isinstance(sensitivity_samples, int) or sensitivity_samples < 0:
+        raise BadDataError(f"sensitivity samples {sensitivity_samples!r}; accepted: an integer >= 0")
+    graph = analyze(quant_model, float_model)
+    notes = list(graph.notes)
+    seconds = {}
+    t0 = time.perf_counter()
+    acc = accumulate(float_model, quant_model, graph, data, labels=labels,
+                     subset=sensitivity_samples if graph.matched else 0, progress=progress)
+    seconds["accumulated"] = time.perf_counter() - t0
+    isolated = {}
+    if graph.matched and sensitivity_samples:
+        t0 = time.perf_counter()
+        isolated, iso_notes = run_isolated(float_model, quant_model, graph, acc.subset, progress=progress)
+        notes += iso_notes
+        seconds["sensitivity"] = time.perf_counter() - t0
+    subset_n = sum(len(next(iter(o.values()))) for _, o in acc.subset) if acc.subset else 0
+    acc.subset.clear()
+
+    outputs = []
+    for name, a in acc.outputs.items():
+        agree = acc.agreement.get(name)
+        outputs.append(OutputResult(name=name, metrics=a.result(),
+                                    top1_agreement=agree.agreement if agree else None,
+                                    accuracy_float=agree.accuracy_float if agree else None,
+                                    accuracy_quant=agree.accuracy_quant if agree else None))
+    if labels is not None and not acc.agreement:
+        notes.append("labels given, but no output is classifier-like ([N, C]): no accuracy computed")
+
+    layers = [_layer_result(la, acc, isolated) for la in graph.layers]
+    tensors = _tensor_results(quant_model, float_model, graph, acc, isolated)
+    calibration = {}
+    if stats:
+        specs = {}
+        for t in graph.activations:
+            entry = table.tensors.get(t.name) if table is not None else None
+            if entry is not None and entry.axis is None:
+                specs[t.name] = (int(entry.bits), bool(entry.signed))
+            else:
+                specs[t.name] = (t.bits, t.signed)
+        calibration, cal_notes = calibration_view(stats, specs, table)
+        notes += cal_notes
+    report = Report(samples=acc.samples, sensitivity_samples=subset_n, outputs=outputs, layers=layers,
+                    tensors=tensors, calibration=calibration, notes=notes, matched=graph.matched, seconds=seconds)
+    log.info("report: %d samples, %d layers, %d quantized tensors", acc.samples, len(layers), len(tensors))
+    return report
+
+
+def _layer_result(la, acc, isolated) -> LayerResult:
+    iso = isolated.get(la.name)
+    a = acc.layers.get(la.name)
+    return LayerResult(name=la.name, op_type=la.op_type, index=la.index, output=la.output, inputs=la.inputs,
+                       weight=la.weight, weight_bits=la.weight_bits, act_bits=la.act_bits, owners=la.owners,
+                       accumulated=a.result() if a is not None else None,
+                       isolated=iso.local if iso else None, sensitivity=dict(iso.outputs) if iso else {})
+
+
+def _tensor_results(quant_model, float_model, graph: QdqGraph, acc, isolated) -> list[TensorResult]:
+    iso_inputs: dict[str, Metrics] = {}
+    for la in graph.layers:
+        iso = isolated.get(la.name)
+        for t, m in (iso.inputs.items() if iso else ()):
+            iso_inputs.setdefault(t, m)
+    results = []
+    for t in graph.activations:
+        hist: CodeHistogram = acc.codes[t.dequantized]
+        a = acc.tensors.get(t.dequantized)
+        results.append(TensorResult(name=t.name, kind="activation", bits=t.bits, signed=t.signed,
+                                    entropy=hist.entropy(), clip_fraction=hist.clip_fraction(t.qmin, t.qmax, t.zero_point),
+                                    accumulated=a.result() if a is not None else None,
+                                    isolated=iso_inputs.get(t.name), matched=t.matched))
+    float_inits = {i.name: i for i in float_model.graph.initializer}
+    for t in graph.weights:
+        codes, deq = dequantize_initializer(quant_model, t)
+        _, counts = np.unique(codes, return_counts=True)
+        metrics = None
+        if t.matched and t.name in float_inits:
+            w = numpy_helper.to_array(float_inits[t.name]).astype(np.float32)
+            if w.shape == deq.shape:
+                metrics = compare(w, deq)
+        results.append(TensorResult(name=t.name, kind="weight", bits=t.bits, signed=t.signed,
+                                    entropy=code_entropy(counts), clip_fraction=None, accumulated=metrics,
+                                    isolated=metrics, matched=metrics is not None))
+    return results

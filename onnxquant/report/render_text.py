@@ -1,0 +1,48 @@
+"""A short terminal summary of a report: the model outputs, then the worst layers."""
+from __future__ import annotations
+
+import math
+
+
+def _db(v: float | None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return "inf" if math.isinf(v) else f"{v:.2f}"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    return [fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)]
+
+
+def render_text(report, worst: int = 5) -> str:
+    """Outputs (SQNR, max error, top-1 agreement, accuracies) and the `worst` most harmful layers."""
+    lines = [f"onnxquant report: {report.samples} samples"
+             + (f", isolated sensitivity on {report.sensitivity_samples}" if report.sensitivity_samples else "")]
+    rows = [[o.name, _db(o.sqnr_db), f"{o.metrics.cosine:.4f}", f"{o.metrics.max_abs_error:.4g}",
+             _pct(o.top1_agreement), _pct(o.accuracy_float), _pct(o.accuracy_quant)] for o in report.outputs]
+    lines += _table(["output", "SQNR dB", "cosine", "max err", "top-1 agree", "acc float", "acc quant"], rows)
+    ranked = report.worst(worst)
+    if ranked:
+        by = ("output SQNR with only this layer quantized" if report.ranked_by == "sensitivity"
+              else "accumulated SQNR at the layer output")
+        lines += ["", f"worst layers (by {by}):"]
+        rows = [[la.name, la.op_type, f"W{la.weight_bits or '-'}A{la.act_bits or '-'}",
+                 _db(la.sensitivity_db), _db(la.isolated.sqnr_db if la.isolated else None),
+                 _db(la.accumulated.sqnr_db if la.accumulated else None)] for la in ranked]
+        lines += _table(["layer", "op", "bits", "sens. dB", "isolated dB", "accum. dB"], rows)
+    sug = report.suggestion
+    if sug is not None:
+        lines += ["", f"suggested: keep {sug.k} layer(s) at {sug.high_bits} bits ({', '.join(sug.layers) or '-'})"]
+        for o, v in (sug.predicted or {}).items():
+            lines.append(f"  {o}: predicted {_db(sug.before[o])} -> {_db(v)} dB")
+        for o, v in (sug.gain_db or {}).items():
+            lines.append(f"  {o}: measured {_db(sug.measured[o])} dB ({'+' if v >= 0 else ''}{_db(v)} dB)")
+    for note in report.notes:
+        lines.append(f"note: {note}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,165 @@
+"""Rule-file overrides that keep the most sensitive layers at a higher width (`--suggest-rules`).
+
+Layers are taken in the report's ranking (isolated sensitivity). To choose k for a target output SQNR the
+output noise is predicted: noise of separately quantized layers adds approximately, and one more bit divides
+quantization noise power by 4. With N the measured accumulated output MSE and n_i the output MSE with only
+layer i quantized at b_i bits, keeping the set S at h bits predicts
+
+    N_S = N · (Σ_{i∉S} n_i + Σ_{i∈S} n_i · 4^−(h − b_i)) / Σ_i n_i,   SQNR_S = SQNR − 10·log10(N_S / N)
+
+and k is the smallest number of top-ranked layers whose prediction meets the target on every output. The
+override for a layer matches its node by name (glob characters escaped); a layer without a weight of its own
+(e.g. MaxPool) also lists the producers of its quantized inputs, whose rules set those widths.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import yaml
+
+from onnxquant.errors import OnnxQuantError
+from onnxquant.quant import MAX_BITS, MIN_BITS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Suggestion:
+    """Which layers to keep at `high_bits`, and what that is predicted (and, once measured, found) to give."""
+
+    k: int
+    layers: list[str]
+    nodes: list[str]
+    high_bits: int
+    target_sqnr: float | None
+    before: dict[str, float]
+    predicted: dict[str, float] | None
+    met: bool | None
+    curve: list[dict[str, float]] = field(default_factory=list)  # predicted SQNR per output for k = 0..n
+    measured: dict[str, float] | None = None  # output SQNR after converting with the rules (set by the caller)
+    rules: str = ""
+
+    @property
+    def gain_db(self) -> dict[str, float] | None:
+        """Measured SQNR improvement per output, once `measured` is set."""
+        if self.measured is None:
+            return None
+        return {o: self.measured[o] - self.before[o] for o in self.before if o in self.measured}
+
+    def to_json(self) -> dict:
+        def clean(d):
+            return None if d is None else {k: (v if math.isfinite(v) else None) for k, v in d.items()}
+
+        return {"k": self.k, "layers": self.layers, "nodes": self.nodes, "high_bits": self.high_bits,
+                "target_sqnr_db": self.target_sqnr, "before_sqnr_db": clean(self.before),
+                "predicted_sqnr_db": clean(self.predicted), "target_met": self.met,
+                "measured_sqnr_db": clean(self.measured), "gain_db": clean(self.gain_db),
+                "curve": [clean(c) for c in self.curve], "rules": self.rules}
+
+
+def _candidates(report, high_bits: int) -> list:
+    return [la for la in report.worst() if la.bits < high_bits]
+
+
+def predict_output_sqnr(report, k: int, high_bits: int = 8) -> dict[str, float] | None:
+    """Predicted output SQNR per output with the k most sensitive layers kept at `high_bits` (see the module)."""
+    if report.ranked_by != "sensitivity":
+        return None
+    cands = _candidates(report, high_bits)
+    chosen = {la.name for la in cands[:k]}
+    measured = [la for la in report.layers if la.sensitivity]
+    out = {}
+    for o in report.outputs:
+        total = sum(la.sensitivity[o.name].mse for la in measured if o.name in la.sensitivity)
+        if total <= 0 or not math.isfinite(o.sqnr_db):
+            out[o.name] = o.sqnr_db
+            continue
+        kept = 0.0
+        for la in measured:
+            n = la.sensitivity[o.name].mse if o.name in la.sensitivity else 0.0
+            kept += n * (4.0 ** -(high_bits - la.bits) if la.name in chosen else 1.0)
+        ratio = kept / total
+        out[o.name] = math.inf if ratio <= 0 else o.sqnr_db - 10.0 * math.log10(ratio)
+    return out
+
+
+def plan_suggestion(report, quant_rules_text: str | None = None, *, target_sqnr: float | None = None,
+                    k: int | None = None, high_bits: int = 8) -> Suggestion:
+    """Choose the layers (k given, or the fewest meeting `target_sqnr`) and write the rule text."""
+    if isinstance(high_bits, bool) or not isinstance(high_bits, int) or not MIN_BITS <= high_bits <= MAX_BITS:
+        raise OnnxQuantError(f"high bits {high_bits!r}; accepted: an integer {MIN_BITS}..{MAX_BITS}")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+        raise OnnxQuantError(f"k={k!r}: accepted: an integer >= 0")
+    if k is None and target_sqnr is None:
+        raise OnnxQuantError("suggest rules: give the number of layers k or a target output SQNR")
+    cands = _candidates(report, high_bits)
+    before = report.output_sqnr()
+    curve = []
+    if report.ranked_by == "sensitivity":
+        curve = [predict_output_sqnr(report, i, high_bits) for i in range(len(cands) + 1)]
+    met = None
+    if k is None:
+        if not curve:
+            raise OnnxQuantError("suggest rules: a target SQNR needs isolated sensitivity (sensitivity samples "
+                                 "> 0); accepted: a target with sensitivity, or k")
+        k = next((i for i, c in enumerate(curve) if all(v >= target_sqnr for v in c.values())), None)
+        met = k is not None
+        if k is None:
+            k = len(cands)
+            log.warning("no number of layers at %d bits is predicted to reach %.1f dB: suggesting all %d",
+                        high_bits, target_sqnr, k)
+    k = min(k, len(cands))
+    chosen = cands[:k]
+    nodes = list(dict.fromkeys(n for la in chosen for n in la.owners))
+    predicted = curve[k] if curve else None
+    if met is None and target_sqnr is not None and predicted is not None:
+        met = all(v >= target_sqnr for v in predicted.values())
+    text = _rules_text(nodes, chosen, quant_rules_text, high_bits, predicted, before)
+    return Suggestion(k=k, layers=[la.name for la in chosen], nodes=nodes, high_bits=high_bits,
+                      target_sqnr=target_sqnr, before=before, predicted=predicted, met=met, curve=curve,
+                      rules=text)
+
+
+def suggest_rules(report, quant_rules_text: str | None = None, *, target_sqnr: float | None = None,
+                  k: int | None = None, high_bits: int = 8) -> str:
+    """YAML rule text keeping the k most sensitive layers at `high_bits` (k from `target_sqnr` if not given).
+
+    With `quant_rules_text` (the rule file the model was converted with) the result is that file with the
+    overrides appended (later overrides win); without, a file holding only the overrides.
+    """
+    return plan_suggestion(report, quant_rules_text, target_sqnr=target_sqnr, k=k, high_bits=high_bits).rules
+
+
+def glob_escape(name: str) -> str:
+    """A glob matching exactly `name` (rules match node names with fnmatch)."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _rules_text(nodes, chosen, base: str | None, high_bits: int, predicted, before) -> str:
+    from onnxquant.rules import parse_rules
+
+    overrides = [{"match": {"name": glob_escape(n)}, "weights": {"bits": high_bits},
+                  "activations": {"bits": high_bits}} for n in nodes]
+    doc = {}
+    if base is not None:
+        parse_rules(base, "base rules")  # refuse a broken base with its own message
+        doc = yaml.safe_load(base) or {}
+    doc["overrides"] = list(doc.get("overrides") or []) + overrides
+    lines = [f"# onnxquant --suggest-rules: keep the {len(chosen)} most sensitive layer(s) at {high_bits} bits"]
+    for la in chosen:
+        lines.append(f"#   {la.name} ({la.op_type}): output SQNR with only it quantized "
+                     f"{_fmt(la.sensitivity_db)} dB")
+    if predicted:
+        for o, v in predicted.items():
+            lines.append(f"# predicted output SQNR of {o}: {_fmt(before[o])} -> {_fmt(v)} dB")
+    text = "\n".join(lines) + "\n" + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
+    parse_rules(text, "suggested rules")
+    return text
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "n/a"
+    return "inf" if math.isinf(v) else f"{v:.2f}"
