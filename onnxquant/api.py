@@ -125,9 +125,8 @@ def convert(model: onnx.ModelProto, rules: Rules, *, data: Batches | None = None
         table, stats = calibrate(folded, plan, data or [], progress=progress, stats=stats,
                                  per_channel=corrected_inputs, **method_options)
     else:
-        missing = sorted(set(plan.activations) - set(table.tensors))
-        if missing:
-            notes.append(f"table has no entry for {len(missing)} tensors (e.g. {missing[0]!r}): left float")
+        known = {i.name for i in folded.graph.input} | {o for n in folded.graph.node for o in n.output}
+        table.check_tensors(known, required=plan.activations)
     if corrected_inputs and stats is None:
         if data is None:
             raise BadDataError("convert: --bias-correction needs calibration data for the input means; "
@@ -146,11 +145,37 @@ def convert(model: onnx.ModelProto, rules: Rules, *, data: Batches | None = None
                          summary=summary, stats=stats, notes=notes + summary.notes)
 
 
-def report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, data: Batches, **options):
-    """Accuracy-diff report of `quant_model` against `float_model` on `data` (see onnxquant.report)."""
+def report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, data: Batches, *,
+           stats: dict | None = None, table: CalibrationTable | None = None, **options):
+    """Accuracy-diff report of `quant_model` against `float_model` on `data` (see onnxquant.report).
+
+    With a `table` but statistics lacking histograms (minmax calibration), they are collected again so the
+    calibration view can compare every method.
+    """
+    from onnxquant.calib.engine import collect_stats
     from onnxquant.report import build_report
 
-    return build_report(float_model, quant_model, data, **options)
+    if table is not None and table.tensors and (stats is None or not all(
+            t in stats and stats[t].has_hist for t in table.tensors)):
+        stats = collect_stats(float_model, sorted(table.tensors), data, histograms=True, moments=True)
+    return build_report(float_model, quant_model, data, stats=stats, table=table, **options)
+
+
+def suggest(report_result, model: onnx.ModelProto, rules: Rules, data: Batches, *, target_sqnr: float | None = None,
+            k: int | None = None, high_bits: int = 8, **convert_options):
+    """Rules keeping the most sensitive layers at `high_bits`, with the output SQNR measured by converting again."""
+    from onnxquant.report import build_report, plan_suggestion
+    from onnxquant.rules import dump_rules, parse_rules
+
+    if k is None and target_sqnr is None:
+        k = 3
+    suggestion = plan_suggestion(report_result, dump_rules(rules), target_sqnr=target_sqnr, k=k,
+                                 high_bits=high_bits)
+    improved = convert(model, parse_rules(suggestion.rules, "suggested rules"), data=data, **convert_options)
+    after = build_report(improved.float_model, improved.model, data, sensitivity_samples=0)
+    suggestion.measured = after.output_sqnr()
+    report_result.suggestion = suggestion
+    return suggestion
 
 
 def validate(quant_model: onnx.ModelProto, data: Batches, *, backend: str = "numpy", requant: str = "float"):

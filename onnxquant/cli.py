@@ -75,6 +75,20 @@ def _open_data(model, path, batch_size, max_samples, calib_reader, image_size, i
                      image_options=images, reader=calib_reader, extra_keys=extra_keys)
 
 
+def _suggest_options(fn):
+    for option in reversed([
+        click.option("--suggest-rules", type=click.Path(path_type=Path), default=None,
+                     help="Write a rule file keeping the most sensitive layers at --high-bits."),
+        click.option("--target-sqnr", type=float, default=None,
+                     help="Keep the fewest layers predicted to reach this output SQNR (dB)."),
+        click.option("--top-k", type=click.IntRange(min=0), default=None,
+                     help="Keep this many layers (default 3 without --target-sqnr)."),
+        click.option("--high-bits", type=BITS, default=8, show_default=True, help="Width of the kept layers."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
 def _parse_floats(text: str, flag: str, sep: str = ",", kind=float) -> tuple:
     try:
         return tuple(kind(v) for v in text.split(sep))
@@ -150,10 +164,12 @@ def main() -> None:
               help="Use saved (possibly merged) statistics instead of running the model on data.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
               help="Write an accuracy-diff report (HTML) of this conversion; needs --calib-data.")
+@_suggest_options
 @_data_options
 @_common
 def convert(model, output, bits, wbits, abits, method, calib_data, rules_path, table_in, table_out, percentile,
-            wcalib, bias_correction, bit_alloc, bins, save_stats, load_stats, report_path, **data_opts):
+            wcalib, bias_correction, bit_alloc, bins, save_stats, load_stats, report_path, suggest_rules,
+            target_sqnr, top_k, high_bits, **data_opts):
     """Fold, calibrate and insert Q/DQ: write a quantized model ONNX Runtime and TensorRT run.
 
     \b
@@ -166,9 +182,11 @@ def convert(model, output, bits, wbits, abits, method, calib_data, rules_path, t
 
     wbits, abits = _bits(bits, wbits, abits)
     out = output or model.with_name(f"{model.stem}.int{abits or wbits or 8}.onnx")
-    for path in (out, table_out, save_stats, report_path):
+    for path in (out, table_out, save_stats, report_path, suggest_rules):
         if path is not None:
             check_output_path(path, model)
+    if suggest_rules is not None and report_path is None:
+        raise click.UsageError("--suggest-rules needs --report: the suggestion comes from the sensitivity ranking")
     rules = _rules(rules_path, wbits=wbits, abits=abits, method=method, wmethod=wcalib)
     float_model = _load(model)
     table = tables.load_table(table_in) if table_in else None
@@ -179,10 +197,14 @@ def convert(model, output, bits, wbits, abits, method, calib_data, rules_path, t
     result = api.convert(float_model, rules, data=data, table=table, stats=stats, progress=sys.stderr.isatty(),
                          bias_correction=bias_correction, bit_alloc=bit_alloc == "weights", bins=bins,
                          percentile=percentile)
-    report = None
+    report = suggestion = None
     if report_path is not None:
         report = api.report(result.float_model, result.model, data, stats=result.stats, table=result.table,
                             progress=sys.stderr.isatty())
+        if suggest_rules is not None:
+            suggestion = api.suggest(report, float_model, rules, data, target_sqnr=target_sqnr, k=top_k,
+                                     high_bits=high_bits, bias_correction=bias_correction,
+                                     bit_alloc=bit_alloc == "weights", bins=bins, percentile=percentile)
     save_model(result.model, out)
     if table_out is not None:
         tables.save_table(result.table, table_out)
@@ -190,6 +212,8 @@ def convert(model, output, bits, wbits, abits, method, calib_data, rules_path, t
         tables.save_stats(result.stats, save_stats)
     if report is not None:
         _write_report(report, report_path, None)
+    if suggestion is not None:
+        _write_suggestion(suggestion, suggest_rules)
     _print_convert_summary(result, file_size(model), file_size(out), out)
 
 
@@ -336,16 +360,14 @@ def inspect(model, rules_path, bits):
               help="Samples for the isolated (one layer quantized) sensitivity runs.")
 @click.option("--stats", "stats_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Saved calibration statistics (convert/calibrate --save-stats) for the calibration view.")
-@click.option("--suggest-rules", type=click.Path(path_type=Path), default=None,
-              help="Write a rule file keeping the most sensitive layers at --high-bits.")
-@click.option("--target-sqnr", type=float, default=None, help="Pick the number of kept layers to reach this.")
-@click.option("--top-k", type=click.IntRange(min=1), default=None, help="Keep this many layers (default 3).")
-@click.option("--high-bits", type=BITS, default=8, show_default=True)
+@click.option("--rules", "rules_path", default=None,
+              help="Rules the model was converted with (folding, and the base of --suggest-rules).")
+@_suggest_options
 @click.option("--fail-under-sqnr", type=float, default=None, help="Exit 1 when any output's SQNR is below DB.")
 @_data_options
 @_common
 def report(float_model, quant_model, data_path, output, json_path, labels_key, sensitivity_samples, stats_path,
-           suggest_rules, target_sqnr, top_k, high_bits, fail_under_sqnr, **data_opts):
+           rules_path, suggest_rules, target_sqnr, top_k, high_bits, fail_under_sqnr, **data_opts):
     """Compare a quantized model with its float original: per-layer error, sensitivity, outputs.
 
     \b
@@ -360,22 +382,38 @@ def report(float_model, quant_model, data_path, output, json_path, labels_key, s
     for path in (output, json_path, suggest_rules):
         if path is not None:
             check_output_path(path, float_model, quant_model)
-    float_m, quant_m = _load(float_model), _load(quant_model)
+    rules = _rules(rules_path)
+    float_m, quant_m = api.fold(_load(float_model), rules)[0], _load(quant_model)
     extra = (labels_key,) if labels_key else ()
     data = _open_data(float_m, data_path, extra_keys=extra, **{**data_opts, "calib_reader": None})
     labels = data.extra(labels_key) if labels_key else None
     stats = load_stats(stats_path) if stats_path else None
     result = api.report(float_m, quant_m, data, labels=labels, sensitivity_samples=sensitivity_samples,
                         stats=stats, progress=sys.stderr.isatty())
-    _write_report(result, output, json_path)
+    suggestion = None
     if suggest_rules is not None:
-        from onnxquant.model import atomic_write
-        from onnxquant.report import suggest_rules as suggest
+        from onnxquant.report import plan_suggestion
+        from onnxquant.rules import dump_rules
 
-        with atomic_write(suggest_rules) as tmp:
-            tmp.write_text(suggest(result, None, target_sqnr=target_sqnr, k=top_k, high_bits=high_bits))
-        click.echo(f"wrote suggested rules to {suggest_rules}")
+        suggestion = plan_suggestion(result, dump_rules(rules), target_sqnr=target_sqnr, k=top_k,
+                                     high_bits=high_bits)
+        result.suggestion = suggestion
+    _write_report(result, output, json_path)
+    if suggestion is not None:
+        _write_suggestion(suggestion, suggest_rules)
     _fail_under(result, fail_under_sqnr)
+
+
+def _write_suggestion(suggestion, path: Path) -> None:
+    from onnxquant.model import atomic_write
+
+    with atomic_write(path) as tmp:
+        tmp.write_text(suggestion.rules, encoding="utf-8")
+    gain = suggestion.measured or suggestion.predicted or {}
+    kind = "measured" if suggestion.measured else "predicted"
+    change = ", ".join(f"{name} {suggestion.before[name]:.1f} -> {db:.1f} dB" for name, db in gain.items()
+                       if name in suggestion.before)
+    click.echo(f"wrote {path}: {suggestion.k} layers at {suggestion.high_bits} bits; {kind} output SQNR {change}")
 
 
 def _write_report(result, html_path: Path, json_path: Path | None) -> None:

@@ -108,8 +108,9 @@ class TensorRange:
         missing = [k for k in required if k not in entry]
         unknown = sorted(set(entry) - set(required) - {"axis", "note"})
         if missing or unknown:
-            what = (f"missing {', '.join(missing)}" if missing else "") + \
-                   ("; " if missing and unknown else "") + (f"unknown key(s) {', '.join(unknown)}" if unknown else "")
+            parts = ([f"missing {', '.join(missing)}"] if missing else []) + \
+                    ([f"unknown key(s) {', '.join(unknown)}"] if unknown else [])
+            what = "; ".join(parts)
             raise OnnxQuantError(f"{where}: {what}; accepted keys: {', '.join(required)}, axis, note")
         axis = entry.get("axis")
         if axis is not None and (not isinstance(axis, int) or isinstance(axis, bool)):
@@ -152,15 +153,18 @@ class CalibrationTable:
     def from_json(cls, obj: Any, where: str = "table") -> CalibrationTable:
         """Validate and build a table from its canonical JSON form."""
         if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
-            raise OnnxQuantError(f"{where}: not an onnxquant calibration table (no \"format\": \"{FORMAT_NAME}\")")
+            raise OnnxQuantError(f"{where}: not an onnxquant calibration table "
+                                 f"(no \"format\": \"{FORMAT_NAME}\")")
         if obj.get("version") != FORMAT_VERSION:
-            raise OnnxQuantError(f"{where}: version {obj.get('version')!r} not supported; accepted: {FORMAT_VERSION}")
+            raise OnnxQuantError(f"{where}: version {obj.get('version')!r} not supported; "
+                                 f"accepted: {FORMAT_VERSION}")
         unknown = sorted(set(obj) - {"format", "version", "method", "bits", "tensors"})
         if unknown:
             raise OnnxQuantError(f"{where}: unknown key(s) {', '.join(unknown)}")
         if not isinstance(obj.get("method"), str) or not isinstance(obj.get("bits"), int) or \
                 isinstance(obj.get("bits"), bool) or not isinstance(obj.get("tensors"), dict):
-            raise OnnxQuantError(f"{where}: needs \"method\" (string), \"bits\" (integer), \"tensors\" (object)")
+            raise OnnxQuantError(f"{where}: needs \"method\" (string), \"bits\" (integer), "
+                                 "\"tensors\" (object)")
         tensors = {name: TensorRange.from_json(entry, f"{where}: tensor {name!r}")
                    for name, entry in obj["tensors"].items()}
         return cls(method=obj["method"], bits=obj["bits"], tensors=tensors)
@@ -205,7 +209,7 @@ def _plain(value: Any, kind: type, length: int | None, where: str):
     return [one(v) for v in value]
 
 
-# ---- canonical JSON --------------------------------------------------------------------------------------------
+# ---- canonical JSON -------------------------------------------------------------------------------------
 def _canon(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _canon(v) for k, v in obj.items()}
@@ -278,7 +282,7 @@ def read_json(path: str | os.PathLike) -> CalibrationTable:
     return loads_json(_read_text(path), str(path))
 
 
-# ---- TensorRT calibration cache --------------------------------------------------------------------------------
+# ---- TensorRT calibration cache -------------------------------------------------------------------------
 TRT_VERSION = "8601"
 TRT_CALIBRATOR = "EntropyCalibration2"
 _HEX = re.compile(r"^[0-9a-fA-F]{1,8}$")
@@ -292,7 +296,7 @@ def dumps_tensorrt_cache(table: CalibrationTable, version: str = TRT_VERSION,
     for name in sorted(table.tensors):
         entry = table.tensors[name]
         if "\n" in name:
-            raise OnnxQuantError(f"tensor {name!r}: a newline in the name cannot be written to a TensorRT cache")
+            raise OnnxQuantError(f"tensor {name!r}: a name with a newline cannot go into a TensorRT cache")
         if entry.axis is not None or entry.bits != 8:
             lossy.append(name)
         scale = np.float32(entry.amax_max / 127.0)
@@ -318,16 +322,18 @@ def loads_tensorrt_cache(text: str, where: str = "cache", bits: int = 8) -> Cali
         name, sep, value = line.rpartition(":")
         value = value.strip()
         if not sep or not name or not _HEX.match(value):
-            raise OnnxQuantError(f"{where}: line {n}: expected 'tensor_name: <8 hex digits>', got {line[:60]!r}")
+            raise OnnxQuantError(f"{where}: line {n}: expected 'tensor_name: <8 hex digits>', "
+                                 f"got {line[:60]!r}")
         scale = struct.unpack(">f", bytes.fromhex(value.zfill(8)))[0]
         if not (math.isfinite(scale) and scale >= 0):
-            raise OnnxQuantError(f"{where}: line {n}: scale {scale} of {name!r} is not a finite non-negative number")
+            raise OnnxQuantError(f"{where}: line {n}: scale {scale} of {name!r} is not finite and >= 0")
         amax = float(scale) * 127.0
         tensors[name] = TensorRange.from_range(-amax, amax, bits, True, method)
     return CalibrationTable(method=method, bits=bits, tensors=tensors)
 
 
-def write_tensorrt_cache(table: CalibrationTable, path: str | os.PathLike, version: str = TRT_VERSION) -> None:
+def write_tensorrt_cache(table: CalibrationTable, path: str | os.PathLike,
+                         version: str = TRT_VERSION) -> None:
     _write_text(path, dumps_tensorrt_cache(table, version))
 
 
@@ -335,7 +341,7 @@ def read_tensorrt_cache(path: str | os.PathLike, bits: int = 8) -> CalibrationTa
     return loads_tensorrt_cache(_read_text(path), str(path), bits)
 
 
-# ---- ONNX Runtime calibration JSON ----------------------------------------------------------------------------
+# ---- ONNX Runtime calibration JSON ----------------------------------------------------------------------
 _ORT_METHODS = {"minmax": "MinMax", "kl": "Entropy", "percentile": "Percentile"}
 
 
@@ -368,7 +374,8 @@ def loads_ort(text: str, where: str = "table", bits: int = 8, symmetric: bool = 
         if not isinstance(obj.get("data"), dict):
             raise OnnxQuantError(f"{where}: TensorsData without a \"data\" object")
         ranges = {name: (_ort_value(d, "lowest", f"{where}: tensor {name!r}"),
-                         _ort_value(d, "highest", f"{where}: tensor {name!r}")) for name, d in obj["data"].items()}
+                         _ort_value(d, "highest", f"{where}: tensor {name!r}"))
+                  for name, d in obj["data"].items()}
         method_value = obj.get("calibration_method")
         method_name = method_value.get("value", "") if isinstance(method_value, dict) else str(method_value)
     else:
@@ -377,9 +384,12 @@ def loads_ort(text: str, where: str = "table", bits: int = 8, symmetric: bool = 
             if not (isinstance(v, list) and len(v) == 2):
                 raise OnnxQuantError(f"{where}: tensor {name!r}: expected [min, max]; accepted: ONNX Runtime "
                                      "TensorsData JSON or {tensor: [min, max]}")
-            ranges[name] = (_plain(v[0], float, None, f"{where}: {name}"), _plain(v[1], float, None, f"{where}: {name}"))
+            ranges[name] = (_plain(v[0], float, None, f"{where}: {name}"),
+                            _plain(v[1], float, None, f"{where}: {name}"))
         method_name = ""
-    embedded = CalibrationTable.from_json(obj["onnxquant"], f"{where}: onnxquant") if "onnxquant" in obj else None
+    embedded = None
+    if "onnxquant" in obj:
+        embedded = CalibrationTable.from_json(obj["onnxquant"], f"{where}: onnxquant")
     method = {v: k for k, v in _ORT_METHODS.items()}.get(method_name.rsplit(".", 1)[-1], "minmax")
     tensors = {}
     for name, (lo, hi) in ranges.items():
@@ -424,7 +434,7 @@ def read_ort(path: str | os.PathLike, bits: int = 8, symmetric: bool = False) ->
     return loads_ort(_read_text(path), str(path), bits, symmetric)
 
 
-# ---- any format ------------------------------------------------------------------------------------------------
+# ---- any format -----------------------------------------------------------------------------------------
 TABLE_FORMATS = ("json", "tensorrt", "ort")
 
 
@@ -464,7 +474,7 @@ def save_table(table: CalibrationTable, path: str | os.PathLike, format: str = "
     _write_text(path, writers[format](table))
 
 
-# ---- statistics ------------------------------------------------------------------------------------------------
+# ---- statistics -----------------------------------------------------------------------------------------
 STATS_FORMAT = "onnxquant-stats-1"
 
 
@@ -473,7 +483,8 @@ def save_stats(stats: Mapping[str, TensorStats], path: str | os.PathLike) -> Non
     from onnxquant.calib.stats import Pass2, TensorStats
 
     names = sorted(stats)
-    arrays: dict[str, np.ndarray] = {"__format__": np.array(STATS_FORMAT), "__names__": np.array(names, dtype=str)}
+    arrays: dict[str, np.ndarray] = {"__format__": np.array(STATS_FORMAT),
+                                     "__names__": np.array(names, dtype=str)}
     for i, name in enumerate(names):
         st = stats[name]
         for f in fields(TensorStats):
@@ -499,11 +510,13 @@ def load_stats(path: str | os.PathLike) -> dict[str, TensorStats]:
     except FileNotFoundError:
         raise OnnxQuantError(f"{path}: no such file") from None
     except (OSError, ValueError) as exc:
-        raise OnnxQuantError(f"{path}: not a statistics file ({exc}); accepted: an .npz from --save-stats") from None
+        raise OnnxQuantError(f"{path}: not a statistics file ({exc}); "
+                             "accepted: an .npz from --save-stats") from None
     if "__format__" not in arrays or str(arrays["__format__"]) != STATS_FORMAT:
         raise OnnxQuantError(f"{path}: not an onnxquant statistics file; accepted: an .npz from --save-stats")
     kinds = {"count": int, "min": float, "max": float, "sum": float, "ch_count": int, "ref_mean": float,
-             "hist_range": float, "bins": int, "abs_dev": float, "sq_dev": float}
+             "hist_range": float, "bins": int, "abs_dev": float, "sq_dev": float, "moments": bool,
+             "zeros": int}
 
     def values(prefix: str, cls) -> dict:
         out = {}

@@ -166,3 +166,35 @@ def test_every_command_has_help_with_an_example():
     for command in ("convert", "calibrate", "table", "fold", "inspect"):
         result = invoke(command, "--help")
         assert result.exit_code == 0 and "Example:" in result.output and "onnxquant " + command in result.output
+
+
+def test_report_and_suggested_rules_end_to_end(demo):
+    q4 = demo / "w4.onnx"
+    result = invoke("convert", demo / "model.onnx", "--bits", "4", "--calib", "laplace", "--calib-data",
+                    demo / "calib.npz", "-o", q4, "--report", demo / "conv.html", "--suggest-rules", demo / "s.yaml",
+                    "--top-k", "2")
+    assert result.exit_code == 0, result.output
+    line = next(ln for ln in result.output.splitlines() if ln.startswith(f"wrote {demo / 's.yaml'}"))
+    before, after = (float(v) for v in __import__("re").findall(r"logits (\S+) -> (\S+) dB", line)[0])
+    assert "measured" in line and after > before + 1.0
+    report = demo / "r.html"
+    result = CliRunner().invoke(main, ["report", str(demo / "model.onnx"), str(q4), "--data", str(demo / "eval.npz"),
+                                       "--labels", "labels", "-o", str(report), "--json", str(demo / "r.json"),
+                                       "--fail-under-sqnr", "60"])
+    assert result.exit_code == 1 and "below 60" in result.output
+    data = json.loads((demo / "r.json").read_text())
+    assert data["outputs"][0]["name"] == "logits" and report.read_text().startswith("<!DOCTYPE html>")
+    result = CliRunner().invoke(main, ["report", str(demo / "model.onnx"), str(q4), "--data", str(demo / "eval.npz"),
+                                       "--labels", "nolabels", "-o", str(demo / "r2.html")])
+    assert result.exit_code == 2 and not (demo / "r2.html").exists()
+
+
+def test_validate_exit_codes(demo):
+    q8 = demo / "w8.onnx"
+    assert invoke("convert", demo / "model.onnx", "--bits", "8", "--calib-data", demo / "calib.npz",
+                  "-o", q8).exit_code == 0
+    result = invoke("validate", q8, "--data", demo / "eval.npz", "--json", demo / "v.json")
+    assert result.exit_code == 0 and "PASSED" in result.output, result.output
+    assert json.loads((demo / "v.json").read_text())["passed"] is True
+    result = CliRunner().invoke(main, ["validate", str(demo / "model.onnx"), "--data", str(demo / "eval.npz")])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output

@@ -16,7 +16,7 @@ def test_ruff_clean():
     if not Path(ruff).exists():
         pytest.skip("ruff is not installed (pip install -e '.[test]')")
     result = subprocess.run([ruff, "check", "--line-length", "110", "--no-cache", "onnxquant", "tests", "tools"],
-                            cwd=ROOT, capture_output=True, text=True)
+                            cwd=ROOT, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout[-3000:]
 
 
@@ -33,7 +33,7 @@ print(len(names), "pycuda" in sys.modules and sys.modules["pycuda"] is not None)
 
 def test_every_module_imports_without_pycuda():
     result = subprocess.run([sys.executable, "-c", IMPORT_ALL_WITHOUT_PYCUDA], cwd=ROOT, capture_output=True,
-                            text=True)
+                            text=True, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     count, loaded = result.stdout.split()
     assert int(count) >= 20 and loaded == "False"

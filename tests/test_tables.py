@@ -120,11 +120,13 @@ def test_ort_legacy_and_plain_ranges(tmp_path):
 @pytest.mark.parametrize("content,match", [
     ("", "not a calibration table"),
     ("{not json", "not a calibration table"),
-    ('{"format": "onnxquant-calibration", "version": 2, "method": "kl", "bits": 8, "tensors": {}}', "version"),
+    ('{"format": "onnxquant-calibration", "version": 2, "method": "kl", "bits": 8, "tensors": {}}',
+     "version"),
     ('{"format": "onnxquant-calibration", "version": 1, "method": "kl", "bits": 8, "tensors": {"a": {}}}',
      "tensor 'a': missing"),
     (('{"format": "onnxquant-calibration", "version": 1, "method": "kl", "bits": 8, "tensors": {"a": '
-      '{"min": 0, "max": 1, "amax": 1, "scale": -1, "zero_point": 0, "bits": 8, "signed": true, "method": "kl"}}}'),
+      '{"min": 0, "max": 1, "amax": 1, "scale": -1, "zero_point": 0, "bits": 8, "signed": true, '
+      '"method": "kl"}}}'),
      "not positive"),
     ("TRT-8601-EntropyCalibration2\na: zz\n", "line 2"),
     ('{"a": [1]}', "expected \\[min, max\\]"),

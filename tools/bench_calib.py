@@ -30,7 +30,7 @@ ONNXQUANT_METHODS = ("kl", "laplace", "minmax")
 
 
 def reader():
-    """Seeded image-like batches of BENCH_SAMPLES samples (BENCH_BATCH per batch), input 'input' [B,3,224,224]."""
+    """Seeded image-like batches: BENCH_SAMPLES samples, BENCH_BATCH per batch, 'input' [B,3,224,224]."""
     samples, batch = int(os.environ["BENCH_SAMPLES"]), int(os.environ.get("BENCH_BATCH", "8"))
     for start in range(0, samples, batch):
         rng = np.random.default_rng(start)
@@ -101,7 +101,8 @@ def _markdown(results: dict, command: str) -> str:
     sizes = sorted({s for (_, s) in results})
     lines = [MARK_BEGIN, "## Calibration: onnxquant vs ONNX Runtime quantize_static", "",
              f"`{command}`", "",
-             (f"ResNet-18-shaped model (tools/make_resnet18.py), 224x224, batch {os.environ.get('BENCH_BATCH')}, "
+             (f"ResNet-18-shaped model (tools/make_resnet18.py), 224x224, "
+              f"batch {os.environ.get('BENCH_BATCH')}, "
               f"{platform.machine()}, {os.cpu_count()} CPUs, onnxruntime CPU. "
               "Wall time s / peak RSS MB, each run in its own process."),
              "", "| configuration | " + " | ".join(f"{s} samples" for s in sizes) + " |",
@@ -149,7 +150,8 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None, help="default: build one with tools/make_resnet18.py")
     ap.add_argument("--out", type=Path, default=HERE.parent / "BENCHMARKS.md")
     ap.add_argument("--timeout", type=float, default=3600)
-    ap.add_argument("--skip", nargs="*", default=[], help="configurations to skip (float kl laplace minmax ort)")
+    ap.add_argument("--skip", nargs="*", default=[],
+                    help="configurations to skip (float kl laplace minmax ort)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()

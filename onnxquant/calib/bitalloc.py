@@ -4,7 +4,8 @@ With C channels at an average of M bits the budget is B = C·2^M quantization bi
 quantization noise Σ α_i²/(3·B_i²) under Σ B_i = B gives B_i = α_i^(2/3) / Σ_j α_j^(2/3) · B, so
 M_i = round(log2 B_i), clipped to [lo, hi]. The integer widths are then adjusted so that the mean width stays
 within the budget (Σ M_i ≤ C·M): while over budget the channel rounded up the most (largest M_i − log2 B_i)
-loses a bit; while a whole bit is left, the channel rounded down the most gains one. Ties go to the lower index.
+loses a bit; while a whole bit is left, the channel rounded down the most gains one. Ties go to the lower
+index.
 Example: α = [1, 2, 4, 8], M = 4 gives B_i = [7.03, 11.16, 17.71, 28.11] and M_i = [3, 4, 4, 5].
 """
 from __future__ import annotations

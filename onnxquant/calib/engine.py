@@ -29,14 +29,16 @@ Batch = Mapping[str, np.ndarray]
 
 
 def collect_stats(model: onnx.ModelProto, tensors: Sequence[str], data: Iterable[Batch], *,
-                  histograms: bool = True, moments: bool = False, per_channel: Sequence[str] = (),
+                  histograms: bool = True, moments: bool | None = None, per_channel: Sequence[str] = (),
                   bins: int = DEFAULT_BINS, progress: bool = False,
                   pass1: Mapping[str, TensorStats] | None = None) -> dict[str, TensorStats]:
-    """Statistics of `tensors` over `data` (an iterable of {input_name: array} batches, re-iterable for pass 2).
+    """Statistics of `tensors` over `data` ({input_name: array} batches; re-iterable when pass 2 runs).
 
-    Pass 2 runs when `histograms` or `moments` is set. `per_channel`: tensors that also get per-channel
-    statistics on axis 1. `pass1`: merged pass-1 statistics of all shards (sharding protocol): only the
-    second pass runs, referenced to them; the shard's own pass-1 values are recomputed on the way.
+    Pass 2 runs when `histograms` (fixed-range histograms) or `moments` (deviation sums: Laplace b, σ;
+    default: as `histograms`) is set; `methods.collect_options(methods)` gives both. `per_channel`: tensors
+    that also get per-channel statistics on axis 1. `pass1`: merged pass-1 statistics of all shards
+    (sharding protocol): only the second pass runs, referenced to them; the shard's own pass-1 values are
+    recomputed on the way.
     """
     tensors = list(dict.fromkeys(tensors))
     if bins < 8:
@@ -49,6 +51,7 @@ def collect_stats(model: onnx.ModelProto, tensors: Sequence[str], data: Iterable
     fetch = [t for t in tensors if t not in inputs]
     session = make_session(with_outputs(model, fetch)) if fetch else None
     channels = set(per_channel)
+    moments = histograms if moments is None else moments
     second = histograms or moments or pass1 is not None
 
     if pass1 is None:
@@ -78,27 +81,34 @@ def collect_stats(model: onnx.ModelProto, tensors: Sequence[str], data: Iterable
         ref = reference[t]
         if t in channels and not ref.per_channel:
             raise OnnxQuantError(f"tensor {t}: pass-1 statistics have no per-channel values")
-        accs[t] = ref.start_pass2(bins, histograms)
+        accs[t] = ref.start_pass2(bins, histograms, moments)
         if t not in channels:
             accs[t].ch_ref_mean = accs[t].ch_abs_dev = accs[t].ch_sq_dev = None
-    local = {t: TensorStats() for t in tensors}
+    # a shard recomputes its own pass-1 part (merged later); one run already has it from pass 1
+    local = {t: TensorStats() for t in tensors} if pass1 is not None else None
 
     def pass2_update(name: str, x: np.ndarray, first_sample: int) -> None:
-        local[name].update_pass1(x, name in channels)
+        if local is not None:
+            local[name].update_pass1(x, name in channels)
         update_pass2(accs[name], x)
 
     n2 = _run(session, inputs, fetch, tensors, data, pass2_update, progress, "calibration pass 2")
     log.info("pass 2: %d samples", n2)
     for t in tensors:
-        ref, st = reference[t], local[t]
-        if pass1 is None and st.count != ref.count:
-            raise BadDataError(f"calibration data changed between passes ({ref.count} then {st.count} values of "
-                               f"tensor {t}); accepted: a data source that yields the same batches every time")
+        ref = reference[t]
+        if local is None:
+            if accs[t].count != ref.count:
+                raise BadDataError(f"calibration data changed between passes ({ref.count} then "
+                                   f"{accs[t].count} values of tensor {t}); accepted: data that yields the "
+                                   "same batches every time")
+            ref.pass2 = accs[t]
+            continue
+        st = local[t]
         if st.count and (st.min < ref.min or st.max > ref.max):
             raise OnnxQuantError(f"tensor {t}: values [{st.min:g}, {st.max:g}] exceed the pass-1 range "
                                  f"[{ref.min:g}, {ref.max:g}]; pass 1 must cover every shard")
-        (local if pass1 is not None else reference)[t].pass2 = accs[t]
-    return local if pass1 is not None else reference
+        st.pass2 = accs[t]
+    return local if local is not None else reference
 
 
 def merge_stats(*parts: Mapping[str, TensorStats]) -> dict[str, TensorStats]:
@@ -110,7 +120,7 @@ def merge_stats(*parts: Mapping[str, TensorStats]) -> dict[str, TensorStats]:
 
 def compute_table(stats: Mapping[str, TensorStats], specs: Mapping[str, tuple], method: str, *,
                   per_channel: Sequence[str] = (), **options) -> CalibrationTable:
-    """A table for `specs` (tensor -> (bits, symmetric)) with `method` and its options (e.g. percentile=99.99).
+    """A table for `specs` (tensor -> (bits, symmetric)) by `method` with its options (e.g. percentile=99.99).
 
     Symmetric entries get signed codes and zero point 0, others unsigned codes with a zero point. Tensors in
     `per_channel` get per-channel (axis 1) ranges; their bits may be an int or one int per channel.
@@ -133,7 +143,8 @@ def compute_table(stats: Mapping[str, TensorStats], specs: Mapping[str, tuple], 
         bits_arr = np.asarray(bits, np.int64)
         table_bits = max(table_bits, int(bits_arr.max()))
         try:
-            lo, hi = fn(stats[name], bits_arr if pc else int(bits_arr), bool(symmetric), per_channel=pc, **opts)
+            lo, hi = fn(stats[name], bits_arr if pc else int(bits_arr), bool(symmetric), per_channel=pc,
+                        **opts)
         except OnnxQuantError as exc:
             raise OnnxQuantError(f"tensor {name}: {exc}") from exc
         lo, hi, note = _nonzero_range(np.asarray(lo, np.float64), np.asarray(hi, np.float64), symmetric)
@@ -146,7 +157,8 @@ def compute_table(stats: Mapping[str, TensorStats], specs: Mapping[str, tuple], 
     return CalibrationTable(method=method, bits=table_bits or 8, tensors=entries)
 
 
-def _nonzero_range(lo: np.ndarray, hi: np.ndarray, symmetric: bool) -> tuple[np.ndarray, np.ndarray, str | None]:
+def _nonzero_range(lo: np.ndarray, hi: np.ndarray,
+                   symmetric: bool) -> tuple[np.ndarray, np.ndarray, str | None]:
     """Give all-zero (constant 0) ranges the range [-1, 1] (or [0, 1] unsigned) so the scale is valid."""
     zero = (np.minimum(lo, 0) == 0) & (np.maximum(hi, 0) == 0)
     if not zero.any():
@@ -154,7 +166,8 @@ def _nonzero_range(lo: np.ndarray, hi: np.ndarray, symmetric: bool) -> tuple[np.
     hi = np.where(zero, 1.0, hi)
     lo = np.where(zero, -1.0 if symmetric else 0.0, lo)
     what = "the tensor" if zero.ndim == 0 else f"{int(zero.sum())} channel(s)"
-    return lo, hi, f"{what} is constant 0 (zero range): range set to [{float(lo.min()):g}, 1] for a valid scale"
+    return lo, hi, (f"{what} is constant 0 (zero range): range set to [{float(lo.min()):g}, 1] "
+                    "for a valid scale")
 
 
 def _check_tensor_names(model: onnx.ModelProto, tensors: Sequence[str], inputs: Sequence[str]) -> None:

@@ -27,18 +27,20 @@ METHODS: dict[str, MethodFn] = {
     "kl": kl,
 }
 NEEDS_HISTOGRAM: frozenset[str] = frozenset({"percentile", "mse", "kl"})
-NEEDS_PASS2: frozenset[str] = frozenset({"percentile", "mse", "laplace", "gauss", "kl"})
+NEEDS_MOMENTS: frozenset[str] = frozenset({"laplace", "gauss"})
+NEEDS_PASS2: frozenset[str] = NEEDS_HISTOGRAM | NEEDS_MOMENTS
 PER_CHANNEL: frozenset[str] = frozenset({"minmax", "laplace", "gauss"})
 OPTIONS: dict[str, dict[str, object]] = {"percentile": {"percentile": DEFAULT_PERCENTILE}}
 
 
 
 def check_options(method: str, options: Mapping[str, object]) -> dict[str, object]:
-    """The options `method` takes, from `options` (options of other methods are ignored; unknown ones refused)."""
+    """The options `method` takes from `options` (others' options ignored, unknown ones refused)."""
     known = {k for opts in OPTIONS.values() for k in opts}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise OnnxQuantError(f"unknown calibration option(s) {', '.join(unknown)}; accepted: {', '.join(sorted(known))}")
+        raise OnnxQuantError(f"unknown calibration option(s) {', '.join(unknown)}; "
+                             f"accepted: {', '.join(sorted(known))}")
     return {k: options[k] for k in OPTIONS.get(method, {}) if k in options and options[k] is not None}
 
 
@@ -47,5 +49,6 @@ def collect_options(methods: Iterable[str]) -> dict[str, bool]:
     methods = set(methods)
     unknown = sorted(methods - set(METHODS))
     if unknown:
-        raise OnnxQuantError(f"unknown calibration method(s) {', '.join(unknown)}; accepted: {', '.join(METHODS)}")
-    return {"histograms": bool(methods & NEEDS_HISTOGRAM), "moments": bool(methods & NEEDS_PASS2)}
+        raise OnnxQuantError(f"unknown calibration method(s) {', '.join(unknown)}; "
+                             f"accepted: {', '.join(METHODS)}")
+    return {"histograms": bool(methods & NEEDS_HISTOGRAM), "moments": bool(methods & NEEDS_MOMENTS)}

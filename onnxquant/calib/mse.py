@@ -18,7 +18,7 @@ _CHUNK = 256
 
 
 def mse_costs_symmetric(counts: np.ndarray, width: float, levels: int) -> np.ndarray:
-    """Cost of every threshold t_i = i·width (i = 1..len(counts)) for the |x| histogram, `levels` positive codes."""
+    """Cost of each threshold t_i = i·width (i = 1..len(counts)) on the |x| histogram, `levels` codes > 0."""
     n_bins = len(counts)
     nz = np.nonzero(counts)[0]
     c = (nz + 0.5) * width
@@ -54,7 +54,7 @@ def mse_costs_affine(counts: np.ndarray, first_edge: float, width: float, lo: fl
 def mse(st: TensorStats, bits, symmetric: bool, *, per_channel: bool = False):
     """The range with the smallest histogram MSE for `bits`."""
     if per_channel:
-        raise OnnxQuantError("mse calibration is per tensor only; accepted per channel: minmax, laplace, gauss")
+        raise OnnxQuantError("mse calibration is per tensor only; per channel: minmax, laplace, gauss")
     w = bin_width(st)
     if st.amax == 0:
         return 0.0, 0.0

@@ -32,7 +32,7 @@ def percentile(st: TensorStats, bits, symmetric: bool, *, per_channel: bool = Fa
                percentile: float = DEFAULT_PERCENTILE):
     """Clip at the `percentile`-th percentile (of |x|, or of each side for two-sided unsigned tensors)."""
     if per_channel:
-        raise OnnxQuantError("percentile calibration is per tensor only; accepted per channel: minmax, laplace, gauss")
+        raise OnnxQuantError("percentile calibration is per tensor only; per channel: minmax, laplace, gauss")
     if not 0 < percentile <= 100:
         raise OnnxQuantError(f"percentile={percentile}: accepted: a number in (0, 100], e.g. 99.99")
     w = bin_width(st)

@@ -48,10 +48,12 @@ class Pass2:
     ref_mean: float
     hist_range: float
     bins: int
+    moments: bool = True  # whether abs_dev / sq_dev (and per-channel ones) are accumulated
     count: int = 0
     abs_dev: float = 0.0
     sq_dev: float = 0.0
     hist: np.ndarray | None = None  # int64, 2·bins over [−hist_range, hist_range]
+    zeros: int = 0  # exact zeros among the histogrammed values (e.g. clamped by a Relu)
     ch_ref_mean: np.ndarray | None = None
     ch_abs_dev: np.ndarray | None = None
     ch_sq_dev: np.ndarray | None = None
@@ -96,27 +98,33 @@ class TensorStats:
 
     def _need_pass2(self) -> Pass2:
         if self.pass2 is None or self.pass2.count == 0:
-            raise OnnxQuantError("statistics lack pass 2 (deviations, histogram); collect them with a second pass")
+            raise OnnxQuantError("statistics lack pass 2 (deviations, histogram); collect a second pass")
         return self.pass2
 
     def _need_channels(self) -> None:
         if self.ch_min is None:
             raise OnnxQuantError("statistics lack per-channel values; collect them with per_channel")
 
+    def _need_moments(self) -> Pass2:
+        p = self._need_pass2()
+        if not p.moments:
+            raise OnnxQuantError("statistics lack deviations (Laplace b, σ); collect pass 2 with moments")
+        return p
+
     @property
     def mad(self) -> float:
         """Mean absolute deviation around the mean: the Laplace scale b."""
-        p = self._need_pass2()
+        p = self._need_moments()
         return p.abs_dev / p.count
 
     @property
     def std(self) -> float:
-        p = self._need_pass2()
+        p = self._need_moments()
         return float(np.sqrt(p.sq_dev / p.count))
 
     @property
     def ch_mad(self) -> np.ndarray:
-        p = self._need_pass2()
+        p = self._need_moments()
         if p.ch_abs_dev is None:
             self._need_channels()
             raise OnnxQuantError("statistics lack per-channel deviations; collect pass 2 with per_channel")
@@ -124,7 +132,7 @@ class TensorStats:
 
     @property
     def ch_std(self) -> np.ndarray:
-        p = self._need_pass2()
+        p = self._need_moments()
         if p.ch_sq_dev is None:
             raise OnnxQuantError("statistics lack per-channel deviations; collect pass 2 with per_channel")
         return np.sqrt(p.ch_sq_dev / (p.count // len(p.ch_sq_dev)))
@@ -176,12 +184,12 @@ class TensorStats:
                 self.ch_sum = self.ch_sum + csum
             self.ch_count += x.size // x.shape[1]
 
-    def start_pass2(self, bins: int, histograms: bool) -> Pass2:
+    def start_pass2(self, bins: int, histograms: bool, moments: bool = True) -> Pass2:
         """Fresh pass-2 accumulators referenced to this object's pass-1 results."""
-        p = Pass2(ref_mean=self.mean, hist_range=self.amax, bins=bins)
+        p = Pass2(ref_mean=self.mean, hist_range=self.amax, bins=bins, moments=moments)
         if histograms:
             p.hist = np.zeros(2 * bins, np.int64)
-        if self.ch_min is not None:
+        if self.ch_min is not None and moments:
             p.ch_ref_mean = self.ch_mean
             p.ch_abs_dev = np.zeros_like(p.ch_ref_mean)
             p.ch_sq_dev = np.zeros_like(p.ch_ref_mean)
@@ -207,9 +215,10 @@ def update_pass2(p: Pass2, x: np.ndarray) -> None:
     if x.size == 0:
         return
     p.count += int(x.size)
-    d = x.astype(np.float32, copy=False) - np.float32(p.ref_mean)
-    p.abs_dev += float(np.sum(np.abs(d), dtype=np.float64))
-    p.sq_dev += float(np.sum(np.square(d), dtype=np.float64))
+    if p.moments:
+        d = x.astype(np.float32, copy=False) - np.float32(p.ref_mean)
+        p.sq_dev += float(np.sum(np.square(d), dtype=np.float64))
+        p.abs_dev += float(np.sum(np.abs(d, out=d), dtype=np.float64))
     if p.ch_ref_mean is not None:
         axes = _other_axes(x)
         shape = [1] * x.ndim
@@ -219,6 +228,7 @@ def update_pass2(p: Pass2, x: np.ndarray) -> None:
         p.ch_sq_dev = p.ch_sq_dev + np.sum(np.square(dc), axis=axes, dtype=np.float64)
     if p.hist is not None:
         p.hist += histogram(x, p.hist_range, p.bins)
+        p.zeros += int(x.size - np.count_nonzero(x))
 
 
 def histogram(x: np.ndarray, hist_range: float, bins: int) -> np.ndarray:
@@ -228,10 +238,11 @@ def histogram(x: np.ndarray, hist_range: float, bins: int) -> np.ndarray:
         counts = np.zeros(n, np.int64)
         counts[bins] = x.size
         return counts
-    factor = np.float32(bins / hist_range)
-    idx = np.floor(x.astype(np.float32, copy=False).ravel() * factor)
-    np.clip(idx, -bins, bins - 1, out=idx)
-    return np.bincount(idx.astype(np.intp) + bins, minlength=n).astype(np.int64)
+    y = x.astype(np.float32, copy=False).ravel() * np.float32(bins / hist_range)
+    np.floor(y, out=y)
+    np.clip(y, -bins, bins - 1, out=y)
+    y += np.float32(bins)
+    return np.bincount(y.astype(np.intp), minlength=n).astype(np.int64)
 
 
 def bin_width(st: TensorStats) -> float:
@@ -259,14 +270,16 @@ def _merge_pass2(a: Pass2 | None, b: Pass2 | None) -> Pass2 | None:
         return None
     if a is None or b is None:
         raise OnnxQuantError("cannot merge statistics with and without pass 2")
-    if (a.ref_mean, a.hist_range, a.bins) != (b.ref_mean, b.hist_range, b.bins) or \
+    if (a.ref_mean, a.hist_range, a.bins, a.moments) != (b.ref_mean, b.hist_range, b.bins, b.moments) or \
             (a.hist is None) != (b.hist is None) or (a.ch_ref_mean is None) != (b.ch_ref_mean is None) or \
             (a.ch_ref_mean is not None and not np.array_equal(a.ch_ref_mean, b.ch_ref_mean)):
-        raise OnnxQuantError("pass 2 of the two statistics used different pass-1 references; protocol: run pass 1 "
-                             "on every shard, merge, then pass 2 on every shard against the merged pass 1")
+        raise OnnxQuantError("pass 2 of the two statistics used different pass-1 references; protocol: run "
+                             "pass 1 on every shard, merge, then pass 2 on every shard against the merged "
+                             "pass 1")
     add = (lambda u, v: None if u is None else u + v)
-    return Pass2(ref_mean=a.ref_mean, hist_range=a.hist_range, bins=a.bins, count=a.count + b.count,
-                 abs_dev=a.abs_dev + b.abs_dev, sq_dev=a.sq_dev + b.sq_dev, hist=add(a.hist, b.hist),
+    return Pass2(ref_mean=a.ref_mean, hist_range=a.hist_range, bins=a.bins, moments=a.moments,
+                 count=a.count + b.count, abs_dev=a.abs_dev + b.abs_dev, sq_dev=a.sq_dev + b.sq_dev,
+                 hist=add(a.hist, b.hist), zeros=a.zeros + b.zeros,
                  ch_ref_mean=a.ch_ref_mean, ch_abs_dev=add(a.ch_abs_dev, b.ch_abs_dev),
                  ch_sq_dev=add(a.ch_sq_dev, b.ch_sq_dev))
 
@@ -282,8 +295,9 @@ def _same_channels(a: np.ndarray, b: np.ndarray) -> None:
         raise OnnxQuantError(f"channel count changed: {a.shape[0]} vs {b.shape[0]}")
 
 
-def stats_of(batches: Iterable[np.ndarray] | np.ndarray, *, bins: int = DEFAULT_BINS, per_channel: bool = False,
-             pass2: bool = True, histograms: bool = True) -> TensorStats:
+def stats_of(batches: Iterable[np.ndarray] | np.ndarray, *, bins: int = DEFAULT_BINS,
+             per_channel: bool = False, pass2: bool = True, histograms: bool = True,
+             moments: bool = True) -> TensorStats:
     """Two-pass statistics of an array, or of a re-iterable of batches (no model; for tests and tools)."""
     if isinstance(batches, np.ndarray):
         batches = [batches]
@@ -291,7 +305,7 @@ def stats_of(batches: Iterable[np.ndarray] | np.ndarray, *, bins: int = DEFAULT_
     for x in batches:
         st.update_pass1(np.asarray(x), per_channel)
     if pass2:
-        p = st.start_pass2(bins, histograms)
+        p = st.start_pass2(bins, histograms, moments)
         for x in batches:
             update_pass2(p, np.asarray(x))
         st.pass2 = p

@@ -37,7 +37,8 @@ def weight_range(w: np.ndarray, axis: int | None, bits, method: str = "minmax", 
                  symmetric: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel (lo, hi) along `axis` (arrays of one entry per channel; 0-d arrays when axis is None)."""
     if method not in WEIGHT_METHODS:
-        raise OnnxQuantError(f"unknown weight calibration method {method!r}; accepted: {', '.join(WEIGHT_METHODS)}")
+        raise OnnxQuantError(f"unknown weight calibration method {method!r}; "
+                             f"accepted: {', '.join(WEIGHT_METHODS)}")
     m = _channels(w, axis)
     if m.shape[1] == 0:
         raise OnnxQuantError("cannot calibrate an empty weight")
@@ -86,7 +87,7 @@ def _mse_factor(m, lo, hi, bits, symmetric) -> np.ndarray:
 
 
 def bias_correction(w: np.ndarray, w_deq: np.ndarray, axis: int, full: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(μ_c, ξ_c) per channel along `axis`: mean shift E[W_c] − E[Ŵ_c] and spread ratio (ones unless `full`)."""
+    """(μ_c, ξ_c) per channel along `axis`: mean shift E[W_c] − E[Ŵ_c], spread ratio (ones unless `full`)."""
     if np.shape(w) != np.shape(w_deq):
         raise OnnxQuantError(f"bias correction: weight shapes differ: {np.shape(w)} vs {np.shape(w_deq)}")
     a, b = _channels(w, axis), _channels(w_deq, axis)

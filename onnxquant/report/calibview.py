@@ -6,6 +6,7 @@ tensor's width and signedness; the method the calibration table used is the chos
 histogram is re-binned to at most `PLOT_BINS` bars by summing neighbouring bins; a non-negative tensor shows
 [0, A] only.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,20 +28,26 @@ class CalibView:
     """What one activation's calibration looked like."""
 
     tensor: str
-    lo: float                                  # histogram extent
+    lo: float  # histogram extent
     hi: float
-    counts: np.ndarray                         # re-binned counts over [lo, hi]
-    ranges: dict[str, tuple[float, float]]     # method -> clipping range it would choose
-    chosen: str | None                         # method of the table entry
+    counts: np.ndarray  # re-binned counts over [lo, hi]
+    ranges: dict[str, tuple[float, float]]  # method -> clipping range it would choose
+    chosen: str | None  # method of the table entry
     chosen_range: tuple[float, float] | None
     bits: int
     symmetric: bool
 
     def to_json(self) -> dict:
-        return {"tensor": self.tensor, "hist_range": [self.lo, self.hi], "counts": self.counts.tolist(),
-                "ranges": {m: list(r) for m, r in self.ranges.items()}, "chosen": self.chosen,
-                "chosen_range": list(self.chosen_range) if self.chosen_range else None, "bits": self.bits,
-                "symmetric": self.symmetric}
+        return {
+            "tensor": self.tensor,
+            "hist_range": [self.lo, self.hi],
+            "counts": self.counts.tolist(),
+            "ranges": {m: list(r) for m, r in self.ranges.items()},
+            "chosen": self.chosen,
+            "chosen_range": list(self.chosen_range) if self.chosen_range else None,
+            "bits": self.bits,
+            "symmetric": self.symmetric,
+        }
 
 
 def rebin(counts: np.ndarray, target: int = PLOT_BINS) -> np.ndarray:
@@ -53,8 +60,9 @@ def rebin(counts: np.ndarray, target: int = PLOT_BINS) -> np.ndarray:
     return counts.reshape(-1, group).sum(axis=1)
 
 
-def calibration_view(stats: Mapping[str, object], specs: Mapping[str, tuple[int, bool]],
-                     table: CalibrationTable | None = None) -> tuple[dict[str, CalibView], list[str]]:
+def calibration_view(
+    stats: Mapping[str, object], specs: Mapping[str, tuple[int, bool]], table: CalibrationTable | None = None
+) -> tuple[dict[str, CalibView], list[str]]:
     """Views for the tensors of `specs` (tensor -> (bits, symmetric)) that have histograms in `stats`."""
     from onnxquant.calib.engine import compute_table
     from onnxquant.calib.methods import METHODS
@@ -62,8 +70,10 @@ def calibration_view(stats: Mapping[str, object], specs: Mapping[str, tuple[int,
     notes: list[str] = []
     usable = {t: spec for t, spec in specs.items() if t in stats and getattr(stats[t], "has_hist", False)}
     if len(usable) < len(specs):
-        notes.append(f"calibration view: {len(specs) - len(usable)} of {len(specs)} activations have no saved "
-                     "histogram")
+        notes.append(
+            f"calibration view: {len(specs) - len(usable)} of {len(specs)} activations have no saved "
+            "histogram"
+        )
     ranges: dict[str, dict[str, tuple[float, float]]] = {t: {} for t in usable}
     for method in METHODS:
         try:
@@ -93,6 +103,15 @@ def calibration_view(stats: Mapping[str, object], specs: Mapping[str, tuple[int,
         chosen, chosen_range = None, None
         if entry is not None and entry.axis is None:
             chosen, chosen_range = entry.method, (float(entry.min), float(entry.max))
-        views[t] = CalibView(tensor=t, lo=lo, hi=hi, counts=rebin(counts), ranges=ranges[t], chosen=chosen,
-                             chosen_range=chosen_range, bits=int(bits), symmetric=bool(symmetric))
+        views[t] = CalibView(
+            tensor=t,
+            lo=lo,
+            hi=hi,
+            counts=rebin(counts),
+            ranges=ranges[t],
+            chosen=chosen,
+            chosen_range=chosen_range,
+            bits=int(bits),
+            symmetric=bool(symmetric),
+        )
     return views, notes

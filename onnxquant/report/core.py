@@ -6,6 +6,7 @@ layer quantized alone (`sensitivity.py`), code entropies, and the calibration vi
 statistics are given. Layers are ranked by isolated sensitivity: the lowest output SQNR with only that layer
 quantized.
 """
+
 from __future__ import annotations
 
 import logging
@@ -50,8 +51,13 @@ class OutputResult:
         return self.metrics.sqnr_db
 
     def to_json(self) -> dict:
-        return {"name": self.name, **self.metrics.to_json(), "top1_agreement": self.top1_agreement,
-                "accuracy_float": self.accuracy_float, "accuracy_quant": self.accuracy_quant}
+        return {
+            "name": self.name,
+            **self.metrics.to_json(),
+            "top1_agreement": self.top1_agreement,
+            "accuracy_float": self.accuracy_float,
+            "accuracy_quant": self.accuracy_quant,
+        }
 
 
 @dataclass
@@ -69,9 +75,17 @@ class TensorResult:
     matched: bool
 
     def to_json(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "bits": self.bits, "signed": self.signed,
-                "entropy_bits": self.entropy, "clip_fraction": self.clip_fraction, "matched": self.matched,
-                "accumulated": _m(self.accumulated), "isolated": _m(self.isolated)}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "bits": self.bits,
+            "signed": self.signed,
+            "entropy_bits": self.entropy,
+            "clip_fraction": self.clip_fraction,
+            "matched": self.matched,
+            "accumulated": _m(self.accumulated),
+            "isolated": _m(self.isolated),
+        }
 
 
 @dataclass
@@ -87,8 +101,9 @@ class LayerResult:
     weight_bits: int | None
     act_bits: int | None
     owners: tuple[str, ...]
-    accumulated: Metrics | None = None               # at its output, whole model quantized
-    isolated: Metrics | None = None                  # at its output, only this layer quantized
+    measured: str = ""  # tensor of the accumulated metrics: the output, or the quantized tensor it feeds
+    accumulated: Metrics | None = None  # at its output, whole model quantized
+    isolated: Metrics | None = None  # at its output, only this layer quantized
     sensitivity: dict[str, Metrics] = field(default_factory=dict)  # model outputs, only this layer quantized
 
     @property
@@ -103,12 +118,22 @@ class LayerResult:
         return min(m.sqnr_db for m in self.sensitivity.values())
 
     def to_json(self) -> dict:
-        return {"name": self.name, "op_type": self.op_type, "index": self.index, "output": self.output,
-                "inputs": list(self.inputs), "weight": self.weight, "weight_bits": self.weight_bits,
-                "act_bits": self.act_bits, "owners": list(self.owners),
-                "accumulated": _m(self.accumulated), "isolated": _m(self.isolated),
-                "sensitivity_sqnr_db": _num(self.sensitivity_db),
-                "sensitivity": {o: m.to_json() for o, m in self.sensitivity.items()}}
+        return {
+            "name": self.name,
+            "op_type": self.op_type,
+            "index": self.index,
+            "output": self.output,
+            "inputs": list(self.inputs),
+            "weight": self.weight,
+            "weight_bits": self.weight_bits,
+            "act_bits": self.act_bits,
+            "owners": list(self.owners),
+            "measured_at": self.measured,
+            "accumulated": _m(self.accumulated),
+            "isolated": _m(self.isolated),
+            "sensitivity_sqnr_db": _num(self.sensitivity_db),
+            "sensitivity": {o: m.to_json() for o, m in self.sensitivity.items()},
+        }
 
 
 @dataclass
@@ -129,7 +154,7 @@ class Report:
         return "sensitivity" if any(la.sensitivity for la in self.layers) else "accumulated"
 
     def worst(self, k: int | None = None) -> list[LayerResult]:
-        """Layers from most to least harmful: by isolated output SQNR, else by accumulated SQNR at the layer."""
+        """Layers from most to least harmful: by isolated output SQNR, else by accumulated SQNR."""
         if self.ranked_by == "sensitivity":
             key = [(la.sensitivity_db, la) for la in self.layers if la.sensitivity_db is not None]
         else:
@@ -139,21 +164,31 @@ class Report:
 
     def fails_under(self, db: float) -> list[str]:
         """One message per model output whose SQNR is below `db` (for --fail-under-sqnr)."""
-        return [f"output {o.name}: SQNR {o.sqnr_db:.2f} dB is below {db:g} dB" for o in self.outputs
-                if not o.sqnr_db >= db]
+        return [
+            f"output {o.name}: SQNR {o.sqnr_db:.2f} dB is below {db:g} dB"
+            for o in self.outputs
+            if not o.sqnr_db >= db
+        ]
 
     def output_sqnr(self) -> dict[str, float]:
         return {o.name: o.sqnr_db for o in self.outputs}
 
     def to_json(self) -> dict:
-        doc = {"format": "onnxquant-report", "version": 1, "samples": self.samples,
-               "sensitivity_samples": self.sensitivity_samples, "matched": self.matched, "notes": self.notes,
-               "ranked_by": self.ranked_by, "seconds": self.seconds,
-               "outputs": [o.to_json() for o in self.outputs],
-               "worst": [la.name for la in self.worst(10)],
-               "layers": [la.to_json() for la in self.layers],
-               "tensors": [t.to_json() for t in self.tensors],
-               "calibration": {t: v.to_json() for t, v in self.calibration.items()}}
+        doc = {
+            "format": "onnxquant-report",
+            "version": 1,
+            "samples": self.samples,
+            "sensitivity_samples": self.sensitivity_samples,
+            "matched": self.matched,
+            "notes": self.notes,
+            "ranked_by": self.ranked_by,
+            "seconds": self.seconds,
+            "outputs": [o.to_json() for o in self.outputs],
+            "worst": [la.name for la in self.worst(10)],
+            "layers": [la.to_json() for la in self.layers],
+            "tensors": [t.to_json() for t in self.tensors],
+            "calibration": {t: v.to_json() for t, v in self.calibration.items()},
+        }
         if self.suggestion is not None:
             doc["suggestion"] = self.suggestion.to_json()
         return doc
@@ -166,8 +201,9 @@ def _check_labels(labels, data) -> np.ndarray | None:
     if arr.ndim == 2 and arr.shape[1] == 1:
         arr = arr[:, 0]
     if arr.ndim != 1 or arr.dtype.kind not in "iub":
-        raise BadDataError(f"labels: array of {arr.dtype} {arr.shape}; accepted: one integer class per sample "
-                           "(shape [N])")
+        raise BadDataError(
+            f"labels: array of {arr.dtype} {arr.shape}; accepted: one integer class per sample (shape [N])"
+        )
     n = getattr(data, "num_samples", None)
     if isinstance(n, int) and n != len(arr):
         raise BadDataError(f"labels: {len(arr)} labels for {n} samples; accepted: one label per sample")
@@ -180,8 +216,11 @@ def dequantize_initializer(quant_model: onnx.ModelProto, qt: QTensor) -> tuple[n
     dq = next(n for n in quant_model.graph.node if n.output and n.output[0] == qt.dequantized)
     codes = numpy_helper.to_array(inits[dq.input[0]]).astype(np.int64)
     scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
-    zp = (numpy_helper.to_array(inits[dq.input[2]]).astype(np.int64) if len(dq.input) > 2 and dq.input[2]
-          else np.zeros_like(scale, np.int64))
+    zp = (
+        numpy_helper.to_array(inits[dq.input[2]]).astype(np.int64)
+        if len(dq.input) > 2 and dq.input[2]
+        else np.zeros_like(scale, np.int64)
+    )
     if scale.ndim == 1 and codes.ndim > 1:
         axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
         shape = [1] * codes.ndim
@@ -190,9 +229,17 @@ def dequantize_initializer(quant_model: onnx.ModelProto, qt: QTensor) -> tuple[n
     return codes, ((codes - zp) * scale).astype(np.float32)
 
 
-def build_report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, data, *,
-                 labels: np.ndarray | None = None, sensitivity_samples: int = 64, stats: dict | None = None,
-                 table: CalibrationTable | None = None, progress: bool = False) -> Report:
+def build_report(
+    float_model: onnx.ModelProto,
+    quant_model: onnx.ModelProto,
+    data,
+    *,
+    labels: np.ndarray | None = None,
+    sensitivity_samples: int = 64,
+    stats: dict | None = None,
+    table: CalibrationTable | None = None,
+    progress: bool = False,
+) -> Report:
     """Compare `quant_model` with the `float_model` it was converted from on `data` (re-iterable batches).
 
     `labels`: one class per sample, for accuracies of classifier-like outputs. `sensitivity_samples`: size of
@@ -201,14 +248,25 @@ def build_report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, dat
     """
     check_compatible(float_model, quant_model)
     labels = _check_labels(labels, data)
-    if isinstance(sensitivity_samples, bool) or not isinstance(sensitivity_samples, int) or sensitivity_samples < 0:
+    if (
+        isinstance(sensitivity_samples, bool)
+        or not isinstance(sensitivity_samples, int)
+        or sensitivity_samples < 0
+    ):
         raise BadDataError(f"sensitivity samples {sensitivity_samples!r}; accepted: an integer >= 0")
     graph = analyze(quant_model, float_model)
     notes = list(graph.notes)
     seconds = {}
     t0 = time.perf_counter()
-    acc = accumulate(float_model, quant_model, graph, data, labels=labels,
-                     subset=sensitivity_samples if graph.matched else 0, progress=progress)
+    acc = accumulate(
+        float_model,
+        quant_model,
+        graph,
+        data,
+        labels=labels,
+        subset=sensitivity_samples if graph.matched else 0,
+        progress=progress,
+    )
     seconds["accumulated"] = time.perf_counter() - t0
     isolated = {}
     if graph.matched and sensitivity_samples:
@@ -222,10 +280,15 @@ def build_report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, dat
     outputs = []
     for name, a in acc.outputs.items():
         agree = acc.agreement.get(name)
-        outputs.append(OutputResult(name=name, metrics=a.result(),
-                                    top1_agreement=agree.agreement if agree else None,
-                                    accuracy_float=agree.accuracy_float if agree else None,
-                                    accuracy_quant=agree.accuracy_quant if agree else None))
+        outputs.append(
+            OutputResult(
+                name=name,
+                metrics=a.result(),
+                top1_agreement=agree.agreement if agree else None,
+                accuracy_float=agree.accuracy_float if agree else None,
+                accuracy_quant=agree.accuracy_quant if agree else None,
+            )
+        )
     if labels is not None and not acc.agreement:
         notes.append("labels given, but no output is classifier-like ([N, C]): no accuracy computed")
 
@@ -242,8 +305,17 @@ def build_report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, dat
                 specs[t.name] = (t.bits, t.signed)
         calibration, cal_notes = calibration_view(stats, specs, table)
         notes += cal_notes
-    report = Report(samples=acc.samples, sensitivity_samples=subset_n, outputs=outputs, layers=layers,
-                    tensors=tensors, calibration=calibration, notes=notes, matched=graph.matched, seconds=seconds)
+    report = Report(
+        samples=acc.samples,
+        sensitivity_samples=subset_n,
+        outputs=outputs,
+        layers=layers,
+        tensors=tensors,
+        calibration=calibration,
+        notes=notes,
+        matched=graph.matched,
+        seconds=seconds,
+    )
     log.info("report: %d samples, %d layers, %d quantized tensors", acc.samples, len(layers), len(tensors))
     return report
 
@@ -251,26 +323,46 @@ def build_report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, dat
 def _layer_result(la, acc, isolated) -> LayerResult:
     iso = isolated.get(la.name)
     a = acc.layers.get(la.name)
-    return LayerResult(name=la.name, op_type=la.op_type, index=la.index, output=la.output, inputs=la.inputs,
-                       weight=la.weight, weight_bits=la.weight_bits, act_bits=la.act_bits, owners=la.owners,
-                       accumulated=a.result() if a is not None else None,
-                       isolated=iso.local if iso else None, sensitivity=dict(iso.outputs) if iso else {})
+    return LayerResult(
+        name=la.name,
+        op_type=la.op_type,
+        index=la.index,
+        output=la.output,
+        inputs=la.inputs,
+        weight=la.weight,
+        weight_bits=la.weight_bits,
+        act_bits=la.act_bits,
+        owners=la.owners,
+        measured=la.measured,
+        accumulated=a.result() if a is not None else None,
+        isolated=iso.local if iso else None,
+        sensitivity=dict(iso.outputs) if iso else {},
+    )
 
 
 def _tensor_results(quant_model, float_model, graph: QdqGraph, acc, isolated) -> list[TensorResult]:
     iso_inputs: dict[str, Metrics] = {}
     for la in graph.layers:
         iso = isolated.get(la.name)
-        for t, m in (iso.inputs.items() if iso else ()):
+        for t, m in iso.inputs.items() if iso else ():
             iso_inputs.setdefault(t, m)
     results = []
     for t in graph.activations:
         hist: CodeHistogram = acc.codes[t.dequantized]
         a = acc.tensors.get(t.dequantized)
-        results.append(TensorResult(name=t.name, kind="activation", bits=t.bits, signed=t.signed,
-                                    entropy=hist.entropy(), clip_fraction=hist.clip_fraction(t.qmin, t.qmax, t.zero_point),
-                                    accumulated=a.result() if a is not None else None,
-                                    isolated=iso_inputs.get(t.name), matched=t.matched))
+        results.append(
+            TensorResult(
+                name=t.name,
+                kind="activation",
+                bits=t.bits,
+                signed=t.signed,
+                entropy=hist.entropy(),
+                clip_fraction=hist.clip_fraction(t.qmin, t.qmax, t.zero_point),
+                accumulated=a.result() if a is not None else None,
+                isolated=iso_inputs.get(t.name),
+                matched=t.matched,
+            )
+        )
     float_inits = {i.name: i for i in float_model.graph.initializer}
     for t in graph.weights:
         codes, deq = dequantize_initializer(quant_model, t)
@@ -280,7 +372,17 @@ def _tensor_results(quant_model, float_model, graph: QdqGraph, acc, isolated) ->
             w = numpy_helper.to_array(float_inits[t.name]).astype(np.float32)
             if w.shape == deq.shape:
                 metrics = compare(w, deq)
-        results.append(TensorResult(name=t.name, kind="weight", bits=t.bits, signed=t.signed,
-                                    entropy=code_entropy(counts), clip_fraction=None, accumulated=metrics,
-                                    isolated=metrics, matched=metrics is not None))
+        results.append(
+            TensorResult(
+                name=t.name,
+                kind="weight",
+                bits=t.bits,
+                signed=t.signed,
+                entropy=code_entropy(counts),
+                clip_fraction=None,
+                accumulated=metrics,
+                isolated=metrics,
+                matched=metrics is not None,
+            )
+        )
     return results

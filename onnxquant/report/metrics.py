@@ -8,14 +8,16 @@ With e = y − x and the sums taken over every element seen (n of them):
 - max abs error = max |e|
 - relative error = √(Σe² / Σx²) = 10^(−SQNR/20) (the relative L2 error)
 
-An `ErrorAccumulator` keeps n, Σx², Σy², Σxy, Σe² (float64, each batch reduced as float32 chunks of at most
-`CHUNK` elements) and max |e|, so memory is constant in the number of samples and streaming equals one pass
-over the concatenated data up to float rounding. Accumulators merge by adding the sums.
+An `ErrorAccumulator` keeps n, Σx², Σxe, Σe² (float64 totals of float32 partial sums over chunks of `CHUNK`
+elements: relative error about 1e-6) and max |e|; Σxy = Σx² + Σxe and Σy² = Σx² + 2Σxe + Σe². Memory is
+constant in the number of samples, streaming equals one pass over the concatenated data up to that rounding,
+and accumulators merge by adding the sums.
 
 Code statistics: the entropy H = −Σ_k p_k·log2 p_k of the histogram of integer codes is the average number of
 bits per value an ideal entropy coder (Huffman within one bit) needs, to compare with the nominal width; the
 clip fraction is the share of codes at the ends of the code range (saturated values).
 """
+
 from __future__ import annotations
 
 import math
@@ -38,9 +40,14 @@ class Metrics:
     rel_error: float
 
     def to_json(self) -> dict:
-        return {"count": self.count, "sqnr_db": _finite(self.sqnr_db), "cosine": _finite(self.cosine),
-                "mse": _finite(self.mse), "max_abs_error": _finite(self.max_abs_error),
-                "rel_error": _finite(self.rel_error)}
+        return {
+            "count": self.count,
+            "sqnr_db": _finite(self.sqnr_db),
+            "cosine": _finite(self.cosine),
+            "mse": _finite(self.mse),
+            "max_abs_error": _finite(self.max_abs_error),
+            "rel_error": _finite(self.rel_error),
+        }
 
 
 def _finite(v: float) -> float | None:
@@ -53,8 +60,9 @@ def _dot(a: np.ndarray, b: np.ndarray) -> float:
     m = a.size - a.size % CHUNK
     total = 0.0
     if m:
-        total = float(np.einsum("ij,ij->i", a[:m].reshape(-1, CHUNK), b[:m].reshape(-1, CHUNK))
-                      .sum(dtype=np.float64))
+        total = float(
+            np.einsum("ij,ij->i", a[:m].reshape(-1, CHUNK), b[:m].reshape(-1, CHUNK)).sum(dtype=np.float64)
+        )
     if m < a.size:
         total += float(np.dot(a[m:].astype(np.float64), b[m:].astype(np.float64)))
     return total
@@ -79,11 +87,12 @@ class ErrorAccumulator:
         if x.size == 0:
             return
         e = y - x
+        sxx, sxe, see = _dot(x, x), _dot(x, e), _dot(e, e)
         self.count += int(x.size)
-        self.sxx += _dot(x, x)
-        self.syy += _dot(y, y)
-        self.sxy += _dot(x, y)
-        self.see += _dot(e, e)
+        self.sxx += sxx
+        self.sxy += sxx + sxe  # Σxy = Σx² + Σxe
+        self.syy += sxx + 2 * sxe + see  # Σy² = Σx² + 2Σxe + Σe²
+        self.see += see
         self.max_abs = max(self.max_abs, float(e.max()), -float(e.min()))
 
     def merge(self, other: ErrorAccumulator) -> ErrorAccumulator:
@@ -108,8 +117,14 @@ class ErrorAccumulator:
         denom = math.sqrt(self.sxx * self.syy)
         cosine = self.sxy / denom if denom > 0 else (1.0 if self.see == 0.0 else 0.0)
         rel = math.sqrt(self.see / self.sxx) if self.sxx > 0 else (0.0 if self.see == 0.0 else math.inf)
-        return Metrics(count=n, sqnr_db=sqnr, cosine=min(1.0, max(-1.0, cosine)), mse=self.see / n,
-                       max_abs_error=self.max_abs, rel_error=rel)
+        return Metrics(
+            count=n,
+            sqnr_db=sqnr,
+            cosine=min(1.0, max(-1.0, cosine)),
+            mse=self.see / n,
+            max_abs_error=self.max_abs,
+            rel_error=rel,
+        )
 
 
 def compare(x: np.ndarray, y: np.ndarray) -> Metrics:
@@ -167,9 +182,9 @@ class CodeHistogram:
     def update(self, codes: np.ndarray) -> None:
         q = np.asarray(codes)
         if q.dtype == np.uint8:
-            self.counts += np.bincount(q.ravel(), minlength=256)[: self.counts.size]
+            self.counts += _byte_histogram(q)[: self.counts.size]
         elif q.dtype == np.int8:
-            c = np.bincount(q.view(np.uint8).ravel(), minlength=256)  # 0..127 then −128..−1
+            c = _byte_histogram(q.view(np.uint8))  # 0..127 then −128..−1
             self.counts += np.concatenate([c[128:], c[:128]])
         else:
             idx = q.astype(np.int64).ravel() + self.offset
@@ -185,7 +200,8 @@ class CodeHistogram:
     def clip_fraction(self, qmin: int, qmax: int, zero_point: int) -> float:
         """Share of values at an end of the code range [qmin, qmax] (saturated, or exactly at the range end).
 
-        qmin does not count when it is the zero point: a range starting at 0 holds zeros (e.g. after Relu) there.
+        qmin does not count when it is the zero point: a range starting at 0 holds the zeros (e.g. after
+        Relu) there.
         """
         n = self.total
         if n == 0:
@@ -194,6 +210,22 @@ class CodeHistogram:
         if qmin != zero_point and qmin != qmax:
             at += int(self.counts[qmin + self.offset])
         return at / n
+
+
+def _byte_histogram(q: np.ndarray, chunk: int = 1 << 18) -> np.ndarray:
+    """Counts of the 256 byte values of `q`: bytes are counted in pairs (as uint16, in cache-sized chunks) and
+    the 256×256 pair histogram is folded, about twice as fast as bincount over single bytes."""
+    flat = np.ascontiguousarray(q).reshape(-1)
+    n = flat.size - flat.size % 2
+    pairs = flat[:n].view(np.uint16)
+    acc = np.zeros(1 << 16, np.int64)
+    for start in range(0, pairs.size, chunk):
+        acc += np.bincount(pairs[start : start + chunk], minlength=1 << 16)
+    grid = acc.reshape(256, 256)
+    out = grid.sum(axis=0) + grid.sum(axis=1)
+    if n < flat.size:
+        out[flat[-1]] += 1
+    return out
 
 
 def code_entropy(counts: np.ndarray) -> float:

@@ -1,4 +1,5 @@
 """A short terminal summary of a report: the model outputs, then the worst layers."""
+
 from __future__ import annotations
 
 import math
@@ -22,23 +23,49 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def render_text(report, worst: int = 5) -> str:
     """Outputs (SQNR, max error, top-1 agreement, accuracies) and the `worst` most harmful layers."""
-    lines = [f"onnxquant report: {report.samples} samples"
-             + (f", isolated sensitivity on {report.sensitivity_samples}" if report.sensitivity_samples else "")]
-    rows = [[o.name, _db(o.sqnr_db), f"{o.metrics.cosine:.4f}", f"{o.metrics.max_abs_error:.4g}",
-             _pct(o.top1_agreement), _pct(o.accuracy_float), _pct(o.accuracy_quant)] for o in report.outputs]
+    lines = [
+        f"onnxquant report: {report.samples} samples"
+        + (f", isolated sensitivity on {report.sensitivity_samples}" if report.sensitivity_samples else "")
+    ]
+    rows = [
+        [
+            o.name,
+            _db(o.sqnr_db),
+            f"{o.metrics.cosine:.4f}",
+            f"{o.metrics.max_abs_error:.4g}",
+            _pct(o.top1_agreement),
+            _pct(o.accuracy_float),
+            _pct(o.accuracy_quant),
+        ]
+        for o in report.outputs
+    ]
     lines += _table(["output", "SQNR dB", "cosine", "max err", "top-1 agree", "acc float", "acc quant"], rows)
     ranked = report.worst(worst)
     if ranked:
-        by = ("output SQNR with only this layer quantized" if report.ranked_by == "sensitivity"
-              else "accumulated SQNR at the layer output")
+        by = (
+            "output SQNR with only this layer quantized"
+            if report.ranked_by == "sensitivity"
+            else "accumulated SQNR at the layer output"
+        )
         lines += ["", f"worst layers (by {by}):"]
-        rows = [[la.name, la.op_type, f"W{la.weight_bits or '-'}A{la.act_bits or '-'}",
-                 _db(la.sensitivity_db), _db(la.isolated.sqnr_db if la.isolated else None),
-                 _db(la.accumulated.sqnr_db if la.accumulated else None)] for la in ranked]
+        rows = [
+            [
+                la.name,
+                la.op_type,
+                f"W{la.weight_bits or '-'}A{la.act_bits or '-'}",
+                _db(la.sensitivity_db),
+                _db(la.isolated.sqnr_db if la.isolated else None),
+                _db(la.accumulated.sqnr_db if la.accumulated else None),
+            ]
+            for la in ranked
+        ]
         lines += _table(["layer", "op", "bits", "sens. dB", "isolated dB", "accum. dB"], rows)
     sug = report.suggestion
     if sug is not None:
-        lines += ["", f"suggested: keep {sug.k} layer(s) at {sug.high_bits} bits ({', '.join(sug.layers) or '-'})"]
+        lines += [
+            "",
+            f"suggested: keep {sug.k} layer(s) at {sug.high_bits} bits ({', '.join(sug.layers) or '-'})",
+        ]
         for o, v in (sug.predicted or {}).items():
             lines.append(f"  {o}: predicted {_db(sug.before[o])} -> {_db(v)} dB")
         for o, v in (sug.gain_db or {}).items():

@@ -1,7 +1,7 @@
 """Isolated sensitivity: quantize one layer alone and measure what it costs.
 
-For a layer L (see `compare.Layer`) the isolated model is the float model with only L's Q/DQ patterns copied in
-from the quantized model: L's activation inputs go through their `[Clip →] QuantizeLinear →
+For a layer L (see `compare.Layer`) the isolated model is the float model with only L's Q/DQ patterns copied
+in from the quantized model: L's activation inputs go through their `[Clip →] QuantizeLinear →
 DequantizeLinear`, its weight (and bias) come from their integer codes, everything else stays float. A copy of
 L on the float inputs is added beside it, so one run gives three errors:
 
@@ -12,6 +12,7 @@ L on the float inputs is added beside it, so one run gives three errors:
 Cost: one inference of the whole model per layer over the first `samples` samples of the data (their feeds
 and float outputs are cached by the accumulated pass).
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,8 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxquant.model import graph_inputs, make_session, opset_of
-from onnxquant.report.compare import Layer, QdqGraph, progress_iter
+from onnxquant.errors import OnnxQuantError
+from onnxquant.model import graph_inputs, opset_of
+from onnxquant.report.compare import Layer, QdqGraph, progress_iter, session
 from onnxquant.report.metrics import ErrorAccumulator, Metrics
 
 log = logging.getLogger(__name__)
@@ -36,9 +38,9 @@ class Isolated:
     """Isolated errors of one layer."""
 
     layer: str
-    outputs: dict[str, Metrics] = field(default_factory=dict)   # model output -> metrics
-    local: Metrics | None = None                                 # at the layer's own output
-    inputs: dict[str, Metrics] = field(default_factory=dict)    # float input tensor -> its own Q/DQ error
+    outputs: dict[str, Metrics] = field(default_factory=dict)  # model output -> metrics
+    local: Metrics | None = None  # at the layer's own output
+    inputs: dict[str, Metrics] = field(default_factory=dict)  # float input tensor -> its own Q/DQ error
 
     @property
     def sqnr_db(self) -> float:
@@ -49,14 +51,15 @@ class Isolated:
 @dataclass
 class IsolatedModel:
     model: onnx.ModelProto
-    output: str                    # the layer's output in the isolated model
-    reference: str                 # the float copy's output
-    inputs: dict[str, str]         # float input tensor -> its dequantized counterpart in the isolated model
+    output: str  # the layer's output in the isolated model
+    reference: str  # the float copy's output
+    inputs: dict[str, str]  # float input tensor -> its dequantized counterpart in the isolated model
 
 
-def isolated_model(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, graph: QdqGraph,
-                   layer: Layer) -> IsolatedModel | None:
-    """The float model with only `layer`'s Q/DQ patterns inserted; None when the models do not line up there."""
+def isolated_model(
+    float_model: onnx.ModelProto, quant_model: onnx.ModelProto, graph: QdqGraph, layer: Layer
+) -> IsolatedModel | None:
+    """The float model with only `layer`'s Q/DQ patterns inserted; None when the models differ there."""
     fnode = next((n for n in float_model.graph.node if n.name == layer.name), None)
     qnode = next((n for n in quant_model.graph.node if n.name == layer.name), None)
     if fnode is None or qnode is None or not layer.matched:
@@ -66,7 +69,9 @@ def isolated_model(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, g
     model = onnx.ModelProto()
     model.CopyFrom(float_model)
     g = model.graph
-    taken = {o for n in g.node for o in n.output} | {t.name for t in g.initializer} | {i.name for i in g.input}
+    taken = (
+        {o for n in g.node for o in n.output} | {t.name for t in g.initializer} | {i.name for i in g.input}
+    )
 
     def fresh(name: str, prefix: str = PREFIX) -> str:
         new, i = prefix + name, 1
@@ -121,14 +126,18 @@ def isolated_model(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, g
         target.input[i] = x
     nodes = list(g.node)
     at = nodes.index(target)
-    nodes[at:at + 1] = [*inserted, target, ref]
+    nodes[at : at + 1] = [*inserted, target, ref]
     del g.node[:]
     g.node.extend(nodes)
 
     _align_opset(model, quant_model)
     real_inputs = {i.name for i in graph_inputs(model)}
-    extra = [target.output[0], ref.output[0], *dq_inputs.values(),
-             *(t for t in dq_inputs if t not in real_inputs)]
+    extra = [
+        target.output[0],
+        ref.output[0],
+        *dq_inputs.values(),
+        *(t for t in dq_inputs if t not in real_inputs),
+    ]
     present = {o.name for o in g.output}
     for name in extra:
         if name not in present:
@@ -147,9 +156,14 @@ def _align_opset(model: onnx.ModelProto, quant_model: onnx.ModelProto) -> None:
     model.ir_version = max(model.ir_version, quant_model.ir_version)
 
 
-def run_isolated(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, graph: QdqGraph,
-                 subset: Sequence[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]], *,
-                 progress: bool = False) -> tuple[dict[str, Isolated], list[str]]:
+def run_isolated(
+    float_model: onnx.ModelProto,
+    quant_model: onnx.ModelProto,
+    graph: QdqGraph,
+    subset: Sequence[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]],
+    *,
+    progress: bool = False,
+) -> tuple[dict[str, Isolated], list[str]]:
     """Isolated errors of every matched layer on the cached `subset` of (feed, float outputs) batches."""
     results: dict[str, Isolated] = {}
     notes: list[str] = []
@@ -162,11 +176,10 @@ def run_isolated(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, gra
         if iso is None:
             skipped.append(layer.name)
             continue
-        fetch = list(dict.fromkeys([*outputs, iso.output, iso.reference, *iso.inputs.values(),
-                                    *iso.inputs]))
+        fetch = list(dict.fromkeys([*outputs, iso.output, iso.reference, *iso.inputs.values(), *iso.inputs]))
         try:
-            sess = make_session(iso.model)
-        except Exception as exc:  # an isolated graph ORT refuses: report it, keep the rest of the report
+            sess = session(iso.model)
+        except OnnxQuantError as exc:  # an isolated graph ORT refuses: report it, keep the rest of the report
             log.warning("layer %s: isolated model does not run (%s)", layer.name, exc)
             skipped.append(layer.name)
             continue
@@ -182,10 +195,15 @@ def run_isolated(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, gra
             local.update(got[iso.reference], got[iso.output])
             for t, dq in iso.inputs.items():
                 in_acc[t].update(got[t], got[dq])
-        results[layer.name] = Isolated(layer=layer.name, outputs={o: a.result() for o, a in out_acc.items()},
-                                       local=local.result(),
-                                       inputs={t: a.result() for t, a in in_acc.items()})
+        results[layer.name] = Isolated(
+            layer=layer.name,
+            outputs={o: a.result() for o, a in out_acc.items()},
+            local=local.result(),
+            inputs={t: a.result() for t, a in in_acc.items()},
+        )
     if skipped:
-        notes.append(f"isolated sensitivity skipped for {len(skipped)} layer(s) not found alike in the float "
-                     f"model (e.g. {skipped[0]!r}); fold the float model with the same rules to compare them")
+        notes.append(
+            f"isolated sensitivity skipped for {len(skipped)} layer(s) not found alike in the float "
+            f"model (e.g. {skipped[0]!r}); fold the float model with the same rules to compare them"
+        )
     return results, notes

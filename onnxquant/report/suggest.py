@@ -8,9 +8,11 @@ layer i quantized at b_i bits, keeping the set S at h bits predicts
     N_S = N · (Σ_{i∉S} n_i + Σ_{i∈S} n_i · 4^−(h − b_i)) / Σ_i n_i,   SQNR_S = SQNR − 10·log10(N_S / N)
 
 and k is the smallest number of top-ranked layers whose prediction meets the target on every output. The
-override for a layer matches its node by name (glob characters escaped); a layer without a weight of its own
-(e.g. MaxPool) also lists the producers of its quantized inputs, whose rules set those widths.
+override for a layer matches its node by name (glob characters escaped); a layer that the rules do not
+quantize (e.g. a Flatten after a quantized tensor) targets the producers of its quantized inputs instead,
+whose rules set those widths (a tensor requested at several widths gets the widest).
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,7 +40,9 @@ class Suggestion:
     predicted: dict[str, float] | None
     met: bool | None
     curve: list[dict[str, float]] = field(default_factory=list)  # predicted SQNR per output for k = 0..n
-    measured: dict[str, float] | None = None  # output SQNR after converting with the rules (set by the caller)
+    measured: dict[str, float] | None = (
+        None  # output SQNR after converting with the rules (set by the caller)
+    )
     rules: str = ""
 
     @property
@@ -52,11 +56,20 @@ class Suggestion:
         def clean(d):
             return None if d is None else {k: (v if math.isfinite(v) else None) for k, v in d.items()}
 
-        return {"k": self.k, "layers": self.layers, "nodes": self.nodes, "high_bits": self.high_bits,
-                "target_sqnr_db": self.target_sqnr, "before_sqnr_db": clean(self.before),
-                "predicted_sqnr_db": clean(self.predicted), "target_met": self.met,
-                "measured_sqnr_db": clean(self.measured), "gain_db": clean(self.gain_db),
-                "curve": [clean(c) for c in self.curve], "rules": self.rules}
+        return {
+            "k": self.k,
+            "layers": self.layers,
+            "nodes": self.nodes,
+            "high_bits": self.high_bits,
+            "target_sqnr_db": self.target_sqnr,
+            "before_sqnr_db": clean(self.before),
+            "predicted_sqnr_db": clean(self.predicted),
+            "target_met": self.met,
+            "measured_sqnr_db": clean(self.measured),
+            "gain_db": clean(self.gain_db),
+            "curve": [clean(c) for c in self.curve],
+            "rules": self.rules,
+        }
 
 
 def _candidates(report, high_bits: int) -> list:
@@ -64,7 +77,7 @@ def _candidates(report, high_bits: int) -> list:
 
 
 def predict_output_sqnr(report, k: int, high_bits: int = 8) -> dict[str, float] | None:
-    """Predicted output SQNR per output with the k most sensitive layers kept at `high_bits` (see the module)."""
+    """Predicted SQNR per output with the k most sensitive layers kept at `high_bits` (see the module)."""
     if report.ranked_by != "sensitivity":
         return None
     cands = _candidates(report, high_bits)
@@ -85,8 +98,14 @@ def predict_output_sqnr(report, k: int, high_bits: int = 8) -> dict[str, float] 
     return out
 
 
-def plan_suggestion(report, quant_rules_text: str | None = None, *, target_sqnr: float | None = None,
-                    k: int | None = None, high_bits: int = 8) -> Suggestion:
+def plan_suggestion(
+    report,
+    quant_rules_text: str | None = None,
+    *,
+    target_sqnr: float | None = None,
+    k: int | None = None,
+    high_bits: int = 8,
+) -> Suggestion:
     """Choose the layers (k given, or the fewest meeting `target_sqnr`) and write the rule text."""
     if isinstance(high_bits, bool) or not isinstance(high_bits, int) or not MIN_BITS <= high_bits <= MAX_BITS:
         raise OnnxQuantError(f"high bits {high_bits!r}; accepted: an integer {MIN_BITS}..{MAX_BITS}")
@@ -102,34 +121,66 @@ def plan_suggestion(report, quant_rules_text: str | None = None, *, target_sqnr:
     met = None
     if k is None:
         if not curve:
-            raise OnnxQuantError("suggest rules: a target SQNR needs isolated sensitivity (sensitivity samples "
-                                 "> 0); accepted: a target with sensitivity, or k")
+            raise OnnxQuantError(
+                "suggest rules: a target SQNR needs isolated sensitivity (sensitivity samples "
+                "> 0); accepted: a target with sensitivity, or k"
+            )
         k = next((i for i, c in enumerate(curve) if all(v >= target_sqnr for v in c.values())), None)
         met = k is not None
         if k is None:
             k = len(cands)
-            log.warning("no number of layers at %d bits is predicted to reach %.1f dB: suggesting all %d",
-                        high_bits, target_sqnr, k)
+            log.warning(
+                "no number of layers at %d bits is predicted to reach %.1f dB: suggesting all %d",
+                high_bits,
+                target_sqnr,
+                k,
+            )
     k = min(k, len(cands))
     chosen = cands[:k]
-    nodes = list(dict.fromkeys(n for la in chosen for n in la.owners))
+    nodes = list(dict.fromkeys(n for la in chosen for n in _targets(la, quant_rules_text)))
     predicted = curve[k] if curve else None
     if met is None and target_sqnr is not None and predicted is not None:
         met = all(v >= target_sqnr for v in predicted.values())
     text = _rules_text(nodes, chosen, quant_rules_text, high_bits, predicted, before)
-    return Suggestion(k=k, layers=[la.name for la in chosen], nodes=nodes, high_bits=high_bits,
-                      target_sqnr=target_sqnr, before=before, predicted=predicted, met=met, curve=curve,
-                      rules=text)
+    return Suggestion(
+        k=k,
+        layers=[la.name for la in chosen],
+        nodes=nodes,
+        high_bits=high_bits,
+        target_sqnr=target_sqnr,
+        before=before,
+        predicted=predicted,
+        met=met,
+        curve=curve,
+        rules=text,
+    )
 
 
-def suggest_rules(report, quant_rules_text: str | None = None, *, target_sqnr: float | None = None,
-                  k: int | None = None, high_bits: int = 8) -> str:
+def suggest_rules(
+    report,
+    quant_rules_text: str | None = None,
+    *,
+    target_sqnr: float | None = None,
+    k: int | None = None,
+    high_bits: int = 8,
+) -> str:
     """YAML rule text keeping the k most sensitive layers at `high_bits` (k from `target_sqnr` if not given).
 
     With `quant_rules_text` (the rule file the model was converted with) the result is that file with the
     overrides appended (later overrides win); without, a file holding only the overrides.
     """
     return plan_suggestion(report, quant_rules_text, target_sqnr=target_sqnr, k=k, high_bits=high_bits).rules
+
+
+def _targets(layer, rules_text: str | None) -> tuple[str, ...]:
+    """Override targets of a layer: itself when the rules quantize its op (its input requests set the
+    widths), else the producers of its quantized inputs."""
+    from onnxquant.rules import load_rules, parse_rules
+
+    rules = parse_rules(rules_text, "base rules") if rules_text is not None else load_rules("default")
+    if rules.for_node(layer.name, layer.op_type, frozenset()).quantize or len(layer.owners) == 1:
+        return layer.owners[:1]
+    return layer.owners[1:]
 
 
 def glob_escape(name: str) -> str:
@@ -140,17 +191,26 @@ def glob_escape(name: str) -> str:
 def _rules_text(nodes, chosen, base: str | None, high_bits: int, predicted, before) -> str:
     from onnxquant.rules import parse_rules
 
-    overrides = [{"match": {"name": glob_escape(n)}, "weights": {"bits": high_bits},
-                  "activations": {"bits": high_bits}} for n in nodes]
+    overrides = [
+        {
+            "match": {"name": glob_escape(n)},
+            "weights": {"bits": high_bits},
+            "activations": {"bits": high_bits},
+        }
+        for n in nodes
+    ]
     doc = {}
     if base is not None:
         parse_rules(base, "base rules")  # refuse a broken base with its own message
         doc = yaml.safe_load(base) or {}
     doc["overrides"] = list(doc.get("overrides") or []) + overrides
-    lines = [f"# onnxquant --suggest-rules: keep the {len(chosen)} most sensitive layer(s) at {high_bits} bits"]
+    lines = [
+        f"# onnxquant --suggest-rules: keep the {len(chosen)} most sensitive layer(s) at {high_bits} bits"
+    ]
     for la in chosen:
-        lines.append(f"#   {la.name} ({la.op_type}): output SQNR with only it quantized "
-                     f"{_fmt(la.sensitivity_db)} dB")
+        lines.append(
+            f"#   {la.name} ({la.op_type}): output SQNR with only it quantized {_fmt(la.sensitivity_db)} dB"
+        )
     if predicted:
         for o, v in predicted.items():
             lines.append(f"# predicted output SQNR of {o}: {_fmt(before[o])} -> {_fmt(v)} dB")

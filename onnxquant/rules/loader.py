@@ -53,6 +53,26 @@ def load_rules(source: str | os.PathLike | None = None) -> Rules:
     return parse_rules(path.read_text(encoding="utf-8", errors="replace"), str(path))
 
 
+def dump_rules(rules: Rules) -> str:
+    """YAML text that `parse_rules` reads back into the same `Rules` (used to extend effective rules)."""
+    def spec(q) -> dict:
+        return {"bits": q.bits, "symmetric": q.symmetric, "granularity": q.granularity, "method": q.method}
+
+    def override(ov) -> dict:
+        entry = {"match": {k: v for k, v in vars(ov.match).items() if v is not None}}
+        if ov.skip is not None:
+            entry["skip"] = ov.skip
+        entry.update({k: dict(v) for k, v in (("weights", ov.weights), ("activations", ov.activations)) if v})
+        return entry
+
+    acts = spec(rules.activations)
+    del acts["granularity"]
+    doc = {"placement": rules.placement, "passes": list(rules.passes), "quantize_ops": list(rules.quantize_ops),
+           "weights": spec(rules.weights), "activations": acts,
+           "overrides": [override(ov) for ov in rules.overrides]}
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
 def parse_rules(text: str, where: str) -> Rules:
     try:
         doc = yaml.safe_load(text)

@@ -6,7 +6,7 @@ otherwise. Convolution is im2col + GEMM with the input padded by its zero point 
 ConvTranspose is GEMM + col2im. Requantization follows `requant.py` in the chosen mode.
 
 Quantized Add in float mode reproduces ONNX Runtime's AVX2 QLinearAdd kernel: with ``r_a = s_a/s_c``,
-``r_b = s_b/s_c`` and ``k = z_c − (r_a z_a + r_b z_b)`` in float32, ``c = round(fma(a, r_a, fma(b, r_b, k)))``.
+``r_b = s_b/s_c`` and ``k = z_c − fma(r_a, z_a, r_b z_b)`` in float32, ``c = round(fma(a, r_a, fma(b, r_b, k)))``.
 AveragePool in float mode reproduces ONNX Runtime's QLinearAveragePool: dequantize, float32 sum in window
 order, divide by the count, ``round(y / s_y + z_y)``. GlobalAveragePool uses the integer sum and float32
 scale ``s_x / (s_y · n)`` as MLAS does. In fixed mode every multiplier is a `quantize_multiplier` pair.
@@ -252,7 +252,8 @@ def add(step: P.AddStep, a: np.ndarray, b: np.ndarray, mode: str) -> np.ndarray:
         return R.requant_fixed(xa + xb, mo[0], mo[1], zc, step.lo, step.hi)
     f32, f64 = np.float32, np.float64
     ra, rb = f32(f32(sa) / f32(sc)), f32(f32(sb) / f32(sc))
-    k = f32(f32(zc) - f32(f32(ra * f32(za)) + f32(rb * f32(zb))))
+    # k = z_c − fma(r_a, z_a, r_b·z_b): ONNX Runtime's build contracts this expression into an FMA
+    k = f32(f32(zc) - f32(f64(ra) * f64(za) + f64(f32(rb * f32(zb)))))
     if b.size == 1 and a.size != 1:
         kk = f32(k + f32(f32(b.reshape(-1)[0]) * rb))
         v = (a.astype(f64) * f64(ra) + f64(kk)).astype(f32)

@@ -166,8 +166,8 @@ def validate(model: onnx.ModelProto, data: Iterable[Mapping[str, np.ndarray]], b
     exposed = sorted({n for s in checked for n in [*s.inputs, *s.outputs]
                       if n and n not in plan.constants and n not in plan.inputs
                       and not (isinstance(s, P.AddStep) and n in s.const)})
-    sess = make_session(with_outputs(work, exposed))
-    out_names = [o.name for o in sess.get_outputs()]
+    sess = make_session(with_outputs(_widen_sub_byte(work, exposed, plan), [_alias(n, plan) for n in exposed]))
+    out_names = [_unalias(o.name) for o in sess.get_outputs()]
     producers = {o: s for s in plan.steps for o in s.outputs}
     nodes = [Comparison(s.name, s.op, s.outputs[0], s.kind) for s in checked]
     if requant == "fixed":
@@ -204,6 +204,32 @@ def validate(model: onnx.ModelProto, data: Iterable[Mapping[str, np.ndarray]], b
     result = ValidationResult(backend, requant, samples, nodes, outputs, plan.status)
     log.info("validation %s", "passed" if result.passed else "failed")
     return result
+
+
+SUB_BYTE = {"int4": onnx.TensorProto.INT8, "uint4": onnx.TensorProto.UINT8, "int2": onnx.TensorProto.INT8,
+            "uint2": onnx.TensorProto.UINT8}
+ALIAS = "__oq_widened"
+
+
+def _alias(name: str, plan: P.Plan) -> str:
+    return name + ALIAS if plan.int_dtypes.get(name) in SUB_BYTE else name
+
+
+def _unalias(name: str) -> str:
+    return name.removesuffix(ALIAS)
+
+
+def _widen_sub_byte(model: onnx.ModelProto, names: list[str], plan: P.Plan) -> onnx.ModelProto:
+    """ONNX Runtime cannot hand 4-bit tensors to numpy: expose a Cast to the 8-bit container instead."""
+    wide = [n for n in names if plan.int_dtypes.get(n) in SUB_BYTE]
+    if not wide:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for name in wide:
+        out.graph.node.append(onnx.helper.make_node("Cast", [name], [name + ALIAS], to=SUB_BYTE[plan.int_dtypes[name]],
+                                                    name=name + ALIAS))
+    return out
 
 
 def _feeds(batch, inputs) -> dict[str, np.ndarray]:

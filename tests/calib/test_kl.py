@@ -78,3 +78,25 @@ def test_signed_codes_on_one_sided_tensor_use_half_the_levels():
     assert levels(8, symmetric=True, one_sided=True) == 128
     assert levels(8, symmetric=False, one_sided=True) == 256
     assert levels(4, symmetric=False, one_sided=False) == 8
+
+
+def test_relu_zeros_do_not_drag_the_threshold_down():
+    rng = np.random.default_rng(3)
+    positive = np.abs(rng.laplace(0.0, 1.0, 200_000)).astype(np.float32)
+    post_relu = np.concatenate([positive, np.zeros(300_000, np.float32)])
+    with_zeros = stats_of(post_relu, bins=2048)
+    assert with_zeros.pass2.zeros == 300_000
+    for bits in (8, 4):
+        nq = levels(bits, symmetric=False, one_sided=True)
+        counts = with_zeros.abs_hist.astype(np.float64)
+        counts[0] -= 300_000
+        expected = kl_threshold_bins(counts, nq) * with_zeros.hist_range / 2048
+        assert kl(with_zeros, bits, symmetric=False)[1] == pytest.approx(expected)
+        assert expected > 0.25 * with_zeros.max  # a few-bin threshold is the failure this guards against
+
+
+def test_coarse_discrete_data_keeps_its_full_range():
+    pixels = np.random.default_rng(4).integers(0, 17, size=(64, 1, 8, 8)).astype(np.float32) / 16
+    st = stats_of(pixels, bins=2048)
+    assert kl(st, 8, symmetric=True) == (0.0, 1.0)
+    assert kl(st, 4, symmetric=False) == (0.0, 1.0)

@@ -23,6 +23,7 @@ def test_registry_is_explicit_and_ordered():
     assert NEEDS_HISTOGRAM <= NEEDS_PASS2 and "minmax" not in NEEDS_PASS2
     assert collect_options(["minmax"]) == {"histograms": False, "moments": False}
     assert collect_options(["laplace"]) == {"histograms": False, "moments": True}
+    assert collect_options(["kl"]) == {"histograms": True, "moments": False}
     assert collect_options(["laplace", "kl"]) == {"histograms": True, "moments": True}
     with pytest.raises(OnnxQuantError, match="accepted"):
         collect_options(["entropy"])
@@ -133,3 +134,7 @@ def test_compute_table_entries_and_errors():
     with pytest.raises(OnnxQuantError, match="histogram"):
         compute_table(no_hist, {"b": (8, True)}, "kl")
     compute_table(no_hist, {"b": (8, True)}, "gauss")
+    no_moments = {"b": stats_of(_x(), moments=False)}
+    compute_table(no_moments, {"b": (8, True)}, "kl")
+    with pytest.raises(OnnxQuantError, match="moments"):
+        compute_table(no_moments, {"b": (8, True)}, "laplace")

@@ -108,7 +108,8 @@ def test_shards_merge_to_one_run(tmp_path):
         assert a.mad == pytest.approx(b.mad, rel=1e-9) and a.std == pytest.approx(b.std, rel=1e-9)
     np.testing.assert_allclose(merged["t1"].ch_mad, single["t1"].ch_mad, rtol=1e-9)
     for method in ("minmax", "percentile", "mse", "kl"):
-        assert dumps_json(compute_table(merged, SPECS, method)) == dumps_json(compute_table(single, SPECS, method))
+        a, b = compute_table(merged, SPECS, method), compute_table(single, SPECS, method)
+        assert dumps_json(a) == dumps_json(b)
     for method in ("laplace", "gauss"):
         a, b = compute_table(merged, SPECS, method), compute_table(single, SPECS, method)
         for name in TENSORS:

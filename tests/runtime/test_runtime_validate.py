@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from nets import conv_net, matmul_net, quantize
+from rt_nets import conv_net, matmul_net, quantize
 
 from onnxquant.errors import BadDataError
 from onnxquant.runtime import validate

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from nets import conv_net, quantize
 from onnx import TensorProto, helper, numpy_helper
+from rt_nets import conv_net, quantize
 
 from onnxquant.errors import OnnxQuantError
 from onnxquant.runtime import lower, validate
@@ -131,3 +131,15 @@ def test_constant_weights_are_folded_and_plan_serializes() -> None:
     assert weight_dq and all(kinds[n] == "constant" for n in weight_dq)
     assert all(set(d) == {"node", "op", "kind", "step", "reason"} for d in plan.to_json())
     assert isinstance(q, onnx.ModelProto)
+
+
+def test_w4a4_model_runs_integer_within_one_lsb_of_onnxruntime() -> None:
+    from rt_nets import int4_conv_net
+
+    model = int4_conv_net()
+    plan = lower(model)
+    steps = {s.name: s for s in plan.integer_steps()}
+    assert set(steps) == {"conv1", "conv2"}
+    assert all(s.w_bits == 4 and s.x_range == (0, 15) for s in steps.values())
+    result = validate(model, [{"x": np.random.default_rng(0).random((2, 3, 10, 10)).astype(np.float32)}])
+    assert all(c.max_lsb <= 1 for c in result.nodes)  # ONNX Runtime has no int4 kernels: it runs float

@@ -55,8 +55,7 @@ def conv_net(seed: int = 0, channels: int = 8, size: int = 12) -> onnx.ModelProt
 def quantize(model: onnx.ModelProto, calib: np.ndarray, per_channel: bool = True,
              input_name: str = "x", **extra) -> onnx.ModelProto:
     """QDQ, uint8 activations, int8 weights, via onnxruntime.quantization.quantize_static."""
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -88,3 +87,33 @@ def matmul_net(seed: int = 0, k: int = 16, n: int = 12) -> onnx.ModelProto:
                                                                                    ["N", 5, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n, 7])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=IR_VERSION)
+
+
+def int4_conv_net(seed: int = 0, c: int = 8) -> onnx.ModelProto:
+    """W4A4 QDQ (opset 21, uint4 activations, int4 per-channel weights): Conv → Relu → Q → DQ → Conv → Q."""
+    rng = np.random.default_rng(seed)
+    u4, i4 = TensorProto.UINT4, TensorProto.INT4
+    inits = [_init("sx", np.float32(0.07)), helper.make_tensor("zx", u4, [], [3]),
+             helper.make_tensor("w1", i4, [c, 3, 3, 3], rng.integers(-8, 8, c * 27).tolist()),
+             _init("sw1", (rng.random(c) * 0.05 + 0.01).astype(np.float32)),
+             helper.make_tensor("zw1", i4, [c], [0] * c),
+             _init("b1f", (rng.standard_normal(c) * 0.3).astype(np.float32)), _init("s1", np.float32(0.2)),
+             helper.make_tensor("z1", u4, [], [0]),
+             helper.make_tensor("w2", i4, [c, c, 1, 1], rng.integers(-8, 8, c * c).tolist()),
+             _init("sw2", np.float32(0.03)), helper.make_tensor("zw2", i4, [], [0]), _init("s2", np.float32(0.1)),
+             helper.make_tensor("z2", u4, [], [8])]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w1", "sw1", "zw1"], ["w1d"], axis=0),
+             helper.make_node("Conv", ["xd", "w1d", "b1f"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("QuantizeLinear", ["r1", "s1", "z1"], ["r1q"]),
+             helper.make_node("DequantizeLinear", ["r1q", "s1", "z1"], ["r1d"]),
+             helper.make_node("DequantizeLinear", ["w2", "sw2", "zw2"], ["w2d"]),
+             helper.make_node("Conv", ["r1d", "w2d"], ["c2"], name="conv2"),
+             helper.make_node("QuantizeLinear", ["c2", "s2", "z2"], ["c2q"]),
+             helper.make_node("DequantizeLinear", ["c2q", "s2", "z2"], ["y"])]
+    graph = helper.make_graph(nodes, "int4_net", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                 ["N", 3, 10, 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 10, 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
