@@ -82,3 +82,23 @@ __device__ __forceinline__ void oq_store(const OqEpilogue& ep, int g, int r, int
 #define OQ_EPILOGUE_MAKE                                                                               \
     const OqEpilogue ep{bias, wzp, rowsum, scale, mult, shift, ep_gstride, row_gstride, mode, zp, lo, hi, \
                         out, out_gstride, s_img, s_row, s_col, L}
+
+// One shared-memory k-tile of the dp4a GEMMs: each thread (tx, ty) of a 16x16 block accumulates a 4x4 patch
+// (rows ty + 16 i, columns tx + 16 j) of int8x4 dot products over the tile's BKW words.
+template <int BKW, int ROWS>
+__device__ __forceinline__ void oq_dp4a_tile(const int (&As)[ROWS][BKW + 1], const int (&Bs)[ROWS][BKW + 1],
+                                             int tx, int ty, int (&acc)[4][4]) {
+#pragma unroll
+    for (int kk = 0; kk < BKW; ++kk) {
+        int a[4], b[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            a[i] = As[ty + 16 * i][kk];
+            b[i] = Bs[tx + 16 * i][kk];
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[i][j] = __dp4a(a[i], b[j], acc[i][j]);
+    }
+}

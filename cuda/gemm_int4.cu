@@ -43,19 +43,7 @@ extern "C" __global__ void __launch_bounds__(256) gemm_s4_dp4a(const unsigned ch
             Bs[row][2 * col + 1] = hi;
         }
         __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < I4_BKW; ++kk) {
-            int a[4], b[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                a[i] = As[ty + 16 * i][kk];
-                b[i] = Bs[tx + 16 * i][kk];
-            }
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) acc[i][j] = __dp4a(a[i], b[j], acc[i][j]);
-        }
+        oq_dp4a_tile<I4_BKW>(As, Bs, tx, ty, acc);
         __syncthreads();
     }
 #pragma unroll

@@ -39,19 +39,7 @@ extern "C" __global__ void __launch_bounds__(256) gemm_s8_dp4a(const signed char
             Bs[row][col] = Bg[(long long)(c0 + row) * kw + k0 + col];
         }
         __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < DP_BKW; ++kk) {
-            int a[4], b[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                a[i] = As[ty + 16 * i][kk];
-                b[i] = Bs[tx + 16 * i][kk];
-            }
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) acc[i][j] = __dp4a(a[i], b[j], acc[i][j]);
-        }
+        oq_dp4a_tile<DP_BKW>(As, Bs, tx, ty, acc);
         __syncthreads();
     }
 #pragma unroll

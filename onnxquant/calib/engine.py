@@ -184,7 +184,7 @@ def _run(session, inputs: Sequence[str], fetch: Sequence[str], tensors: Sequence
          update, progress: bool, label: str) -> int:
     """Run `session` on each batch and call update(name, array, first_sample_index); returns samples seen."""
     samples = 0
-    for batch in _progress(data, progress, label):
+    for batch in progress_iter(data, progress, label):
         missing = [i for i in inputs if i not in batch]
         if missing:
             raise BadDataError(f"calibration batch lacks model input(s) {', '.join(missing)}; "
@@ -211,7 +211,8 @@ def _reject_nonfinite(name: str, x: np.ndarray, first_sample: int) -> None:
     raise BadDataError(f"tensor {name}: NaN or Inf at sample {sample}; accepted: data giving finite values")
 
 
-def _progress(data: Iterable[Batch], enabled: bool, label: str):
+def progress_iter(data: Iterable, enabled: bool, label: str):
+    """Iterate `data`, with a click progress bar on stderr when `enabled`."""
     if not enabled:
         yield from data
         return

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -28,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from onnxquant.calib.engine import progress_iter
 from onnxquant.errors import BadDataError, BadModelError
 from onnxquant.model import graph_inputs, with_outputs
 from onnxquant.report.metrics import (
@@ -498,15 +498,3 @@ def accumulate(
             f"labels: {len(labels)} labels for {acc.samples} samples; accepted: one label per sample"
         )
     return acc
-
-
-def progress_iter(items, enabled: bool, label: str):
-    """Iterate `items`, with a click progress bar on stderr when `enabled`."""
-    if not enabled:
-        yield from items
-        return
-    import click
-
-    length = len(items) if hasattr(items, "__len__") else None
-    with click.progressbar(items, length=length, label=label, file=sys.stderr) as bar:
-        yield from bar

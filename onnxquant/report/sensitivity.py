@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from onnxquant.calib.engine import progress_iter
 from onnxquant.errors import OnnxQuantError
 from onnxquant.model import graph_inputs, opset_of
-from onnxquant.report.compare import Layer, QdqGraph, progress_iter, session
+from onnxquant.report.compare import Layer, QdqGraph, session
 from onnxquant.report.metrics import ErrorAccumulator, Metrics
 
 log = logging.getLogger(__name__)
