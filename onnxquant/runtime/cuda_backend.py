@@ -33,8 +33,11 @@ MODE_CODE = {"float": 0, "fixed": 1, "raw": 2}
 
 
 def kernel_dir() -> Path:
-    """Directory of the shipped CUDA sources."""
-    return Path(str(importlib.resources.files("onnxquant.kernels")))
+    """Directory of the shipped CUDA sources (the checkout's `cuda/` when run from an uninstalled source tree)."""
+    try:
+        return Path(str(importlib.resources.files("onnxquant.kernels")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "cuda"
 
 
 def _first_line(exc: BaseException) -> str:
