@@ -102,3 +102,13 @@ __device__ __forceinline__ void oq_dp4a_tile(const int (&As)[ROWS][BKW + 1], con
             for (int j = 0; j < 4; ++j) acc[i][j] = __dp4a(a[i], b[j], acc[i][j]);
     }
 }
+
+// Stores the 4x4 patch of oq_dp4a_tile: rows r + 16 i, columns c + 16 j, inside the M x N output.
+__device__ __forceinline__ void oq_store_patch(const OqEpilogue& ep, int g, int r, int c, int M, int N,
+                                               const int (&acc)[4][4]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+            if (r + 16 * i < M && c + 16 * j < N) oq_store(ep, g, r + 16 * i, c + 16 * j, acc[i][j]);
+}

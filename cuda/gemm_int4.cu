@@ -46,13 +46,7 @@ extern "C" __global__ void __launch_bounds__(256) gemm_s4_dp4a(const unsigned ch
         oq_dp4a_tile<I4_BKW>(As, Bs, tx, ty, acc);
         __syncthreads();
     }
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int r = r0 + ty + 16 * i, c = c0 + tx + 16 * j;
-            if (r < M && c < N) oq_store(ep, g, r, c, acc[i][j]);
-        }
+    oq_store_patch(ep, g, r0 + ty, c0 + tx, M, N, acc);
 }
 
 // Pack int8 values in [-8, 7] two per byte (low nibble = even index): P[i] = A[2i] | A[2i+1] << 4.

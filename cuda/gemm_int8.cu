@@ -42,13 +42,7 @@ extern "C" __global__ void __launch_bounds__(256) gemm_s8_dp4a(const signed char
         oq_dp4a_tile<DP_BKW>(As, Bs, tx, ty, acc);
         __syncthreads();
     }
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int r = r0 + ty + 16 * i, c = c0 + tx + 16 * j;
-            if (r < M && c < N) oq_store(ep, g, r, c, acc[i][j]);
-        }
+    oq_store_patch(ep, g, r0 + ty, c0 + tx, M, N, acc);
 }
 
 #define MMA_BM 128
