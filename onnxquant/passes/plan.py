@@ -42,9 +42,6 @@ class QuantPlan:
     nodes: list[NodeDecision] = field(default_factory=list)
     activations: dict[str, ActivationSpec] = field(default_factory=dict)
 
-    def decision(self, name: str) -> NodeDecision | None:
-        return next((d for d in self.nodes if d.name == name), None)
-
     @property
     def weight_bits(self) -> set[int]:
         return {d.weights.bits for d in self.nodes if d.quantize and d.weight}

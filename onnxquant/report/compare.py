@@ -30,6 +30,7 @@ from onnx import TensorProto, numpy_helper
 from onnxquant.calib.engine import progress_iter
 from onnxquant.errors import BadDataError, BadModelError
 from onnxquant.model import graph_inputs, with_outputs
+from onnxquant.quant import qrange
 from onnxquant.report.metrics import (
     ClassAgreement,
     CodeHistogram,
@@ -252,9 +253,7 @@ def _pattern(
             else:
                 bits = max(int(c.max(initial=1)), 1).bit_length()
             bits = min(bits, container)
-        qmin, qmax = (
-            (-(1 << (container - 1)), (1 << (container - 1)) - 1) if signed else (0, (1 << container) - 1)
-        )
+        qmin, qmax = qrange(container, signed)
         name, matched = _weight_float_name(dq, src, users, float_nodes, float_names)
         return QTensor(
             name=name,
@@ -276,9 +275,7 @@ def _pattern(
     elem = zp_init.data_type if zp_init is not None else TensorProto.UINT8
     container = CONTAINER_BITS.get(elem, 8)
     signed = elem in SIGNED
-    qmin, qmax = (
-        (-(1 << (container - 1)), (1 << (container - 1)) - 1) if signed else (0, (1 << container) - 1)
-    )
+    qmin, qmax = qrange(container, signed)
     bits = container
     zp = int(numpy_helper.to_array(zp_init).ravel()[0]) if zp_init is not None else 0
     chain = [dq.name, q.name]

@@ -108,6 +108,12 @@ ERROR_HOOK = (
 )
 
 
+
+def _axis_label(x: float, y: float, name: str) -> str:
+    """A category label under a bar, rotated 45°, shortened from the left to 22 characters."""
+    label = name if len(name) <= 22 else "…" + name[-21:]
+    return f'<text x="{x:.1f}" y="{y}" transform="rotate(-45 {x:.1f} {y})" text-anchor="end">{_e(label)}</text>'
+
 def _e(s: object) -> str:
     return html.escape(str(s), quote=True)
 
@@ -246,12 +252,7 @@ def layers_plot(report) -> str:
                 "</rect>"
             )
         if n <= 60 or i % max(1, n // 60) == 0:
-            lx, ly = x + band / 2, height - bottom + 12
-            label = la.name if len(la.name) <= 22 else "…" + la.name[-21:]
-            parts.append(
-                f'<text x="{lx:.1f}" y="{ly}" transform="rotate(-45 {lx:.1f} {ly})" '
-                f'text-anchor="end">{_e(label)}</text>'
-            )
+            parts.append(_axis_label(x + band / 2, height - bottom + 12, la.name))
     for series, color, name in ((acc, ORANGE, "accumulated"), (iso, GREEN, "isolated")):
         pts = [
             (left + (i + 0.5) * band, y_of(v))
@@ -327,12 +328,7 @@ def entropy_plot(report) -> str:
             f"<title>{_e(t.name)}: entropy {t.entropy:.2f} bits</title></rect>"
         )
         if n <= 80 or i % max(1, n // 80) == 0:
-            lx, ly = x + band / 2, height - bottom + 12
-            label = t.name if len(t.name) <= 22 else "…" + t.name[-21:]
-            parts.append(
-                f'<text x="{lx:.1f}" y="{ly}" transform="rotate(-45 {lx:.1f} {ly})" '
-                f'text-anchor="end">{_e(label)}</text>'
-            )
+            parts.append(_axis_label(x + band / 2, height - bottom + 12, t.name))
     parts.append("</svg>")
     return "".join(parts)
 
