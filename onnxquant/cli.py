@@ -157,7 +157,7 @@ def main() -> None:
 @click.option("--bit-alloc", type=click.Choice(["weights"]), default=None,
               help="Per-channel bit allocation of weights at the same average width (ACIQ eq. 10-11).")
 @click.option("--bins", type=click.IntRange(min=8), default=2048, show_default=True,
-              help="Histogram bins for percentile, mse and kl.")
+              help="Histogram resolution for percentile, mse and kl: at least this many bins over [0, max|x|].")
 @click.option("--save-stats", type=click.Path(path_type=Path), default=None,
               help="Save the calibration statistics (to merge shards, or for the report's calibration view).")
 @click.option("--load-stats", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,

@@ -270,12 +270,16 @@ def _cuda_loads() -> bool:
     return True
 
 
-def make_session(model: onnx.ModelProto | bytes, optimize: bool = True, use_gpu: bool = False):
-    """An ONNX Runtime session; `optimize=False` disables all graph optimizations."""
+def make_session(model: onnx.ModelProto | bytes, optimize: bool = True, use_gpu: bool = False,
+                 spin: bool = True):
+    """An ONNX Runtime session; `optimize=False` disables all graph optimizations. `spin=False` stops idle
+    worker threads from spinning, which leaves the CPU to Python work that runs alongside inference."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     providers = list(available_providers()) if use_gpu else ["CPUExecutionProvider"]

@@ -475,34 +475,36 @@ def save_table(table: CalibrationTable, path: str | os.PathLike, format: str = "
 
 
 # ---- statistics -----------------------------------------------------------------------------------------
-STATS_FORMAT = "onnxquant-stats-1"
+STATS_FORMAT = "onnxquant-stats-2"
+_STATS_PARTS = ("pass2", "histogram")  # nested dataclasses of TensorStats, stored under "<i>.<part>.<field>"
+_STATS_KINDS = {"count": int, "min": float, "max": float, "sum": float, "ch_count": int, "ref_mean": float,
+                "abs_dev": float, "sq_dev": float, "bins": int, "grid": float}
 
 
 def save_stats(stats: Mapping[str, TensorStats], path: str | os.PathLike) -> None:
     """Write collected statistics (mergeable, see `onnxquant.calib.stats`) to an .npz file atomically."""
-    from onnxquant.calib.stats import Pass2, TensorStats
-
     names = sorted(stats)
     arrays: dict[str, np.ndarray] = {"__format__": np.array(STATS_FORMAT),
                                      "__names__": np.array(names, dtype=str)}
-    for i, name in enumerate(names):
-        st = stats[name]
-        for f in fields(TensorStats):
-            v = getattr(st, f.name)
-            if f.name != "pass2" and v is not None:
-                arrays[f"{i}.{f.name}"] = np.asarray(v)
-        if st.pass2 is not None:
-            for f in fields(Pass2):
-                v = getattr(st.pass2, f.name)
+
+    def put(prefix: str, obj) -> None:
+        for f in fields(obj):
+            v = getattr(obj, f.name)
+            if f.name in _STATS_PARTS:
                 if v is not None:
-                    arrays[f"{i}.pass2.{f.name}"] = np.asarray(v)
+                    put(f"{prefix}{f.name}.", v)
+            elif v is not None:
+                arrays[prefix + f.name] = np.asarray(v)
+
+    for i, name in enumerate(names):
+        put(f"{i}.", stats[name])
     with atomic_write(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
 
 
 def load_stats(path: str | os.PathLike) -> dict[str, TensorStats]:
     """Read statistics written by `save_stats` (allow_pickle=False)."""
-    from onnxquant.calib.stats import Pass2, TensorStats
+    from onnxquant.calib.stats import Histogram, Pass2, TensorStats
 
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -513,17 +515,15 @@ def load_stats(path: str | os.PathLike) -> dict[str, TensorStats]:
         raise OnnxQuantError(f"{path}: not a statistics file ({exc}); "
                              "accepted: an .npz from --save-stats") from None
     if "__format__" not in arrays or str(arrays["__format__"]) != STATS_FORMAT:
-        raise OnnxQuantError(f"{path}: not an onnxquant statistics file; accepted: an .npz from --save-stats")
-    kinds = {"count": int, "min": float, "max": float, "sum": float, "ch_count": int, "ref_mean": float,
-             "hist_range": float, "bins": int, "abs_dev": float, "sq_dev": float, "moments": bool,
-             "zeros": int}
+        raise OnnxQuantError(f"{path}: not an onnxquant statistics file of this version ({STATS_FORMAT}); "
+                             "accepted: an .npz from --save-stats of this onnxquant")
 
     def values(prefix: str, cls) -> dict:
         out = {}
         for f in fields(cls):
             a = arrays.get(prefix + f.name)
-            if a is not None and f.name != "pass2":
-                out[f.name] = kinds[f.name](a) if f.name in kinds else np.array(a)
+            if a is not None and f.name not in _STATS_PARTS:
+                out[f.name] = _STATS_KINDS[f.name](a) if f.name in _STATS_KINDS else np.array(a)
         return out
 
     out = {}
@@ -532,6 +532,10 @@ def load_stats(path: str | os.PathLike) -> dict[str, TensorStats]:
             st = TensorStats(**values(f"{i}.", TensorStats))
             if f"{i}.pass2.ref_mean" in arrays:
                 st.pass2 = Pass2(**values(f"{i}.pass2.", Pass2))
+            if f"{i}.histogram.bins" in arrays:
+                st.histogram = Histogram(**values(f"{i}.histogram.", Histogram))
+                if st.histogram.counts.shape != (4 * st.histogram.bins + 1,):
+                    raise ValueError(f"histogram of {name} has {st.histogram.counts.size} counts")
             out[name] = st
     except (TypeError, ValueError, KeyError) as exc:
         raise OnnxQuantError(f"{path}: corrupted statistics file ({exc})") from None

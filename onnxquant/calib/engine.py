@@ -1,24 +1,34 @@
 """Calibration engine: run the float model in ONNX Runtime batch by batch and stream statistics.
 
 The tensors to calibrate are exposed as extra graph outputs (graph inputs are read from the feed) and one
-ONNX Runtime session runs over the data once (pass 1: min, max, Σx) and, when a method needs it, a second time
-(pass 2: deviations around the pass-1 mean and fixed-range histograms; see `onnxquant.calib.stats`). Memory is
-the model, one batch of activations and the statistics, whatever the number of samples.
+ONNX Runtime session runs over the data once (pass 1: min, max, Σx and, for the histogram methods, the
+power-of-two-grid histograms) and, only for the moment methods (laplace, gauss), a second time (pass 2:
+deviations around the pass-1 mean; see `onnxquant.calib.stats`). Memory is the model, two batches of
+activations (inference runs one batch ahead) and the statistics, whatever the number of samples.
 
-Sharding (same table as one run): `p1 = [collect_stats(..., shard_i, histograms=False)]`, `merged =
-merge_stats(*p1)`, `s_i = collect_stats(..., shard_i, pass1=merged)`, `stats = merge_stats(*s_i)`.
+Sharding (same table as one run): histogram methods and minmax need `stats = merge_stats(*[collect_stats(...,
+shard_i, moments=False)])`. Moment methods add a second step: `merged = merge_stats(*p1)` of the pass-1
+parts, then `s_i = collect_stats(..., shard_i, pass1=merged)` and `stats = merge_stats(*s_i)`.
 """
 from __future__ import annotations
 
 import logging
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import reduce
 
 import numpy as np
 import onnx
 
-from onnxquant.calib.stats import DEFAULT_BINS, NonFiniteError, TensorStats, merge_all, update_pass2
+from onnxquant.calib.stats import (
+    DEFAULT_BINS,
+    Histogram,
+    NonFiniteError,
+    TensorStats,
+    merge_all,
+    update_pass2,
+)
 from onnxquant.errors import BadDataError, BadModelError, OnnxQuantError
 from onnxquant.model import graph_inputs, make_session, with_outputs
 from onnxquant.tables import CalibrationTable, TensorRange
@@ -34,9 +44,9 @@ def collect_stats(model: onnx.ModelProto, tensors: Sequence[str], data: Iterable
                   pass1: Mapping[str, TensorStats] | None = None) -> dict[str, TensorStats]:
     """Statistics of `tensors` over `data` ({input_name: array} batches; re-iterable when pass 2 runs).
 
-    Pass 2 runs when `histograms` (fixed-range histograms) or `moments` (deviation sums: Laplace b, σ;
-    default: as `histograms`) is set; `methods.collect_options(methods)` gives both. `per_channel`: tensors
-    that also get per-channel statistics on axis 1. `pass1`: merged pass-1 statistics of all shards
+    `histograms`: pass 1 also builds histograms of `bins` bins. Pass 2 runs when `moments` (deviation sums:
+    Laplace b, σ; default: as `histograms`) is set; `methods.collect_options(methods)` gives both. `per_channel`:
+    tensors that also get per-channel statistics on axis 1. `pass1`: merged pass-1 statistics of all shards
     (sharding protocol): only the second pass runs, referenced to them; the shard's own pass-1 values are
     recomputed on the way.
     """
@@ -49,22 +59,24 @@ def collect_stats(model: onnx.ModelProto, tensors: Sequence[str], data: Iterable
     inputs = [i.name for i in graph_inputs(model)]
     _check_tensor_names(model, tensors, inputs)
     fetch = [t for t in tensors if t not in inputs]
-    session = make_session(with_outputs(model, fetch)) if fetch else None
+    session = make_session(with_outputs(model, fetch), spin=False) if fetch else None
     channels = set(per_channel)
-    moments = histograms if moments is None else moments
-    second = histograms or moments or pass1 is not None
+    moments = (histograms if moments is None else moments) or pass1 is not None
+
+    def fresh() -> dict[str, TensorStats]:
+        return {t: TensorStats(histogram=Histogram(bins) if histograms else None) for t in tensors}
 
     if pass1 is None:
-        stats = {t: TensorStats() for t in tensors}
+        stats = fresh()
 
-        def pass1_update(name: str, x: np.ndarray, first_sample: int) -> None:
+        def pass1_update(name: str, x: np.ndarray) -> None:
             stats[name].update_pass1(x, name in channels)
 
         n1 = _run(session, inputs, fetch, tensors, data, pass1_update, progress, "calibration pass 1")
         if n1 == 0:
             raise BadDataError("calibration data is empty; accepted: at least one sample")
         log.info("pass 1: %d samples, %d tensors", n1, len(tensors))
-        if not second:
+        if not moments:
             return stats
         reference = stats
     else:
@@ -81,13 +93,13 @@ def collect_stats(model: onnx.ModelProto, tensors: Sequence[str], data: Iterable
         ref = reference[t]
         if t in channels and not ref.per_channel:
             raise OnnxQuantError(f"tensor {t}: pass-1 statistics have no per-channel values")
-        accs[t] = ref.start_pass2(bins, histograms, moments)
+        accs[t] = ref.start_pass2()
         if t not in channels:
             accs[t].ch_ref_mean = accs[t].ch_abs_dev = accs[t].ch_sq_dev = None
     # a shard recomputes its own pass-1 part (merged later); one run already has it from pass 1
-    local = {t: TensorStats() for t in tensors} if pass1 is not None else None
+    local = fresh() if pass1 is not None else None
 
-    def pass2_update(name: str, x: np.ndarray, first_sample: int) -> None:
+    def pass2_update(name: str, x: np.ndarray) -> None:
         if local is not None:
             local[name].update_pass1(x, name in channels)
         update_pass2(accs[name], x)
@@ -182,27 +194,43 @@ def _check_tensor_names(model: onnx.ModelProto, tensors: Sequence[str], inputs: 
 
 def _run(session, inputs: Sequence[str], fetch: Sequence[str], tensors: Sequence[str], data: Iterable[Batch],
          update, progress: bool, label: str) -> int:
-    """Run `session` on each batch and call update(name, array, first_sample_index); returns samples seen."""
+    """Run `session` on each batch and call update(name, array) per tensor; returns the samples seen.
+
+    ONNX Runtime runs one batch ahead in a worker thread (it releases the GIL), so inference overlaps with the
+    statistics of the previous batch: two batches of activations are alive at a time.
+    """
     samples = 0
-    for batch in progress_iter(data, progress, label):
-        missing = [i for i in inputs if i not in batch]
-        if missing:
-            raise BadDataError(f"calibration batch lacks model input(s) {', '.join(missing)}; "
-                               f"accepted: batches with keys {', '.join(inputs)}")
-        feed = {i: batch[i] for i in inputs}
-        outs = dict(zip(fetch, session.run(list(fetch), feed))) if fetch else {}
-        outs.update({i: np.asarray(feed[i]) for i in inputs if i in tensors})
-        for name in tensors:
-            x = np.asarray(outs[name])
-            if x.dtype.kind != "f":
-                raise BadModelError(f"tensor {name} has dtype {x.dtype}; accepted: float tensors only")
-            try:
-                update(name, x, samples)
-            except NonFiniteError:
-                _reject_nonfinite(name, x, samples)
-        first = np.asarray(feed[inputs[0]]) if inputs else None
-        samples += int(first.shape[0]) if first is not None and first.ndim else 1
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        pending = None
+        for batch in progress_iter(data, progress, label):
+            missing = [i for i in inputs if i not in batch]
+            if missing:
+                raise BadDataError(f"calibration batch lacks model input(s) {', '.join(missing)}; "
+                                   f"accepted: batches with keys {', '.join(inputs)}")
+            feed = {i: batch[i] for i in inputs}
+            running = worker.submit(session.run, list(fetch), feed) if fetch else None
+            if pending is not None:
+                samples += _update(*pending, fetch, tensors, update, samples)
+            pending = feed, running
+        if pending is not None:
+            samples += _update(*pending, fetch, tensors, update, samples)
     return samples
+
+
+def _update(feed: Batch, running, fetch: Sequence[str], tensors: Sequence[str], update, first: int) -> int:
+    """Feed one batch's tensors to `update`; returns the batch's sample count."""
+    outs = dict(zip(fetch, running.result())) if running is not None else {}
+    outs.update({i: np.asarray(v) for i, v in feed.items() if i in tensors})
+    for name in tensors:
+        x = np.asarray(outs[name])
+        if x.dtype.kind != "f":
+            raise BadModelError(f"tensor {name} has dtype {x.dtype}; accepted: float tensors only")
+        try:
+            update(name, x)
+        except NonFiniteError:
+            _reject_nonfinite(name, x, first)
+    x0 = np.asarray(next(iter(feed.values()))) if feed else None
+    return int(x0.shape[0]) if x0 is not None and x0.ndim else 1
 
 
 def _reject_nonfinite(name: str, x: np.ndarray, first_sample: int) -> None:

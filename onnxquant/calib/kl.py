@@ -1,6 +1,6 @@
 """TensorRT entropy calibration (Migacz, "8-bit Inference with TensorRT", 2017), all candidates vectorized.
 
-Input: the histogram of |x| (`bins` bins over [0, A], fixed range from pass 1). For each candidate
+Input: the histogram of |x| (`TensorStats.abs_hist`: equal bins over [0, A], A >= max|x|). For each candidate
 i = nq..bins:
 
 - P: bins 0..i−1, with all outliers (bins ≥ i) added to bin i−1;
@@ -31,7 +31,7 @@ import logging
 
 import numpy as np
 
-from onnxquant.calib.stats import TensorStats, bin_width
+from onnxquant.calib.stats import TensorStats
 from onnxquant.errors import OnnxQuantError
 
 log = logging.getLogger(__name__)
@@ -89,12 +89,12 @@ def kl(st: TensorStats, bits, symmetric: bool, *, per_channel: bool = False):
     if per_channel:
         raise OnnxQuantError("kl calibration is per tensor only; per channel: minmax, laplace, gauss")
     counts = st.abs_hist.astype(np.float64)
-    counts[0] -= st.pass2.zeros
+    counts[0] -= st.zeros
     nq = levels(bits, symmetric, st.one_sided)
     if np.count_nonzero(counts) <= nq:
         log.info("kl: at most %d distinct histogram bins for %d levels: the full range loses nothing", nq, nq)
         return st.min, st.max
     if len(counts) < nq:
         log.warning("kl: %d bins < %d levels: no candidate, using the full range", len(counts), nq)
-    t = kl_threshold_bins(counts, nq) * bin_width(st)
+    t = kl_threshold_bins(counts, nq) * st.bin_width
     return max(st.min, -t), min(st.max, t)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxquant.calib.stats import TensorStats, bin_width
+from onnxquant.calib.stats import TensorStats
 from onnxquant.errors import OnnxQuantError
 
 _CHUNK = 256
@@ -55,9 +55,9 @@ def mse(st: TensorStats, bits, symmetric: bool, *, per_channel: bool = False):
     """The range with the smallest histogram MSE for `bits`."""
     if per_channel:
         raise OnnxQuantError("mse calibration is per tensor only; per channel: minmax, laplace, gauss")
-    w = bin_width(st)
     if st.amax == 0:
         return 0.0, 0.0
+    w = st.bin_width
     if symmetric or st.one_sided:
         levels = (1 << bits) - 1 if (st.one_sided and not symmetric) else (1 << (bits - 1)) - 1
         i = int(np.argmin(mse_costs_symmetric(st.abs_hist, w, levels)))

@@ -1,4 +1,4 @@
-"""Percentile calibration on the fixed-range histogram.
+"""Percentile calibration on the streamed histogram.
 
 The p-th percentile is read from the cumulative histogram with linear interpolation inside the bin that
 crosses p/100 of the total count, so it is within one bin width of the sample percentile. Symmetric and
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxquant.calib.stats import TensorStats, bin_width
+from onnxquant.calib.stats import TensorStats
 from onnxquant.errors import OnnxQuantError
 
 DEFAULT_PERCENTILE = 99.99
@@ -35,7 +35,7 @@ def percentile(st: TensorStats, bits, symmetric: bool, *, per_channel: bool = Fa
         raise OnnxQuantError("percentile calibration is per tensor only; per channel: minmax, laplace, gauss")
     if not 0 < percentile <= 100:
         raise OnnxQuantError(f"percentile={percentile}: accepted: a number in (0, 100], e.g. 99.99")
-    w = bin_width(st)
+    w = st.bin_width
     if symmetric or st.one_sided:
         t = hist_percentile(st.abs_hist, 0.0, w, percentile)
         return max(st.min, -t), min(st.max, t)

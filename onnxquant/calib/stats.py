@@ -1,31 +1,39 @@
 """Streaming, mergeable per-tensor statistics for calibration.
 
 Memory is bounded by the statistics themselves (a few scalars, one histogram, optional per-channel vectors),
-never by the number of samples. Two passes:
+never by the number of samples. At most two passes:
 
-- pass 1: count n, min, max and Σx (float64), so mean = Σx / n; per channel (axis 1) the same per channel.
-- pass 2, with the pass-1 results fixed: the reference mean m and the histogram range A = max(|min|, |max|)
-  are taken from pass 1, then Σ|x − m| (Laplace b = Σ|x − m| / n), Σ(x − m)² (σ² = Σ(x − m)² / n) and a
-  signed histogram of 2·bins equal bins over [−A, A] (bin k holds x with ⌊x·bins/A⌋ = k − bins, x = A goes
-  to the last bin). The histogram of |x| with `bins` bins over [0, A] (TensorRT's) is its fold:
-  `abs_hist[k] = hist[bins + k] + hist[bins − 1 − k]`; for a non-negative tensor it is the upper half.
+- pass 1: count n, min, max and Σx (float64 across chunks), so mean = Σx / n; per channel (axis 1) the same
+  per channel; and, for the histogram methods, a signed histogram (`Histogram`) with the exact-zero count.
+- pass 2, only for the moment methods (laplace, gauss), with the pass-1 mean m fixed: Σ|x − m| (Laplace
+  b = Σ|x − m| / n) and Σ(x − m)² (σ² = Σ(x − m)² / n), per tensor and, when asked, per channel.
 
-Because the histogram range is fixed before pass 2 starts, the histogram is a pure function of the data set:
-it does not depend on batch size or order. Sums are float64, so moments agree to float rounding.
+The histogram lives on a power-of-two grid, so it needs no first pass for its range and still does not depend
+on batch size or order. With n = 2·bins bins per side, its range R is the smallest power of two above every
+|x| seen and w = R/n. Exact zeros (a Relu's clamped outputs) have a bin of their own; x ≠ 0 goes to the bin
+of its sign at magnitude m = ⌈|x|/w⌉ (1..n, bin m holds (m−1)·w < |x| <= m·w). When a batch raises max|x|
+past R, R doubles (as often as needed) and neighbouring magnitude bins merge. Because w only ever doubles,
+⌈a/2⌉ = ⌈⌈a⌉/2⌉ holds exactly in floating point (|x|/w is a scaling by a power of two), so a merged histogram
+equals the one binned directly on the final grid: the result is a pure function of the data set. Consumers
+see it cropped to the k = ⌈max|x|/w⌉ magnitudes that cover max|x| (bins <= k <= 2·bins, so never coarser than
+`bins` bins over [0, max|x|]) as a signed histogram of 2·k bins, zeros counted in the first positive bin; the
+histogram of |x| (TensorRT's) is its exact fold `abs_hist[k] = hist[n + k] + hist[n − 1 − k]`.
 
-Merging (`TensorStats.merge`) adds everything: min of mins, max of maxes, sums and histogram counts. Pass-2
-parts merge only when they were collected against the same pass-1 reference (same m, A and bins), which
-gives the sharding protocol:
+Merging (`TensorStats.merge`) adds everything: min of mins, max of maxes, sums and histogram counts (on the
+coarser of the two grids). Pass-2 parts merge only when they were collected against the same pass-1 mean,
+which gives the sharding protocol for the moment methods:
 
 1. each shard: pass 1 only;  2. merge the pass-1 results;  3. each shard: pass 2 against the merged pass 1
 (which also recomputes the shard's own pass-1 part);  4. merge the shard results.
 
-The result equals one run over all the data (histograms exactly, moments up to float rounding).
+The result equals one run over all the data (histograms exactly, moments up to float rounding). Histogram
+methods need only steps 1 and 2.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,25 +43,104 @@ from onnxquant.errors import OnnxQuantError
 log = logging.getLogger(__name__)
 
 DEFAULT_BINS = 2048
+CHUNK = 1 << 16  # elements per cache-sized block of a batch
 
 
 class NonFiniteError(OnnxQuantError):
     """A batch holds NaN or Inf."""
 
 
+def _chunks(x: np.ndarray) -> Iterator[np.ndarray]:
+    flat = x.reshape(-1)
+    for i in range(0, flat.size, CHUNK):
+        yield flat[i:i + CHUNK]
+
+
+@dataclass
+class Histogram:
+    """Histogram on a power-of-two grid with an exact-zero bin (see the module docstring)."""
+
+    bins: int  # requested resolution: at least this many bins over [0, max|x|]
+    grid: float = 0.0  # R, a power of two above every |x| added; 0 while every value was 0
+    counts: np.ndarray | None = None  # int64, 2·side + 1: index side + sign(x)·⌈|x|·side/R⌉
+
+    def __post_init__(self) -> None:
+        if self.counts is None:
+            self.counts = np.zeros(2 * self.side + 1, np.int64)
+
+    @property
+    def side(self) -> int:
+        return 2 * self.bins
+
+    @property
+    def width(self) -> float:
+        return self.grid / self.side
+
+    @property
+    def zeros(self) -> int:
+        return int(self.counts[self.side])
+
+    def add(self, x: np.ndarray, amax: float) -> None:
+        """Add the values of `x` (float32, all |x| <= amax)."""
+        self.regrid(_grid_above(amax))
+        side = self.side
+        if self.grid == 0:
+            self.counts[side] += x.size
+            return
+        scale = np.float32(side / self.grid)  # exact: an integer times a power of two
+        buf, idx = np.empty(CHUNK, np.float32), np.empty(CHUNK, np.intp)
+        for c in _chunks(x):
+            f, i = buf[:c.size], idx[:c.size]
+            np.abs(c, out=f)
+            f *= scale
+            np.ceil(f, out=f)  # |x|·scale < side, so at most side
+            np.copysign(f, c, out=f)
+            f += side
+            np.copyto(i, f, casting="unsafe")
+            self.counts += np.bincount(i, minlength=2 * side + 1)
+
+    def regrid(self, grid: float) -> None:
+        """Coarsen to range `grid` (a power of two >= the current one) by merging bins."""
+        if grid <= self.grid:
+            return
+        side = self.side
+        if self.grid > 0:
+            factor = round(grid / self.grid)
+            signed = np.arange(2 * side + 1) - side
+            target = side + np.sign(signed) * (-(-np.abs(signed) // factor))
+            self.counts = np.bincount(target, weights=self.counts, minlength=2 * side + 1).astype(np.int64)
+        self.grid = grid
+
+    def merge(self, other: Histogram) -> Histogram:
+        if self.bins != other.bins:
+            raise OnnxQuantError(f"cannot merge histograms of {self.bins} and {other.bins} bins")
+        a, b = Histogram(self.bins, self.grid, self.counts.copy()), \
+            Histogram(other.bins, other.grid, other.counts.copy())
+        a.regrid(b.grid)
+        b.regrid(a.grid)
+        return Histogram(self.bins, a.grid, a.counts + b.counts)
+
+    def signed(self, amax: float) -> np.ndarray:
+        """2·k counts of bins of `width` over [−k·width, k·width], the fewest k that cover max|x| = amax."""
+        side = self.side
+        k = 1 if self.grid == 0 else max(1, min(side, math.ceil(amax * side / self.grid)))
+        h = self.counts[side - k:side + k + 1]
+        return np.concatenate([h[:k], h[k:k + 1] + h[k + 1:k + 2], h[k + 2:]])
+
+
+def _grid_above(amax: float) -> float:
+    """The smallest power of two above `amax` (0 for 0)."""
+    return 0.0 if amax <= 0 else math.ldexp(1.0, math.frexp(amax)[1])
+
+
 @dataclass
 class Pass2:
-    """Pass-2 accumulators, collected against a fixed reference mean and histogram range."""
+    """Pass-2 accumulators: deviations around a fixed reference mean (and per-channel means)."""
 
     ref_mean: float
-    hist_range: float
-    bins: int
-    moments: bool = True  # whether abs_dev / sq_dev (and per-channel ones) are accumulated
     count: int = 0
     abs_dev: float = 0.0
     sq_dev: float = 0.0
-    hist: np.ndarray | None = None  # int64, 2·bins over [−hist_range, hist_range]
-    zeros: int = 0  # exact zeros among the histogrammed values (e.g. clamped by a Relu)
     ch_ref_mean: np.ndarray | None = None
     ch_abs_dev: np.ndarray | None = None
     ch_sq_dev: np.ndarray | None = None
@@ -71,6 +158,7 @@ class TensorStats:
     ch_min: np.ndarray | None = None
     ch_max: np.ndarray | None = None
     ch_sum: np.ndarray | None = None
+    histogram: Histogram | None = None
     pass2: Pass2 | None = field(default=None)
 
     # ---- derived quantities -------------------------------------------------------------------------------
@@ -96,20 +184,14 @@ class TensorStats:
         self._need_channels()
         return self.ch_sum / self.ch_count
 
-    def _need_pass2(self) -> Pass2:
-        if self.pass2 is None or self.pass2.count == 0:
-            raise OnnxQuantError("statistics lack pass 2 (deviations, histogram); collect a second pass")
-        return self.pass2
-
     def _need_channels(self) -> None:
         if self.ch_min is None:
             raise OnnxQuantError("statistics lack per-channel values; collect them with per_channel")
 
     def _need_moments(self) -> Pass2:
-        p = self._need_pass2()
-        if not p.moments:
+        if self.pass2 is None or self.pass2.count == 0:
             raise OnnxQuantError("statistics lack deviations (Laplace b, σ); collect pass 2 with moments")
-        return p
+        return self.pass2
 
     @property
     def mad(self) -> float:
@@ -139,25 +221,37 @@ class TensorStats:
 
     @property
     def has_hist(self) -> bool:
-        return self.pass2 is not None and self.pass2.hist is not None
+        return self.histogram is not None
+
+    def _need_hist(self) -> Histogram:
+        if self.histogram is None:
+            raise OnnxQuantError("statistics lack histograms; collect them with histograms")
+        return self.histogram
 
     @property
     def hist(self) -> np.ndarray:
-        """Signed histogram: 2·bins counts over [−A, A]."""
-        p = self._need_pass2()
-        if p.hist is None:
-            raise OnnxQuantError("statistics lack histograms; collect pass 2 with histograms")
-        return p.hist
+        """Signed histogram: 2·k counts of width `bin_width` over [−hist_range, hist_range], k >= bins."""
+        return self._need_hist().signed(self.amax)
 
     @property
     def abs_hist(self) -> np.ndarray:
-        """Histogram of |x|: bins counts over [0, A]."""
-        h, n = self.hist, self.pass2.bins
+        """Histogram of |x|: k counts of width `bin_width` over [0, hist_range] (the fold of `hist`)."""
+        h = self.hist
+        n = h.size // 2
         return h[n:] + h[:n][::-1]
 
     @property
+    def bin_width(self) -> float:
+        return self._need_hist().width
+
+    @property
     def hist_range(self) -> float:
-        return self._need_pass2().hist_range
+        return self.hist.size // 2 * self.bin_width
+
+    @property
+    def zeros(self) -> int:
+        """Exact zeros among the values."""
+        return self._need_hist().zeros
 
     # ---- accumulation --------------------------------------------------------------------------------------
     def update_pass1(self, x: np.ndarray, channels: bool = False) -> None:
@@ -167,10 +261,13 @@ class TensorStats:
         lo, hi = x.min(), x.max()
         if not (np.isfinite(lo) and np.isfinite(hi)):
             raise NonFiniteError("NaN or Inf value")
+        x32 = x.astype(np.float32, copy=False).reshape(-1)
         self.count += int(x.size)
         self.min = float(min(self.min, lo))
         self.max = float(max(self.max, hi))
-        self.sum += float(np.sum(x, dtype=np.float64))
+        self.sum += float(np.sum(x32))  # pairwise over the flat batch: relative error ~ 1e-7
+        if self.histogram is not None:
+            self.histogram.add(x32, float(max(-lo, hi, 0.0)))
         if channels:
             axes = _other_axes(x)
             cmin, cmax = x.min(axis=axes).astype(np.float64), x.max(axis=axes).astype(np.float64)
@@ -184,12 +281,10 @@ class TensorStats:
                 self.ch_sum = self.ch_sum + csum
             self.ch_count += x.size // x.shape[1]
 
-    def start_pass2(self, bins: int, histograms: bool, moments: bool = True) -> Pass2:
-        """Fresh pass-2 accumulators referenced to this object's pass-1 results."""
-        p = Pass2(ref_mean=self.mean, hist_range=self.amax, bins=bins, moments=moments)
-        if histograms:
-            p.hist = np.zeros(2 * bins, np.int64)
-        if self.ch_min is not None and moments:
+    def start_pass2(self) -> Pass2:
+        """Fresh pass-2 accumulators referenced to this object's pass-1 means."""
+        p = Pass2(ref_mean=self.mean)
+        if self.ch_min is not None:
             p.ch_ref_mean = self.ch_mean
             p.ch_abs_dev = np.zeros_like(p.ch_ref_mean)
             p.ch_sq_dev = np.zeros_like(p.ch_ref_mean)
@@ -201,24 +296,32 @@ class TensorStats:
         ch = {}
         if (self.ch_min is None) != (other.ch_min is None):
             raise OnnxQuantError("cannot merge statistics with and without per-channel values")
+        if (self.histogram is None) != (other.histogram is None):
+            raise OnnxQuantError("cannot merge statistics with and without histograms")
         if self.ch_min is not None:
             _same_channels(self.ch_min, other.ch_min)
             ch = {"ch_count": self.ch_count + other.ch_count, "ch_min": np.minimum(self.ch_min, other.ch_min),
                   "ch_max": np.maximum(self.ch_max, other.ch_max), "ch_sum": self.ch_sum + other.ch_sum}
+        hist = self.histogram.merge(other.histogram) if self.histogram is not None else None
         return TensorStats(count=self.count + other.count, min=min(self.min, other.min),
-                           max=max(self.max, other.max), sum=self.sum + other.sum, **ch,
+                           max=max(self.max, other.max), sum=self.sum + other.sum, **ch, histogram=hist,
                            pass2=_merge_pass2(self.pass2, other.pass2))
 
 
 def update_pass2(p: Pass2, x: np.ndarray) -> None:
-    """Add one batch to pass-2 accumulators `p` (deviations, histogram, per-channel deviations)."""
+    """Add one batch to pass-2 accumulators `p` (deviations, per-channel deviations)."""
     if x.size == 0:
         return
     p.count += int(x.size)
-    if p.moments:
-        d = x.astype(np.float32, copy=False) - np.float32(p.ref_mean)
-        p.sq_dev += float(np.sum(np.square(d), dtype=np.float64))
-        p.abs_dev += float(np.sum(np.abs(d, out=d), dtype=np.float64))
+    ref = np.float32(p.ref_mean)
+    buf = np.empty(CHUNK, np.float32)
+    abs_parts, sq_parts = [], []
+    for c in _chunks(x.astype(np.float32, copy=False)):
+        d = np.subtract(c, ref, out=buf[:c.size])
+        abs_parts.append(float(np.sum(np.abs(d))))
+        sq_parts.append(float(np.sum(np.square(d, out=d))))
+    p.sq_dev += math.fsum(sq_parts)
+    p.abs_dev += math.fsum(abs_parts)
     if p.ch_ref_mean is not None:
         axes = _other_axes(x)
         shape = [1] * x.ndim
@@ -226,28 +329,6 @@ def update_pass2(p: Pass2, x: np.ndarray) -> None:
         dc = x.astype(np.float32, copy=False) - p.ch_ref_mean.astype(np.float32).reshape(shape)
         p.ch_abs_dev = p.ch_abs_dev + np.sum(np.abs(dc), axis=axes, dtype=np.float64)
         p.ch_sq_dev = p.ch_sq_dev + np.sum(np.square(dc), axis=axes, dtype=np.float64)
-    if p.hist is not None:
-        p.hist += histogram(x, p.hist_range, p.bins)
-        p.zeros += int(x.size - np.count_nonzero(x))
-
-
-def histogram(x: np.ndarray, hist_range: float, bins: int) -> np.ndarray:
-    """Signed histogram of `x`: 2·bins equal bins over [−hist_range, hist_range], outside values clipped."""
-    n = 2 * bins
-    if hist_range <= 0:  # all zeros
-        counts = np.zeros(n, np.int64)
-        counts[bins] = x.size
-        return counts
-    y = x.astype(np.float32, copy=False).ravel() * np.float32(bins / hist_range)
-    np.floor(y, out=y)
-    np.clip(y, -bins, bins - 1, out=y)
-    y += np.float32(bins)
-    return np.bincount(y.astype(np.intp), minlength=n).astype(np.int64)
-
-
-def bin_width(st: TensorStats) -> float:
-    p = st._need_pass2()
-    return p.hist_range / p.bins
 
 
 def merge_all(a: dict[str, TensorStats], b: dict[str, TensorStats]) -> dict[str, TensorStats]:
@@ -270,18 +351,15 @@ def _merge_pass2(a: Pass2 | None, b: Pass2 | None) -> Pass2 | None:
         return None
     if a is None or b is None:
         raise OnnxQuantError("cannot merge statistics with and without pass 2")
-    if (a.ref_mean, a.hist_range, a.bins, a.moments) != (b.ref_mean, b.hist_range, b.bins, b.moments) or \
-            (a.hist is None) != (b.hist is None) or (a.ch_ref_mean is None) != (b.ch_ref_mean is None) or \
+    if a.ref_mean != b.ref_mean or (a.ch_ref_mean is None) != (b.ch_ref_mean is None) or \
             (a.ch_ref_mean is not None and not np.array_equal(a.ch_ref_mean, b.ch_ref_mean)):
         raise OnnxQuantError("pass 2 of the two statistics used different pass-1 references; protocol: run "
                              "pass 1 on every shard, merge, then pass 2 on every shard against the merged "
                              "pass 1")
     add = (lambda u, v: None if u is None else u + v)
-    return Pass2(ref_mean=a.ref_mean, hist_range=a.hist_range, bins=a.bins, moments=a.moments,
-                 count=a.count + b.count, abs_dev=a.abs_dev + b.abs_dev, sq_dev=a.sq_dev + b.sq_dev,
-                 hist=add(a.hist, b.hist), zeros=a.zeros + b.zeros,
-                 ch_ref_mean=a.ch_ref_mean, ch_abs_dev=add(a.ch_abs_dev, b.ch_abs_dev),
-                 ch_sq_dev=add(a.ch_sq_dev, b.ch_sq_dev))
+    return Pass2(ref_mean=a.ref_mean, count=a.count + b.count, abs_dev=a.abs_dev + b.abs_dev,
+                 sq_dev=a.sq_dev + b.sq_dev, ch_ref_mean=a.ch_ref_mean,
+                 ch_abs_dev=add(a.ch_abs_dev, b.ch_abs_dev), ch_sq_dev=add(a.ch_sq_dev, b.ch_sq_dev))
 
 
 def _other_axes(x: np.ndarray) -> tuple[int, ...]:
@@ -296,16 +374,15 @@ def _same_channels(a: np.ndarray, b: np.ndarray) -> None:
 
 
 def stats_of(batches: Iterable[np.ndarray] | np.ndarray, *, bins: int = DEFAULT_BINS,
-             per_channel: bool = False, pass2: bool = True, histograms: bool = True,
-             moments: bool = True) -> TensorStats:
-    """Two-pass statistics of an array, or of a re-iterable of batches (no model; for tests and tools)."""
+             per_channel: bool = False, histograms: bool = True, moments: bool = True) -> TensorStats:
+    """Statistics of an array, or of a re-iterable of batches (no model; for tests and tools)."""
     if isinstance(batches, np.ndarray):
         batches = [batches]
-    st = TensorStats()
+    st = TensorStats(histogram=Histogram(bins) if histograms else None)
     for x in batches:
         st.update_pass1(np.asarray(x), per_channel)
-    if pass2:
-        p = st.start_pass2(bins, histograms, moments)
+    if moments:
+        p = st.start_pass2()
         for x in batches:
             update_pass2(p, np.asarray(x))
         st.pass2 = p

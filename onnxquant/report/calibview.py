@@ -1,6 +1,6 @@
 """Calibration view: each activation's histogram with the range every calibration method would choose.
 
-From saved statistics (`calib.stats.TensorStats` whose pass 2 holds the signed histogram, 2·bins counts over
+From saved statistics (`calib.stats.TensorStats` with a histogram: `hist`, 2·k signed counts over
 [−A, A]), every method of `calib.methods.METHODS` is applied through `calib.engine.compute_table` at the
 tensor's width and signedness; the method the calibration table used is the chosen one. For display the
 histogram is re-binned to at most `PLOT_BINS` bars by summing neighbouring bins; a non-negative tensor shows

@@ -37,7 +37,7 @@ def test_registry_is_explicit_and_ordered():
 def test_percentile_within_one_bin_of_numpy(p):
     x = _x(shift=0.7)
     st = stats_of(x, bins=BINS)
-    width = st.hist_range / BINS
+    width = st.bin_width
     lo, hi = percentile(st, 8, True, percentile=p)
     t = np.percentile(np.abs(x), p)
     assert abs(hi - t) <= width and lo == -hi
@@ -84,13 +84,13 @@ def _reference_mse_affine(counts, first, width, lo, hi, bits):
 def test_mse_matches_brute_force(bits):
     x = _x(seed=1, n=20_000)
     st = stats_of(x, bins=128)
-    w = st.hist_range / 128
+    w = st.bin_width
     lo, hi = mse(st, bits, True)
     t = _reference_mse_symmetric(st.abs_hist, w, 2 ** (bits - 1) - 1)
     assert (lo, hi) == pytest.approx((max(st.min, -t), min(st.max, t)))
     xr = np.abs(x)
     sr = stats_of(xr, bins=128)
-    wr = sr.hist_range / 128
+    wr = sr.bin_width
     _, hi = mse(sr, bits, False)  # one-sided, unsigned codes: 2^b - 1 levels
     assert hi == pytest.approx(min(sr.max, _reference_mse_symmetric(sr.abs_hist, wr, 2 ** bits - 1)))
     lo, hi = mse(st, bits, False)  # two-sided, unsigned codes
