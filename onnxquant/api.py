@@ -101,9 +101,10 @@ def calibrate(model: onnx.ModelProto, plan: QuantPlan, data: Batches, *, progres
         stats = collect_stats(model, tensors, data, bins=bins, progress=progress, per_channel=per_channel,
                               **collect_options(methods))
     tensors = {}
+    sources = {t: stats[plan.range_source(t)] for t in plan.activations if plan.range_source(t) in stats}
     for method in sorted(methods):
         specs = {t: (s.bits, s.symmetric) for t, s in plan.activations.items() if s.method == method}
-        tensors.update(compute_table(stats, specs, method, **method_options).tensors)
+        tensors.update(compute_table(sources, specs, method, **method_options).tensors)
     main = max(methods, key=lambda m: sum(s.method == m for s in plan.activations.values()))
     bits = max(s.bits for s in plan.activations.values())
     return CalibrationTable(method=main, bits=bits, tensors=tensors), stats

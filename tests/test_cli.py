@@ -64,6 +64,23 @@ def test_convert_w4_stores_int4_weights(demo):
     assert out.stat().st_size <= 0.18 * (demo / "model.onnx").stat().st_size
 
 
+def test_w4a4_laplace_with_bias_correction_beats_minmax(demo):
+    ev = np.load(DEMO / "eval.npz")
+    reference = make_session(onnx.load(demo / "model.onnx")).run(None, {"input": ev["input"]})[0]
+    scores = {}
+    for name, flags in {"minmax": ("--calib", "minmax"),
+                        "laplace": ("--calib", "laplace", "--bias-correction")}.items():
+        out = demo / f"{name}.onnx"
+        result = invoke("convert", demo / "model.onnx", "--bits", "4", *flags, "--calib-data", demo / "calib.npz",
+                        "-o", out)
+        assert result.exit_code == 0, result.output
+        logits = make_session(onnx.load(out)).run(None, {"input": ev["input"]})[0]
+        sqnr = 10 * np.log10(np.sum(reference ** 2) / np.sum((reference - logits) ** 2))
+        scores[name] = (accuracy(out), sqnr)
+    assert scores["laplace"][0] >= accuracy(demo / "model.onnx") - 0.02
+    assert scores["laplace"][0] > scores["minmax"][0] and scores["laplace"][1] > scores["minmax"][1], scores
+
+
 def test_default_output_goes_beside_the_model(demo, monkeypatch, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("cwd")
     monkeypatch.chdir(cwd)

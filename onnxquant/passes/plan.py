@@ -4,6 +4,11 @@ Placement `ort` quantizes the float inputs and outputs of every quantized node; 
 is a Relu or Clip is quantized after that activation instead, so ONNX Runtime fuses DQ→Conv→Relu→Q into
 QLinearConv. Placement `tensorrt` quantizes only the inputs of quantized nodes (compute ops and residual Adds).
 Graph outputs stay float. A tensor requested at several widths gets the widest.
+
+A MaxPool's input is calibrated on its output's statistics (`QuantPlan.shared`), at its own width, when the
+MaxPool is its only consumer: max commutes with clipping, so at equal widths both Q/DQ pairs act as one and
+the integer MaxPool gets one scale for both, and the range fits the values that travel on (the window maxima)
+rather than the mostly discarded rest (a Laplace fit to a post-Relu tensor would clip exactly those).
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import onnx
 from onnxquant.rules import COMPUTE_OPS, QuantSpec, Rules
 
 FUSED_ACTIVATIONS = ("Relu", "Clip")
+ORDER_PRESERVING = ("MaxPool",)
 FLOAT_TYPES = (onnx.TensorProto.FLOAT,)
 WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 
@@ -41,6 +47,13 @@ class QuantPlan:
     placement: str
     nodes: list[NodeDecision] = field(default_factory=list)
     activations: dict[str, ActivationSpec] = field(default_factory=dict)
+    shared: dict[str, str] = field(default_factory=dict)  # tensor -> tensor whose statistics calibrate it
+
+    def range_source(self, tensor: str) -> str:
+        """The tensor whose statistics calibrate `tensor` (itself unless shared)."""
+        while tensor in self.shared:
+            tensor = self.shared[tensor]
+        return tensor
 
     @property
     def weight_bits(self) -> set[int]:
@@ -117,7 +130,17 @@ def plan_quantization(model: onnx.ModelProto, rules: Rules) -> QuantPlan:
             for tensor in node.output:
                 request(_fused_output(tensor, users, graph_outputs), rule.activations)
     _mark_fused(plan, model)
+    _share_ranges(plan, model, users)
     return plan
+
+
+def _share_ranges(plan: QuantPlan, model: onnx.ModelProto, users: dict[str, list[onnx.NodeProto]]) -> None:
+    quantized = {d.name for d in plan.nodes if d.quantize}
+    for node in model.graph.node:
+        if node.op_type in ORDER_PRESERVING and node.name in quantized and len(node.output) == 1:
+            src, dst = node.input[0], node.output[0]
+            if src in plan.activations and dst in plan.activations and len(users.get(src, [])) == 1:
+                plan.shared[src] = dst
 
 
 def _mark_fused(plan: QuantPlan, model: onnx.ModelProto) -> None:

@@ -10,6 +10,7 @@ import pytest
 from onnx import TensorProto, numpy_helper
 
 from onnxquant import api
+from onnxquant.calib.engine import compute_table
 from onnxquant.model import load_model, make_session, with_outputs
 from onnxquant.quant import qrange
 from onnxquant.rules import load_rules, parse_rules
@@ -144,3 +145,21 @@ def test_skip_override_leaves_the_node_float():
     assert gemm.input[1] == "wf" and gemm.input[0] == "f"
     assert ("Gemm" in {op for _, op, _ in result.summary.float_nodes})
     assert any("skipped by skip.yaml override 1" in reason for _, _, reason in result.summary.float_nodes)
+
+
+def test_maxpool_input_takes_the_output_range():
+    model = load_model(DEMO)
+    x = np.load("calib_data/digits/calib.npz")["input"]
+    rules = load_rules("default").with_cli(method="laplace", wbits=4, abits=4)
+    folded, _, plan, _ = api.prepare(model, rules)
+    assert plan.shared == {"relu2_out": "pool_out"}
+    table, stats = api.calibrate(folded, plan, [{"input": x}])
+    assert stats["relu2_out"].amax == stats["pool_out"].amax  # max pooling keeps the largest value
+    assert table.tensors["relu2_out"] == table.tensors["pool_out"]
+    own = compute_table(stats, {"relu2_out": (4, False)}, "laplace").tensors["relu2_out"]
+    assert own.max < 0.7 * table.tensors["pool_out"].max  # its own Laplace fit would clip the maxima
+    q = api.convert(model, rules, table=table).model
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    params = {n.input[0].removesuffix("_clipped"): (inits[n.input[1]], inits[n.input[2]])
+              for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    assert params["relu2_out"] == params["pool_out"]

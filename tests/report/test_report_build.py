@@ -212,12 +212,14 @@ def test_calibration_view_and_fails_under():
         r.float_model, r.model, digits_data(), sensitivity_samples=0, stats=stats, table=r.table
     )
     assert set(rep.calibration) == set(tensors)
-    view = rep.calibration["relu2_out"]
+    view = rep.calibration["relu3_out"]
     assert set(view.ranges) == {"minmax", "percentile", "mse", "laplace", "gauss", "kl"}
     assert view.chosen == "kl" and view.chosen_range == pytest.approx(view.ranges["kl"])
     top = view.ranges["minmax"][1]  # the histogram ends at the upper edge of the bin holding max|x|
     assert view.lo == 0.0 and top <= view.hi <= top * (1 + 1 / 2048)
-    assert view.counts.sum() == stats["relu2_out"].count
+    assert view.counts.sum() == stats["relu3_out"].count
+    pooled = rep.calibration["relu2_out"]  # calibrated on the statistics of the MaxPool after it
+    assert pooled.chosen_range == pytest.approx(rep.calibration["pool_out"].ranges["kl"])
     assert rep.fails_under(-100) == []
     msgs = rep.fails_under(rep.outputs[0].sqnr_db + 1)
     assert len(msgs) == 1 and msgs[0].startswith("output logits: SQNR")
