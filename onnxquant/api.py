@@ -11,17 +11,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxquant.errors import BadDataError, BadModelError
+from onnxquant.errors import BadDataError, BadModelError, OnnxQuantError
 from onnxquant.model import INT4_OPSET, opset_of, upgrade_opset
 from onnxquant.passes import Outcome, run_passes
 from onnxquant.passes.insert_qdq import PER_CHANNEL_OPSET, QdqSummary, insert_qdq
 from onnxquant.passes.plan import QuantPlan, plan_quantization
+from onnxquant.quant import MAX_BITS, MIN_BITS
 from onnxquant.rules import Rules
 from onnxquant.tables import CalibrationTable
 
 log = logging.getLogger(__name__)
 
 Batches = Iterable[dict[str, np.ndarray]]
+BIT_ALLOC = (None, "weights", "activations", "both")
 
 
 @dataclass
@@ -84,11 +86,13 @@ def prepare(model: onnx.ModelProto, rules: Rules) -> tuple[onnx.ModelProto, list
 
 def calibrate(model: onnx.ModelProto, plan: QuantPlan, data: Batches, *, progress: bool = False,
               bins: int = 2048, stats: dict | None = None, per_channel: tuple[str, ...] = (),
-              **method_options) -> tuple[CalibrationTable, dict]:
+              allocate: bool = False, **method_options) -> tuple[CalibrationTable, dict]:
     """Collect streaming statistics of the planned activations on `data` and turn them into a table.
 
     Tensors are grouped by their calibration method; `stats` (e.g. loaded with --load-stats) skips collection.
-    `per_channel` tensors also get per-channel (axis 1) statistics, which bias correction needs.
+    `per_channel` tensors also get per-channel (axis 1) statistics, which bias correction needs. `allocate`:
+    every activation with a channel axis gets per-channel ranges and widths (ACIQ eq. 10–11) at its width on
+    average.
     """
     from onnxquant.calib.engine import collect_stats, compute_table
     from onnxquant.calib.methods import collect_options
@@ -96,27 +100,62 @@ def calibrate(model: onnx.ModelProto, plan: QuantPlan, data: Batches, *, progres
     if not plan.activations:
         return CalibrationTable(method="none", bits=0), {}
     methods = {spec.method for spec in plan.activations.values()}
+    allocated = _channel_tensors(model, plan) if allocate else ()
     if stats is None:
         tensors = sorted(set(plan.activations) | set(per_channel))
-        stats = collect_stats(model, tensors, data, bins=bins, progress=progress, per_channel=per_channel,
-                              **collect_options(methods))
+        stats = collect_stats(model, tensors, data, bins=bins, progress=progress,
+                              per_channel=sorted(set(per_channel) | set(allocated)), **collect_options(methods))
     tensors = {}
     sources = {t: stats[plan.range_source(t)] for t in plan.activations if plan.range_source(t) in stats}
     for method in sorted(methods):
-        specs = {t: (s.bits, s.symmetric) for t, s in plan.activations.items() if s.method == method}
+        specs = {t: (s.bits, s.symmetric) for t, s in plan.activations.items()
+                 if s.method == method and t not in allocated}
         tensors.update(compute_table(sources, specs, method, **method_options).tensors)
+    for t in allocated:
+        tensors[t] = _allocated_range(sources, t, plan.activations[t], method_options)
     main = max(methods, key=lambda m: sum(s.method == m for s in plan.activations.values()))
     bits = max(s.bits for s in plan.activations.values())
     return CalibrationTable(method=main, bits=bits, tensors=tensors), stats
 
 
+def _channel_tensors(model: onnx.ModelProto, plan: QuantPlan) -> tuple[str, ...]:
+    """Planned activations with a channel axis (rank >= 2 and more than one channel), in name order."""
+    shapes = {vi.name: vi.type.tensor_type.shape for vi in (*model.graph.input, *model.graph.value_info)}
+    out = []
+    for t in sorted(plan.activations):
+        dims = shapes[t].dim if t in shapes else []
+        if len(dims) >= 2 and not (dims[1].HasField("dim_value") and dims[1].dim_value == 1):
+            out.append(t)
+    return tuple(out)
+
+
+def _allocated_range(stats: dict, tensor: str, spec, method_options: dict):
+    """Per-channel range of `tensor` at per-channel widths allocated from its per-channel clipping ranges."""
+    from onnxquant.calib.bitalloc import allocate_bits
+    from onnxquant.calib.engine import compute_table
+    from onnxquant.calib.methods import PER_CHANNEL
+
+    if spec.method not in PER_CHANNEL:
+        raise OnnxQuantError(f"tensor {tensor}: per-channel bit allocation needs a per-channel method; "
+                             f"accepted: {', '.join(sorted(PER_CHANNEL))} (got {spec.method})")
+    view = {tensor: stats[tensor]}
+    even = compute_table(view, {tensor: (spec.bits, spec.symmetric)}, spec.method, per_channel=[tensor],
+                         **method_options).tensors[tensor]
+    widths = allocate_bits(np.subtract(even.max, even.min), spec.bits, lo=MIN_BITS, hi=MAX_BITS)
+    return compute_table(view, {tensor: (widths, spec.symmetric)}, spec.method, per_channel=[tensor],
+                         **method_options).tensors[tensor]
+
+
 def convert(model: onnx.ModelProto, rules: Rules, *, data: Batches | None = None,
             table: CalibrationTable | None = None, stats: dict | None = None, progress: bool = False,
-            bias_correction: str | None = None, bit_alloc: bool = False, **method_options) -> ConvertResult:
+            bias_correction: str | None = None, bit_alloc: str | None = None, **method_options) -> ConvertResult:
     """Fold, calibrate (or take `table`), and insert Q/DQ. The input model is not modified.
 
-    `bias_correction` is None, "mean" or "full"; `bit_alloc` allocates weight widths per channel.
+    `bias_correction` is None, "mean" or "full"; `bit_alloc` (None, "weights", "activations" or "both")
+    allocates widths per channel at the same average width (ACIQ eq. 10–11).
     """
+    if bit_alloc not in BIT_ALLOC:
+        raise OnnxQuantError(f"bit_alloc={bit_alloc!r}; accepted: {', '.join(map(str, BIT_ALLOC))}")
     folded, outcomes, plan, notes = prepare(model, rules)
     corrected_inputs = _compute_inputs(folded, plan) if bias_correction else ()
     if table is None:
@@ -124,7 +163,8 @@ def convert(model: onnx.ModelProto, rules: Rules, *, data: Batches | None = None
             raise BadDataError(f"convert: {len(plan.activations)} activation tensors need calibration; "
                                "accepted: --calib-data PATH, --calib-reader MODULE:FUNCTION or --table FILE")
         table, stats = calibrate(folded, plan, data or [], progress=progress, stats=stats,
-                                 per_channel=corrected_inputs, **method_options)
+                                 per_channel=corrected_inputs, allocate=bit_alloc in ("activations", "both"),
+                                 **method_options)
     else:
         known = {i.name for i in folded.graph.input} | {o for n in folded.graph.node for o in n.output}
         table.check_tensors(known, required=plan.activations)
@@ -136,7 +176,8 @@ def convert(model: onnx.ModelProto, rules: Rules, *, data: Batches | None = None
 
         stats = collect_stats(folded, corrected_inputs, data, histograms=False, per_channel=corrected_inputs)
     means = {t: stats[t].ch_mean for t in corrected_inputs if t in (stats or {}) and stats[t].per_channel}
-    quant, summary = insert_qdq(folded, plan, table, bias_correction=bias_correction, bit_alloc=bit_alloc,
+    quant, summary = insert_qdq(folded, plan, table, bias_correction=bias_correction,
+                                bit_alloc=bit_alloc in ("weights", "both"),
                                 input_means=means)
     try:
         onnx.checker.check_model(quant, full_check=True)

@@ -154,8 +154,9 @@ def main() -> None:
               help="Weight range method [default: the rule file's, minmax].")
 @click.option("--bias-correction", type=click.Choice(["mean", "full"]), is_flag=False, flag_value="mean",
               default=None, help="Correct each weight channel's mean (and with =full its spread), ACIQ eq. 12-13.")
-@click.option("--bit-alloc", type=click.Choice(["weights"]), default=None,
-              help="Per-channel bit allocation of weights at the same average width (ACIQ eq. 10-11).")
+@click.option("--bit-alloc", type=click.Choice(["weights", "activations", "both"]), default=None,
+              help="Per-channel widths at the same average width (ACIQ eq. 10-11); activations need "
+                   "minmax, laplace or gauss.")
 @click.option("--bins", type=click.IntRange(min=8), default=2048, show_default=True,
               help="Histogram resolution for percentile, mse and kl: at least this many bins over [0, max|x|].")
 @click.option("--save-stats", type=click.Path(path_type=Path), default=None,
@@ -195,7 +196,7 @@ def convert(model, output, bits, wbits, abits, method, calib_data, rules_path, t
     if report_path is not None and data is None:
         raise click.UsageError("--report needs --calib-data (or --calib-reader) to compare the models on")
     result = api.convert(float_model, rules, data=data, table=table, stats=stats, progress=sys.stderr.isatty(),
-                         bias_correction=bias_correction, bit_alloc=bit_alloc == "weights", bins=bins,
+                         bias_correction=bias_correction, bit_alloc=bit_alloc, bins=bins,
                          percentile=percentile)
     report = suggestion = None
     if report_path is not None:
@@ -204,7 +205,7 @@ def convert(model, output, bits, wbits, abits, method, calib_data, rules_path, t
         if suggest_rules is not None:
             suggestion = api.suggest(report, float_model, rules, data, target_sqnr=target_sqnr, k=top_k,
                                      high_bits=high_bits, bias_correction=bias_correction,
-                                     bit_alloc=bit_alloc == "weights", bins=bins, percentile=percentile)
+                                     bit_alloc=bit_alloc, bins=bins, percentile=percentile)
     save_model(result.model, out)
     if table_out is not None:
         tables.save_table(result.table, table_out)

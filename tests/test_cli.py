@@ -132,6 +132,7 @@ def _bad_npz(folder: Path, kind: str) -> Path:
     ("dtype", "input"),
     ("empty", "empty|no samples|0 samples"),
     ("old_opset", "opset 9 is not supported"),
+    ("bit_alloc_kl", "per-channel bit allocation needs a per-channel method; accepted: gauss, laplace, minmax"),
 ])
 def test_bad_input_is_one_line_exit_2_nothing_written(demo, case, pattern):
     model = demo / "model.onnx"
@@ -153,6 +154,8 @@ def test_bad_input_is_one_line_exit_2_nothing_written(demo, case, pattern):
         rules = demo / "r.yaml"
         rules.write_text("weight: {bits: 4}" if case == "rules_unknown_key" else "weights: {bits: [4]}")
         args += ["--rules", rules]
+    elif case == "bit_alloc_kl":
+        args += ["--calib", "kl", "--bit-alloc", "activations"]
     elif case == "old_opset":
         m = onnx.load(model)
         m.opset_import[0].version = 9

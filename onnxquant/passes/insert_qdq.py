@@ -3,7 +3,9 @@
 Weights are stored quantized — `q = clip(round_half_even(W / s) + z)` per output channel — as INT8, or as
 INT4/UINT4 (two per byte) from opset 21, followed by a DequantizeLinear. A bias becomes int32 with scale
 `s_x · s_w` (zero point 0), the form ONNX Runtime fuses into QLinearConv/QGemm. Activations get Q→DQ with the
-table's scale and zero point. Weight widths without an ONNX type (2, 3, 5–7 bits) live in an 8-bit container.
+table's scale and zero point (per tensor, or per channel on axis 1 with per-channel widths from activation bit
+allocation, the bias then staying float). Weight widths without an ONNX type (2, 3, 5–7 bits) live in an
+8-bit container.
 Activations below 8 bits always use an 8-bit container (ONNX Runtime moves DequantizeLinear past MaxPool and
 then has no uint4 MaxPool; TensorRT has no 4-bit activations); such an activation is first clipped to `[s (q_min − z), s (q_max − z)]`, so its codes stay in the b-bit range and
 the float simulation is exact.
@@ -131,13 +133,15 @@ def insert_qdq(model: onnx.ModelProto, plan: QuantPlan, table: CalibrationTable,
     input_means = input_means or {}
 
     act_params: dict[str, QParams] = {}
+    ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in (*graph.input, *graph.value_info)
+             if vi.type.tensor_type.HasField("shape")}
     for tensor in sorted(plan.activations):
         entry = table.tensors.get(tensor)
         if entry is None:
             summary.notes.append(f"{tensor}: no calibration entry, left float")
             continue
         params = entry.qparams()
-        dq = _insert_activation_qdq(build, tensor, params)
+        dq = _insert_activation_qdq(build, tensor, params, ranks.get(tensor))
         act_params[tensor] = params
         summary.activations[int(np.max(params.bits))] += 1
         for node in users.get(tensor, []):
@@ -177,8 +181,11 @@ def insert_qdq(model: onnx.ModelProto, plan: QuantPlan, table: CalibrationTable,
             summary.notes.append(f"{node.name}: bias correction skipped (no per-channel mean of {x_name!r})")
         if shift is not None:
             bias = shift if bias is None else bias + shift
-        if bias is not None and (shift is not None or x_name in act_params):
-            _insert_bias(build, node, bias, act_params.get(x_name), w_params)
+        x_params = act_params.get(x_name)
+        if x_params is not None and x_params.axis is not None:
+            x_params = None  # per-channel input scales: no single bias scale s_x·s_w, the bias stays float
+        if bias is not None and (shift is not None or x_params is not None):
+            _insert_bias(build, node, bias, x_params, w_params)
     build.finish()
     _drop_unused_initializers(out)
     return out, summary
@@ -238,20 +245,33 @@ def _rewire(node: onnx.NodeProto, old: str, new: str, only_index: int | None = N
             node.input[i] = new
 
 
-def _insert_activation_qdq(build: _Builder, tensor: str, params: QParams) -> str:
-    bits = int(np.max(params.bits))
+def _insert_activation_qdq(build: _Builder, tensor: str, params: QParams, rank: int | None) -> str:
+    """Q→DQ of an activation, per tensor or per channel (axis 1), in an 8-bit container; widths below 8 bits
+    are clipped first to the codes' range (Clip per tensor; Min/Max with per-channel bounds per channel)."""
     elem = TensorProto.INT8 if params.signed else TensorProto.UINT8
-    scale = build.constant(f"{tensor}_scale", np.asarray(params.scale, np.float32).reshape(()))
-    zero = build.constant(f"{tensor}_zero_point", np.asarray(params.zero_point).reshape(()).astype(_np_type(elem)))
+    shape = () if params.axis is None else (-1,)
+    scale = build.constant(f"{tensor}_scale", np.asarray(params.scale, np.float32).reshape(shape))
+    zero = build.constant(f"{tensor}_zero_point", np.asarray(params.zero_point).reshape(shape).astype(_np_type(elem)))
+    attrs = {} if params.axis is None else {"axis": params.axis}
     source = tensor
-    if bits < 8:
-        lo = np.float32(params.scale) * np.float32(int(params.qmin) - int(params.zero_point))
-        hi = np.float32(params.scale) * np.float32(int(params.qmax) - int(params.zero_point))
-        source = build.node(tensor, "Clip", [tensor, build.constant(f"{tensor}_clip_min", np.asarray(lo)),
-                                             build.constant(f"{tensor}_clip_max", np.asarray(hi))],
-                            f"{tensor}_clipped")
-    q = build.node(tensor, "QuantizeLinear", [source, scale, zero], f"{tensor}_quantized")
-    return build.node(tensor, "DequantizeLinear", [q, scale, zero], f"{tensor}_dequantized")
+    if int(np.min(params.bits)) < 8:
+        scale32 = np.asarray(params.scale, np.float32)
+        lo = scale32 * (params.qmin - params.zero_point).astype(np.float32)
+        hi = scale32 * (params.qmax - params.zero_point).astype(np.float32)
+        if params.axis is None:
+            source = build.node(tensor, "Clip", [tensor, build.constant(f"{tensor}_clip_min", lo),
+                                                 build.constant(f"{tensor}_clip_max", hi)], f"{tensor}_clipped")
+        else:
+            if rank is None:
+                raise OnnxQuantError(f"tensor {tensor}: rank unknown; per-channel activation quantization needs "
+                                     "its shape (run shape inference on the model)")
+            bounds = (-1,) + (1,) * (rank - 1 - params.axis)
+            low = build.node(tensor, "Max", [tensor, build.constant(f"{tensor}_clip_min", lo.reshape(bounds))],
+                             f"{tensor}_clipped_low")
+            source = build.node(tensor, "Min", [low, build.constant(f"{tensor}_clip_max", hi.reshape(bounds))],
+                                f"{tensor}_clipped")
+    q = build.node(tensor, "QuantizeLinear", [source, scale, zero], f"{tensor}_quantized", **attrs)
+    return build.node(tensor, "DequantizeLinear", [q, scale, zero], f"{tensor}_dequantized", **attrs)
 
 
 def _insert_weight(build: _Builder, name: str, w: np.ndarray, params: QParams, opset: int) -> str:

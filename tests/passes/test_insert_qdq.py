@@ -163,3 +163,44 @@ def test_maxpool_input_takes_the_output_range():
     params = {n.input[0].removesuffix("_clipped"): (inits[n.input[1]], inits[n.input[2]])
               for n in q.graph.node if n.op_type == "QuantizeLinear"}
     assert params["relu2_out"] == params["pool_out"]
+
+
+def _spread_channels_model() -> onnx.ModelProto:
+    """residual_model whose first conv's output channels span four decades (the case eq. 10–11 is for)."""
+    model = residual_model()
+    w1 = next(t for t in model.graph.initializer if t.name == "w1")
+    spread = numpy_helper.to_array(w1) * np.array([0.1, 1.0, 10.0, 100.0], np.float32)[:, None, None, None]
+    w1.CopyFrom(numpy_helper.from_array(spread.astype(np.float32), "w1"))
+    return model
+
+
+def _fake_quant(x: np.ndarray, scale, zero, bits, signed: bool) -> np.ndarray:
+    """Independent per-channel (axis 1) fake quantization: saturate(round_half_even(x / s) + z) in b bits."""
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    s, z = np.asarray(scale, np.float32).reshape(shape), np.asarray(zero, np.float32).reshape(shape)
+    b = np.asarray(bits).reshape(shape)
+    lo, hi = (-(2 ** (b - 1)), 2 ** (b - 1) - 1) if signed else (0, 2 ** b - 1)
+    return (np.clip(np.rint(x / s) + z, lo, hi) - z) * s
+
+
+def test_activation_bit_allocation_per_channel():
+    model, x = _spread_channels_model(), data(128)
+    rules = load_rules("default").with_cli(method="minmax", abits=4)
+    result = api.convert(model, rules, data=[{"x": x}], bit_alloc="activations")
+    entry = result.table.tensors["r1"]
+    assert entry.axis == 1 and np.mean(entry.bits) <= 4 and entry.bits == sorted(entry.bits)
+    assert entry.bits[0] < entry.bits[-1]  # the widest channel gets the most bits
+    exposed = ["r1", "r1_dequantized", "r1_quantized"]  # r1: the Relu output before its Q/DQ
+    r1, deq, codes = make_session(with_outputs(result.model, exposed)).run(exposed, {"x": x})
+    np.testing.assert_allclose(deq, _fake_quant(r1, entry.scale, entry.zero_point, entry.bits, entry.signed),
+                               rtol=1e-6, atol=1e-6 * np.abs(r1).max())
+    for c, b in enumerate(entry.bits):  # codes stay in each channel's own width
+        assert codes[:, c].min() >= 0 and codes[:, c].max() <= 2 ** b - 1
+    assert len(np.unique(codes[:, 0])) <= 2 ** entry.bits[0] < len(np.unique(codes[:, -1]))
+    even = compute_table(result.stats, {"r1": (4, False)}, "minmax", per_channel=["r1"]).tensors["r1"]
+    error = {name: np.mean((_fake_quant(r1, e.scale, e.zero_point, e.bits, False) - r1) ** 2)
+             for name, e in (("allocated", entry), ("even", even))}
+    assert error["allocated"] < 0.5 * error["even"], error  # same average width, less total noise
+    y_ref = make_session(model).run(None, {"x": x})[0]
+    y = make_session(result.model).run(None, {"x": x})[0]
+    assert np.abs(y - y_ref).max() < 0.1 * np.abs(y_ref).max()
