@@ -1,7 +1,8 @@
 """KL threshold search for one tensor: onnxquant's vectorized search vs a per-candidate Python loop.
 
 The loop is the shape of ONNX Runtime's `get_optimal_threshold`-style search (one candidate at a time, numpy
-inside); both run on the same 2048-bin histogram of 10^6 Laplace samples and must pick the same threshold.
+inside); both run on the same histogram (2048 bins requested) of 10^6 Laplace samples and must pick the same
+threshold.
 
     python tools/bench_kl.py [--bins 2048] [--repeat 3]
 """
