@@ -121,11 +121,16 @@ def calibrate(model: onnx.ModelProto, plan: QuantPlan, data: Batches, *, progres
 def _channel_tensors(model: onnx.ModelProto, plan: QuantPlan) -> tuple[str, ...]:
     """Planned activations with a channel axis (rank >= 2 and more than one channel), in name order."""
     shapes = {vi.name: vi.type.tensor_type.shape for vi in (*model.graph.input, *model.graph.value_info)}
-    out = []
+    out, unknown = [], []
     for t in sorted(plan.activations):
-        dims = shapes[t].dim if t in shapes else []
+        if t not in shapes:
+            unknown.append(t)
+            continue
+        dims = shapes[t].dim
         if len(dims) >= 2 and not (dims[1].HasField("dim_value") and dims[1].dim_value == 1):
             out.append(t)
+    if unknown:
+        log.warning("bit allocation: shape unknown, kept per tensor: %s", ", ".join(unknown))
     return tuple(out)
 
 
@@ -133,17 +138,20 @@ def _allocated_range(stats: dict, tensor: str, spec, method_options: dict):
     """Per-channel range of `tensor` at per-channel widths allocated from its per-channel clipping ranges."""
     from onnxquant.calib.bitalloc import allocate_bits
     from onnxquant.calib.engine import compute_table
-    from onnxquant.calib.methods import PER_CHANNEL
+    from onnxquant.calib.methods import METHODS, PER_CHANNEL, check_options
 
     if spec.method not in PER_CHANNEL:
         raise OnnxQuantError(f"tensor {tensor}: per-channel bit allocation needs a per-channel method; "
                              f"accepted: {', '.join(sorted(PER_CHANNEL))} (got {spec.method})")
-    view = {tensor: stats[tensor]}
-    even = compute_table(view, {tensor: (spec.bits, spec.symmetric)}, spec.method, per_channel=[tensor],
-                         **method_options).tensors[tensor]
-    widths = allocate_bits(np.subtract(even.max, even.min), spec.bits, lo=MIN_BITS, hi=MAX_BITS)
-    return compute_table(view, {tensor: (widths, spec.symmetric)}, spec.method, per_channel=[tensor],
-                         **method_options).tensors[tensor]
+    try:
+        lo, hi = METHODS[spec.method](stats[tensor], spec.bits, spec.symmetric, per_channel=True,
+                                      **check_options(spec.method, method_options))
+    except OnnxQuantError as exc:
+        raise OnnxQuantError(f"tensor {tensor}: {exc}") from exc
+    span = np.maximum(hi, 0) - np.minimum(lo, 0)  # dead (constant 0) channels: 0, so the fewest bits
+    widths = allocate_bits(span, spec.bits, lo=MIN_BITS, hi=MAX_BITS)
+    return compute_table({tensor: stats[tensor]}, {tensor: (widths, spec.symmetric)}, spec.method,
+                         per_channel=[tensor], **method_options).tensors[tensor]
 
 
 def convert(model: onnx.ModelProto, rules: Rules, *, data: Batches | None = None,
