@@ -26,18 +26,20 @@ import logging
 import numpy as np
 import onnx
 
-from onnxquant.passes.base import Graph, Match, attr, bn_affine, is_op, set_attr
+from onnxquant.passes.base import BNAffine, Graph, Match, attr, bn_affine, is_op, set_attr
 
 log = logging.getLogger(__name__)
 
 BN = "BatchNormalization"
 
 
-def _nodes(graph: Graph, match: Match) -> tuple[onnx.NodeProto, onnx.NodeProto] | str:
+def _nodes_and_affine(graph: Graph, match: Match) -> tuple[onnx.NodeProto, onnx.NodeProto, BNAffine] | str:
+    """The matched BN, its partner node and the BN's affine form, or why the match no longer holds."""
     bn, other = (graph.node(n) for n in match.nodes)
     if bn is None or other is None:
         return "node no longer in the graph"
-    return bn, other
+    affine = bn_affine(graph, bn)
+    return affine if isinstance(affine, str) else (bn, other, affine)
 
 
 def _set_input_constant(graph: Graph, node: onnx.NodeProto, slot: int, value: np.ndarray,
@@ -69,19 +71,15 @@ class _FoldIntoProducer:
         return matches
 
     def check(self, graph: Graph, match: Match) -> str | None:
-        found = _nodes(graph, match)
+        found = _nodes_and_affine(graph, match)
         if isinstance(found, str):
             return found
-        bn, prod = found
-        affine = bn_affine(graph, bn)
-        if isinstance(affine, str):
-            return affine
+        bn, prod, affine = found
         return (graph.sole_consumer_reason(prod.output[0], bn, f"{prod.op_type} output")
                 or self.check_weights(graph, prod, affine.scale.size))
 
     def rewrite(self, graph: Graph, match: Match) -> None:
-        bn, prod = _nodes(graph, match)
-        affine = bn_affine(graph, bn)
+        bn, prod, affine = _nodes_and_affine(graph, match)  # check() has passed
         self.fold(graph, prod, affine.scale, affine.shift)
         self.take_output(graph, prod, bn)
 
@@ -179,8 +177,7 @@ class FoldGemmBN(_FoldIntoProducer):
         return None
 
     def rewrite(self, graph: Graph, match: Match) -> None:
-        bn, prod = _nodes(graph, match)
-        affine = bn_affine(graph, bn)
+        bn, prod, affine = _nodes_and_affine(graph, match)  # check() has passed
         if prod.op_type == "Gemm":
             self.fold(graph, prod, affine.scale, affine.shift)
             self.take_output(graph, prod, bn)
@@ -220,13 +217,10 @@ class FoldBNConv(_FoldIntoProducer):
         return matches
 
     def check(self, graph: Graph, match: Match) -> str | None:
-        found = _nodes(graph, match)
+        found = _nodes_and_affine(graph, match)
         if isinstance(found, str):
             return found
-        bn, conv = found
-        affine = bn_affine(graph, bn)
-        if isinstance(affine, str):
-            return affine
+        bn, conv, affine = found
         reason = (graph.sole_consumer_reason(bn.output[0], conv, "BN output")
                   or graph.weight_reason(conv, 1, "Conv weight") or graph.weight_reason(conv, 2, "Conv bias"))
         if reason:
@@ -243,8 +237,7 @@ class FoldBNConv(_FoldIntoProducer):
         return None
 
     def rewrite(self, graph: Graph, match: Match) -> None:
-        bn, conv = _nodes(graph, match)
-        affine = bn_affine(graph, bn)
+        bn, conv, affine = _nodes_and_affine(graph, match)  # check() has passed
         w, group = graph.constant(conv.input[1]), int(attr(conv, "group", 1))
         w64 = w.astype(np.float64)
         m, c_g = w.shape[:2]
