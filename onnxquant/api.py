@@ -15,7 +15,7 @@ from onnxquant.errors import BadDataError, BadModelError, OnnxQuantError
 from onnxquant.model import INT4_OPSET, opset_of, upgrade_opset
 from onnxquant.passes import Outcome, run_passes
 from onnxquant.passes.insert_qdq import PER_CHANNEL_OPSET, QdqSummary, insert_qdq
-from onnxquant.passes.plan import QuantPlan, plan_quantization
+from onnxquant.passes.plan import QuantPlan, plan_quantization, tensor_shapes
 from onnxquant.quant import MAX_BITS, MIN_BITS
 from onnxquant.rules import Rules
 from onnxquant.tables import CalibrationTable
@@ -120,7 +120,7 @@ def calibrate(model: onnx.ModelProto, plan: QuantPlan, data: Batches, *, progres
 
 def _channel_tensors(model: onnx.ModelProto, plan: QuantPlan) -> tuple[str, ...]:
     """Planned activations with a channel axis (rank >= 2 and more than one channel), in name order."""
-    shapes = {vi.name: vi.type.tensor_type.shape for vi in (*model.graph.input, *model.graph.value_info)}
+    shapes = tensor_shapes(model)
     out, unknown = [], []
     for t in sorted(plan.activations):
         if t not in shapes:

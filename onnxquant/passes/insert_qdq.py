@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxquant.errors import OnnxQuantError
 from onnxquant.model import INT4_OPSET, opset_of
-from onnxquant.passes.plan import QuantPlan, consumers
+from onnxquant.passes.plan import QuantPlan, consumers, tensor_shapes
 from onnxquant.quant import MAX_BITS, MIN_BITS, QParams, dequantize, qparams_from_range, qrange, quantize
 from onnxquant.tables import CalibrationTable
 
@@ -133,8 +133,7 @@ def insert_qdq(model: onnx.ModelProto, plan: QuantPlan, table: CalibrationTable,
     input_means = input_means or {}
 
     act_params: dict[str, QParams] = {}
-    ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in (*graph.input, *graph.value_info)
-             if vi.type.tensor_type.HasField("shape")}
+    ranks = {name: len(shape.dim) for name, shape in tensor_shapes(out).items()}
     for tensor in sorted(plan.activations):
         entry = table.tensors.get(tensor)
         if entry is None:

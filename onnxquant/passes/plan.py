@@ -70,6 +70,12 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
+def tensor_shapes(model: onnx.ModelProto) -> dict[str, onnx.TensorShapeProto]:
+    """Shape of every graph input and intermediate tensor whose shape is recorded (rank known)."""
+    return {vi.name: vi.type.tensor_type.shape for vi in (*model.graph.input, *model.graph.value_info)
+            if vi.type.tensor_type.HasField("shape")}
+
+
 def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     users: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
