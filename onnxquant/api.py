@@ -90,6 +90,7 @@ def calibrate(model: onnx.ModelProto, plan: QuantPlan, data: Batches, *, progres
     """Collect streaming statistics of the planned activations on `data` and turn them into a table.
 
     Tensors are grouped by their calibration method; `stats` (e.g. loaded with --load-stats) skips collection.
+    A tensor calibrated on another's statistics (`plan.shared`) is not collected: its entry is the other's.
     `per_channel` tensors also get per-channel (axis 1) statistics, which bias correction needs. `allocate`:
     every activation with a channel axis gets per-channel ranges and widths (ACIQ eq. 10–11) at its width on
     average.
@@ -102,9 +103,11 @@ def calibrate(model: onnx.ModelProto, plan: QuantPlan, data: Batches, *, progres
     methods = {spec.method for spec in plan.activations.values()}
     allocated = _channel_tensors(model, plan) if allocate else ()
     if stats is None:
-        tensors = sorted(set(plan.activations) | set(per_channel))
-        stats = collect_stats(model, tensors, data, bins=bins, progress=progress,
-                              per_channel=sorted(set(per_channel) | set(allocated)), **collect_options(methods))
+        sources = {plan.range_source(t) for t in plan.activations}
+        channels = set(per_channel) | {plan.range_source(t) for t in allocated}
+        stats = collect_stats(model, sorted(sources | channels), data, bins=bins, progress=progress,
+                              per_channel=sorted(channels), **collect_options(methods))
+        stats.update({t: stats[plan.range_source(t)] for t in plan.shared})
     tensors = {}
     sources = {t: stats[plan.range_source(t)] for t in plan.activations if plan.range_source(t) in stats}
     for method in sorted(methods):

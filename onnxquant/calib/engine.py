@@ -196,30 +196,34 @@ def _run(session, inputs: Sequence[str], fetch: Sequence[str], tensors: Sequence
          update, progress: bool, label: str) -> int:
     """Run `session` on each batch and call update(name, array) per tensor; returns the samples seen.
 
-    ONNX Runtime runs one batch ahead in a worker thread (it releases the GIL), so inference overlaps with the
-    statistics of the previous batch: two batches of activations are alive at a time.
+    A worker thread reads the next batch and runs ONNX Runtime on it (which releases the GIL) while this thread
+    computes the statistics of the current one: two batches of activations are alive at a time.
     """
+    batches = iter(progress_iter(data, progress, label))
+
+    def read_and_infer() -> tuple[Batch, list] | None:
+        batch = next(batches, None)
+        if batch is None:
+            return None
+        missing = [i for i in inputs if i not in batch]
+        if missing:
+            raise BadDataError(f"calibration batch lacks model input(s) {', '.join(missing)}; "
+                               f"accepted: batches with keys {', '.join(inputs)}")
+        feed = {i: batch[i] for i in inputs}
+        return feed, session.run(list(fetch), feed) if fetch else []
+
     samples = 0
     with ThreadPoolExecutor(max_workers=1) as worker:
-        pending = None
-        for batch in progress_iter(data, progress, label):
-            missing = [i for i in inputs if i not in batch]
-            if missing:
-                raise BadDataError(f"calibration batch lacks model input(s) {', '.join(missing)}; "
-                                   f"accepted: batches with keys {', '.join(inputs)}")
-            feed = {i: batch[i] for i in inputs}
-            running = worker.submit(session.run, list(fetch), feed) if fetch else None
-            if pending is not None:
-                samples += _update(*pending, fetch, tensors, update, samples)
-            pending = feed, running
-        if pending is not None:
-            samples += _update(*pending, fetch, tensors, update, samples)
+        ahead = worker.submit(read_and_infer)
+        while (current := ahead.result()) is not None:
+            ahead = worker.submit(read_and_infer)
+            samples += _update(*current, fetch, tensors, update, samples)
     return samples
 
 
-def _update(feed: Batch, running, fetch: Sequence[str], tensors: Sequence[str], update, first: int) -> int:
+def _update(feed: Batch, outputs: list, fetch: Sequence[str], tensors: Sequence[str], update, first: int) -> int:
     """Feed one batch's tensors to `update`; returns the batch's sample count."""
-    outs = dict(zip(fetch, running.result())) if running is not None else {}
+    outs = dict(zip(fetch, outputs))
     outs.update({i: np.asarray(v) for i, v in feed.items() if i in tensors})
     for name in tensors:
         x = np.asarray(outs[name])

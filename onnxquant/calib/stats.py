@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import cache
 
 import numpy as np
 
@@ -44,6 +46,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BINS = 2048
 CHUNK = 1 << 16  # elements per cache-sized block of a batch
+LANES = 2  # neighbouring elements count into separate arrays, so a run of equal values (Relu zeros) does not
+#            wait on one counter
+SIGN_BIT = np.uint32(0x80000000)
 
 
 class NonFiniteError(OnnxQuantError):
@@ -80,24 +85,9 @@ class Histogram:
     def zeros(self) -> int:
         return int(self.counts[self.side])
 
-    def add(self, x: np.ndarray, amax: float) -> None:
-        """Add the values of `x` (float32, all |x| <= amax)."""
-        self.regrid(_grid_above(amax))
-        side = self.side
-        if self.grid == 0:
-            self.counts[side] += x.size
-            return
-        scale = np.float32(side / self.grid)  # exact: an integer times a power of two
-        buf, idx = np.empty(CHUNK, np.float32), np.empty(CHUNK, np.intp)
-        for c in _chunks(x):
-            f, i = buf[:c.size], idx[:c.size]
-            np.abs(c, out=f)
-            f *= scale
-            np.ceil(f, out=f)  # |x|·scale < side, so at most side
-            np.copysign(f, c, out=f)
-            f += side
-            np.copyto(i, f, casting="unsafe")
-            self.counts += np.bincount(i, minlength=2 * side + 1)
+    def add(self, x: np.ndarray) -> None:
+        """Add the values of `x` (NonFiniteError on NaN or Inf)."""
+        scan(x, self)
 
     def regrid(self, grid: float) -> None:
         """Coarsen to range `grid` (a power of two >= the current one) by merging bins."""
@@ -126,6 +116,92 @@ class Histogram:
         k = 1 if self.grid == 0 else max(1, min(side, math.ceil(amax * side / self.grid)))
         h = self.counts[side - k:side + k + 1]
         return np.concatenate([h[:k], h[k:k + 1] + h[k + 1:k + 2], h[k + 2:]])
+
+
+def scan(x: np.ndarray, hist: Histogram | None = None) -> tuple[float, float, float]:
+    """Min, max and sum of the values of `x` (as float32), binned into `hist` on the way.
+
+    One pass in cache-sized chunks; sums are float32 pairwise within a chunk and exact (fsum) across chunks.
+    Raises NonFiniteError on NaN or Inf.
+    """
+    flat = np.ascontiguousarray(x, np.float32).reshape(-1)
+    counter = _Counter(hist) if hist is not None else None
+    lo, hi, sums = np.float32(np.inf), np.float32(-np.inf), []
+    for c in _chunks(flat):
+        c_lo, c_hi = c.min(), c.max()
+        if not (np.isfinite(c_lo) and np.isfinite(c_hi)):
+            raise NonFiniteError("NaN or Inf value")
+        lo, hi = min(lo, c_lo), max(hi, c_hi)
+        sums.append(float(np.sum(c)))
+        if counter is not None:
+            counter.add(c, float(max(-c_lo, c_hi, 0)), negative=bool(c_lo < 0))
+    if counter is not None:
+        counter.flush()
+    return float(lo), float(hi), math.fsum(sums)
+
+
+class _Counter:
+    """Bins chunks into a Histogram: element i counts into lane i mod LANES, lanes fold in on a regrid or flush."""
+
+    def __init__(self, hist: Histogram) -> None:
+        self.hist = hist
+        self.step = 2 * hist.side + 1  # bins per lane
+        self.offsets = _lane_offsets(hist.side)
+        self.lanes: np.ndarray | None = None
+        self.buf, self.idx, self.sign = _workspace()
+
+    def add(self, c: np.ndarray, amax: float, negative: bool) -> None:
+        """Bin chunk `c` (contiguous float32, all |c| <= amax; `negative`: some values are < 0)."""
+        hist, side = self.hist, self.hist.side
+        grid = _grid_above(amax)
+        if grid > hist.grid:
+            self.flush()
+            hist.regrid(grid)
+        if hist.grid == 0:
+            hist.counts[side] += c.size
+            return
+        if self.lanes is None:
+            self.lanes = _lanes(self.step)
+        f, i = self.buf[:c.size], self.idx[:c.size]
+        np.multiply(np.abs(c, out=f) if negative else c, np.float32(side / hist.grid), out=f)  # exact scale
+        np.ceil(f, out=f)  # |x|·scale < side, so at most side
+        if negative:  # f gets the sign bit of x
+            sign = np.bitwise_and(c.view(np.uint32), SIGN_BIT, out=self.sign[:c.size])
+            np.bitwise_or(f.view(np.uint32), sign, out=f.view(np.uint32))
+        f += self.offsets[:c.size]
+        np.copyto(i, f, casting="unsafe")
+        np.add.at(self.lanes, i, 1)
+
+    def flush(self) -> None:
+        if self.lanes is not None:
+            self.hist.counts += self.lanes.reshape(LANES, -1).sum(axis=0)
+            self.lanes = None
+
+
+_local = threading.local()
+
+
+def _workspace() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """This thread's chunk buffers (values, bin indices, sign bits), allocated once: fresh pages cost faults."""
+    if not hasattr(_local, "work"):
+        _local.work = np.empty(CHUNK, np.float32), np.empty(CHUNK, np.intp), np.empty(CHUNK, np.uint32)
+    return _local.work
+
+
+def _lanes(step: int) -> np.ndarray:
+    """This thread's zeroed lane counts for histograms of `step` bins."""
+    lanes = getattr(_local, "lanes", {}).get(step)
+    if lanes is None:
+        _local.lanes = {step: np.zeros(LANES * step, np.int64)}
+        return _local.lanes[step]
+    lanes.fill(0)
+    return lanes
+
+
+@cache
+def _lane_offsets(side: int) -> np.ndarray:
+    """float32, CHUNK: the sign origin (bin 0) of element i's lane, side + (i mod LANES)·(2·side + 1)."""
+    return (side + np.arange(CHUNK) % LANES * (2 * side + 1)).astype(np.float32)
 
 
 def _grid_above(amax: float) -> float:
@@ -258,16 +334,10 @@ class TensorStats:
         """Add one batch to the pass-1 accumulators (`channels`: also per channel on axis 1)."""
         if x.size == 0:
             return
-        lo, hi = x.min(), x.max()
-        if not (np.isfinite(lo) and np.isfinite(hi)):
-            raise NonFiniteError("NaN or Inf value")
-        x32 = x.astype(np.float32, copy=False).reshape(-1)
+        lo, hi, total = scan(x, self.histogram)
         self.count += int(x.size)
-        self.min = float(min(self.min, lo))
-        self.max = float(max(self.max, hi))
-        self.sum += float(np.sum(x32))  # pairwise over the flat batch: relative error ~ 1e-7
-        if self.histogram is not None:
-            self.histogram.add(x32, float(max(-lo, hi, 0.0)))
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
+        self.sum += total
         if channels:
             axes = _other_axes(x)
             cmin, cmax = x.min(axis=axes).astype(np.float64), x.max(axis=axes).astype(np.float64)

@@ -179,10 +179,16 @@ def test_histogram_regrid_equals_binning_on_the_final_grid(bins):
     grown = TensorStats(histogram=Histogram(bins))
     for p in parts:  # the grid grows from 2^-4 to 2^9 on the way
         grown.update_pass1(p)
-    direct = Histogram(bins)
-    direct.add(np.concatenate(parts), grown.amax)
+    x, side = np.concatenate(parts), 2 * bins
+    direct = Histogram(bins, 512.0, np.bincount(side + np.sign(x).astype(int) * np.ceil(
+        np.abs(x) * np.float32(side / 512.0)).astype(int), minlength=2 * side + 1))
     np.testing.assert_array_equal(grown.histogram.counts, direct.counts)
-    assert grown.histogram.grid == direct.grid == 512.0 and 256 <= grown.amax < 512
+    assert grown.histogram.grid == 512.0 and 256 <= grown.amax < 512
+    one_batch = Histogram(bins)  # one batch whose chunks grow the grid from the smallest part's
+    one_batch.add(np.concatenate([np.repeat(parts[0], 70), *parts[1:]]))
+    np.testing.assert_array_equal(one_batch.counts - direct.counts, np.bincount(
+        side + np.sign(parts[0]).astype(int) * np.ceil(np.abs(parts[0]) * np.float32(side / 512.0)).astype(int),
+        minlength=2 * side + 1) * 69)
     reverse = TensorStats(histogram=Histogram(bins))
     for p in parts[::-1]:
         reverse.update_pass1(p)
