@@ -105,8 +105,10 @@ def calibrate(model: onnx.ModelProto, plan: QuantPlan, data: Batches, *, progres
     if stats is None:
         sources = {plan.range_source(t) for t in plan.activations}
         channels = set(per_channel) | {plan.range_source(t) for t in allocated}
+        channel_mad = {plan.range_source(t) for t in allocated if plan.activations[t].method == "laplace"}
         stats = collect_stats(model, sorted(sources | channels), data, bins=bins, progress=progress,
-                              per_channel=sorted(channels), **collect_options(methods))
+                              per_channel=sorted(channels), channel_mad=sorted(channel_mad),
+                              **collect_options(methods))
         stats.update({t: stats[plan.range_source(t)] for t in plan.shared})
     tensors = {}
     sources = {t: stats[plan.range_source(t)] for t in plan.activations if plan.range_source(t) in stats}

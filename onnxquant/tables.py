@@ -475,10 +475,10 @@ def save_table(table: CalibrationTable, path: str | os.PathLike, format: str = "
 
 
 # ---- statistics -----------------------------------------------------------------------------------------
-STATS_FORMAT = "onnxquant-stats-2"
+STATS_FORMAT = "onnxquant-stats-3"
 _STATS_PARTS = ("pass2", "histogram")  # nested dataclasses of TensorStats, stored under "<i>.<part>.<field>"
-_STATS_KINDS = {"count": int, "min": float, "max": float, "sum": float, "ch_count": int, "ref_mean": float,
-                "abs_dev": float, "sq_dev": float, "bins": int, "grid": float}
+_STATS_KINDS = {"count": int, "min": float, "max": float, "sum": float, "m2": float, "ch_count": int,
+                "ref_mean": float, "abs_dev": float, "bins": int, "grid": float}
 
 
 def save_stats(stats: Mapping[str, TensorStats], path: str | os.PathLike) -> None:
@@ -534,7 +534,9 @@ def load_stats(path: str | os.PathLike) -> dict[str, TensorStats]:
                 st.pass2 = Pass2(**values(f"{i}.pass2.", Pass2))
             if f"{i}.histogram.bins" in arrays:
                 st.histogram = Histogram(**values(f"{i}.histogram.", Histogram))
-                if st.histogram.counts.shape != (4 * st.histogram.bins + 1,):
+                sums = st.histogram.sums
+                if st.histogram.counts.shape != (4 * st.histogram.bins + 1,) or \
+                        (sums is not None and sums.shape != st.histogram.counts.shape):
                     raise ValueError(f"histogram of {name} has {st.histogram.counts.size} counts")
             out[name] = st
     except (TypeError, ValueError, KeyError) as exc:

@@ -1,18 +1,21 @@
 """Calibration engine: run the float model in ONNX Runtime batch by batch and stream statistics.
 
 The tensors to calibrate are exposed as extra graph outputs (graph inputs are read from the feed) and one
-ONNX Runtime session runs over the data once (pass 1: min, max, Σx and, for the histogram methods, the
-power-of-two-grid histograms) and, only for the moment methods (laplace, gauss), a second time (pass 2:
-deviations around the pass-1 mean; see `onnxquant.calib.stats`). Memory is the model, two batches of
-activations (inference runs one batch ahead) and the statistics, whatever the number of samples.
+ONNX Runtime session runs over the data once (pass 1: min, max, mean, σ and, for the histogram methods and the
+Laplace b, the power-of-two-grid histograms) and a second time only where a per-channel Laplace b is asked for
+or the histogram does not give b within `stats.MAD_TOLERANCE` (pass 2: Σ|x − mean| around the pass-1 mean; see
+`onnxquant.calib.stats`). Memory is the model, two batches of activations (inference runs one batch ahead)
+and the statistics, whatever the number of samples.
 
-Sharding (same table as one run): histogram methods and minmax need `stats = merge_stats(*[collect_stats(...,
-shard_i, moments=False)])`. Moment methods add a second step: `merged = merge_stats(*p1)` of the pass-1
-parts, then `s_i = collect_stats(..., shard_i, pass1=merged)` and `stats = merge_stats(*s_i)`.
+Sharding (same table as one run): `merged = merge_stats(*[collect_stats(..., shard_i, first_pass_only=True)])`.
+When that leaves a pass 2 to do (`channel_mad`, or `TensorStats.mad_needs_pass2` on the merged statistics), run
+it on each shard against the merged pass 1, `s_i = collect_stats(..., shard_i, pass1=merged)`, and take
+`stats = merge_stats(*s_i)`.
 """
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,32 +42,38 @@ Batch = Mapping[str, np.ndarray]
 
 
 def collect_stats(model: onnx.ModelProto, tensors: Sequence[str], data: Iterable[Batch], *,
-                  histograms: bool = True, moments: bool | None = None, per_channel: Sequence[str] = (),
-                  bins: int = DEFAULT_BINS, progress: bool = False,
+                  histograms: bool = True, moments: bool = False, per_channel: Sequence[str] = (),
+                  channel_mad: Sequence[str] = (), bins: int = DEFAULT_BINS, progress: bool = False,
+                  first_pass_only: bool = False,
                   pass1: Mapping[str, TensorStats] | None = None) -> dict[str, TensorStats]:
     """Statistics of `tensors` over `data` ({input_name: array} batches; re-iterable when pass 2 runs).
 
-    `histograms`: pass 1 also builds histograms of `bins` bins. Pass 2 runs when `moments` (deviation sums:
-    Laplace b, σ; default: as `histograms`) is set; `methods.collect_options(methods)` gives both. `per_channel`:
-    tensors that also get per-channel statistics on axis 1. `pass1`: merged pass-1 statistics of all shards
-    (sharding protocol): only the second pass runs, referenced to them; the shard's own pass-1 values are
-    recomputed on the way.
+    `histograms`: pass 1 also builds histograms of `bins` bins. `moments`: they keep per-bin sums as well, for
+    the Laplace b, and a second pass adds Σ|x − mean| for any tensor whose b they do not give within
+    MAD_TOLERANCE; `methods.collect_options(methods)` sets both. `per_channel`: tensors that also get
+    per-channel (axis 1) min, max, mean and σ; `channel_mad`: tensors that also get the per-channel b, in a
+    second pass. Sharding protocol: `first_pass_only` stops after pass 1 (step 1); `pass1`, the merged pass-1
+    statistics of all shards, runs only the second pass, referenced to them (step 3; the shard's own pass-1
+    values are recomputed on the way).
     """
     tensors = list(dict.fromkeys(tensors))
     if bins < 8:
         raise OnnxQuantError(f"bins={bins}: too few histogram bins; accepted: 8 or more (default 2048)")
-    unknown_pc = sorted(set(per_channel) - set(tensors))
+    channels = set(per_channel) | set(channel_mad)
+    unknown_pc = sorted(channels - set(tensors))
     if unknown_pc:
         raise OnnxQuantError(f"per-channel tensors not among the calibrated tensors: {', '.join(unknown_pc)}")
     inputs = [i.name for i in graph_inputs(model)]
     _check_tensor_names(model, tensors, inputs)
     fetch = [t for t in tensors if t not in inputs]
     session = make_session(with_outputs(model, fetch), spin=False) if fetch else None
-    channels = set(per_channel)
-    moments = (histograms if moments is None else moments) or pass1 is not None
 
     def fresh() -> dict[str, TensorStats]:
-        return {t: TensorStats(histogram=Histogram(bins) if histograms else None) for t in tensors}
+        return {t: TensorStats(histogram=Histogram.empty(bins, sums=moments) if histograms or moments else None)
+                for t in tensors}
+
+    def second_pass(reference: Mapping[str, TensorStats]) -> set[str]:
+        return {t for t in tensors if t in channel_mad or (moments and reference[t].mad_needs_pass2)}
 
     if pass1 is None:
         stats = fresh()
@@ -76,7 +85,8 @@ def collect_stats(model: onnx.ModelProto, tensors: Sequence[str], data: Iterable
         if n1 == 0:
             raise BadDataError("calibration data is empty; accepted: at least one sample")
         log.info("pass 1: %d samples, %d tensors", n1, len(tensors))
-        if not moments:
+        second = second_pass(stats)
+        if not second or first_pass_only:
             return stats
         reference = stats
     else:
@@ -84,42 +94,44 @@ def collect_stats(model: onnx.ModelProto, tensors: Sequence[str], data: Iterable
         if missing:
             raise OnnxQuantError(f"pass-1 statistics lack tensors: {', '.join(missing[:10])}")
         reference = pass1
+        second = second_pass(reference)
 
     if isinstance(data, Iterator):
         raise OnnxQuantError("the second calibration pass needs re-iterable data (a list or a DataSource), "
                              "got a one-shot iterator")
     accs = {}
-    for t in tensors:
+    for t in second:
         ref = reference[t]
-        if t in channels and not ref.per_channel:
+        if t in channel_mad and not ref.per_channel:
             raise OnnxQuantError(f"tensor {t}: pass-1 statistics have no per-channel values")
         accs[t] = ref.start_pass2()
-        if t not in channels:
-            accs[t].ch_ref_mean = accs[t].ch_abs_dev = accs[t].ch_sq_dev = None
+        if t not in channel_mad:
+            accs[t].ch_ref_mean = accs[t].ch_abs_dev = None
     # a shard recomputes its own pass-1 part (merged later); one run already has it from pass 1
     local = fresh() if pass1 is not None else None
 
     def pass2_update(name: str, x: np.ndarray) -> None:
         if local is not None:
             local[name].update_pass1(x, name in channels)
-        update_pass2(accs[name], x)
+        if name in accs:
+            update_pass2(accs[name], x)
 
     n2 = _run(session, inputs, fetch, tensors, data, pass2_update, progress, "calibration pass 2")
-    log.info("pass 2: %d samples", n2)
+    log.info("pass 2: %d samples, %d tensors", n2, len(second))
     for t in tensors:
         ref = reference[t]
         if local is None:
-            if accs[t].count != ref.count:
+            if t in accs and accs[t].count != ref.count:
                 raise BadDataError(f"calibration data changed between passes ({ref.count} then "
                                    f"{accs[t].count} values of tensor {t}); accepted: data that yields the "
                                    "same batches every time")
-            ref.pass2 = accs[t]
+            ref.pass2 = accs.get(t)
             continue
         st = local[t]
         if st.count and (st.min < ref.min or st.max > ref.max):
             raise OnnxQuantError(f"tensor {t}: values [{st.min:g}, {st.max:g}] exceed the pass-1 range "
                                  f"[{ref.min:g}, {ref.max:g}]; pass 1 must cover every shard")
-        st.pass2 = accs[t]
+        st.pass2 = accs.get(t)
     return local if local is not None else reference
 
 
@@ -147,25 +159,26 @@ def compute_table(stats: Mapping[str, TensorStats], specs: Mapping[str, tuple], 
         raise OnnxQuantError(f"no statistics for {len(missing)} tensors: {', '.join(missing[:10])}")
     fn = METHODS[method]
     channels = set(per_channel)
-    entries = {}
-    table_bits = 0
-    for name in sorted(specs):
+
+    def entry(name: str) -> TensorRange:
         bits, symmetric = specs[name]
         pc = name in channels
-        bits_arr = np.asarray(bits, np.int64)
-        table_bits = max(table_bits, int(bits_arr.max()))
+        bits = np.asarray(bits, np.int64) if pc else int(bits)
         try:
-            lo, hi = fn(stats[name], bits_arr if pc else int(bits_arr), bool(symmetric), per_channel=pc,
-                        **opts)
+            lo, hi = fn(stats[name], bits, bool(symmetric), per_channel=pc, **opts)
         except OnnxQuantError as exc:
             raise OnnxQuantError(f"tensor {name}: {exc}") from exc
         lo, hi, note = _nonzero_range(np.asarray(lo, np.float64), np.asarray(hi, np.float64), symmetric)
-        entry = TensorRange.from_range(lo, hi, bits_arr if pc else int(bits_arr), bool(symmetric), method,
-                                       axis=1 if pc else None)
+        out = TensorRange.from_range(lo, hi, bits, bool(symmetric), method, axis=1 if pc else None)
         if note:
             log.warning("tensor %s: %s", name, note)
-            entry = entry.with_note(note)
-        entries[name] = entry
+            out = out.with_note(note)
+        return out
+
+    names = sorted(specs)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # the searches release the GIL
+        entries = dict(zip(names, pool.map(entry, names)))
+    table_bits = max((int(np.max(specs[n][0])) for n in names), default=0)
     return CalibrationTable(method=method, bits=table_bits or 8, tensors=entries)
 
 

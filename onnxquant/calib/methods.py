@@ -27,8 +27,7 @@ METHODS: dict[str, MethodFn] = {
     "kl": kl,
 }
 NEEDS_HISTOGRAM: frozenset[str] = frozenset({"percentile", "mse", "kl"})
-NEEDS_MOMENTS: frozenset[str] = frozenset({"laplace", "gauss"})
-NEEDS_PASS2: frozenset[str] = NEEDS_HISTOGRAM | NEEDS_MOMENTS
+NEEDS_MOMENTS: frozenset[str] = frozenset({"laplace"})  # the histogram's per-bin sums (b), maybe a pass 2
 PER_CHANNEL: frozenset[str] = frozenset({"minmax", "laplace", "gauss"})
 OPTIONS: dict[str, dict[str, object]] = {"percentile": {"percentile": DEFAULT_PERCENTILE}}
 

@@ -1,17 +1,22 @@
 """Streaming, mergeable per-tensor statistics for calibration.
 
 Memory is bounded by the statistics themselves (a few scalars, one histogram, optional per-channel vectors),
-never by the number of samples. At most two passes:
+never by the number of samples. Pass 1 is one scan of every batch in cache-sized chunks (`scan`):
 
-- pass 1: count n, min, max and Σx (float64 across chunks), so mean = Σx / n; per channel (axis 1) the same
-  per channel; and, for the histogram methods, a signed histogram (`Histogram`) with the exact-zero count.
-- pass 2, only for the moment methods (laplace, gauss), with the pass-1 mean m fixed: Σ|x − m| (Laplace
-  b = Σ|x − m| / n) and Σ(x − m)² (σ² = Σ(x − m)² / n), per tensor and, when asked, per channel.
+- count n, min, max, Σx (float64 across chunks, so mean = Σx / n) and M2 = Σ(x − mean)² (σ² = M2 / n),
+  chunk results combined with Chan et al.'s pairwise update; per channel (axis 1) the same when asked;
+- for the histogram methods a signed histogram (`Histogram`) with an exact-zero bin, and for the Laplace b
+  also the sum of the values in every bin.
+
+b = Σ|x − m| / n = 2·Σ_{x>m}(x − m) / n is then exact from the per-bin sums except for the one bin that holds
+the mean m, whose values are counted as if they sat at their average: the error is at most that bin's count
+times its width. Where that bound exceeds MAD_TOLERANCE of b, and for per-channel b, a second pass adds
+Σ|x − m| around the fixed pass-1 mean (`Pass2`).
 
 The histogram lives on a power-of-two grid, so it needs no first pass for its range and still does not depend
 on batch size or order. With n = 2·bins bins per side, its range R is the smallest power of two above every
 |x| seen and w = R/n. Exact zeros (a Relu's clamped outputs) have a bin of their own; x ≠ 0 goes to the bin
-of its sign at magnitude m = ⌈|x|/w⌉ (1..n, bin m holds (m−1)·w < |x| <= m·w). When a batch raises max|x|
+of its sign at magnitude m = ⌈|x|/w⌉ (1..n, bin m holds (m−1)·w < |x| <= m·w). When a chunk raises max|x|
 past R, R doubles (as often as needed) and neighbouring magnitude bins merge. Because w only ever doubles,
 ⌈a/2⌉ = ⌈⌈a⌉/2⌉ holds exactly in floating point (|x|/w is a scaling by a power of two), so a merged histogram
 equals the one binned directly on the final grid: the result is a pure function of the data set. Consumers
@@ -19,15 +24,15 @@ see it cropped to the k = ⌈max|x|/w⌉ magnitudes that cover max|x| (bins <= k
 `bins` bins over [0, max|x|]) as a signed histogram of 2·k bins, zeros counted in the first positive bin; the
 histogram of |x| (TensorRT's) is its exact fold `abs_hist[k] = hist[n + k] + hist[n − 1 − k]`.
 
-Merging (`TensorStats.merge`) adds everything: min of mins, max of maxes, sums and histogram counts (on the
-coarser of the two grids). Pass-2 parts merge only when they were collected against the same pass-1 mean,
-which gives the sharding protocol for the moment methods:
+Merging (`TensorStats.merge`) adds everything: min of mins, max of maxes, sums, M2 (Chan), histogram counts
+and sums (on the coarser of the two grids). Pass-2 parts merge only when they were collected against the same
+pass-1 mean, which gives the sharding protocol when a pass 2 is needed:
 
 1. each shard: pass 1 only;  2. merge the pass-1 results;  3. each shard: pass 2 against the merged pass 1
 (which also recomputes the shard's own pass-1 part);  4. merge the shard results.
 
-The result equals one run over all the data (histograms exactly, moments up to float rounding). Histogram
-methods need only steps 1 and 2.
+The result equals one run over all the data (histograms exactly, moments up to float rounding). Without a
+pass 2, steps 1 and 2 are all.
 """
 from __future__ import annotations
 
@@ -49,6 +54,7 @@ CHUNK = 1 << 16  # elements per cache-sized block of a batch
 LANES = 2  # neighbouring elements count into separate arrays, so a run of equal values (Relu zeros) does not
 #            wait on one counter
 SIGN_BIT = np.uint32(0x80000000)
+MAD_TOLERANCE = 1e-4  # largest error bound of a Laplace b taken from the histogram, relative to b
 
 
 class NonFiniteError(OnnxQuantError):
@@ -68,10 +74,15 @@ class Histogram:
     bins: int  # requested resolution: at least this many bins over [0, max|x|]
     grid: float = 0.0  # R, a power of two above every |x| added; 0 while every value was 0
     counts: np.ndarray | None = None  # int64, 2·side + 1: index side + sign(x)·⌈|x|·side/R⌉
+    sums: np.ndarray | None = None  # float64 like counts, the sum of each bin's values; None: not kept
 
     def __post_init__(self) -> None:
         if self.counts is None:
             self.counts = np.zeros(2 * self.side + 1, np.int64)
+
+    @classmethod
+    def empty(cls, bins: int, sums: bool = False) -> Histogram:
+        return cls(bins, sums=np.zeros(4 * bins + 1) if sums else None)
 
     @property
     def side(self) -> int:
@@ -99,16 +110,39 @@ class Histogram:
             signed = np.arange(2 * side + 1) - side
             target = side + np.sign(signed) * (-(-np.abs(signed) // factor))
             self.counts = np.bincount(target, weights=self.counts, minlength=2 * side + 1).astype(np.int64)
+            if self.sums is not None:
+                self.sums = np.bincount(target, weights=self.sums, minlength=2 * side + 1)
         self.grid = grid
+
+    def copy(self) -> Histogram:
+        return Histogram(self.bins, self.grid, self.counts.copy(), None if self.sums is None else self.sums.copy())
 
     def merge(self, other: Histogram) -> Histogram:
         if self.bins != other.bins:
             raise OnnxQuantError(f"cannot merge histograms of {self.bins} and {other.bins} bins")
-        a, b = Histogram(self.bins, self.grid, self.counts.copy()), \
-            Histogram(other.bins, other.grid, other.counts.copy())
+        if (self.sums is None) != (other.sums is None):
+            raise OnnxQuantError("cannot merge histograms with and without per-bin sums")
+        a, b = self.copy(), other.copy()
         a.regrid(b.grid)
         b.regrid(a.grid)
-        return Histogram(self.bins, a.grid, a.counts + b.counts)
+        return Histogram(self.bins, a.grid, a.counts + b.counts, None if a.sums is None else a.sums + b.sums)
+
+    def excess_above(self, mean: float) -> tuple[float, float]:
+        """Σ(x − mean) over the values above `mean`, from the per-bin sums, and a bound on its error.
+
+        Bins wholly above `mean` count exactly; the one bin that straddles it counts as if its values sat at
+        their average, which is short by at most its count times the bin width.
+        """
+        if self.sums is None:
+            raise OnnxQuantError("statistics lack per-bin sums (Laplace b); collect them with moments")
+        k = np.arange(-self.side, self.side + 1)
+        lower = np.where(k > 0, k - 1, k) * self.width  # bin k holds lower < x <= upper (x > 0), lower <= x < upper
+        upper = np.where(k < 0, k + 1, k) * self.width
+        above = lower >= mean
+        straddle = (lower < mean) & (mean < upper)
+        n_mid, s_mid = int(self.counts[straddle].sum()), float(self.sums[straddle].sum())
+        excess = float(self.sums[above].sum()) - mean * float(self.counts[above].sum())
+        return excess + max(0.0, s_mid - mean * n_mid), n_mid * self.width
 
     def signed(self, amax: float) -> np.ndarray:
         """2·k counts of bins of `width` over [−k·width, k·width], the fewest k that cover max|x| = amax."""
@@ -118,26 +152,41 @@ class Histogram:
         return np.concatenate([h[:k], h[k:k + 1] + h[k + 1:k + 2], h[k + 2:]])
 
 
-def scan(x: np.ndarray, hist: Histogram | None = None) -> tuple[float, float, float]:
-    """Min, max and sum of the values of `x` (as float32), binned into `hist` on the way.
+def scan(x: np.ndarray, hist: Histogram | None = None) -> tuple[float, float, float, float]:
+    """Min, max, sum and M2 = Σ(x − mean)² of the values of `x` (as float32), binned into `hist` on the way.
 
-    One pass in cache-sized chunks; sums are float32 pairwise within a chunk and exact (fsum) across chunks.
+    One pass in cache-sized chunks; within a chunk sums are float32 (Σx pairwise, M2 a BLAS dot product of the
+    deviations, both ~1e-7 relative), chunks are combined in float64.
     Raises NonFiniteError on NaN or Inf.
     """
     flat = np.ascontiguousarray(x, np.float32).reshape(-1)
     counter = _Counter(hist) if hist is not None else None
-    lo, hi, sums = np.float32(np.inf), np.float32(-np.inf), []
+    buf = _workspace()[0]
+    lo, hi, n, total, m2 = np.float32(np.inf), np.float32(-np.inf), 0, 0.0, 0.0
     for c in _chunks(flat):
         c_lo, c_hi = c.min(), c.max()
         if not (np.isfinite(c_lo) and np.isfinite(c_hi)):
             raise NonFiniteError("NaN or Inf value")
         lo, hi = min(lo, c_lo), max(hi, c_hi)
-        sums.append(float(np.sum(c)))
+        c_sum = float(np.sum(c))
+        centre = np.float32(c_sum / c.size)
+        d = np.subtract(c, centre, out=buf[:c.size])
+        c_m2 = float(np.dot(d, d)) - c.size * (c_sum / c.size - float(centre)) ** 2
+        m2 = combined_m2(n, total, m2, c.size, c_sum, c_m2)
+        n, total = n + c.size, total + c_sum
         if counter is not None:
             counter.add(c, float(max(-c_lo, c_hi, 0)), negative=bool(c_lo < 0))
     if counter is not None:
         counter.flush()
-    return float(lo), float(hi), math.fsum(sums)
+    return float(lo), float(hi), total, m2
+
+
+def combined_m2(n_a, sum_a, m2_a, n_b, sum_b, m2_b):
+    """M2 of the union of two parts from each part's count, sum and M2 (Chan et al.; arrays per channel)."""
+    if n_a == 0 or n_b == 0:
+        return m2_a + m2_b
+    delta = sum_b / n_b - sum_a / n_a
+    return m2_a + m2_b + delta * delta * (n_a * n_b / (n_a + n_b))
 
 
 class _Counter:
@@ -148,7 +197,8 @@ class _Counter:
         self.step = 2 * hist.side + 1  # bins per lane
         self.offsets = _lane_offsets(hist.side)
         self.lanes: np.ndarray | None = None
-        self.buf, self.idx, self.sign = _workspace()
+        self.sum_lanes: np.ndarray | None = None
+        self.buf, self.idx, self.sign, self.wide = _workspace()
 
     def add(self, c: np.ndarray, amax: float, negative: bool) -> None:
         """Bin chunk `c` (contiguous float32, all |c| <= amax; `negative`: some values are < 0)."""
@@ -161,7 +211,8 @@ class _Counter:
             hist.counts[side] += c.size
             return
         if self.lanes is None:
-            self.lanes = _lanes(self.step)
+            self.lanes = _lanes(self.step, np.int64)
+            self.sum_lanes = None if hist.sums is None else _lanes(self.step, np.float64)
         f, i = self.buf[:c.size], self.idx[:c.size]
         np.multiply(np.abs(c, out=f) if negative else c, np.float32(side / hist.grid), out=f)  # exact scale
         np.ceil(f, out=f)  # |x|·scale < side, so at most side
@@ -171,30 +222,40 @@ class _Counter:
         f += self.offsets[:c.size]
         np.copyto(i, f, casting="unsafe")
         np.add.at(self.lanes, i, 1)
+        if self.sum_lanes is not None:
+            wide = self.wide[:c.size]
+            np.copyto(wide, c)
+            np.add.at(self.sum_lanes, i, wide)
 
     def flush(self) -> None:
         if self.lanes is not None:
             self.hist.counts += self.lanes.reshape(LANES, -1).sum(axis=0)
-            self.lanes = None
+            if self.sum_lanes is not None:
+                self.hist.sums += self.sum_lanes.reshape(LANES, -1).sum(axis=0)
+            self.lanes = self.sum_lanes = None
 
 
 _local = threading.local()
 
 
-def _workspace() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """This thread's chunk buffers (values, bin indices, sign bits), allocated once: fresh pages cost faults."""
+def _workspace() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """This thread's chunk buffers (values, bin indices, sign bits, float64 values), allocated once: fresh
+    pages cost page faults."""
     if not hasattr(_local, "work"):
-        _local.work = np.empty(CHUNK, np.float32), np.empty(CHUNK, np.intp), np.empty(CHUNK, np.uint32)
+        _local.work = (np.empty(CHUNK, np.float32), np.empty(CHUNK, np.intp), np.empty(CHUNK, np.uint32),
+                       np.empty(CHUNK, np.float64))
     return _local.work
 
 
-def _lanes(step: int) -> np.ndarray:
-    """This thread's zeroed lane counts for histograms of `step` bins."""
-    lanes = getattr(_local, "lanes", {}).get(step)
+def _lanes(step: int, dtype) -> np.ndarray:
+    """This thread's zeroed lane accumulators for histograms of `step` bins."""
+    if not hasattr(_local, "lanes"):
+        _local.lanes = {}
+    lanes = _local.lanes.get((step, dtype))
     if lanes is None:
-        _local.lanes = {step: np.zeros(LANES * step, np.int64)}
-        return _local.lanes[step]
-    lanes.fill(0)
+        lanes = _local.lanes[step, dtype] = np.zeros(LANES * step, dtype)
+    else:
+        lanes.fill(0)
     return lanes
 
 
@@ -211,15 +272,13 @@ def _grid_above(amax: float) -> float:
 
 @dataclass
 class Pass2:
-    """Pass-2 accumulators: deviations around a fixed reference mean (and per-channel means)."""
+    """Pass-2 accumulators: Σ|x − m| around a fixed reference mean m (and per-channel means)."""
 
     ref_mean: float
     count: int = 0
     abs_dev: float = 0.0
-    sq_dev: float = 0.0
     ch_ref_mean: np.ndarray | None = None
     ch_abs_dev: np.ndarray | None = None
-    ch_sq_dev: np.ndarray | None = None
 
 
 @dataclass
@@ -230,10 +289,12 @@ class TensorStats:
     min: float = np.inf
     max: float = -np.inf
     sum: float = 0.0
+    m2: float = 0.0  # Σ(x − mean)²
     ch_count: int = 0  # elements per channel
     ch_min: np.ndarray | None = None
     ch_max: np.ndarray | None = None
     ch_sum: np.ndarray | None = None
+    ch_m2: np.ndarray | None = None
     histogram: Histogram | None = None
     pass2: Pass2 | None = field(default=None)
 
@@ -264,36 +325,42 @@ class TensorStats:
         if self.ch_min is None:
             raise OnnxQuantError("statistics lack per-channel values; collect them with per_channel")
 
-    def _need_moments(self) -> Pass2:
-        if self.pass2 is None or self.pass2.count == 0:
-            raise OnnxQuantError("statistics lack deviations (Laplace b, σ); collect pass 2 with moments")
-        return self.pass2
-
     @property
     def mad(self) -> float:
-        """Mean absolute deviation around the mean: the Laplace scale b."""
-        p = self._need_moments()
-        return p.abs_dev / p.count
+        """Mean absolute deviation around the mean: the Laplace scale b (pass 2, or the histogram's sums)."""
+        if self.pass2 is not None and self.pass2.count:
+            return self.pass2.abs_dev / self.pass2.count
+        excess, bound = self._need_hist().excess_above(self.mean)
+        if bound > MAD_TOLERANCE * excess:
+            raise OnnxQuantError(f"the histogram gives the Laplace b only to {bound / max(excess, 1e-300):.1e} "
+                                 "(relative); collect pass 2 (moments)")
+        return 2 * excess / self.count if self.count else 0.0
+
+    @property
+    def mad_needs_pass2(self) -> bool:
+        """True when the histogram's per-bin sums do not give b within MAD_TOLERANCE (or are missing)."""
+        if self.histogram is None or self.histogram.sums is None:
+            return True
+        excess, bound = self.histogram.excess_above(self.mean)
+        return bound > MAD_TOLERANCE * excess
 
     @property
     def std(self) -> float:
-        p = self._need_moments()
-        return float(np.sqrt(p.sq_dev / p.count))
+        return math.sqrt(max(self.m2, 0.0) / self.count) if self.count else 0.0
 
     @property
     def ch_mad(self) -> np.ndarray:
-        p = self._need_moments()
-        if p.ch_abs_dev is None:
-            self._need_channels()
-            raise OnnxQuantError("statistics lack per-channel deviations; collect pass 2 with per_channel")
+        self._need_channels()
+        p = self.pass2
+        if p is None or p.ch_abs_dev is None:
+            raise OnnxQuantError("statistics lack per-channel deviations (Laplace b per channel); collect pass 2 "
+                                 "with per_channel and moments")
         return p.ch_abs_dev / (p.count // len(p.ch_abs_dev))
 
     @property
     def ch_std(self) -> np.ndarray:
-        p = self._need_moments()
-        if p.ch_sq_dev is None:
-            raise OnnxQuantError("statistics lack per-channel deviations; collect pass 2 with per_channel")
-        return np.sqrt(p.ch_sq_dev / (p.count // len(p.ch_sq_dev)))
+        self._need_channels()
+        return np.sqrt(np.maximum(self.ch_m2, 0.0) / self.ch_count)
 
     @property
     def has_hist(self) -> bool:
@@ -334,22 +401,28 @@ class TensorStats:
         """Add one batch to the pass-1 accumulators (`channels`: also per channel on axis 1)."""
         if x.size == 0:
             return
-        lo, hi, total = scan(x, self.histogram)
+        lo, hi, total, m2 = scan(x, self.histogram)
+        self.m2 = combined_m2(self.count, self.sum, self.m2, x.size, total, m2)
         self.count += int(x.size)
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         self.sum += total
         if channels:
             axes = _other_axes(x)
+            n = x.size // x.shape[1]
             cmin, cmax = x.min(axis=axes).astype(np.float64), x.max(axis=axes).astype(np.float64)
             csum = np.sum(x, axis=axes, dtype=np.float64)
+            centre = _channel_view(csum / n, x.ndim).astype(np.float32)
+            cm2 = np.sum(np.square(x.astype(np.float32, copy=False) - centre), axis=axes, dtype=np.float64)
+            cm2 -= n * (csum / n - centre.reshape(-1)) ** 2  # M2 around the exact channel means
             if self.ch_min is None:
-                self.ch_min, self.ch_max, self.ch_sum = cmin, cmax, csum
+                self.ch_min, self.ch_max, self.ch_sum, self.ch_m2 = cmin, cmax, csum, cm2
             else:
                 _same_channels(self.ch_min, cmin)
+                self.ch_m2 = combined_m2(self.ch_count, self.ch_sum, self.ch_m2, n, csum, cm2)
                 self.ch_min = np.minimum(self.ch_min, cmin)
                 self.ch_max = np.maximum(self.ch_max, cmax)
                 self.ch_sum = self.ch_sum + csum
-            self.ch_count += x.size // x.shape[1]
+            self.ch_count += n
 
     def start_pass2(self) -> Pass2:
         """Fresh pass-2 accumulators referenced to this object's pass-1 means."""
@@ -357,7 +430,6 @@ class TensorStats:
         if self.ch_min is not None:
             p.ch_ref_mean = self.ch_mean
             p.ch_abs_dev = np.zeros_like(p.ch_ref_mean)
-            p.ch_sq_dev = np.zeros_like(p.ch_ref_mean)
         return p
 
     # ---- merging -------------------------------------------------------------------------------------------
@@ -371,34 +443,35 @@ class TensorStats:
         if self.ch_min is not None:
             _same_channels(self.ch_min, other.ch_min)
             ch = {"ch_count": self.ch_count + other.ch_count, "ch_min": np.minimum(self.ch_min, other.ch_min),
-                  "ch_max": np.maximum(self.ch_max, other.ch_max), "ch_sum": self.ch_sum + other.ch_sum}
+                  "ch_max": np.maximum(self.ch_max, other.ch_max), "ch_sum": self.ch_sum + other.ch_sum,
+                  "ch_m2": combined_m2(self.ch_count, self.ch_sum, self.ch_m2, other.ch_count, other.ch_sum,
+                                       other.ch_m2)}
         hist = self.histogram.merge(other.histogram) if self.histogram is not None else None
         return TensorStats(count=self.count + other.count, min=min(self.min, other.min),
-                           max=max(self.max, other.max), sum=self.sum + other.sum, **ch, histogram=hist,
-                           pass2=_merge_pass2(self.pass2, other.pass2))
+                           max=max(self.max, other.max), sum=self.sum + other.sum,
+                           m2=combined_m2(self.count, self.sum, self.m2, other.count, other.sum, other.m2),
+                           **ch, histogram=hist, pass2=_merge_pass2(self.pass2, other.pass2))
 
 
 def update_pass2(p: Pass2, x: np.ndarray) -> None:
-    """Add one batch to pass-2 accumulators `p` (deviations, per-channel deviations)."""
+    """Add one batch to pass-2 accumulators `p` (absolute deviations, per tensor and per channel)."""
     if x.size == 0:
         return
     p.count += int(x.size)
     ref = np.float32(p.ref_mean)
-    buf = np.empty(CHUNK, np.float32)
-    abs_parts, sq_parts = [], []
-    for c in _chunks(x.astype(np.float32, copy=False)):
-        d = np.subtract(c, ref, out=buf[:c.size])
-        abs_parts.append(float(np.sum(np.abs(d))))
-        sq_parts.append(float(np.sum(np.square(d, out=d))))
-    p.sq_dev += math.fsum(sq_parts)
-    p.abs_dev += math.fsum(abs_parts)
+    buf = _workspace()[0]
+    parts = [float(np.sum(np.abs(np.subtract(c, ref, out=buf[:c.size]))))
+             for c in _chunks(np.ascontiguousarray(x, np.float32))]
+    p.abs_dev += math.fsum(parts)
     if p.ch_ref_mean is not None:
-        axes = _other_axes(x)
-        shape = [1] * x.ndim
-        shape[1] = -1
-        dc = x.astype(np.float32, copy=False) - p.ch_ref_mean.astype(np.float32).reshape(shape)
-        p.ch_abs_dev = p.ch_abs_dev + np.sum(np.abs(dc), axis=axes, dtype=np.float64)
-        p.ch_sq_dev = p.ch_sq_dev + np.sum(np.square(dc), axis=axes, dtype=np.float64)
+        centre = _channel_view(p.ch_ref_mean, x.ndim).astype(np.float32)
+        dc = np.abs(x.astype(np.float32, copy=False) - centre)
+        p.ch_abs_dev = p.ch_abs_dev + np.sum(dc, axis=_other_axes(x), dtype=np.float64)
+
+
+def _channel_view(v: np.ndarray, ndim: int) -> np.ndarray:
+    """Per-channel vector `v` shaped to broadcast along axis 1 of an `ndim`-dimensional tensor."""
+    return v.reshape([1, -1] + [1] * (ndim - 2))
 
 
 def merge_all(a: dict[str, TensorStats], b: dict[str, TensorStats]) -> dict[str, TensorStats]:
@@ -428,8 +501,7 @@ def _merge_pass2(a: Pass2 | None, b: Pass2 | None) -> Pass2 | None:
                              "pass 1")
     add = (lambda u, v: None if u is None else u + v)
     return Pass2(ref_mean=a.ref_mean, count=a.count + b.count, abs_dev=a.abs_dev + b.abs_dev,
-                 sq_dev=a.sq_dev + b.sq_dev, ch_ref_mean=a.ch_ref_mean,
-                 ch_abs_dev=add(a.ch_abs_dev, b.ch_abs_dev), ch_sq_dev=add(a.ch_sq_dev, b.ch_sq_dev))
+                 ch_ref_mean=a.ch_ref_mean, ch_abs_dev=add(a.ch_abs_dev, b.ch_abs_dev))
 
 
 def _other_axes(x: np.ndarray) -> tuple[int, ...]:
@@ -445,13 +517,14 @@ def _same_channels(a: np.ndarray, b: np.ndarray) -> None:
 
 def stats_of(batches: Iterable[np.ndarray] | np.ndarray, *, bins: int = DEFAULT_BINS,
              per_channel: bool = False, histograms: bool = True, moments: bool = True) -> TensorStats:
-    """Statistics of an array, or of a re-iterable of batches (no model; for tests and tools)."""
+    """Statistics of an array, or of a re-iterable of batches, as `engine.collect_stats` gathers them
+    (`per_channel` with the per-channel b); no model, for tests and tools."""
     if isinstance(batches, np.ndarray):
         batches = [batches]
-    st = TensorStats(histogram=Histogram(bins) if histograms else None)
+    st = TensorStats(histogram=Histogram.empty(bins, sums=moments) if histograms or moments else None)
     for x in batches:
         st.update_pass1(np.asarray(x), per_channel)
-    if moments:
+    if moments and (per_channel or st.mad_needs_pass2):
         p = st.start_pass2()
         for x in batches:
             update_pass2(p, np.asarray(x))

@@ -14,7 +14,7 @@ from onnxquant.calib.aciq import (
     laplace_alpha,
     laplace_objective,
 )
-from onnxquant.calib.stats import stats_of
+from onnxquant.calib.stats import MAD_TOLERANCE, stats_of
 
 LAPLACE = [2.8307, 3.8972, 5.0286, 6.2048, 7.4131, 8.6456, 9.8968]  # M = 2..8 (DESIGN.md)
 GAUSS = [1.7106, 2.1516, 2.5591, 2.9362, 3.2869, 3.6151, 3.9240]
@@ -44,7 +44,7 @@ def test_laplace_4_bits_on_laplace_samples():
     lo, hi = laplace(st, 4, True)
     amax = max(-lo, hi)
     assert amax == pytest.approx(5.03, rel=0.02)
-    assert st.mad == pytest.approx(np.mean(np.abs(x - x.mean(dtype=np.float64))), rel=1e-6)
+    assert st.mad == pytest.approx(np.mean(np.abs(x - x.mean(dtype=np.float64))), rel=MAD_TOLERANCE)
 
 
 def test_gauss_4_bits_on_gaussian_samples():

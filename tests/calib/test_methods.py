@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from onnxquant.calib.engine import compute_table
-from onnxquant.calib.methods import METHODS, NEEDS_HISTOGRAM, NEEDS_PASS2, check_options, collect_options
+from onnxquant.calib.methods import METHODS, check_options, collect_options
 from onnxquant.calib.mse import mse
 from onnxquant.calib.percentile import percentile
 from onnxquant.calib.stats import stats_of
@@ -20,9 +20,9 @@ def _x(seed=0, n=100_000, shift=0.0):
 
 def test_registry_is_explicit_and_ordered():
     assert list(METHODS) == ["minmax", "percentile", "mse", "laplace", "gauss", "kl"]
-    assert NEEDS_HISTOGRAM <= NEEDS_PASS2 and "minmax" not in NEEDS_PASS2
     assert collect_options(["minmax"]) == {"histograms": False, "moments": False}
-    assert collect_options(["laplace"]) == {"histograms": False, "moments": True}
+    assert collect_options(["laplace"]) == {"histograms": False, "moments": True}  # moments: per-bin sums
+    assert collect_options(["gauss"]) == {"histograms": False, "moments": False}  # σ comes from pass 1
     assert collect_options(["kl"]) == {"histograms": True, "moments": False}
     assert collect_options(["laplace", "kl"]) == {"histograms": True, "moments": True}
     with pytest.raises(OnnxQuantError, match="accepted"):
@@ -130,7 +130,7 @@ def test_compute_table_entries_and_errors():
         compute_table(stats, {"c": (4, False)}, "minmax")
     with pytest.raises(OnnxQuantError, match="unknown calibration method"):
         compute_table(stats, {"a": (4, False)}, "entropy")
-    no_hist = {"b": stats_of(_x(), histograms=False)}
+    no_hist = {"b": stats_of(_x(), histograms=False, moments=False)}
     with pytest.raises(OnnxQuantError, match="histogram"):
         compute_table(no_hist, {"b": (8, True)}, "kl")
     compute_table(no_hist, {"b": (8, True)}, "gauss")

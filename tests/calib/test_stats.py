@@ -8,7 +8,7 @@ import pytest
 
 from onnxquant.calib.engine import collect_stats, compute_table, merge_stats
 from onnxquant.calib.methods import METHODS
-from onnxquant.calib.stats import Histogram, TensorStats, stats_of
+from onnxquant.calib.stats import DEFAULT_BINS, MAD_TOLERANCE, Histogram, TensorStats, stats_of
 from onnxquant.errors import BadDataError, BadModelError, OnnxQuantError
 from onnxquant.tables import dumps_json, load_stats, save_stats
 
@@ -41,13 +41,16 @@ def _tables(stats):
 
 def test_statistics_are_exact():
     x = _samples()
-    stats = collect_stats(MODEL, TENSORS, _batches(x, 10), per_channel=["t1"], bins=BINS)
+    stats = collect_stats(MODEL, TENSORS, _batches(x, 10), per_channel=["t1"], channel_mad=["t1"], bins=BINS,
+                          moments=True)
     t1 = (x - np.float32(0.25)).astype(np.float64)
     st = stats["t1"]
     assert st.count == t1.size and st.min == t1.min() and st.max == t1.max()
     assert st.mean == pytest.approx(t1.mean(), rel=1e-6)  # float32 partial sums, float64 across batches
-    assert st.mad == pytest.approx(np.abs(t1 - t1.mean()).mean(), rel=1e-6)
+    assert st.mad == pytest.approx(np.abs(t1 - t1.mean()).mean(), rel=MAD_TOLERANCE)
     assert st.std == pytest.approx(t1.std(), rel=1e-6)
+    np.testing.assert_allclose(st.ch_mad, np.abs(t1 - t1.mean(axis=(0, 2))[:, None]).mean(axis=(0, 2)),
+                               rtol=1e-6)
     np.testing.assert_array_equal(st.ch_min, t1.min(axis=(0, 2)))
     np.testing.assert_allclose(st.ch_mean, t1.mean(axis=(0, 2)), rtol=1e-12)
     np.testing.assert_allclose(st.ch_std, t1.std(axis=(0, 2)), rtol=1e-5)
@@ -73,13 +76,18 @@ def test_minmax_needs_one_pass():
     stats = collect_stats(MODEL, TENSORS, Counting(_batches(_samples(), 8)), histograms=False)
     assert len(calls) == 1 and stats["x"].pass2 is None
     compute_table(stats, SPECS, "minmax")
-    collect_stats(MODEL, TENSORS, Counting(_batches(_samples(), 8)), histograms=False, moments=True)
-    assert len(calls) == 3
+    compute_table(stats, SPECS, "gauss")  # σ comes from pass 1
+    stats = collect_stats(MODEL, TENSORS, Counting(_batches(_samples(), 8)), histograms=False, moments=True)
+    assert len(calls) == 2 and all(st.pass2 is None for st in stats.values())  # b from the per-bin sums
+    compute_table(stats, SPECS, "laplace")
+    collect_stats(MODEL, TENSORS, Counting(_batches(_samples(), 8)), histograms=False, moments=True,
+                  per_channel=["t1"], channel_mad=["t1"])
+    assert len(calls) == 4  # the per-channel b needs a second pass
 
 
 def test_batch_invariance_and_determinism():
     x = _samples()
-    runs = {size: collect_stats(MODEL, TENSORS, _batches(x, size), bins=BINS) for size in (1, 7, 32)}
+    runs = {size: collect_stats(MODEL, TENSORS, _batches(x, size), bins=BINS, moments=True) for size in (1, 7, 32)}
     tables = {size: _tables(stats) for size, stats in runs.items()}
     for size in (7, 32):
         for name in TENSORS:
@@ -91,7 +99,7 @@ def test_batch_invariance_and_determinism():
                     assert a.tensors[name].amax == pytest.approx(b.tensors[name].amax, rel=1e-6)
             else:
                 assert dumps_json(a) == dumps_json(b), method
-    again = _tables(collect_stats(MODEL, TENSORS, _batches(x, 7), bins=BINS))
+    again = _tables(collect_stats(MODEL, TENSORS, _batches(x, 7), bins=BINS, moments=True))
     for method in METHODS:
         assert dumps_json(again[method]) == dumps_json(tables[7][method])
 
@@ -99,15 +107,16 @@ def test_batch_invariance_and_determinism():
 def test_shards_merge_to_one_run(tmp_path):
     x = _samples(96, seed=5)
     shards = [_batches(x[:40], 8), _batches(x[40:41], 1), _batches(x[41:], 16)]
-    single = collect_stats(MODEL, TENSORS, _batches(x, 12), per_channel=["t1"], bins=BINS)
-    p1 = [collect_stats(MODEL, TENSORS, s, per_channel=["t1"], bins=BINS, moments=False) for s in shards]
+    opts = {"per_channel": ["t1"], "channel_mad": ["t1"], "bins": BINS, "moments": True}
+    single = collect_stats(MODEL, TENSORS, _batches(x, 12), **opts)
+    p1 = [collect_stats(MODEL, TENSORS, s, first_pass_only=True, **opts) for s in shards]
     for i, part in enumerate(p1):  # shards may travel as files
         save_stats(part, tmp_path / f"p1_{i}.npz")
     merged1 = merge_stats(*[load_stats(tmp_path / f"p1_{i}.npz") for i in range(3)])
     for method in ("minmax", "percentile", "mse", "kl"):  # one pass is enough for these
         a, b = compute_table(merged1, SPECS, method), compute_table(single, SPECS, method)
         assert dumps_json(a) == dumps_json(b)
-    p2 = [collect_stats(MODEL, TENSORS, s, per_channel=["t1"], bins=BINS, pass1=merged1) for s in shards]
+    p2 = [collect_stats(MODEL, TENSORS, s, pass1=merged1, **opts) for s in shards]
     merged = merge_stats(*p2)
     for name in TENSORS:
         a, b = merged[name], single[name]
@@ -123,18 +132,22 @@ def test_shards_merge_to_one_run(tmp_path):
         for name in TENSORS:
             assert a.tensors[name].amax == pytest.approx(b.tensors[name].amax, rel=1e-6)
     with pytest.raises(OnnxQuantError, match="protocol"):  # pass 2 against different references
-        merge_stats(p2[0], collect_stats(MODEL, TENSORS, shards[1], bins=BINS, per_channel=["t1"]))
+        merge_stats({"t1": p2[0]["t1"]}, {"t1": collect_stats(MODEL, TENSORS, shards[1], **opts)["t1"]})
     with pytest.raises(OnnxQuantError, match="exceed the pass-1 range"):
-        collect_stats(MODEL, TENSORS, _batches(x * 10, 8), bins=BINS, pass1=merged1)
+        collect_stats(MODEL, TENSORS, _batches(x * 10, 8), pass1=merged1, **opts)
 
 
 def test_save_load_stats_round_trip(tmp_path):
-    stats = collect_stats(MODEL, TENSORS, _batches(_samples(), 16), per_channel=["t1"], bins=BINS)
+    stats = collect_stats(MODEL, TENSORS, _batches(_samples(), 16), per_channel=["t1"], channel_mad=["t1"],
+                          bins=BINS, moments=True)
     save_stats(stats, tmp_path / "s.npz")
     back = load_stats(tmp_path / "s.npz")
     for m in METHODS:
         assert dumps_json(compute_table(back, SPECS, m)) == dumps_json(compute_table(stats, SPECS, m))
     np.testing.assert_array_equal(back["t1"].pass2.ch_abs_dev, stats["t1"].pass2.ch_abs_dev)
+    np.testing.assert_array_equal(back["t1"].ch_m2, stats["t1"].ch_m2)
+    np.testing.assert_array_equal(back["r"].histogram.sums, stats["r"].histogram.sums)
+    assert back["r"].m2 == stats["r"].m2 and back["r"].mad == stats["r"].mad
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(OnnxQuantError, match="bad.npz"):
         load_stats(tmp_path / "bad.npz")
@@ -150,13 +163,13 @@ def test_bad_data_is_rejected_with_names():
     with pytest.raises(BadDataError, match="lacks model input"):
         collect_stats(MODEL, ["r"], [{"z": _samples()}])
     with pytest.raises(OnnxQuantError, match="re-iterable"):
-        collect_stats(MODEL, ["r"], iter(_batches(_samples(), 4)))
+        collect_stats(MODEL, ["r"], iter(_batches(_samples(), 4)), per_channel=["r"], channel_mad=["r"])
     with pytest.raises(BadDataError, match="empty"):
         collect_stats(MODEL, ["r"], [])
 
 
 def test_progress_bar_goes_to_stderr(capsys):
-    collect_stats(MODEL, ["r"], _batches(_samples(), 16), progress=True, bins=BINS)
+    collect_stats(MODEL, ["r"], _batches(_samples(), 16), progress=True, bins=BINS, channel_mad=["r"])
     out = capsys.readouterr()
     assert out.out == "" and "calibration pass 1" in out.err and "calibration pass 2" in out.err
 
@@ -197,3 +210,26 @@ def test_histogram_regrid_equals_binning_on_the_final_grid(bins):
     np.testing.assert_array_equal(a.merge(b).histogram.counts, direct.counts)
     with pytest.raises(OnnxQuantError, match="histograms of"):
         a.merge(stats_of(parts[2:], bins=2 * bins, moments=False))
+
+
+@pytest.mark.parametrize("kind", ["laplace", "relu", "offset"])
+def test_laplace_b_from_the_histogram_sums_is_within_its_bound(kind):
+    rng = np.random.default_rng(11)
+    x = {"laplace": rng.laplace(0.3, 1.0, 300_000), "relu": np.maximum(rng.normal(0, 1, 300_000), 0),
+         "offset": rng.normal(1000.0, 1.0, 300_000)}[kind].astype(np.float32)
+    exact = np.abs(x - x.mean(dtype=np.float64)).mean(dtype=np.float64)
+    one_pass = TensorStats()
+    one_pass.histogram = Histogram.empty(DEFAULT_BINS, sums=True)
+    for part in (x[:123_457], x[123_457:]):
+        one_pass.update_pass1(part)
+    excess, bound = one_pass.histogram.excess_above(one_pass.mean)
+    assert abs(2 * excess / x.size - exact) <= 2 * bound / x.size + 1e-12 * exact
+    assert one_pass.std == pytest.approx(x.astype(np.float64).std(), rel=1e-6)
+    if kind == "offset":  # bins of 1000/4096 against b = 0.8: the bound is loose, so a second pass runs
+        assert one_pass.mad_needs_pass2 and stats_of(x).pass2 is not None
+        with pytest.raises(OnnxQuantError, match="pass 2"):
+            _ = one_pass.mad
+        assert stats_of(x).mad == pytest.approx(exact, rel=1e-6)
+    else:
+        assert not one_pass.mad_needs_pass2 and one_pass.mad == pytest.approx(exact, rel=MAD_TOLERANCE)
+        assert stats_of(x).pass2 is None
