@@ -7,7 +7,11 @@ ResNet-18-shaped model (tools/make_resnet18.py) and the same data: seeded, image
 on the fly by `reader()` below, so neither tool pays for holding the data set. Results go to a marked section
 of BENCHMARKS.md together with the command.
 
-    python tools/bench_calib.py [--samples 32 128 256] [--big 1024] [--batch-size 8] [--out BENCHMARKS.md]
+    python tools/bench_calib.py [--samples 32 128 256] [--big 1024] [--batch-size 8] [--repeat 3]
+                                [--out BENCHMARKS.md]
+
+Each configuration runs `--repeat` times, interleaved with the others (so a slow spell of the machine hits
+all of them), and the table gives the median wall time with the range of the runs, and the largest peak RSS.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -104,7 +109,8 @@ def _markdown(results: dict, command: str) -> str:
              (f"ResNet-18-shaped model (tools/make_resnet18.py), 224x224, "
               f"batch {os.environ.get('BENCH_BATCH')}, "
               f"{platform.machine()}, {os.cpu_count()} CPUs, onnxruntime CPU. "
-              "Wall time s / peak RSS MB, each run in its own process."),
+              "Median wall time s (range of the runs) / largest peak RSS MB over "
+              f"{os.environ.get('BENCH_REPEAT')} runs, each in its own process."),
              "", "| configuration | " + " | ".join(f"{s} samples" for s in sizes) + " |",
              "|---|" + "---|" * len(sizes)]
     for kind in kinds:
@@ -112,7 +118,9 @@ def _markdown(results: dict, command: str) -> str:
         cells = []
         for s in sizes:
             r = results.get((kind, s))
-            cells.append("—" if r is None else f"{r['wall_s']:.1f} s / {r['peak_rss_mb']:.0f} MB")
+            cells.append("—" if r is None else
+                         f"{r['wall_s']:.1f} s ({min(r['walls']):.1f}–{max(r['walls']):.1f}) / "
+                         f"{r['peak_rss_mb']:.0f} MB")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     ratios = []
     for s in sizes:
@@ -128,6 +136,14 @@ def _markdown(results: dict, command: str) -> str:
         lines += ["", "Ratios: " + "; ".join(ratios) + "."]
     lines.append(MARK_END)
     return "\n".join(lines) + "\n"
+
+
+def _summary(runs: list[dict | None]) -> dict | None:
+    """Median wall time, all wall times and the largest peak RSS of one configuration's runs (None if any failed)."""
+    if not runs or any(r is None for r in runs):
+        return None
+    walls = [r["wall_s"] for r in runs]
+    return {"wall_s": statistics.median(walls), "walls": walls, "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
 
 
 def _write_section(path: Path, section: str) -> None:
@@ -147,6 +163,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, nargs="+", default=[32, 128, 256])
     ap.add_argument("--big", type=int, default=1024, help="onnxquant-only extra size (0: none)")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=3, help="runs per configuration (median reported)")
     ap.add_argument("--model", type=Path, default=None, help="default: build one with tools/make_resnet18.py")
     ap.add_argument("--out", type=Path, default=HERE.parent / "BENCHMARKS.md")
     ap.add_argument("--timeout", type=float, default=3600)
@@ -164,18 +181,20 @@ def main() -> None:
         if model is None:
             model = workdir / "resnet18.onnx"
             subprocess.run([sys.executable, str(HERE / "make_resnet18.py"), "-o", str(model)], check=True)
-        results = {}
+        runs: dict[tuple[str, int], list[dict | None]] = {}
         plan = [(k, s) for s in args.samples for k in ("float", *ONNXQUANT_METHODS, "ort")]
         plan += [(k, args.big) for k in ("float", "kl") if args.big]
-        for kind, samples in plan:
-            if kind in args.skip:
-                continue
-            r = _run(kind, samples, model, workdir, args.batch_size, args.timeout)
-            results[(kind, samples)] = r
-            if r:
-                print(f"{kind:8s} {samples:5d} samples: {r['wall_s']:8.1f} s  {r['peak_rss_mb']:8.0f} MB",
-                      file=sys.stderr)
-    os.environ["BENCH_BATCH"] = str(args.batch_size)
+        for _ in range(args.repeat):
+            for kind, samples in plan:
+                if kind in args.skip:
+                    continue
+                r = _run(kind, samples, model, workdir, args.batch_size, args.timeout)
+                runs.setdefault((kind, samples), []).append(r)
+                if r:
+                    print(f"{kind:8s} {samples:5d} samples: {r['wall_s']:8.1f} s  {r['peak_rss_mb']:8.0f} MB",
+                          file=sys.stderr)
+    results = {key: _summary(rs) for key, rs in runs.items()}
+    os.environ["BENCH_BATCH"], os.environ["BENCH_REPEAT"] = str(args.batch_size), str(args.repeat)
     command = "python tools/bench_calib.py " + " ".join(sys.argv[1:])
     _write_section(args.out, _markdown(results, command.strip()))
 
