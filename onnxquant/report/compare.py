@@ -1,8 +1,10 @@
 """Matching a Q/DQ model to its float model, and the streaming (accumulated) comparison of the two.
 
 Quantized tensors are found from the Q/DQ pattern, not from names: an activation T is quantized as
-`[Clip →] QuantizeLinear → DequantizeLinear` (a Clip counts as part of the pattern when its only consumer is
-the QuantizeLinear and its output is not a tensor of the float model), a weight is an integer initializer
+`[Clip →] QuantizeLinear → DequantizeLinear` (a Clip, or a Max → Min with per-channel bounds, counts as part of
+the pattern when each node's only consumer is the next and its output is not a tensor of the float model); with
+per-channel widths (`--bit-alloc activations`) the code statistics pool the channels at the widest channel's
+range, so a narrower channel's saturation is not counted. A weight is an integer initializer
 feeding a DequantizeLinear. The float reference of an activation is the tensor of the same name in the float
 model; of a weight, the float model's input at the same position of the same-named node.
 
@@ -19,7 +21,6 @@ output the two outputs. Only running sums are kept
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -277,25 +278,22 @@ def _pattern(
     signed = elem in SIGNED
     qmin, qmax = qrange(container, signed)
     bits = container
-    zp = int(numpy_helper.to_array(zp_init).ravel()[0]) if zp_init is not None else 0
+    zp_all = np.zeros(1, np.int64) if zp_init is None else numpy_helper.to_array(zp_init).astype(np.int64).ravel()
+    zp = int(np.median(zp_all))  # per channel: the typical one (a Relu output's are all 0)
     chain = [dq.name, q.name]
     root = q.input[0]
-    clip = producer.get(root)
-    if (
-        clip is not None
-        and clip.op_type == "Clip"
-        and len(users.get(root, [])) == 1
-        and root not in float_names
-        and len(clip.input) == 3
-    ):
-        lo, hi = _const(inits, clip.input[1]), _const(inits, clip.input[2])
-        if lo is not None and hi is not None and np.size(scale) == 1:
-            s = float(np.asarray(scale).ravel()[0])
-            qmin = round(float(lo) / s) + zp
-            qmax = round(float(hi) / s) + zp
-            bits = max(1, math.ceil(math.log2(max(qmax - qmin + 1, 2))))
-            chain.append(clip.name)
-            root = clip.input[0]
+    clipped = _clip_of(root, producer, users, inits, float_names)
+    if clipped is not None:
+        lo, hi, nodes, clip_input = clipped
+        s = np.asarray(scale, np.float64).ravel()
+        if np.size(lo) in (1, s.size) and np.size(hi) in (1, s.size):
+            root = clip_input
+            codes_lo = np.round(np.ravel(lo) / s) + zp_all
+            codes_hi = np.round(np.ravel(hi) / s) + zp_all
+            qmin, qmax = int(codes_lo.min()), int(codes_hi.max())  # per channel: the widest channel's range
+            widths = np.ceil(np.log2(np.maximum(codes_hi - codes_lo + 1, 2)))
+            bits = max(1, round(float(widths.mean())))
+            chain.extend(nodes)
     return QTensor(
         name=root,
         kind="activation",
@@ -311,6 +309,26 @@ def _pattern(
         matched=root in float_names,
         is_input=root in {i.name for i in quant_model.graph.input},
     )
+
+
+def _clip_of(tensor: str, producer, users, inits, float_names: set[str]):
+    """(lo, hi, node names, clipped input) when `tensor` is our clip to the codes' range: a Clip, or a Min of a
+    Max with per-channel bounds, each node used only by the next and not a tensor of the float model."""
+
+    def private(name: str) -> bool:
+        return len(users.get(name, [])) == 1 and name not in float_names
+
+    node = producer.get(tensor)
+    if node is None or not private(tensor):
+        return None
+    if node.op_type == "Clip" and len(node.input) == 3:
+        lo, hi = _const(inits, node.input[1]), _const(inits, node.input[2])
+        return None if lo is None or hi is None else (lo, hi, [node.name], node.input[0])
+    low = producer.get(node.input[0]) if node.op_type == "Min" and len(node.input) == 2 else None
+    if low is None or low.op_type != "Max" or len(low.input) != 2 or not private(node.input[0]):
+        return None
+    lo, hi = _const(inits, low.input[1]), _const(inits, node.input[1])
+    return None if lo is None or hi is None else (lo, hi, [node.name, low.name], low.input[0])
 
 
 def _weight_float_name(dq, codes_name: str, users, float_nodes, float_names) -> tuple[str, bool]:

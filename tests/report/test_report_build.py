@@ -223,3 +223,22 @@ def test_calibration_view_and_fails_under():
     assert rep.fails_under(-100) == []
     msgs = rep.fails_under(rep.outputs[0].sqnr_db + 1)
     assert len(msgs) == 1 and msgs[0].startswith("output logits: SQNR")
+
+
+def test_per_channel_activation_widths_are_matched_to_the_float_model():
+    from onnxquant import api
+    from onnxquant.rules import load_rules
+
+    rules = load_rules("default").with_cli(wbits=4, abits=4, method="laplace")
+    r = api.convert(digits_model(), rules, data=digits_data("calib"), bit_alloc="activations")
+    g = analyze(r.model, r.float_model)
+    per_channel = {t: e for t, e in r.table.tensors.items() if e.axis == 1}
+    assert per_channel and all(la.matched for la in g.layers)
+    by_name = {t.name: t for t in g.activations}
+    for name, entry in per_channel.items():
+        qt = by_name[name]  # found behind its Max → Min clip, under the float model's name
+        assert qt.matched and len(qt.chain) == 4 and qt.bits == 4
+        if not entry.signed and not np.any(entry.zero_point):  # Relu outputs: codes 0 .. 2^b − 1 per channel
+            assert (qt.qmin, qt.qmax) == (0, 2 ** int(np.max(entry.bits)) - 1)
+    rep = build_report(r.float_model, r.model, digits_data(), sensitivity_samples=16)
+    assert not any("not found alike" in n for n in rep.notes)
