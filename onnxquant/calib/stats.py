@@ -330,7 +330,9 @@ class TensorStats:
         """Mean absolute deviation around the mean: the Laplace scale b (pass 2, or the histogram's sums)."""
         if self.pass2 is not None and self.pass2.count:
             return self.pass2.abs_dev / self.pass2.count
-        excess, bound = self._need_hist().excess_above(self.mean)
+        if self.histogram is None or self.histogram.sums is None:
+            raise OnnxQuantError("statistics lack the Laplace b (per-bin sums or pass 2); collect them with moments")
+        excess, bound = self.histogram.excess_above(self.mean)
         if bound > MAD_TOLERANCE * excess:
             raise OnnxQuantError(f"the histogram gives the Laplace b only to {bound / max(excess, 1e-300):.1e} "
                                  "(relative); collect pass 2 (moments)")
