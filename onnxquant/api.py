@@ -96,7 +96,7 @@ def calibrate(model: onnx.ModelProto, plan: QuantPlan, data: Batches, *, progres
     average.
     """
     from onnxquant.calib.engine import collect_stats, compute_table
-    from onnxquant.calib.methods import collect_options
+    from onnxquant.calib.methods import NEEDS_MOMENTS, collect_options
 
     if not plan.activations:
         return CalibrationTable(method="none", bits=0), {}
@@ -105,7 +105,7 @@ def calibrate(model: onnx.ModelProto, plan: QuantPlan, data: Batches, *, progres
     if stats is None:
         sources = {plan.range_source(t) for t in plan.activations}
         channels = set(per_channel) | {plan.range_source(t) for t in allocated}
-        channel_mad = {plan.range_source(t) for t in allocated if plan.activations[t].method == "laplace"}
+        channel_mad = {plan.range_source(t) for t in allocated if plan.activations[t].method in NEEDS_MOMENTS}
         stats = collect_stats(model, sorted(sources | channels), data, bins=bins, progress=progress,
                               per_channel=sorted(channels), channel_mad=sorted(channel_mad),
                               **collect_options(methods))

@@ -330,13 +330,10 @@ class TensorStats:
         """Mean absolute deviation around the mean: the Laplace scale b (pass 2, or the histogram's sums)."""
         if self.pass2 is not None and self.pass2.count:
             return self.pass2.abs_dev / self.pass2.count
-        if self.histogram is None or self.histogram.sums is None:
-            raise OnnxQuantError("statistics lack the Laplace b (per-bin sums or pass 2); collect them with moments")
-        excess, bound = self.histogram.excess_above(self.mean)
-        if bound > MAD_TOLERANCE * excess:
-            raise OnnxQuantError(f"the histogram gives the Laplace b only to {bound / max(excess, 1e-300):.1e} "
-                                 "(relative); collect pass 2 (moments)")
-        return 2 * excess / self.count if self.count else 0.0
+        if self.mad_needs_pass2:
+            raise OnnxQuantError(f"statistics lack the Laplace b: no pass 2, and no per-bin sums that give it to "
+                                 f"{MAD_TOLERANCE:g}; collect it with moments")
+        return 2 * self.histogram.excess_above(self.mean)[0] / self.count if self.count else 0.0
 
     @property
     def mad_needs_pass2(self) -> bool:
