@@ -1,4 +1,9 @@
-"""Errors the user can fix. The CLI prints each as one line and exits with code 2."""
+"""Errors, split by whose fault they are.
+
+`OnnxQuantError` and its subclasses are bad input the user can fix: the CLI prints one line and exits with
+code 2 (1 for `CheckFailed`). `InternalError` is a bug of ours (a broken invariant): it is not a user error,
+the CLI shows the traceback and exits with code 70 (EX_SOFTWARE).
+"""
 from __future__ import annotations
 
 
@@ -24,3 +29,17 @@ class CheckFailed(OnnxQuantError):
     """A check the user asked for failed (validate, report thresholds): exit code 1."""
 
     exit_code = 1
+
+
+class InternalError(Exception):
+    """A broken invariant inside onnxquant: a bug to report, never the user's input."""
+
+    exit_code = 70
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of `exc`'s message (its type name when the message is empty)."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()[:limit]
+    return type(exc).__name__
