@@ -11,19 +11,25 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxquant.errors import BadDataError, BadModelError, OnnxQuantError
+from onnxquant.calib.bitalloc import allocate_bits
+from onnxquant.calib.engine import collect_stats, compute_table
+from onnxquant.calib.methods import METHODS, NEEDS_MOMENTS, PER_CHANNEL, check_options, collect_options
+from onnxquant.errors import BadDataError, BadModelError, BadRulesError, InternalError, OnnxQuantError
 from onnxquant.model import INT4_OPSET, opset_of, upgrade_opset
 from onnxquant.passes import Outcome, run_passes
 from onnxquant.passes.insert_qdq import PER_CHANNEL_OPSET, QdqSummary, insert_qdq
 from onnxquant.passes.plan import QuantPlan, plan_quantization, tensor_shapes
 from onnxquant.quant import MAX_BITS, MIN_BITS
-from onnxquant.rules import Rules
+from onnxquant.report import build_report, plan_suggestion
+from onnxquant.rules import Rules, dump_rules, parse_rules
+from onnxquant.runtime.validate import validate as run_validation
 from onnxquant.tables import CalibrationTable
 
 log = logging.getLogger(__name__)
 
 Batches = Iterable[dict[str, np.ndarray]]
 BIT_ALLOC = (None, "weights", "activations", "both")
+BIAS_CORRECTION = ("mean", "full")
 
 
 @dataclass
@@ -95,9 +101,6 @@ def calibrate(model: onnx.ModelProto, plan: QuantPlan, data: Batches, *, progres
     every activation with a channel axis gets per-channel ranges and widths (ACIQ eq. 10–11) at its width on
     average.
     """
-    from onnxquant.calib.engine import collect_stats, compute_table
-    from onnxquant.calib.methods import NEEDS_MOMENTS, collect_options
-
     if not plan.activations:
         return CalibrationTable(method="none", bits=0), {}
     methods = {spec.method for spec in plan.activations.values()}
@@ -141,18 +144,14 @@ def _channel_tensors(model: onnx.ModelProto, plan: QuantPlan) -> tuple[str, ...]
 
 def _allocated_range(stats: dict, tensor: str, spec, method_options: dict):
     """Per-channel range of `tensor` at per-channel widths allocated from its per-channel clipping ranges."""
-    from onnxquant.calib.bitalloc import allocate_bits
-    from onnxquant.calib.engine import compute_table
-    from onnxquant.calib.methods import METHODS, PER_CHANNEL, check_options
-
     if spec.method not in PER_CHANNEL:
-        raise OnnxQuantError(f"tensor {tensor}: per-channel bit allocation needs a per-channel method; "
+        raise BadRulesError(f"tensor {tensor}: per-channel bit allocation needs a per-channel method; "
                              f"accepted: {', '.join(sorted(PER_CHANNEL))} (got {spec.method})")
     try:
         lo, hi = METHODS[spec.method](stats[tensor], spec.bits, spec.symmetric, per_channel=True,
                                       **check_options(spec.method, method_options))
     except OnnxQuantError as exc:
-        raise OnnxQuantError(f"tensor {tensor}: {exc}") from exc
+        raise type(exc)(f"tensor {tensor}: {exc}") from exc
     span = np.maximum(hi, 0) - np.minimum(lo, 0)  # dead (constant 0) channels: 0, so the fewest bits
     widths = allocate_bits(span, spec.bits, lo=MIN_BITS, hi=MAX_BITS)
     return compute_table({tensor: stats[tensor]}, {tensor: (widths, spec.symmetric)}, spec.method,
@@ -167,8 +166,10 @@ def convert(model: onnx.ModelProto, rules: Rules, *, data: Batches | None = None
     `bias_correction` is None, "mean" or "full"; `bit_alloc` (None, "weights", "activations" or "both")
     allocates widths per channel at the same average width (ACIQ eq. 10–11).
     """
+    if bias_correction not in (None, *BIAS_CORRECTION):
+        raise BadRulesError(f"bias_correction={bias_correction!r}; accepted: None, {', '.join(BIAS_CORRECTION)}")
     if bit_alloc not in BIT_ALLOC:
-        raise OnnxQuantError(f"bit_alloc={bit_alloc!r}; accepted: {', '.join(map(str, BIT_ALLOC))}")
+        raise BadRulesError(f"bit_alloc={bit_alloc!r}; accepted: {', '.join(map(str, BIT_ALLOC))}")
     folded, outcomes, plan, notes = prepare(model, rules)
     corrected_inputs = _compute_inputs(folded, plan) if bias_correction else ()
     if table is None:
@@ -185,8 +186,6 @@ def convert(model: onnx.ModelProto, rules: Rules, *, data: Batches | None = None
         if data is None:
             raise BadDataError("convert: --bias-correction needs calibration data for the input means; "
                                "accepted: --calib-data PATH or --calib-reader MODULE:FUNCTION")
-        from onnxquant.calib.engine import collect_stats
-
         stats = collect_stats(folded, corrected_inputs, data, histograms=False, per_channel=corrected_inputs)
     means = {t: stats[t].ch_mean for t in corrected_inputs if t in (stats or {}) and stats[t].per_channel}
     quant, summary = insert_qdq(folded, plan, table, bias_correction=bias_correction,
@@ -195,7 +194,7 @@ def convert(model: onnx.ModelProto, rules: Rules, *, data: Batches | None = None
     try:
         onnx.checker.check_model(quant, full_check=True)
     except onnx.checker.ValidationError as exc:  # a bug of ours, not the user's: keep the traceback
-        raise RuntimeError(f"quantized model fails onnx.checker: {exc}") from exc
+        raise InternalError(f"quantized model fails onnx.checker: {exc}") from exc
     return ConvertResult(model=quant, float_model=folded, table=table, plan=plan, outcomes=outcomes,
                          summary=summary, stats=stats, notes=notes + summary.notes)
 
@@ -207,9 +206,6 @@ def report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, data: Bat
     With a `table` but statistics lacking histograms (minmax calibration), they are collected again so the
     calibration view can compare every method.
     """
-    from onnxquant.calib.engine import collect_stats
-    from onnxquant.report import build_report
-
     if table is not None and table.tensors and (stats is None or not all(
             t in stats and stats[t].has_hist for t in table.tensors)):
         stats = collect_stats(float_model, sorted(table.tensors), data, histograms=True, moments=True)
@@ -219,9 +215,6 @@ def report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, data: Bat
 def suggest(report_result, model: onnx.ModelProto, rules: Rules, data: Batches, *, target_sqnr: float | None = None,
             k: int | None = None, high_bits: int = 8, **convert_options):
     """Rules keeping the most sensitive layers at `high_bits`, with the output SQNR measured by converting again."""
-    from onnxquant.report import build_report, plan_suggestion
-    from onnxquant.rules import dump_rules, parse_rules
-
     if k is None and target_sqnr is None:
         k = 3
     suggestion = plan_suggestion(report_result, dump_rules(rules), target_sqnr=target_sqnr, k=k,
@@ -235,6 +228,4 @@ def suggest(report_result, model: onnx.ModelProto, rules: Rules, data: Batches, 
 
 def validate(quant_model: onnx.ModelProto, data: Batches, *, backend: str = "numpy", requant: str = "float"):
     """Run the integer plan of `quant_model` and ONNX Runtime side by side (see onnxquant.runtime)."""
-    from onnxquant.runtime.validate import validate as run_validation
-
     return run_validation(quant_model, data, backend=backend, requant=requant)

@@ -25,6 +25,10 @@ class BadDataError(OnnxQuantError):
     """Calibration or evaluation data does not match the model or is not usable."""
 
 
+class BadPathError(OnnxQuantError):
+    """An input or output path cannot be used (missing directory, not writable, equal to an input)."""
+
+
 class CheckFailed(OnnxQuantError):
     """A check the user asked for failed (validate, report thresholds): exit code 1."""
 

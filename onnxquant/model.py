@@ -7,6 +7,7 @@ session, asking for the CUDA provider only when it can actually load.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import tempfile
@@ -16,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper, shape_inference
+import onnxruntime as ort
+from onnx import numpy_helper, shape_inference, version_converter
 
-from onnxquant.errors import BadModelError, OnnxQuantError
+from onnxquant.errors import BadModelError, BadPathError, first_line
+from onnxquant.ir import name_nodes
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError or a bare message
-        raise BadModelError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from exc
+        raise BadModelError(f"{path}: not a readable ONNX model ({first_line(exc)})") from exc
     if not model.graph.node and not model.graph.output:
         raise BadModelError(f"{path}: not an ONNX model (empty graph)")
     _load_external_data(model, path.parent)
@@ -59,10 +62,10 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        raise BadModelError(f"{path}: invalid ONNX model ({_first_line(exc)})") from exc
+        raise BadModelError(f"{path}: invalid ONNX model ({first_line(exc)})") from exc
     constants_to_initializers(model)
     drop_initializer_inputs(model)
-    name_nodes(model)
+    name_nodes(model.graph)
     return infer_shapes(model)
 
 
@@ -75,24 +78,6 @@ def drop_initializer_inputs(model: onnx.ModelProto) -> None:
     if len(real) != len(model.graph.input):
         del model.graph.input[:]
         model.graph.input.extend(real)
-
-
-def name_nodes(model: onnx.ModelProto) -> None:
-    """Give every node a unique name (`<op>_<index>` for unnamed or repeated ones): rules match on names."""
-    seen: set[str] = set()
-    for i, node in enumerate(model.graph.node):
-        if not node.name or node.name in seen:
-            base, n = f"{node.op_type}_{i}", 0
-            node.name = base
-            while node.name in seen:
-                n += 1
-                node.name = f"{base}_{n}"
-        seen.add(node.name)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]
 
 
 def _load_external_data(model: onnx.ModelProto, base: Path) -> None:
@@ -176,7 +161,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         if model.ByteSize() < TWO_GIB:
             return shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as exc:
-        log.warning("shape inference failed: %s", _first_line(exc))
+        log.warning("shape inference failed: %s", first_line(exc))
     return model
 
 
@@ -184,14 +169,12 @@ def upgrade_opset(model: onnx.ModelProto, target: int = INT4_OPSET) -> onnx.Mode
     """Convert to `target` opset (e.g. 21 for INT4 Q/DQ); an error if the converter cannot do it cleanly."""
     if opset_of(model) >= target:
         return model
-    from onnx import version_converter
-
     try:
         converted = version_converter.convert_version(model, target)
         onnx.checker.check_model(converted)
     except Exception as exc:
         raise BadModelError(f"model: cannot upgrade opset {opset_of(model)} to {target} for INT4 storage "
-                            f"({_first_line(exc)}); accepted: --bits 5..8, or a model that converts") from exc
+                            f"({first_line(exc)}); accepted: --bits 5..8, or a model that converts") from exc
     return infer_shapes(converted)
 
 
@@ -214,13 +197,13 @@ class atomic_write:
     def __enter__(self) -> Path:
         directory = self.path.parent if str(self.path.parent) else Path(".")
         if self.path.is_dir():
-            raise OnnxQuantError(f"{self.path}: is a directory; accepted: a file path")
+            raise BadPathError(f"{self.path}: is a directory; accepted: a file path")
         if not directory.is_dir():
-            raise OnnxQuantError(f"{self.path}: directory {directory} does not exist")
+            raise BadPathError(f"{self.path}: directory {directory} does not exist")
         try:
             fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
         except OSError as exc:
-            raise OnnxQuantError(f"{self.path}: cannot write ({exc.strerror})") from exc
+            raise BadPathError(f"{self.path}: cannot write ({exc.strerror})") from exc
         os.close(fd)
         self.tmp = Path(name)
         return self.tmp
@@ -237,22 +220,20 @@ def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike) -> Pat
     out = Path(out)
     for inp in inputs:
         if inp is not None and Path(inp).exists() and out.exists() and out.resolve() == Path(inp).resolve():
-            raise OnnxQuantError(f"{out}: output path equals the input; accepted: a different file")
+            raise BadPathError(f"{out}: output path equals the input; accepted: a different file")
     if out.is_dir():
-        raise OnnxQuantError(f"{out}: is a directory; accepted: a file path")
+        raise BadPathError(f"{out}: is a directory; accepted: a file path")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
-        raise OnnxQuantError(f"{out}: directory {parent} does not exist")
+        raise BadPathError(f"{out}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
-        raise OnnxQuantError(f"{out}: directory {parent} is not writable")
+        raise BadPathError(f"{out}: directory {parent} is not writable")
     return out
 
 
 @lru_cache(maxsize=1)
 def available_providers() -> tuple[str, ...]:
     """Execution providers that can actually run here: CUDA only when its libraries load and a GPU exists."""
-    import onnxruntime as ort
-
     providers = ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" in ort.get_available_providers() and _cuda_loads():
         providers.insert(0, "CUDAExecutionProvider")
@@ -260,8 +241,6 @@ def available_providers() -> tuple[str, ...]:
 
 
 def _cuda_loads() -> bool:
-    import ctypes
-
     for lib in ("libcuda.so.1", "libcudart.so.12", "libcublas.so.12", "libcudnn.so.9"):
         try:
             ctypes.CDLL(lib)
@@ -274,8 +253,6 @@ def make_session(model: onnx.ModelProto | bytes, optimize: bool = True, use_gpu:
                  spin: bool = True):
     """An ONNX Runtime session; `optimize=False` disables all graph optimizations. `spin=False` stops idle
     worker threads from spinning, which leaves the CPU to Python work that runs alongside inference."""
-    import onnxruntime as ort
-
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if not spin:
@@ -287,7 +264,7 @@ def make_session(model: onnx.ModelProto | bytes, optimize: bool = True, use_gpu:
     try:
         return ort.InferenceSession(data, opts, providers=providers)
     except Exception as exc:
-        raise BadModelError(f"ONNX Runtime cannot load the model ({_first_line(exc)})") from exc
+        raise BadModelError(f"ONNX Runtime cannot load the model ({first_line(exc)})") from exc
 
 
 def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:

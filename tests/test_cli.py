@@ -218,3 +218,24 @@ def test_validate_exit_codes(demo):
     assert json.loads((demo / "v.json").read_text())["passed"] is True
     result = CliRunner().invoke(main, ["validate", str(demo / "model.onnx"), "--data", str(demo / "eval.npz")])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_a_bug_of_ours_exits_70_with_its_traceback(demo, monkeypatch):
+    from onnxquant import api
+    from onnxquant.errors import InternalError
+
+    def broken(*args, **kwargs):
+        raise InternalError("plan and graph disagree on tensor t")
+
+    monkeypatch.setattr(api, "fold", broken)
+    result = CliRunner().invoke(main, ["fold", str(demo / "model.onnx"), "-o", str(demo / "f.onnx")])
+    assert result.exit_code == 70
+    assert "Traceback" in result.output and "internal error: plan and graph disagree on tensor t" in result.output
+    assert not (demo / "f.onnx").exists()
+
+
+def test_first_line_of_an_empty_message_is_the_type_name():
+    from onnxquant.errors import first_line
+
+    assert first_line(ValueError("")) == "ValueError"
+    assert first_line(ValueError("\n\n  real cause\nmore")) == "real cause"

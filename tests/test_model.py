@@ -7,12 +7,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxquant.errors import BadModelError, OnnxQuantError
+from onnxquant.ir import name_nodes
 from onnxquant.model import (
     check_output_path,
     constants_to_initializers,
     load_model,
     make_session,
-    name_nodes,
     opset_of,
     save_model,
     upgrade_opset,
@@ -123,8 +123,15 @@ def test_upgrade_to_opset_21_keeps_numbers():
 def test_unnamed_nodes_get_unique_names():
     model = conv_model()
     model.graph.node[1].name = model.graph.node[0].name = ""
-    name_nodes(model)
+    name_nodes(model.graph)
     assert [n.name for n in model.graph.node] == ["Conv_0", "Relu_1"]
+
+
+def test_naming_never_renames_a_user_named_node():
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Relu", ["y"], ["z"], name="Relu_0"),
+                               helper.make_node("Relu", ["z"], ["u"], name="Relu_0")], "g", [], [])
+    name_nodes(graph)
+    assert [n.name for n in graph.node] == ["Relu_0_1", "Relu_0", "Relu_0_2"]
 
 
 def test_save_is_atomic_and_output_checks(tmp_path):

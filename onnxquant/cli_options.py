@@ -1,0 +1,143 @@
+"""Options shared by the `onnxquant` commands, and the error boundary every command runs inside.
+
+Every `Choice` is derived from a registry of the library (calibration methods, weight methods, table formats,
+backends, requantization modes), so a new entry there is a new choice here.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from onnxquant.api import BIAS_CORRECTION, BIT_ALLOC
+from onnxquant.calib.methods import METHODS, WEIGHT_METHODS
+from onnxquant.calib.readers import ImageOptions, input_specs, open_data
+from onnxquant.errors import InternalError, OnnxQuantError, first_line
+from onnxquant.model import load_model
+from onnxquant.quant import MAX_BITS, MIN_BITS
+from onnxquant.rules import load_rules
+
+BITS = click.IntRange(MIN_BITS, MAX_BITS)
+MODEL = click.Path(exists=True, dir_okay=True, path_type=Path)
+CALIB_CHOICE = click.Choice(tuple(METHODS))
+WEIGHT_CHOICE = click.Choice(tuple(WEIGHT_METHODS))
+BIAS_CHOICE = click.Choice(BIAS_CORRECTION)
+BIT_ALLOC_CHOICE = click.Choice([b for b in BIT_ALLOC if b])
+IMAGE_LAYOUTS = ("NCHW", "NHWC")
+
+
+def common(fn):
+    """-v and --debug; a user error becomes one line on stderr and its exit code, a bug of ours exit 70."""
+
+    @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug logging).")
+    @click.option("--debug", is_flag=True, help="Show Python tracebacks.")
+    @functools.wraps(fn)
+    def wrapper(*args, verbose: int = 0, debug: bool = False, **kwargs):
+        level = logging.WARNING - 10 * min(verbose, 2)
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        logging.getLogger("onnxquant").setLevel(level)
+        try:
+            return fn(*args, **kwargs)
+        except OnnxQuantError as exc:
+            if debug:
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing written", err=True)
+            sys.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:  # a bug of ours (InternalError or anything unforeseen): keep the traceback
+            traceback.print_exc(file=sys.stderr)
+            click.echo(f"internal error: {first_line(exc)} (a bug in onnxquant; please report it with the "
+                       "traceback above)", err=True)
+            sys.exit(InternalError.exit_code)
+
+    return wrapper
+
+
+def _options(*options):
+    def apply(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return apply
+
+
+rules_option = click.option("--rules", "rules_path", default=None,
+                            help="Rule file (YAML) or preset: default, tensorrt.")
+
+data_options = _options(
+    click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+                 help="Samples per inference batch."),
+    click.option("--max-samples", type=click.IntRange(min=1), default=None, help="Use at most N samples."),
+    click.option("--calib-reader", metavar="MODULE:FUNCTION", default=None,
+                 help="A function returning an iterable of {input_name: array} batches."),
+    click.option("--image-size", metavar="HxW", default=None, help="Resize images (image directories)."),
+    click.option("--image-mean", metavar="M[,M,M]", default=None, help="Per-channel mean after scaling."),
+    click.option("--image-std", metavar="S[,S,S]", default=None, help="Per-channel std after scaling."),
+    click.option("--image-layout", type=click.Choice(IMAGE_LAYOUTS), default=None,
+                 help="Layout of the model's image input."),
+)
+
+suggest_options = _options(
+    click.option("--suggest-rules", type=click.Path(path_type=Path), default=None,
+                 help="Write a rule file keeping the most sensitive layers at --high-bits."),
+    click.option("--target-sqnr", type=float, default=None,
+                 help="Keep the fewest layers predicted to reach this output SQNR (dB)."),
+    click.option("--top-k", type=click.IntRange(min=0), default=None,
+                 help="Keep this many layers (default 3 without --target-sqnr)."),
+    click.option("--high-bits", type=BITS, default=8, show_default=True, help="Width of the kept layers."),
+)
+
+
+def open_cli_data(model, path, batch_size, max_samples, calib_reader, image_size, image_mean, image_std,
+                  image_layout, extra_keys=()):
+    """The batches the data options describe, or None when neither a path nor a reader was given."""
+    if path is None and calib_reader is None:
+        return None
+    images = None
+    if any(v is not None for v in (image_size, image_mean, image_std, image_layout)):
+        images = ImageOptions(
+            size=parse_numbers(image_size, "--image-size", "x", int) if image_size else None,
+            mean=parse_numbers(image_mean, "--image-mean") if image_mean else (0.0, 0.0, 0.0),
+            std=parse_numbers(image_std, "--image-std") if image_std else (1.0, 1.0, 1.0),
+            layout=image_layout or "NCHW")
+    return open_data(path, input_specs(model), batch_size=batch_size, max_samples=max_samples,
+                     image_options=images, reader=calib_reader, extra_keys=extra_keys)
+
+
+def parse_numbers(text: str, flag: str, sep: str = ",", kind=float) -> tuple:
+    try:
+        return tuple(kind(v) for v in text.split(sep))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected numbers separated by {sep!r}", param_hint=flag) from None
+
+
+def cli_rules(rules_path, **cli):
+    """The rule file (or preset) with the command line's overrides applied."""
+    return load_rules(rules_path).with_cli(**cli)
+
+
+def cli_model(path: Path):
+    return load_model(path)
+
+
+def split_bits(bits, wbits, abits) -> tuple[int | None, int | None]:
+    if bits is not None and (wbits is not None or abits is not None):
+        raise click.UsageError("use --bits N, or --wbits N and --abits N, not both")
+    return (wbits if wbits is not None else bits), (abits if abits is not None else bits)
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
