@@ -11,17 +11,25 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from onnxquant import rules as rule_files
 from onnxquant.calib.bitalloc import allocate_bits
 from onnxquant.calib.engine import collect_stats, compute_table
-from onnxquant.calib.methods import METHODS, NEEDS_MOMENTS, PER_CHANNEL, check_options, collect_options
-from onnxquant.errors import BadDataError, BadModelError, BadRulesError, InternalError, OnnxQuantError
+from onnxquant.calib.methods import METHODS, WEIGHT_METHODS, clip_range, collect_options
+from onnxquant.errors import (
+    BadDataError,
+    BadModelError,
+    BadOptionError,
+    BadRulesError,
+    InternalError,
+    OnnxQuantError,
+)
 from onnxquant.model import INT4_OPSET, opset_of, upgrade_opset
-from onnxquant.passes import Outcome, run_passes
+from onnxquant.passes import PASS_NAMES, Outcome, run_passes
 from onnxquant.passes.insert_qdq import PER_CHANNEL_OPSET, QdqSummary, insert_qdq
 from onnxquant.passes.plan import QuantPlan, plan_quantization, tensor_shapes
 from onnxquant.quant import MAX_BITS, MIN_BITS
-from onnxquant.report import build_report, plan_suggestion
-from onnxquant.rules import Rules, dump_rules, parse_rules
+from onnxquant.report import Report, SuggestOptions, build_report
+from onnxquant.rules import Rules
 from onnxquant.runtime.validate import validate as run_validation
 from onnxquant.tables import CalibrationTable
 
@@ -46,6 +54,21 @@ class ConvertResult:
     @property
     def folded(self) -> list[Outcome]:
         return [o for o in self.outcomes if o.applied]
+
+
+_RULE_NAMES = {"pass_names": PASS_NAMES, "method_names": tuple(METHODS),
+               "weight_method_names": tuple(WEIGHT_METHODS)}
+
+
+def load_rules(source=None) -> Rules:
+    """The rule file or preset `source` (None: the default preset), checked against this package's passes and
+    calibration methods."""
+    return rule_files.load_rules(source, **_RULE_NAMES)
+
+
+def parse_rules(text: str, where: str) -> Rules:
+    """Rules from YAML `text` (`where` names it in errors), checked as `load_rules` checks a file."""
+    return rule_files.parse_rules(text, where, **_RULE_NAMES)
 
 
 def fold(model: onnx.ModelProto, rules: Rules) -> tuple[onnx.ModelProto, list[Outcome]]:
@@ -108,7 +131,7 @@ def calibrate(model: onnx.ModelProto, plan: QuantPlan, data: Batches, *, progres
     if stats is None:
         sources = {plan.range_source(t) for t in plan.activations}
         channels = set(per_channel) | {plan.range_source(t) for t in allocated}
-        channel_mad = {plan.range_source(t) for t in allocated if plan.activations[t].method in NEEDS_MOMENTS}
+        channel_mad = {plan.range_source(t) for t in allocated if METHODS[plan.activations[t].method].needs_moments}
         stats = collect_stats(model, sorted(sources | channels), data, bins=bins, progress=progress,
                               per_channel=sorted(channels), channel_mad=sorted(channel_mad),
                               **collect_options(methods))
@@ -144,12 +167,12 @@ def _channel_tensors(model: onnx.ModelProto, plan: QuantPlan) -> tuple[str, ...]
 
 def _allocated_range(stats: dict, tensor: str, spec, method_options: dict):
     """Per-channel range of `tensor` at per-channel widths allocated from its per-channel clipping ranges."""
-    if spec.method not in PER_CHANNEL:
+    if not METHODS[spec.method].per_channel:
         raise BadRulesError(f"tensor {tensor}: per-channel bit allocation needs a per-channel method; "
-                             f"accepted: {', '.join(sorted(PER_CHANNEL))} (got {spec.method})")
+                             f"accepted: {', '.join(sorted(n for n, m in METHODS.items() if m.per_channel))} (got {spec.method})")
     try:
-        lo, hi = METHODS[spec.method](stats[tensor], spec.bits, spec.symmetric, per_channel=True,
-                                      **check_options(spec.method, method_options))
+        lo, hi = clip_range(spec.method, stats[tensor], spec.bits, spec.symmetric, per_channel=True,
+                            **method_options)
     except OnnxQuantError as exc:
         raise type(exc)(f"tensor {tensor}: {exc}") from exc
     span = np.maximum(hi, 0) - np.minimum(lo, 0)  # dead (constant 0) channels: 0, so the fewest bits
@@ -167,9 +190,9 @@ def convert(model: onnx.ModelProto, rules: Rules, *, data: Batches | None = None
     allocates widths per channel at the same average width (ACIQ eq. 10–11).
     """
     if bias_correction not in (None, *BIAS_CORRECTION):
-        raise BadRulesError(f"bias_correction={bias_correction!r}; accepted: None, {', '.join(BIAS_CORRECTION)}")
+        raise BadOptionError(f"bias_correction={bias_correction!r}; accepted: None, {', '.join(BIAS_CORRECTION)}")
     if bit_alloc not in BIT_ALLOC:
-        raise BadRulesError(f"bit_alloc={bit_alloc!r}; accepted: {', '.join(map(str, BIT_ALLOC))}")
+        raise BadOptionError(f"bit_alloc={bit_alloc!r}; accepted: {', '.join(map(str, BIT_ALLOC))}")
     folded, outcomes, plan, notes = prepare(model, rules)
     corrected_inputs = _compute_inputs(folded, plan) if bias_correction else ()
     if table is None:
@@ -200,30 +223,24 @@ def convert(model: onnx.ModelProto, rules: Rules, *, data: Batches | None = None
 
 
 def report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, data: Batches, *,
-           stats: dict | None = None, table: CalibrationTable | None = None, **options):
+           stats: dict | None = None, table: CalibrationTable | None = None,
+           suggest: SuggestOptions | None = None, **options) -> Report:
     """Accuracy-diff report of `quant_model` against `float_model` on `data` (see onnxquant.report).
 
     With a `table` but statistics lacking histograms (minmax calibration), they are collected again so the
-    calibration view can compare every method.
+    calibration view can compare every method. With `suggest`, the report carries a rule-file suggestion.
     """
     if table is not None and table.tensors and (stats is None or not all(
             t in stats and stats[t].has_hist for t in table.tensors)):
         stats = collect_stats(float_model, sorted(table.tensors), data, histograms=True, moments=True)
-    return build_report(float_model, quant_model, data, stats=stats, table=table, **options)
+    return build_report(float_model, quant_model, data, stats=stats, table=table, suggest=suggest, **options)
 
 
-def suggest(report_result, model: onnx.ModelProto, rules: Rules, data: Batches, *, target_sqnr: float | None = None,
-            k: int | None = None, high_bits: int = 8, **convert_options):
-    """Rules keeping the most sensitive layers at `high_bits`, with the output SQNR measured by converting again."""
-    if k is None and target_sqnr is None:
-        k = 3
-    suggestion = plan_suggestion(report_result, dump_rules(rules), target_sqnr=target_sqnr, k=k,
-                                 high_bits=high_bits)
-    improved = convert(model, parse_rules(suggestion.rules, "suggested rules"), data=data, **convert_options)
+def measure_suggestion(report_result: Report, model: onnx.ModelProto, data: Batches, **convert_options) -> Report:
+    """`report_result` with its suggestion's output SQNR measured by converting `model` with the suggested rules."""
+    improved = convert(model, report_result.suggestion.rules, data=data, **convert_options)
     after = build_report(improved.float_model, improved.model, data, sensitivity_samples=0)
-    suggestion.measured = after.output_sqnr()
-    report_result.suggestion = suggestion
-    return suggestion
+    return report_result.with_measured(after.output_sqnr())
 
 
 def validate(quant_model: onnx.ModelProto, data: Batches, *, backend: str = "numpy", requant: str = "float"):

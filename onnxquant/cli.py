@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from onnxquant import api, tables
-from onnxquant.calib.stats_io import load_stats, save_stats
+from onnxquant.calib import stats_io
 from onnxquant.cli_options import (
     BIAS_CHOICE,
     BIT_ALLOC_CHOICE,
@@ -29,7 +29,7 @@ from onnxquant.cli_options import (
 )
 from onnxquant.errors import CheckFailed
 from onnxquant.model import atomic_write, check_output_path, file_size, save_model
-from onnxquant.report import render_html, render_text
+from onnxquant.report import SuggestOptions, render_html, render_text
 from onnxquant.runtime import BACKENDS, REQUANT_MODES
 
 log = logging.getLogger("onnxquant")
@@ -99,32 +99,35 @@ def convert(model, output, bits, wbits, abits, method, calib_data, rules_path, t
     if suggest_rules is not None and report_path is None:
         raise click.UsageError("--suggest-rules needs --report: the suggestion comes from the sensitivity ranking")
     rules = cli_rules(rules_path, wbits=wbits, abits=abits, method=method, wmethod=wcalib)
+    suggest = None
+    if suggest_rules is not None:
+        default_k = 3 if top_k is None and target_sqnr is None else top_k
+        suggest = SuggestOptions(rules, k=default_k, target_sqnr=target_sqnr, high_bits=high_bits)
     float_model = cli_model(model)
     table = tables.load_table(table_in) if table_in else None
-    stats = load_stats(load_stats) if load_stats else None
+    stats = stats_io.load_stats(load_stats) if load_stats else None
     data = open_cli_data(float_model, calib_data, **data_opts)
     if report_path is not None and data is None:
         raise click.UsageError("--report needs --calib-data (or --calib-reader) to compare the models on")
     result = api.convert(float_model, rules, data=data, table=table, stats=stats, progress=sys.stderr.isatty(),
                          bias_correction=bias_correction, bit_alloc=bit_alloc, bins=bins,
                          percentile=percentile)
-    report = suggestion = None
+    report = None
     if report_path is not None:
         report = api.report(result.float_model, result.model, data, stats=result.stats, table=result.table,
-                            progress=sys.stderr.isatty())
-        if suggest_rules is not None:
-            suggestion = api.suggest(report, float_model, rules, data, target_sqnr=target_sqnr, k=top_k,
-                                     high_bits=high_bits, bias_correction=bias_correction,
-                                     bit_alloc=bit_alloc, bins=bins, percentile=percentile)
+                            suggest=suggest, progress=sys.stderr.isatty())
+        if suggest is not None:
+            report = api.measure_suggestion(report, float_model, data, bias_correction=bias_correction,
+                                            bit_alloc=bit_alloc, bins=bins, percentile=percentile)
     save_model(result.model, out)
     if table_out is not None:
         tables.save_table(result.table, table_out)
     if save_stats is not None and result.stats:
-        save_stats(result.stats, save_stats)
+        stats_io.save_stats(result.stats, save_stats)
     if report is not None:
         _write_report(report, report_path, None)
-    if suggestion is not None:
-        _write_suggestion(suggestion, suggest_rules)
+    if report is not None and report.suggestion is not None:
+        _write_suggestion(report.suggestion, suggest_rules)
     _print_convert_summary(result, file_size(model), file_size(out), out)
 
 
@@ -282,23 +285,21 @@ def report(float_model, quant_model, data_path, output, json_path, labels_key, s
     extra = (labels_key,) if labels_key else ()
     data = open_cli_data(float_m, data_path, extra_keys=extra, **{**data_opts, "calib_reader": None})
     labels = data.extra(labels_key) if labels_key else None
-    stats = load_stats(stats_path) if stats_path else None
-    result = api.report(float_m, quant_m, data, labels=labels, sensitivity_samples=sensitivity_samples,
-                        stats=stats, progress=sys.stderr.isatty())
-    suggestion = None
+    stats = stats_io.load_stats(stats_path) if stats_path else None
+    suggest = None
     if suggest_rules is not None:
-        suggestion = plan_suggestion(result, dumpcli_rules(rules), target_sqnr=target_sqnr, k=top_k,
-                                     high_bits=high_bits)
-        result.suggestion = suggestion
+        suggest = SuggestOptions(rules, k=top_k, target_sqnr=target_sqnr, high_bits=high_bits)
+    result = api.report(float_m, quant_m, data, labels=labels, sensitivity_samples=sensitivity_samples,
+                        stats=stats, suggest=suggest, progress=sys.stderr.isatty())
     _write_report(result, output, json_path)
-    if suggestion is not None:
-        _write_suggestion(suggestion, suggest_rules)
+    if result.suggestion is not None:
+        _write_suggestion(result.suggestion, suggest_rules)
     _fail_under(result, fail_under_sqnr)
 
 
 def _write_suggestion(suggestion, path: Path) -> None:
     with atomic_write(path) as tmp:
-        tmp.write_text(suggestion.rules, encoding="utf-8")
+        tmp.write_text(suggestion.rules_text(), encoding="utf-8")
     gain = suggestion.measured or suggestion.predicted or {}
     kind = "measured" if suggestion.measured else "predicted"
     change = ", ".join(f"{name} {suggestion.before[name]:.1f} -> {db:.1f} dB" for name, db in gain.items()

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import click
 
-from onnxquant.api import BIAS_CORRECTION, BIT_ALLOC
+from onnxquant.api import BIAS_CORRECTION, BIT_ALLOC, load_rules
 from onnxquant.calib.methods import METHODS, WEIGHT_METHODS
 from onnxquant.calib.readers import ImageOptions, input_specs, open_data
 from onnxquant.errors import InternalError, OnnxQuantError, first_line
 from onnxquant.model import load_model
 from onnxquant.quant import MAX_BITS, MIN_BITS
-from onnxquant.rules import load_rules
 
 BITS = click.IntRange(MIN_BITS, MAX_BITS)
 MODEL = click.Path(exists=True, dir_okay=True, path_type=Path)
@@ -52,7 +51,7 @@ def common(fn):
             sys.exit(130)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
-        except Exception as exc:  # a bug of ours (InternalError or anything unforeseen): keep the traceback
+        except Exception as exc:  # noqa: BLE001  (a bug of ours, InternalError or unforeseen: keep the traceback)
             traceback.print_exc(file=sys.stderr)
             click.echo(f"internal error: {first_line(exc)} (a bug in onnxquant; please report it with the "
                        "traceback above)", err=True)

@@ -29,6 +29,14 @@ class BadPathError(OnnxQuantError):
     """An input or output path cannot be used (missing directory, not writable, equal to an input)."""
 
 
+class BadOptionError(OnnxQuantError):
+    """An option's value is unknown (a backend, a requantization mode, a bit-allocation mode, ...)."""
+
+
+class UnavailableError(OnnxQuantError):
+    """What the user asked for needs something this machine lacks (PyCUDA, a GPU, a CUDA compiler)."""
+
+
 class CheckFailed(OnnxQuantError):
     """A check the user asked for failed (validate, report thresholds): exit code 1."""
 

@@ -15,7 +15,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
 

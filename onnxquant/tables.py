@@ -3,7 +3,7 @@
 A `CalibrationTable` maps activation tensor names to `TensorRange`s. Per-tensor entries carry scalars;
 per-channel entries carry lists (`scale`, `zero_point`, `bits`, and `min`/`max`/`amax`) and an `axis`.
 
-Formats (`save_table` / `load_table`, which sniffs the format):
+Formats (the `FORMATS` registry, used by `save_table` and by `load_table`, which sniffs the format):
 
 - json: canonical and deterministic: ASCII, keys sorted, one tensor per line, floats in Python's shortest
   round-trip repr (−0.0 written as 0.0), so reading and rewriting gives the same bytes.
@@ -17,8 +17,6 @@ Formats (`save_table` / `load_table`, which sniffs the format):
   ignores it). Reading also accepts the older `calibration.json` of `write_calibration_table`
   ({tensor: [min, max]}); entries without the canonical copy get `bits` and `symmetric` from the caller.
   ONNX Runtime's flatbuffers and `.cache` variants are not handled.
-
-Statistics (`save_stats` / `load_stats`): an `.npz` of plain arrays, read with allow_pickle=False.
 """
 from __future__ import annotations
 
@@ -28,24 +26,23 @@ import math
 import os
 import re
 import struct
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from onnxquant.errors import OnnxQuantError
+from onnxquant.errors import BadDataError
 from onnxquant.model import atomic_write
 from onnxquant.quant import QParams, qparams_from_range
-
-if TYPE_CHECKING:
-    from onnxquant.calib.stats import TensorStats
 
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "onnxquant-calibration"
 FORMAT_VERSION = 1
+TENSOR_KINDS = ("activation", "weight")
+OPTIONAL_KEYS = ("kind", "bias_shift", "spread_ratio")  # besides axis and note; weight entries only
 
 
 @dataclass(frozen=True)
@@ -62,6 +59,9 @@ class TensorRange:
     method: str
     axis: int | None = None
     note: str | None = None
+    kind: str = "activation"  # or "weight": a quantized initializer (per output channel along `axis`)
+    bias_shift: list[float] | None = None  # weights: per-channel shift of the layer's bias (bias correction)
+    spread_ratio: list[float] | None = None  # weights: ξ_c, DequantizeLinear scale = scale·ξ_c (bias correction)
 
     @classmethod
     def from_range(cls, lo, hi, bits, symmetric: bool, method: str, axis: int | None = None) -> TensorRange:
@@ -89,6 +89,12 @@ class TensorRange:
             entry["axis"] = self.axis
         if self.note:
             entry["note"] = self.note
+        if self.kind != "activation":
+            entry["kind"] = self.kind
+        if self.bias_shift is not None:
+            entry["bias_shift"] = self.bias_shift
+        if self.spread_ratio is not None:
+            entry["spread_ratio"] = self.spread_ratio
         return entry
 
     def with_note(self, note: str) -> TensorRange:
@@ -103,40 +109,51 @@ class TensorRange:
     def from_json(cls, entry: Any, where: str = "entry") -> TensorRange:
         """Validate and build an entry from its JSON form (errors name `where`)."""
         if not isinstance(entry, dict):
-            raise OnnxQuantError(f"{where}: expected an object, got {type(entry).__name__}")
+            raise BadDataError(f"{where}: expected an object, got {type(entry).__name__}")
         required = ("min", "max", "amax", "scale", "zero_point", "bits", "signed", "method")
         missing = [k for k in required if k not in entry]
-        unknown = sorted(set(entry) - set(required) - {"axis", "note"})
+        unknown = sorted(set(entry) - set(required) - {"axis", "note", *OPTIONAL_KEYS})
         if missing or unknown:
             parts = ([f"missing {', '.join(missing)}"] if missing else []) + \
                     ([f"unknown key(s) {', '.join(unknown)}"] if unknown else [])
             what = "; ".join(parts)
-            raise OnnxQuantError(f"{where}: {what}; accepted keys: {', '.join(required)}, axis, note")
+            raise BadDataError(f"{where}: {what}; accepted keys: {', '.join(required)}, axis, note, "
+                               f"{', '.join(OPTIONAL_KEYS)}")
         axis = entry.get("axis")
         if axis is not None and (not isinstance(axis, int) or isinstance(axis, bool)):
-            raise OnnxQuantError(f"{where}: axis must be an integer")
+            raise BadDataError(f"{where}: axis must be an integer")
         per_channel = isinstance(entry["scale"], list)
         length = len(entry["scale"]) if per_channel else None
         if per_channel and (axis is None or length == 0):
-            raise OnnxQuantError(f"{where}: per-channel entries need a non-empty scale list and an axis")
+            raise BadDataError(f"{where}: per-channel entries need a non-empty scale list and an axis")
         values = {}
         for key in ("min", "max", "amax", "scale", "zero_point", "bits"):
             kind = float if key in ("min", "max", "amax", "scale") else int
             values[key] = _plain(entry[key], kind, length, f"{where}.{key}")
         if not isinstance(entry["signed"], bool):
-            raise OnnxQuantError(f"{where}.signed: expected true or false")
+            raise BadDataError(f"{where}.signed: expected true or false")
         if not isinstance(entry["method"], str):
-            raise OnnxQuantError(f"{where}.method: expected a string")
+            raise BadDataError(f"{where}.method: expected a string")
         note = entry.get("note")
         if note is not None and not isinstance(note, str):
-            raise OnnxQuantError(f"{where}.note: expected a string")
+            raise BadDataError(f"{where}.note: expected a string")
+        kind = entry.get("kind", "activation")
+        if kind not in TENSOR_KINDS:
+            raise BadDataError(f"{where}.kind: {kind!r}; accepted: {', '.join(TENSOR_KINDS)}")
+        channel_lists = {}
+        for key in ("bias_shift", "spread_ratio"):
+            if entry.get(key) is not None:
+                if not per_channel:
+                    raise BadDataError(f"{where}.{key}: only per-channel entries carry one")
+                channel_lists[key] = _plain(entry[key], float, length, f"{where}.{key}")
         for b in np.atleast_1d(values["bits"]):
             if not 1 <= b <= 16:
-                raise OnnxQuantError(f"{where}.bits: {b} out of range; accepted: 1..16")
+                raise BadDataError(f"{where}.bits: {b} out of range; accepted: 1..16")
         for sc in np.atleast_1d(values["scale"]):
             if not sc > 0:
-                raise OnnxQuantError(f"{where}.scale: {sc} is not positive")
-        return cls(**values, signed=entry["signed"], method=entry["method"], axis=axis, note=note)
+                raise BadDataError(f"{where}.scale: {sc} is not positive")
+        return cls(**values, signed=entry["signed"], method=entry["method"], axis=axis, note=note, kind=kind,
+                   **channel_lists)
 
 
 @dataclass(frozen=True)
@@ -153,18 +170,18 @@ class CalibrationTable:
     def from_json(cls, obj: Any, where: str = "table") -> CalibrationTable:
         """Validate and build a table from its canonical JSON form."""
         if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
-            raise OnnxQuantError(f"{where}: not an onnxquant calibration table "
-                                 f"(no \"format\": \"{FORMAT_NAME}\")")
+            raise BadDataError(f"{where}: not an onnxquant calibration table "
+                               f"(no \"format\": \"{FORMAT_NAME}\")")
         if obj.get("version") != FORMAT_VERSION:
-            raise OnnxQuantError(f"{where}: version {obj.get('version')!r} not supported; "
-                                 f"accepted: {FORMAT_VERSION}")
+            raise BadDataError(f"{where}: version {obj.get('version')!r} not supported; "
+                               f"accepted: {FORMAT_VERSION}")
         unknown = sorted(set(obj) - {"format", "version", "method", "bits", "tensors"})
         if unknown:
-            raise OnnxQuantError(f"{where}: unknown key(s) {', '.join(unknown)}")
+            raise BadDataError(f"{where}: unknown key(s) {', '.join(unknown)}")
         if not isinstance(obj.get("method"), str) or not isinstance(obj.get("bits"), int) or \
                 isinstance(obj.get("bits"), bool) or not isinstance(obj.get("tensors"), dict):
-            raise OnnxQuantError(f"{where}: needs \"method\" (string), \"bits\" (integer), "
-                                 "\"tensors\" (object)")
+            raise BadDataError(f"{where}: needs \"method\" (string), \"bits\" (integer), "
+                               "\"tensors\" (object)")
         tensors = {name: TensorRange.from_json(entry, f"{where}: tensor {name!r}")
                    for name, entry in obj["tensors"].items()}
         return cls(method=obj["method"], bits=obj["bits"], tensors=tensors)
@@ -179,7 +196,7 @@ class CalibrationTable:
         if missing:
             problems.append(f"lacks {len(missing)} tensor(s) the model needs: {_listing(missing)}")
         if problems:
-            raise OnnxQuantError("calibration table " + "; and ".join(problems))
+            raise BadDataError("calibration table " + "; and ".join(problems))
 
 
 def _listing(names: list[str], limit: int = 10) -> str:
@@ -191,21 +208,21 @@ def _plain(value: Any, kind: type, length: int | None, where: str):
     """A JSON scalar/list as float/int (list when `length` is set), validated."""
     def one(v):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise OnnxQuantError(f"{where}: expected a number, got {json.dumps(v)[:40]}")
+            raise BadDataError(f"{where}: expected a number, got {json.dumps(v)[:40]}")
         if kind is int:
             if isinstance(v, float) and not v.is_integer():
-                raise OnnxQuantError(f"{where}: expected an integer, got {v}")
+                raise BadDataError(f"{where}: expected an integer, got {v}")
             return int(v)
         if not math.isfinite(v):
-            raise OnnxQuantError(f"{where}: not finite")
+            raise BadDataError(f"{where}: not finite")
         return float(v) + 0.0
 
     if length is None:
         if isinstance(value, list):
-            raise OnnxQuantError(f"{where}: a list in a per-tensor entry (scale is a number)")
+            raise BadDataError(f"{where}: a list in a per-tensor entry (scale is a number)")
         return one(value)
     if not isinstance(value, list) or len(value) != length:
-        raise OnnxQuantError(f"{where}: expected a list of {length} numbers (one per channel)")
+        raise BadDataError(f"{where}: expected a list of {length} numbers (one per channel)")
     return [one(v) for v in value]
 
 
@@ -247,11 +264,12 @@ def dumps_json(table: CalibrationTable) -> str:
     return "\n".join(lines) + "\n"
 
 
-def loads_json(text: str, where: str = "table") -> CalibrationTable:
+def loads_json(text: str, where: str = "table", bits: int = 8, symmetric: bool = False) -> CalibrationTable:
+    """Parse canonical JSON (`bits` and `symmetric` are unused: the table carries them)."""
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise OnnxQuantError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+        raise BadDataError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
     return CalibrationTable.from_json(obj, where)
 
 
@@ -264,14 +282,13 @@ def _read_text(path: str | os.PathLike) -> str:
     try:
         return Path(path).read_bytes().decode("utf-8")
     except FileNotFoundError:
-        raise OnnxQuantError(f"{path}: no such file") from None
+        raise BadDataError(f"{path}: no such file") from None
     except IsADirectoryError:
-        raise OnnxQuantError(f"{path}: is a directory; accepted: a table file") from None
+        raise BadDataError(f"{path}: is a directory; accepted: a table file") from None
     except UnicodeDecodeError:
-        raise OnnxQuantError(f"{path}: not a text file; accepted: onnxquant JSON, TensorRT cache, "
-                             "ONNX Runtime calibration JSON") from None
+        raise BadDataError(f"{path}: not a text file; accepted: {_ACCEPTED}") from None
     except OSError as exc:
-        raise OnnxQuantError(f"{path}: cannot read ({exc.strerror})") from exc
+        raise BadDataError(f"{path}: cannot read ({exc.strerror})") from exc
 
 
 def write_json(table: CalibrationTable, path: str | os.PathLike) -> None:
@@ -296,7 +313,7 @@ def dumps_tensorrt_cache(table: CalibrationTable, version: str = TRT_VERSION,
     for name in sorted(table.tensors):
         entry = table.tensors[name]
         if "\n" in name:
-            raise OnnxQuantError(f"tensor {name!r}: a name with a newline cannot go into a TensorRT cache")
+            raise BadDataError(f"tensor {name!r}: a name with a newline cannot go into a TensorRT cache")
         if entry.axis is not None or entry.bits != 8:
             lossy.append(name)
         scale = np.float32(entry.amax_max / 127.0)
@@ -307,11 +324,12 @@ def dumps_tensorrt_cache(table: CalibrationTable, version: str = TRT_VERSION,
     return "\n".join(lines) + "\n"
 
 
-def loads_tensorrt_cache(text: str, where: str = "cache", bits: int = 8) -> CalibrationTable:
-    """Parse a TensorRT calibration cache into symmetric entries with amax = scale·127."""
+def loads_tensorrt_cache(text: str, where: str = "cache", bits: int = 8,
+                         symmetric: bool = True) -> CalibrationTable:
+    """Parse a TensorRT calibration cache into symmetric entries with amax = scale·127 (always symmetric)."""
     lines = text.splitlines()
     if not lines or not lines[0].startswith("TRT-"):
-        raise OnnxQuantError(f"{where}: not a TensorRT calibration cache (first line must start with 'TRT-')")
+        raise BadDataError(f"{where}: not a TensorRT calibration cache (first line must start with 'TRT-')")
     header = lines[0].strip().split("-", 2)
     calibrator = header[2] if len(header) == 3 else ""
     method = "kl" if "Entropy" in calibrator else ("minmax" if "MinMax" in calibrator else "tensorrt")
@@ -322,11 +340,11 @@ def loads_tensorrt_cache(text: str, where: str = "cache", bits: int = 8) -> Cali
         name, sep, value = line.rpartition(":")
         value = value.strip()
         if not sep or not name or not _HEX.match(value):
-            raise OnnxQuantError(f"{where}: line {n}: expected 'tensor_name: <8 hex digits>', "
-                                 f"got {line[:60]!r}")
+            raise BadDataError(f"{where}: line {n}: expected 'tensor_name: <8 hex digits>', "
+                               f"got {line[:60]!r}")
         scale = struct.unpack(">f", bytes.fromhex(value.zfill(8)))[0]
         if not (math.isfinite(scale) and scale >= 0):
-            raise OnnxQuantError(f"{where}: line {n}: scale {scale} of {name!r} is not finite and >= 0")
+            raise BadDataError(f"{where}: line {n}: scale {scale} of {name!r} is not finite and >= 0")
         amax = float(scale) * 127.0
         tensors[name] = TensorRange.from_range(-amax, amax, bits, True, method)
     return CalibrationTable(method=method, bits=bits, tensors=tensors)
@@ -367,12 +385,12 @@ def loads_ort(text: str, where: str = "table", bits: int = 8, symmetric: bool = 
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise OnnxQuantError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+        raise BadDataError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
     if not isinstance(obj, dict):
-        raise OnnxQuantError(f"{where}: not an ONNX Runtime calibration table (expected a JSON object)")
+        raise BadDataError(f"{where}: not an ONNX Runtime calibration table (expected a JSON object)")
     if obj.get("CLS") == "TensorsData":
         if not isinstance(obj.get("data"), dict):
-            raise OnnxQuantError(f"{where}: TensorsData without a \"data\" object")
+            raise BadDataError(f"{where}: TensorsData without a \"data\" object")
         ranges = {name: (_ort_value(d, "lowest", f"{where}: tensor {name!r}"),
                          _ort_value(d, "highest", f"{where}: tensor {name!r}"))
                   for name, d in obj["data"].items()}
@@ -382,8 +400,8 @@ def loads_ort(text: str, where: str = "table", bits: int = 8, symmetric: bool = 
         ranges = {}
         for name, v in obj.items():
             if not (isinstance(v, list) and len(v) == 2):
-                raise OnnxQuantError(f"{where}: tensor {name!r}: expected [min, max]; accepted: ONNX Runtime "
-                                     "TensorsData JSON or {tensor: [min, max]}")
+                raise BadDataError(f"{where}: tensor {name!r}: expected [min, max]; accepted: ONNX Runtime "
+                                   "TensorsData JSON or {tensor: [min, max]}")
             ranges[name] = (_plain(v[0], float, None, f"{where}: {name}"),
                             _plain(v[1], float, None, f"{where}: {name}"))
         method_name = ""
@@ -398,7 +416,7 @@ def loads_ort(text: str, where: str = "table", bits: int = 8, symmetric: bool = 
             tensors[name] = entry
         else:
             if np.ndim(lo) != np.ndim(hi) or np.shape(lo) != np.shape(hi):
-                raise OnnxQuantError(f"{where}: tensor {name!r}: lowest and highest differ in shape")
+                raise BadDataError(f"{where}: tensor {name!r}: lowest and highest differ in shape")
             tensors[name] = TensorRange.from_range(lo, hi, bits, symmetric, method,
                                                    axis=1 if np.ndim(lo) else None)
     if embedded is not None:
@@ -408,7 +426,7 @@ def loads_ort(text: str, where: str = "table", bits: int = 8, symmetric: bool = 
 
 def _ort_value(d: Any, key: str, where: str):
     if not isinstance(d, dict) or key not in d:
-        raise OnnxQuantError(f"{where}: no {key!r}")
+        raise BadDataError(f"{where}: no {key!r}")
     v = d[key]
     if isinstance(v, dict):
         v = v.get("data")
@@ -416,9 +434,9 @@ def _ort_value(d: Any, key: str, where: str):
     try:
         out = np.asarray(v, np.float64)
     except (TypeError, ValueError):
-        raise OnnxQuantError(f"{where}: {key} is not numeric") from None
+        raise BadDataError(f"{where}: {key} is not numeric") from None
     if arr.ndim > 1 or not np.isfinite(out).all():
-        raise OnnxQuantError(f"{where}: {key} must be a finite number or a list of numbers")
+        raise BadDataError(f"{where}: {key} must be a finite number or a list of numbers")
     return float(out) if out.ndim == 0 else out
 
 
@@ -435,10 +453,28 @@ def read_ort(path: str | os.PathLike, bits: int = 8, symmetric: bool = False) ->
 
 
 # ---- any format -----------------------------------------------------------------------------------------
-TABLE_FORMATS = ("json", "tensorrt", "ort")
+@dataclass(frozen=True)
+class TableFormat:
+    """A table file format: its text writer and reader, and how messages name it."""
+
+    name: str
+    description: str
+    dumps: Callable[[CalibrationTable], str]
+    loads: Callable[..., CalibrationTable]  # (text, where, bits, symmetric); the last two if not in the file
+
+
+FORMATS: dict[str, TableFormat] = {f.name: f for f in (
+    TableFormat("json", "onnxquant JSON", dumps_json, loads_json),
+    TableFormat("tensorrt", "TensorRT cache (first line 'TRT-...')", dumps_tensorrt_cache,
+                loads_tensorrt_cache),
+    TableFormat("ort", "ONNX Runtime calibration JSON", dumps_ort, loads_ort),
+)}
+TABLE_FORMATS = tuple(FORMATS)
+_ACCEPTED = ", ".join(f.description for f in FORMATS.values())
 
 
 def sniff_format(text: str) -> str:
+    """The name of the format of table text `text` (a key of FORMATS), or "unknown"."""
     if text.startswith("TRT-"):
         return "tensorrt"
     try:
@@ -455,90 +491,14 @@ def sniff_format(text: str) -> str:
 def load_table(path: str | os.PathLike, *, bits: int = 8, symmetric: bool = False) -> CalibrationTable:
     """Read a table in any supported format (sniffed); `bits`/`symmetric` apply where the file lacks them."""
     text = _read_text(path)
-    fmt = sniff_format(text)
-    if fmt == "tensorrt":
-        return loads_tensorrt_cache(text, str(path), bits)
-    if fmt == "json":
-        return loads_json(text, str(path))
-    if fmt == "ort":
-        return loads_ort(text, str(path), bits, symmetric)
-    raise OnnxQuantError(f"{path}: not a calibration table; accepted: onnxquant JSON, TensorRT cache "
-                         "(first line 'TRT-...'), ONNX Runtime calibration JSON")
+    fmt = FORMATS.get(sniff_format(text))
+    if fmt is None:
+        raise BadDataError(f"{path}: not a calibration table; accepted: {_ACCEPTED}")
+    return fmt.loads(text, str(path), bits, symmetric)
 
 
 def save_table(table: CalibrationTable, path: str | os.PathLike, format: str = "json") -> None:
-    """Write `table` atomically in `format` (json | tensorrt | ort)."""
-    writers = {"json": dumps_json, "tensorrt": dumps_tensorrt_cache, "ort": dumps_ort}
-    if format not in writers:
-        raise OnnxQuantError(f"unknown table format {format!r}; accepted: {', '.join(TABLE_FORMATS)}")
-    _write_text(path, writers[format](table))
-
-
-# ---- statistics -----------------------------------------------------------------------------------------
-STATS_FORMAT = "onnxquant-stats-3"
-_STATS_PARTS = ("pass2", "histogram")  # nested dataclasses of TensorStats, stored under "<i>.<part>.<field>"
-_STATS_KINDS = {"count": int, "min": float, "max": float, "sum": float, "m2": float, "ch_count": int,
-                "ref_mean": float, "abs_dev": float, "bins": int, "grid": float}
-
-
-def save_stats(stats: Mapping[str, TensorStats], path: str | os.PathLike) -> None:
-    """Write collected statistics (mergeable, see `onnxquant.calib.stats`) to an .npz file atomically."""
-    names = sorted(stats)
-    arrays: dict[str, np.ndarray] = {"__format__": np.array(STATS_FORMAT),
-                                     "__names__": np.array(names, dtype=str)}
-
-    def put(prefix: str, obj) -> None:
-        for f in fields(obj):
-            v = getattr(obj, f.name)
-            if f.name in _STATS_PARTS:
-                if v is not None:
-                    put(f"{prefix}{f.name}.", v)
-            elif v is not None:
-                arrays[prefix + f.name] = np.asarray(v)
-
-    for i, name in enumerate(names):
-        put(f"{i}.", stats[name])
-    with atomic_write(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-
-
-def load_stats(path: str | os.PathLike) -> dict[str, TensorStats]:
-    """Read statistics written by `save_stats` (allow_pickle=False)."""
-    from onnxquant.calib.stats import Histogram, Pass2, TensorStats
-
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise OnnxQuantError(f"{path}: no such file") from None
-    except (OSError, ValueError) as exc:
-        raise OnnxQuantError(f"{path}: not a statistics file ({exc}); "
-                             "accepted: an .npz from --save-stats") from None
-    if "__format__" not in arrays or str(arrays["__format__"]) != STATS_FORMAT:
-        raise OnnxQuantError(f"{path}: not an onnxquant statistics file of this version ({STATS_FORMAT}); "
-                             "accepted: an .npz from --save-stats of this onnxquant")
-
-    def values(prefix: str, cls) -> dict:
-        out = {}
-        for f in fields(cls):
-            a = arrays.get(prefix + f.name)
-            if a is not None and f.name not in _STATS_PARTS:
-                out[f.name] = _STATS_KINDS[f.name](a) if f.name in _STATS_KINDS else np.array(a)
-        return out
-
-    out = {}
-    try:
-        for i, name in enumerate(arrays["__names__"].tolist()):
-            st = TensorStats(**values(f"{i}.", TensorStats))
-            if f"{i}.pass2.ref_mean" in arrays:
-                st.pass2 = Pass2(**values(f"{i}.pass2.", Pass2))
-            if f"{i}.histogram.bins" in arrays:
-                st.histogram = Histogram(**values(f"{i}.histogram.", Histogram))
-                sums = st.histogram.sums
-                if st.histogram.counts.shape != (4 * st.histogram.bins + 1,) or \
-                        (sums is not None and sums.shape != st.histogram.counts.shape):
-                    raise ValueError(f"histogram of {name} has {st.histogram.counts.size} counts")
-            out[name] = st
-    except (TypeError, ValueError, KeyError) as exc:
-        raise OnnxQuantError(f"{path}: corrupted statistics file ({exc})") from None
-    return out
+    """Write `table` atomically in `format` (a key of FORMATS: json | tensorrt | ort)."""
+    if format not in FORMATS:
+        raise BadDataError(f"unknown table format {format!r}; accepted: {', '.join(FORMATS)}")
+    _write_text(path, FORMATS[format].dumps(table))

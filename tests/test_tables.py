@@ -7,8 +7,9 @@ import struct
 import numpy as np
 import pytest
 
-from onnxquant.errors import OnnxQuantError
+from onnxquant.errors import BadDataError
 from onnxquant.tables import (
+    FORMATS,
     CalibrationTable,
     TensorRange,
     dumps_json,
@@ -17,6 +18,7 @@ from onnxquant.tables import (
     read_ort,
     read_tensorrt_cache,
     save_table,
+    sniff_format,
     write_json,
     write_ort,
     write_tensorrt_cache,
@@ -135,14 +137,14 @@ def test_ort_legacy_and_plain_ranges(tmp_path):
 def test_corrupted_tables_are_errors(tmp_path, content, match):
     path = tmp_path / "bad.table"
     path.write_text(content)
-    with pytest.raises(OnnxQuantError, match=match):
+    with pytest.raises(BadDataError, match=match):
         load_table(path)
 
 
 def test_missing_file_and_unknown_format(tmp_path):
-    with pytest.raises(OnnxQuantError, match="no such file"):
+    with pytest.raises(BadDataError, match="no such file"):
         load_table(tmp_path / "nope.json")
-    with pytest.raises(OnnxQuantError, match="accepted: json, tensorrt, ort"):
+    with pytest.raises(BadDataError, match="accepted: json, tensorrt, ort"):
         save_table(_table(), tmp_path / "x", "yaml")
     assert not (tmp_path / "x").exists()
 
@@ -150,5 +152,18 @@ def test_missing_file_and_unknown_format(tmp_path):
 def test_check_tensors_lists_unknown_and_missing():
     table = _table()
     table.check_tensors(known=set(table.tensors) | {"other"}, required={"neg"})
-    with pytest.raises(OnnxQuantError, match=r"does not have: 'zero'.*needs: 'other'"):
+    with pytest.raises(BadDataError, match=r"does not have: 'zero'.*needs: 'other'"):
         table.check_tensors(known=set(table.tensors) - {"zero"}, required={"other"})
+
+
+def test_format_registry_round_trips_and_is_sniffed(tmp_path):
+    table = _table()
+    assert tuple(FORMATS) == ("json", "tensorrt", "ort")
+    for fmt in FORMATS.values():
+        text = fmt.dumps(table)
+        assert sniff_format(text) == fmt.name
+        save_table(table, tmp_path / fmt.name, fmt.name)
+        assert (tmp_path / fmt.name).read_text() == text
+        back = load_table(tmp_path / fmt.name)
+        assert back.tensors.keys() == table.tensors.keys()
+        assert back.tensors["neg"].amax_max == pytest.approx(1 / 3, rel=1e-6)

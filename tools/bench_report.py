@@ -118,10 +118,9 @@ def _prepare(workdir: Path, batch: int) -> None:
 
     from onnxquant import api
     from onnxquant.model import infer_shapes
-    from onnxquant.rules import load_rules
 
     model = infer_shapes(build_resnet18(seed=0))  # as load_model would: the planner needs tensor types
-    result = api.convert(model, load_rules("default"), data=Batches(16, batch))
+    result = api.convert(model, api.load_rules("default"), data=Batches(16, batch))
     onnx.save(result.float_model, str(workdir / "float.onnx"))
     onnx.save(result.model, str(workdir / "quant.onnx"))
 

@@ -1,1 +1,1 @@
-"""calib."""
+"""Calibration: data sources, streaming statistics, the method registry, bit allocation, weight ranges."""

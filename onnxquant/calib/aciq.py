@@ -21,6 +21,7 @@ import math
 from functools import cache
 
 import numpy as np
+from scipy import optimize, special
 
 from onnxquant.calib.stats import TensorStats
 
@@ -28,8 +29,6 @@ from onnxquant.calib.stats import TensorStats
 @cache
 def laplace_alpha(bits: int) -> float:
     """Optimal clipping α/b for a Laplace(b) tensor quantized to 2^bits levels."""
-    from scipy import special  # imported on first use: scipy costs a quarter second to import
-
     return float(special.lambertw(3.0 * 4.0 ** bits).real)
 
 
@@ -46,8 +45,6 @@ def gauss_objective(alpha: float, bits: int, sigma: float = 1.0) -> float:
 @cache
 def gauss_alpha(bits: int) -> float:
     """Optimal clipping α/σ for a Gaussian(σ) tensor quantized to 2^bits levels."""
-    from scipy import optimize
-
     q = 1.0 / (3 * 4.0 ** bits)
 
     def slope(a: float) -> float:  # d/dα of the objective, divided by 2

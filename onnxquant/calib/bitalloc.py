@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxquant.errors import OnnxQuantError
+from onnxquant.errors import BadRulesError, InternalError
 
 
 def bin_budget(alphas: np.ndarray, mean_bits: int) -> np.ndarray:
     """B_i, the real-valued number of bins of each channel (eq. 10)."""
     a = np.asarray(alphas, np.float64).ravel()
     if a.size == 0 or np.any(~np.isfinite(a)) or np.any(a < 0):
-        raise OnnxQuantError("bit allocation needs finite, non-negative per-channel ranges")
+        raise InternalError("bit allocation needs finite, non-negative per-channel ranges")
     w = a ** (2.0 / 3.0)
     if w.sum() == 0:
         return np.full(a.size, 2.0 ** mean_bits)
@@ -29,7 +29,7 @@ def bin_budget(alphas: np.ndarray, mean_bits: int) -> np.ndarray:
 def allocate_bits(alphas: np.ndarray, mean_bits: int, lo: int = 1, hi: int = 8) -> np.ndarray:
     """Integer width per channel (eq. 11), mean width ≤ `mean_bits`, each within [lo, hi]."""
     if not lo <= mean_bits <= hi:
-        raise OnnxQuantError(f"mean width {mean_bits} outside [{lo}, {hi}]")
+        raise BadRulesError(f"mean width {mean_bits} outside [{lo}, {hi}]")
     with np.errstate(divide="ignore"):
         ideal = np.log2(bin_budget(alphas, mean_bits))
     ideal = np.clip(ideal, lo - 1, hi + 1)  # zero-range channels: log2(0) = -inf

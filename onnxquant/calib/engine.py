@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import reduce
@@ -24,16 +23,12 @@ from functools import reduce
 import numpy as np
 import onnx
 
-from onnxquant.calib.stats import (
-    DEFAULT_BINS,
-    Histogram,
-    NonFiniteError,
-    TensorStats,
-    merge_all,
-    update_pass2,
-)
-from onnxquant.errors import BadDataError, BadModelError, OnnxQuantError
+from onnxquant.calib.histogram import Histogram
+from onnxquant.calib.methods import METHODS, check_options
+from onnxquant.calib.stats import DEFAULT_BINS, NonFiniteError, TensorStats, merge_all, update_pass2
+from onnxquant.errors import BadDataError, BadModelError, BadRulesError, InternalError, OnnxQuantError
 from onnxquant.model import graph_inputs, make_session, with_outputs
+from onnxquant.progress import progress_iter
 from onnxquant.tables import CalibrationTable, TensorRange
 
 log = logging.getLogger(__name__)
@@ -58,11 +53,11 @@ def collect_stats(model: onnx.ModelProto, tensors: Sequence[str], data: Iterable
     """
     tensors = list(dict.fromkeys(tensors))
     if bins < 8:
-        raise OnnxQuantError(f"bins={bins}: too few histogram bins; accepted: 8 or more (default 2048)")
+        raise BadRulesError(f"bins={bins}: too few histogram bins; accepted: 8 or more (default 2048)")
     channels = set(per_channel) | set(channel_mad)
     unknown_pc = sorted(channels - set(tensors))
     if unknown_pc:
-        raise OnnxQuantError(f"per-channel tensors not among the calibrated tensors: {', '.join(unknown_pc)}")
+        raise InternalError(f"per-channel tensors not among the calibrated tensors: {', '.join(unknown_pc)}")
     inputs = [i.name for i in graph_inputs(model)]
     _check_tensor_names(model, tensors, inputs)
     fetch = [t for t in tensors if t not in inputs]
@@ -92,18 +87,18 @@ def collect_stats(model: onnx.ModelProto, tensors: Sequence[str], data: Iterable
     else:
         missing = sorted(set(tensors) - set(pass1))
         if missing:
-            raise OnnxQuantError(f"pass-1 statistics lack tensors: {', '.join(missing[:10])}")
+            raise BadDataError(f"pass-1 statistics lack tensors: {', '.join(missing[:10])}")
         reference = pass1
         second = second_pass(reference)
 
     if isinstance(data, Iterator):
-        raise OnnxQuantError("the second calibration pass needs re-iterable data (a list or a DataSource), "
-                             "got a one-shot iterator")
+        raise InternalError("the second calibration pass needs re-iterable data (a list or a DataSource), "
+                            "got a one-shot iterator")
     accs = {}
     for t in second:
         ref = reference[t]
         if t in channel_mad and not ref.per_channel:
-            raise OnnxQuantError(f"tensor {t}: pass-1 statistics have no per-channel values")
+            raise BadDataError(f"tensor {t}: pass-1 statistics have no per-channel values")
         accs[t] = ref.start_pass2()
         if t not in channel_mad:
             accs[t].ch_ref_mean = accs[t].ch_abs_dev = None
@@ -129,8 +124,8 @@ def collect_stats(model: onnx.ModelProto, tensors: Sequence[str], data: Iterable
             continue
         st = local[t]
         if st.count and (st.min < ref.min or st.max > ref.max):
-            raise OnnxQuantError(f"tensor {t}: values [{st.min:g}, {st.max:g}] exceed the pass-1 range "
-                                 f"[{ref.min:g}, {ref.max:g}]; pass 1 must cover every shard")
+            raise BadDataError(f"tensor {t}: values [{st.min:g}, {st.max:g}] exceed the pass-1 range "
+                               f"[{ref.min:g}, {ref.max:g}]; pass 1 must cover every shard")
         st.pass2 = accs.get(t)
     return local if local is not None else reference
 
@@ -138,7 +133,7 @@ def collect_stats(model: onnx.ModelProto, tensors: Sequence[str], data: Iterable
 def merge_stats(*parts: Mapping[str, TensorStats]) -> dict[str, TensorStats]:
     """Statistics of the union of the parts' data sets (sharding; see the module docstring)."""
     if not parts:
-        raise OnnxQuantError("merge_stats needs at least one statistics set")
+        raise InternalError("merge_stats needs at least one statistics set")
     return reduce(merge_all, [dict(p) for p in parts])
 
 
@@ -149,15 +144,11 @@ def compute_table(stats: Mapping[str, TensorStats], specs: Mapping[str, tuple], 
     Symmetric entries get signed codes and zero point 0, others unsigned codes with a zero point. Tensors in
     `per_channel` get per-channel (axis 1) ranges; their bits may be an int or one int per channel.
     """
-    from onnxquant.calib.methods import METHODS, check_options
-
-    if method not in METHODS:
-        raise OnnxQuantError(f"unknown calibration method {method!r}; accepted: {', '.join(METHODS)}")
-    opts = check_options(method, options)
+    opts = check_options(method, options)  # refuses an unknown method or option before any work
+    fn = METHODS[method].fn
     missing = sorted(set(specs) - set(stats))
     if missing:
-        raise OnnxQuantError(f"no statistics for {len(missing)} tensors: {', '.join(missing[:10])}")
-    fn = METHODS[method]
+        raise BadDataError(f"no statistics for {len(missing)} tensors: {', '.join(missing[:10])}")
     channels = set(per_channel)
 
     def entry(name: str) -> TensorRange:
@@ -167,7 +158,7 @@ def compute_table(stats: Mapping[str, TensorStats], specs: Mapping[str, tuple], 
         try:
             lo, hi = fn(stats[name], bits, bool(symmetric), per_channel=pc, **opts)
         except OnnxQuantError as exc:
-            raise OnnxQuantError(f"tensor {name}: {exc}") from exc
+            raise type(exc)(f"tensor {name}: {exc}") from exc
         lo, hi, note = _nonzero_range(np.asarray(lo, np.float64), np.asarray(hi, np.float64), symmetric)
         out = TensorRange.from_range(lo, hi, bits, bool(symmetric), method, axis=1 if pc else None)
         if note:
@@ -255,14 +246,3 @@ def _reject_nonfinite(name: str, x: np.ndarray, first_sample: int) -> None:
     sample = first_sample + (int(bad[0]) if x.ndim else 0)
     raise BadDataError(f"tensor {name}: NaN or Inf at sample {sample}; accepted: data giving finite values")
 
-
-def progress_iter(data: Iterable, enabled: bool, label: str):
-    """Iterate `data`, with a click progress bar on stderr when `enabled`."""
-    if not enabled:
-        yield from data
-        return
-    import click
-
-    length = len(data) if hasattr(data, "__len__") else None
-    with click.progressbar(data, length=length, label=label, file=sys.stderr) as bar:
-        yield from bar

@@ -32,7 +32,7 @@ import logging
 import numpy as np
 
 from onnxquant.calib.stats import TensorStats
-from onnxquant.errors import OnnxQuantError
+from onnxquant.errors import BadRulesError
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def levels(bits: int, symmetric: bool, one_sided: bool) -> int:
 def kl(st: TensorStats, bits, symmetric: bool, *, per_channel: bool = False):
     """Entropy-calibrated range [max(min, −t), min(max, t)]."""
     if per_channel:
-        raise OnnxQuantError("kl calibration is per tensor only; per channel: minmax, laplace, gauss")
+        raise BadRulesError("kl calibration is per tensor only; per channel: minmax, laplace, gauss")
     counts = st.abs_hist.astype(np.float64)
     counts[0] -= st.zeros
     nq = levels(bits, symmetric, st.one_sided)

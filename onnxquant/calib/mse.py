@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxquant.calib.stats import TensorStats
-from onnxquant.errors import OnnxQuantError
+from onnxquant.errors import BadRulesError
 
 _CHUNK = 256
 
@@ -54,7 +54,7 @@ def mse_costs_affine(counts: np.ndarray, first_edge: float, width: float, lo: fl
 def mse(st: TensorStats, bits, symmetric: bool, *, per_channel: bool = False):
     """The range with the smallest histogram MSE for `bits`."""
     if per_channel:
-        raise OnnxQuantError("mse calibration is per tensor only; per channel: minmax, laplace, gauss")
+        raise BadRulesError("mse calibration is per tensor only; per channel: minmax, laplace, gauss")
     if st.amax == 0:
         return 0.0, 0.0
     w = st.bin_width

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxquant.calib.stats import TensorStats
-from onnxquant.errors import OnnxQuantError
+from onnxquant.errors import BadRulesError
 
 DEFAULT_PERCENTILE = 99.99
 
@@ -32,9 +32,9 @@ def percentile(st: TensorStats, bits, symmetric: bool, *, per_channel: bool = Fa
                percentile: float = DEFAULT_PERCENTILE):
     """Clip at the `percentile`-th percentile (of |x|, or of each side for two-sided unsigned tensors)."""
     if per_channel:
-        raise OnnxQuantError("percentile calibration is per tensor only; per channel: minmax, laplace, gauss")
+        raise BadRulesError("percentile calibration is per tensor only; per channel: minmax, laplace, gauss")
     if not 0 < percentile <= 100:
-        raise OnnxQuantError(f"percentile={percentile}: accepted: a number in (0, 100], e.g. 99.99")
+        raise BadRulesError(f"percentile={percentile}: accepted: a number in (0, 100], e.g. 99.99")
     w = st.bin_width
     if symmetric or st.one_sided:
         t = hist_percentile(st.abs_hist, 0.0, w, percentile)

@@ -13,16 +13,8 @@ the mean m, whose values are counted as if they sat at their average: the error 
 times its width. Where that bound exceeds MAD_TOLERANCE of b, and for per-channel b, a second pass adds
 Σ|x − m| around the fixed pass-1 mean (`Pass2`).
 
-The histogram lives on a power-of-two grid, so it needs no first pass for its range and still does not depend
-on batch size or order. With n = 2·bins bins per side, its range R is the smallest power of two above every
-|x| seen and w = R/n. Exact zeros (a Relu's clamped outputs) have a bin of their own; x ≠ 0 goes to the bin
-of its sign at magnitude m = ⌈|x|/w⌉ (1..n, bin m holds (m−1)·w < |x| <= m·w). When a chunk raises max|x|
-past R, R doubles (as often as needed) and neighbouring magnitude bins merge. Because w only ever doubles,
-⌈a/2⌉ = ⌈⌈a⌉/2⌉ holds exactly in floating point (|x|/w is a scaling by a power of two), so a merged histogram
-equals the one binned directly on the final grid: the result is a pure function of the data set. Consumers
-see it cropped to the k = ⌈max|x|/w⌉ magnitudes that cover max|x| (bins <= k <= 2·bins, so never coarser than
-`bins` bins over [0, max|x|]) as a signed histogram of 2·k bins, zeros counted in the first positive bin; the
-histogram of |x| (TensorRT's) is its exact fold `abs_hist[k] = hist[n + k] + hist[n − 1 − k]`.
+The histogram (`onnxquant.calib.histogram`) lives on a power-of-two grid, so it needs no first pass for its
+range and still does not depend on batch size or order.
 
 Merging (`TensorStats.merge`) adds everything: min of mins, max of maxes, sums, M2 (Chan), histogram counts
 and sums (on the coarser of the two grids). Pass-2 parts merge only when they were collected against the same
@@ -36,120 +28,21 @@ pass 2, steps 1 and 2 are all.
 """
 from __future__ import annotations
 
-import logging
 import math
-import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from functools import cache
 
 import numpy as np
 
-from onnxquant.errors import OnnxQuantError
-
-log = logging.getLogger(__name__)
+from onnxquant.calib.histogram import Binner, Histogram, chunks, workspace
+from onnxquant.errors import BadDataError, BadModelError, OnnxQuantError
 
 DEFAULT_BINS = 2048
-CHUNK = 1 << 16  # elements per cache-sized block of a batch
-LANES = 2  # neighbouring elements count into separate arrays, so a run of equal values (Relu zeros) does not
-#            wait on one counter
-SIGN_BIT = np.uint32(0x80000000)
 MAD_TOLERANCE = 1e-4  # largest error bound of a Laplace b taken from the histogram, relative to b
 
 
-class NonFiniteError(OnnxQuantError):
+class NonFiniteError(BadDataError):
     """A batch holds NaN or Inf."""
-
-
-def _chunks(x: np.ndarray) -> Iterator[np.ndarray]:
-    flat = x.reshape(-1)
-    for i in range(0, flat.size, CHUNK):
-        yield flat[i:i + CHUNK]
-
-
-@dataclass
-class Histogram:
-    """Histogram on a power-of-two grid with an exact-zero bin (see the module docstring)."""
-
-    bins: int  # requested resolution: at least this many bins over [0, max|x|]
-    grid: float = 0.0  # R, a power of two above every |x| added; 0 while every value was 0
-    counts: np.ndarray | None = None  # int64, 2·side + 1: index side + sign(x)·⌈|x|·side/R⌉
-    sums: np.ndarray | None = None  # float64 like counts, the sum of each bin's values; None: not kept
-
-    def __post_init__(self) -> None:
-        if self.counts is None:
-            self.counts = np.zeros(2 * self.side + 1, np.int64)
-
-    @classmethod
-    def empty(cls, bins: int, sums: bool = False) -> Histogram:
-        return cls(bins, sums=np.zeros(4 * bins + 1) if sums else None)
-
-    @property
-    def side(self) -> int:
-        return 2 * self.bins
-
-    @property
-    def width(self) -> float:
-        return self.grid / self.side
-
-    @property
-    def zeros(self) -> int:
-        return int(self.counts[self.side])
-
-    def add(self, x: np.ndarray) -> None:
-        """Add the values of `x` (NonFiniteError on NaN or Inf)."""
-        scan(x, self)
-
-    def regrid(self, grid: float) -> None:
-        """Coarsen to range `grid` (a power of two >= the current one) by merging bins."""
-        if grid <= self.grid:
-            return
-        side = self.side
-        if self.grid > 0:
-            factor = round(grid / self.grid)
-            signed = np.arange(2 * side + 1) - side
-            target = side + np.sign(signed) * (-(-np.abs(signed) // factor))
-            self.counts = np.bincount(target, weights=self.counts, minlength=2 * side + 1).astype(np.int64)
-            if self.sums is not None:
-                self.sums = np.bincount(target, weights=self.sums, minlength=2 * side + 1)
-        self.grid = grid
-
-    def copy(self) -> Histogram:
-        return Histogram(self.bins, self.grid, self.counts.copy(), None if self.sums is None else self.sums.copy())
-
-    def merge(self, other: Histogram) -> Histogram:
-        if self.bins != other.bins:
-            raise OnnxQuantError(f"cannot merge histograms of {self.bins} and {other.bins} bins")
-        if (self.sums is None) != (other.sums is None):
-            raise OnnxQuantError("cannot merge histograms with and without per-bin sums")
-        a, b = self.copy(), other.copy()
-        a.regrid(b.grid)
-        b.regrid(a.grid)
-        return Histogram(self.bins, a.grid, a.counts + b.counts, None if a.sums is None else a.sums + b.sums)
-
-    def excess_above(self, mean: float) -> tuple[float, float]:
-        """Σ(x − mean) over the values above `mean`, from the per-bin sums, and a bound on its error.
-
-        Bins wholly above `mean` count exactly; the one bin that straddles it counts as if its values sat at
-        their average, which is short by at most its count times the bin width.
-        """
-        if self.sums is None:
-            raise OnnxQuantError("statistics lack per-bin sums (Laplace b); collect them with moments")
-        k = np.arange(-self.side, self.side + 1)
-        lower = np.where(k > 0, k - 1, k) * self.width  # bin k holds lower < x <= upper (x > 0), lower <= x < upper
-        upper = np.where(k < 0, k + 1, k) * self.width
-        above = lower >= mean
-        straddle = (lower < mean) & (mean < upper)
-        n_mid, s_mid = int(self.counts[straddle].sum()), float(self.sums[straddle].sum())
-        excess = float(self.sums[above].sum()) - mean * float(self.counts[above].sum())
-        return excess + max(0.0, s_mid - mean * n_mid), n_mid * self.width
-
-    def signed(self, amax: float) -> np.ndarray:
-        """2·k counts of bins of `width` over [−k·width, k·width], the fewest k that cover max|x| = amax."""
-        side = self.side
-        k = 1 if self.grid == 0 else max(1, min(side, math.ceil(amax * side / self.grid)))
-        h = self.counts[side - k:side + k + 1]
-        return np.concatenate([h[:k], h[k:k + 1] + h[k + 1:k + 2], h[k + 2:]])
 
 
 def scan(x: np.ndarray, hist: Histogram | None = None) -> tuple[float, float, float, float]:
@@ -160,10 +53,10 @@ def scan(x: np.ndarray, hist: Histogram | None = None) -> tuple[float, float, fl
     Raises NonFiniteError on NaN or Inf.
     """
     flat = np.ascontiguousarray(x, np.float32).reshape(-1)
-    counter = _Counter(hist) if hist is not None else None
-    buf = _workspace()[0]
+    counter = Binner(hist) if hist is not None else None
+    buf = workspace()[0]
     lo, hi, n, total, m2 = np.float32(np.inf), np.float32(-np.inf), 0, 0.0, 0.0
-    for c in _chunks(flat):
+    for c in chunks(flat):
         c_lo, c_hi = c.min(), c.max()
         if not (np.isfinite(c_lo) and np.isfinite(c_hi)):
             raise NonFiniteError("NaN or Inf value")
@@ -187,87 +80,6 @@ def combined_m2(n_a, sum_a, m2_a, n_b, sum_b, m2_b):
         return m2_a + m2_b
     delta = sum_b / n_b - sum_a / n_a
     return m2_a + m2_b + delta * delta * (n_a * n_b / (n_a + n_b))
-
-
-class _Counter:
-    """Bins chunks into a Histogram: element i counts into lane i mod LANES, lanes fold in on a regrid or flush."""
-
-    def __init__(self, hist: Histogram) -> None:
-        self.hist = hist
-        self.step = 2 * hist.side + 1  # bins per lane
-        self.offsets = _lane_offsets(hist.side)
-        self.lanes: np.ndarray | None = None
-        self.sum_lanes: np.ndarray | None = None
-        self.buf, self.idx, self.sign, self.wide = _workspace()
-
-    def add(self, c: np.ndarray, amax: float, negative: bool) -> None:
-        """Bin chunk `c` (contiguous float32, all |c| <= amax; `negative`: some values are < 0)."""
-        hist, side = self.hist, self.hist.side
-        grid = _grid_above(amax)
-        if grid > hist.grid:
-            self.flush()
-            hist.regrid(grid)
-        if hist.grid == 0:
-            hist.counts[side] += c.size
-            return
-        if self.lanes is None:
-            self.lanes = _lanes(self.step, np.int64)
-            self.sum_lanes = None if hist.sums is None else _lanes(self.step, np.float64)
-        f, i = self.buf[:c.size], self.idx[:c.size]
-        np.multiply(np.abs(c, out=f) if negative else c, np.float32(side / hist.grid), out=f)  # exact scale
-        np.ceil(f, out=f)  # |x|·scale < side, so at most side
-        if negative:  # f gets the sign bit of x
-            sign = np.bitwise_and(c.view(np.uint32), SIGN_BIT, out=self.sign[:c.size])
-            np.bitwise_or(f.view(np.uint32), sign, out=f.view(np.uint32))
-        f += self.offsets[:c.size]
-        np.copyto(i, f, casting="unsafe")
-        np.add.at(self.lanes, i, 1)
-        if self.sum_lanes is not None:
-            wide = self.wide[:c.size]
-            np.copyto(wide, c)
-            np.add.at(self.sum_lanes, i, wide)
-
-    def flush(self) -> None:
-        if self.lanes is not None:
-            self.hist.counts += self.lanes.reshape(LANES, -1).sum(axis=0)
-            if self.sum_lanes is not None:
-                self.hist.sums += self.sum_lanes.reshape(LANES, -1).sum(axis=0)
-            self.lanes = self.sum_lanes = None
-
-
-_local = threading.local()
-
-
-def _workspace() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """This thread's chunk buffers (values, bin indices, sign bits, float64 values), allocated once: fresh
-    pages cost page faults."""
-    if not hasattr(_local, "work"):
-        _local.work = (np.empty(CHUNK, np.float32), np.empty(CHUNK, np.intp), np.empty(CHUNK, np.uint32),
-                       np.empty(CHUNK, np.float64))
-    return _local.work
-
-
-def _lanes(step: int, dtype) -> np.ndarray:
-    """This thread's zeroed lane accumulators for histograms of `step` bins."""
-    if not hasattr(_local, "lanes"):
-        _local.lanes = {}
-    lanes = _local.lanes.get((step, dtype))
-    if lanes is None:
-        lanes = _local.lanes[step, dtype] = np.zeros(LANES * step, dtype)
-    else:
-        lanes.fill(0)
-    return lanes
-
-
-@cache
-def _lane_offsets(side: int) -> np.ndarray:
-    """float32, CHUNK: the sign origin (bin 0) of element i's lane, side + (i mod LANES)·(2·side + 1)."""
-    return (side + np.arange(CHUNK) % LANES * (2 * side + 1)).astype(np.float32)
-
-
-def _grid_above(amax: float) -> float:
-    """The smallest power of two above `amax` (0 for 0)."""
-    return 0.0 if amax <= 0 else math.ldexp(1.0, math.frexp(amax)[1])
 
 
 @dataclass
@@ -323,7 +135,7 @@ class TensorStats:
 
     def _need_channels(self) -> None:
         if self.ch_min is None:
-            raise OnnxQuantError("statistics lack per-channel values; collect them with per_channel")
+            raise BadDataError("statistics lack per-channel values; collect them with per_channel")
 
     @property
     def mad(self) -> float:
@@ -331,8 +143,8 @@ class TensorStats:
         if self.pass2 is not None and self.pass2.count:
             return self.pass2.abs_dev / self.pass2.count
         if self.mad_needs_pass2:
-            raise OnnxQuantError(f"statistics lack the Laplace b: no pass 2, and no per-bin sums that give it to "
-                                 f"{MAD_TOLERANCE:g}; collect it with moments")
+            raise BadDataError(f"statistics lack the Laplace b: no pass 2, and no per-bin sums that give it to "
+                               f"{MAD_TOLERANCE:g}; collect it with moments")
         return 2 * self.histogram.excess_above(self.mean)[0] / self.count if self.count else 0.0
 
     @property
@@ -352,8 +164,8 @@ class TensorStats:
         self._need_channels()
         p = self.pass2
         if p is None or p.ch_abs_dev is None:
-            raise OnnxQuantError("statistics lack per-channel deviations (Laplace b per channel); collect pass 2 "
-                                 "with per_channel and moments")
+            raise BadDataError("statistics lack per-channel deviations (Laplace b per channel); collect pass 2 "
+                               "with per_channel and moments")
         return p.ch_abs_dev / (p.count // len(p.ch_abs_dev))
 
     @property
@@ -367,7 +179,7 @@ class TensorStats:
 
     def _need_hist(self) -> Histogram:
         if self.histogram is None:
-            raise OnnxQuantError("statistics lack histograms; collect them with histograms")
+            raise BadDataError("statistics lack histograms; collect them with histograms")
         return self.histogram
 
     @property
@@ -436,9 +248,9 @@ class TensorStats:
         """Statistics of the union of both data sets (see the module docstring for the pass-2 rule)."""
         ch = {}
         if (self.ch_min is None) != (other.ch_min is None):
-            raise OnnxQuantError("cannot merge statistics with and without per-channel values")
+            raise BadDataError("cannot merge statistics with and without per-channel values")
         if (self.histogram is None) != (other.histogram is None):
-            raise OnnxQuantError("cannot merge statistics with and without histograms")
+            raise BadDataError("cannot merge statistics with and without histograms")
         if self.ch_min is not None:
             _same_channels(self.ch_min, other.ch_min)
             ch = {"ch_count": self.ch_count + other.ch_count, "ch_min": np.minimum(self.ch_min, other.ch_min),
@@ -458,9 +270,9 @@ def update_pass2(p: Pass2, x: np.ndarray) -> None:
         return
     p.count += int(x.size)
     ref = np.float32(p.ref_mean)
-    buf = _workspace()[0]
+    buf = workspace()[0]
     parts = [float(np.sum(np.abs(np.subtract(c, ref, out=buf[:c.size]))))
-             for c in _chunks(np.ascontiguousarray(x, np.float32))]
+             for c in chunks(np.ascontiguousarray(x, np.float32))]
     p.abs_dev += math.fsum(parts)
     if p.ch_ref_mean is not None:
         centre = _channel_view(p.ch_ref_mean, x.ndim).astype(np.float32)
@@ -477,14 +289,14 @@ def merge_all(a: dict[str, TensorStats], b: dict[str, TensorStats]) -> dict[str,
     """Merge two statistics dicts over the same tensors."""
     if a.keys() != b.keys():
         diff = sorted(set(a) ^ set(b))
-        raise OnnxQuantError(f"cannot merge statistics of different tensors: {', '.join(diff[:10])} "
-                             f"in only one of them; accepted: statistics collected for the same tensors")
+        raise BadDataError(f"cannot merge statistics of different tensors: {', '.join(diff[:10])} "
+                           f"in only one of them; accepted: statistics collected for the same tensors")
     out = {}
     for name, st in a.items():
         try:
             out[name] = st.merge(b[name])
         except OnnxQuantError as exc:
-            raise OnnxQuantError(f"tensor {name}: {exc}") from exc
+            raise type(exc)(f"tensor {name}: {exc}") from exc
     return out
 
 
@@ -492,12 +304,12 @@ def _merge_pass2(a: Pass2 | None, b: Pass2 | None) -> Pass2 | None:
     if a is None and b is None:
         return None
     if a is None or b is None:
-        raise OnnxQuantError("cannot merge statistics with and without pass 2")
+        raise BadDataError("cannot merge statistics with and without pass 2")
     if a.ref_mean != b.ref_mean or (a.ch_ref_mean is None) != (b.ch_ref_mean is None) or \
             (a.ch_ref_mean is not None and not np.array_equal(a.ch_ref_mean, b.ch_ref_mean)):
-        raise OnnxQuantError("pass 2 of the two statistics used different pass-1 references; protocol: run "
-                             "pass 1 on every shard, merge, then pass 2 on every shard against the merged "
-                             "pass 1")
+        raise BadDataError("pass 2 of the two statistics used different pass-1 references; protocol: run "
+                           "pass 1 on every shard, merge, then pass 2 on every shard against the merged "
+                           "pass 1")
     add = (lambda u, v: None if u is None else u + v)
     return Pass2(ref_mean=a.ref_mean, count=a.count + b.count, abs_dev=a.abs_dev + b.abs_dev,
                  ch_ref_mean=a.ch_ref_mean, ch_abs_dev=add(a.ch_abs_dev, b.ch_abs_dev))
@@ -505,13 +317,13 @@ def _merge_pass2(a: Pass2 | None, b: Pass2 | None) -> Pass2 | None:
 
 def _other_axes(x: np.ndarray) -> tuple[int, ...]:
     if x.ndim < 2:
-        raise OnnxQuantError(f"per-channel statistics need a channel axis 1; the tensor has shape {x.shape}")
+        raise BadModelError(f"per-channel statistics need a channel axis 1; the tensor has shape {x.shape}")
     return tuple(i for i in range(x.ndim) if i != 1)
 
 
 def _same_channels(a: np.ndarray, b: np.ndarray) -> None:
     if a.shape != b.shape:
-        raise OnnxQuantError(f"channel count changed: {a.shape[0]} vs {b.shape[0]}")
+        raise BadDataError(f"channel count changed: {a.shape[0]} vs {b.shape[0]}")
 
 
 def stats_of(batches: Iterable[np.ndarray] | np.ndarray, *, bins: int = DEFAULT_BINS,

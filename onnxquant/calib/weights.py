@@ -17,9 +17,9 @@ from __future__ import annotations
 import numpy as np
 
 from onnxquant.calib.aciq import aciq_range
-from onnxquant.errors import OnnxQuantError
+from onnxquant.errors import BadModelError, BadRulesError, InternalError
 
-WEIGHT_METHODS = ("minmax", "laplace", "gauss", "mse")
+WEIGHT_METHODS: tuple[str, ...] = ("minmax", "laplace", "gauss", "mse")  # the registry of weight methods
 MSE_STEPS = 100
 
 
@@ -29,7 +29,7 @@ def _channels(w: np.ndarray, axis: int | None) -> np.ndarray:
     if axis is None:
         return w.reshape(1, -1)
     if not -w.ndim <= axis < w.ndim:
-        raise OnnxQuantError(f"channel axis {axis} out of range for a weight of shape {w.shape}")
+        raise InternalError(f"channel axis {axis} out of range for a weight of shape {w.shape}")
     return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
 
 
@@ -37,13 +37,13 @@ def weight_range(w: np.ndarray, axis: int | None, bits, method: str = "minmax", 
                  symmetric: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel (lo, hi) along `axis` (arrays of one entry per channel; 0-d arrays when axis is None)."""
     if method not in WEIGHT_METHODS:
-        raise OnnxQuantError(f"unknown weight calibration method {method!r}; "
-                             f"accepted: {', '.join(WEIGHT_METHODS)}")
+        raise BadRulesError(f"unknown weight calibration method {method!r}; "
+                            f"accepted: {', '.join(WEIGHT_METHODS)}")
     m = _channels(w, axis)
     if m.shape[1] == 0:
-        raise OnnxQuantError("cannot calibrate an empty weight")
+        raise BadModelError("cannot calibrate an empty weight")
     if not np.isfinite(m).all():
-        raise OnnxQuantError("weight holds NaN or Inf")
+        raise BadModelError("weight holds NaN or Inf")
     bits = np.broadcast_to(np.asarray(bits, np.int64), (m.shape[0],))
     lo, hi = m.min(axis=1), m.max(axis=1)
     if method in ("laplace", "gauss"):
@@ -89,7 +89,7 @@ def _mse_factor(m, lo, hi, bits, symmetric) -> np.ndarray:
 def bias_correction(w: np.ndarray, w_deq: np.ndarray, axis: int, full: bool) -> tuple[np.ndarray, np.ndarray]:
     """(μ_c, ξ_c) per channel along `axis`: mean shift E[W_c] − E[Ŵ_c], spread ratio (ones unless `full`)."""
     if np.shape(w) != np.shape(w_deq):
-        raise OnnxQuantError(f"bias correction: weight shapes differ: {np.shape(w)} vs {np.shape(w_deq)}")
+        raise InternalError(f"bias correction: weight shapes differ: {np.shape(w)} vs {np.shape(w_deq)}")
     a, b = _channels(w, axis), _channels(w_deq, axis)
     mean_a, mean_b = a.mean(axis=1), b.mean(axis=1)
     shift = mean_a - mean_b

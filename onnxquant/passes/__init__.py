@@ -15,7 +15,7 @@ import onnx
 
 from onnxquant.errors import BadRulesError
 from onnxquant.model import infer_shapes
-from onnxquant.passes.base import Graph, Match, Outcome, Pass, is_op, subgraph_reads
+from onnxquant.passes.base import Graph, Match, Outcome, Pass, is_op, producer, stable_toposort
 from onnxquant.passes.bn_to_affine import BNToAffine
 from onnxquant.passes.fold_bn import FoldBNConv, FoldConvBN, FoldConvTransposeBN, FoldGemmBN
 
@@ -39,13 +39,10 @@ def run_passes(model: onnx.ModelProto, names: Sequence[str],
     Returns the rewritten model, topologically sorted and without unused initializers, and one outcome
     per match plus one per BN left untouched. With `dry_run` the rewrite happens on a scratch copy and
     the input model itself is returned unchanged, with the outcomes a real run would give. Unnamed (or
-    duplicate-named) nodes are given unique names so outcomes can refer to them.
+    duplicate-named) nodes are given unique names (`ir.import_graph`) so outcomes can refer to them.
     """
     wanted = _validate(names)
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    _name_nodes(work.graph)
-    graph = Graph(work, _infer_types(work))
+    graph = Graph(model, _infer_types(model))
     outcomes: list[Outcome] = []
     for p in PASSES:
         if p.name in wanted:
@@ -55,8 +52,8 @@ def run_passes(model: onnx.ModelProto, names: Sequence[str],
         log.info("%s %s: %s", o.pass_name, ",".join(o.nodes), o.reason)
     if dry_run:
         return model, outcomes
-    _finish(graph)
-    return work, outcomes
+    stable_toposort(graph.gs)
+    return graph.export(), outcomes
 
 
 def _validate(names: Sequence[str]) -> set[str]:
@@ -103,11 +100,11 @@ def _unfolded(graph: Graph, outcomes: list[Outcome], wanted: set[str]) -> list[O
     for bn in graph.nodes("BatchNormalization"):
         if bn.name in reported:
             continue
-        prod = graph.producer(bn.input[0])
-        after = prod.op_type if prod is not None else "graph input"
+        prod = producer(bn.inputs[0])
+        after = prod.op if prod is not None else "graph input"
         if prod is not None and _FOLD_AFTER.get(after) and _FOLD_AFTER[after] not in wanted:
             reason = f"BN after {after}: {_FOLD_AFTER[after]} is not enabled"
-        elif any(is_op(c, "Conv") for c in graph.consumers(bn.output[0])) and "fold_bn_conv" not in wanted:
+        elif any(is_op(c, "Conv") for c in bn.outputs[0].outputs) and "fold_bn_conv" not in wanted:
             reason = f"BN after {after}, before Conv: fold_bn_conv is not enabled"
         else:
             reason = f"BN after {after}: no preceding Conv/ConvTranspose/Gemm/MatMul or following Conv to fold into"
@@ -115,22 +112,6 @@ def _unfolded(graph: Graph, outcomes: list[Outcome], wanted: set[str]) -> list[O
                 reason += "; enable bn_to_affine to lower it to Mul+Add"
         extra.append(Outcome(UNFOLDED, (bn.name,), False, reason))
     return extra
-
-
-def _name_nodes(graph: onnx.GraphProto) -> None:
-    taken = {n.name for n in graph.node if n.name}
-    seen: set[str] = set()
-    for i, node in enumerate(graph.node):
-        if node.name and node.name not in seen:
-            seen.add(node.name)
-            continue
-        base = node.name or f"{node.op_type}_{i}"
-        name, k = base, 1
-        while name in taken or name in seen:
-            name, k = f"{base}_{k}", k + 1
-        node.name = name
-        seen.add(name)
-        taken.add(name)
 
 
 def _infer_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
@@ -153,63 +134,3 @@ def _infer_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
             dst.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     inferred = infer_shapes(light).graph
     return {v.name: v.type for v in (*inferred.input, *inferred.output, *inferred.value_info)}
-
-
-def _finish(graph: Graph) -> None:
-    """Sort the nodes, drop unused initializers and stale value_info, describe new tensors."""
-    proto = graph.proto
-    _toposort(proto)
-    used = {o.name for o in proto.output}
-    produced = set()
-    for node in proto.node:
-        used.update(node.input)
-        used |= subgraph_reads(node)
-        produced.update(node.output)
-    unused = [t.name for t in proto.initializer if t.name not in used]
-    if unused:
-        log.debug("removing %d unused initializers", len(unused))
-        keep = [t for t in proto.initializer if t.name in used]
-        _replace(proto.initializer, keep)
-        gone = set(unused)
-        _replace(proto.input, [i for i in proto.input if i.name not in gone])
-    live = produced | used
-    _replace(proto.value_info, [v for v in proto.value_info if v.name in live])
-    described = {v.name for v in proto.value_info} | {v.name for v in (*proto.input, *proto.output)}
-    for name in sorted(graph.new_tensors & live - described):
-        proto.value_info.append(onnx.helper.make_value_info(name, graph.types[name]))
-    graph.changed()
-
-
-def _replace(field, items: list) -> None:
-    copies = [type(i)() for i in items]
-    for copy, item in zip(copies, items):
-        copy.CopyFrom(item)
-    del field[:]
-    field.extend(copies)
-
-
-def _toposort(proto: onnx.GraphProto) -> None:
-    """Stable topological order: each node right after the producers it needs, original order otherwise."""
-    nodes = list(proto.node)
-    producer = {out: i for i, n in enumerate(nodes) for out in n.output if out}
-    deps = [[producer[x] for x in (*n.input, *subgraph_reads(n)) if x in producer and producer[x] != i]
-            for i, n in enumerate(nodes)]
-    state = [0] * len(nodes)  # 0 new, 1 on the stack, 2 placed
-    order: list[int] = []
-    for root in range(len(nodes)):
-        if state[root]:
-            continue
-        stack = [(root, iter(deps[root]))]
-        state[root] = 1
-        while stack:
-            i, it = stack[-1]
-            nxt = next((d for d in it if state[d] == 0), None)
-            if nxt is None:
-                stack.pop()
-                state[i] = 2
-                order.append(i)
-            else:
-                state[nxt] = 1
-                stack.append((nxt, iter(deps[nxt])))
-    if order != list(range(len(nodes))):
-        _replace(proto.node, [nodes[i] for i in order])

@@ -1,26 +1,36 @@
-"""What every rewrite pass shares: the match/outcome records, the `Pass` protocol, and `Graph`, a small
-mutable view over an `onnx.ModelProto` with producer/consumer lookup and constant access.
+"""What every rewrite pass shares: the match/outcome records, the `Pass` protocol, and `Graph`, a thin wrapper
+over onnx-graphsurgeon's `gs.Graph` (the one IR, and its one producer/consumer index) adding what
+graph-surgeon lacks: inferred types for legality checks, fresh names, reasons for refusals, and an export that
+keeps the source model's initializer order and overridable (graph-input) initializers.
 
 A pass is pattern + check + rewrite: `find` lists the places where its pattern occurs, `check` returns
 None when the rewrite is legal there or a one-line reason when it refuses, and `rewrite` applies it.
 Also here: reading a BatchNormalization's constants as the affine map it computes in inference mode,
-`y = s·x + t` with `s = γ / sqrt(var + ε)` and `t = β − μ·s` per channel (axis 1).
+`y = s·x + t` with `s = γ / sqrt(var + ε)` and `t = β − μ·s` per channel (axis 1), and `stable_toposort`.
 """
 from __future__ import annotations
 
+import heapq
 import logging
-from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 from onnx import numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from onnxquant.errors import BadModelError
+from onnxquant.ir import export_model, import_graph, is_op, producer
+
+__all__ = ["BNAffine", "Graph", "Match", "Outcome", "Pass", "attr", "bn_affine", "constant_value", "input_at",
+           "is_op", "producer", "stable_toposort", "stored"]
 
 log = logging.getLogger(__name__)
 
 FLOAT_TYPES = (np.float16, np.float32, np.float64)
-DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 @dataclass(frozen=True)
@@ -52,211 +62,235 @@ class Pass(Protocol):
     def rewrite(self, graph: Graph, match: Match) -> None: ...
 
 
-def is_op(node: onnx.NodeProto | None, *op_types: str) -> bool:
-    return node is not None and node.op_type in op_types and node.domain in DEFAULT_DOMAINS
+def constant_value(tensor: gs.Tensor | None) -> np.ndarray | None:
+    """The value of a constant, or None for variables. Unlike `Constant.values` it keeps the stored
+    TensorProto, so the constant is exported as it was read (raw or typed data, INT4 packing)."""
+    if not isinstance(tensor, gs.Constant):
+        return None
+    stored = tensor._values
+    return stored.load() if isinstance(stored, LazyValues) else np.asarray(stored)
 
 
-def attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
-def set_attr(node: onnx.NodeProto, name: str, value) -> None:
-    for i, a in enumerate(node.attribute):
-        if a.name == name:
-            del node.attribute[i]
-            break
-    node.attribute.append(onnx.helper.make_attribute(name, value))
+def stored(name: str, value: np.ndarray) -> LazyValues:
+    """`value` as graph-surgeon constant storage, serialized by `numpy_helper.from_array` (INT4 packed)."""
+    return LazyValues(numpy_helper.from_array(np.asarray(value), name))
 
 
 class Graph:
-    """A view over `model.graph` for passes. The lookup index is rebuilt lazily after each change, so
-    callers look nodes up by name again after a rewrite instead of keeping NodeProto references."""
+    """A `gs.Graph` imported from `model` (nodes named by `ir.import_graph`) with the helpers passes share.
+
+    `types` are inferred types by tensor name, consulted for ranks; they reach the model only for tensors a
+    pass creates (`new_variable`). Nodes and tensors are navigated with graph-surgeon (`tensor.inputs` is
+    the producer, `tensor.outputs` the consumers).
+    """
 
     def __init__(self, model: onnx.ModelProto, types: dict[str, onnx.TypeProto] | None = None):
         self.model = model
-        self.proto = model.graph
+        self.gs = import_graph(model)
         self.types: dict[str, onnx.TypeProto] = dict(types or {})
-        self._index: _Index | None = None
+        self.order = [t.name for t in model.graph.initializer]
+        inputs = {i.name for i in model.graph.input}
+        self.overridable = {name for name in self.order if name in inputs}
         self._names: set[str] | None = None
-        self.new_tensors: set[str] = set()
 
     # -- lookup -------------------------------------------------------------------------------------
-    @property
-    def index(self) -> _Index:
-        if self._index is None:
-            self._index = _Index(self.proto)
-        return self._index
+    def nodes(self, *op_types: str) -> list[gs.Node]:
+        return [n for n in self.gs.nodes if not op_types or is_op(n, *op_types)]
 
-    def changed(self) -> None:
-        """Forget the lookup index; call after any structural change."""
-        self._index = None
+    def node(self, name: str) -> gs.Node | None:
+        return next((n for n in self.gs.nodes if n.name == name), None)
 
-    def nodes(self, *op_types: str) -> list[onnx.NodeProto]:
-        return [n for n in self.proto.node if not op_types or is_op(n, *op_types)]
+    def tensors(self) -> dict[str, gs.Tensor]:
+        return self.gs.tensors()
 
-    def node(self, name: str) -> onnx.NodeProto | None:
-        return self.index.by_name.get(name)
+    def is_output(self, tensor: gs.Tensor) -> bool:
+        return any(t is tensor for t in self.gs.outputs)
 
-    def producer(self, tensor: str) -> onnx.NodeProto | None:
-        return self.index.producers.get(tensor)
+    def uses(self, tensor: gs.Tensor) -> int:
+        return len(tensor.outputs) + self.is_output(tensor)
 
-    def consumers(self, tensor: str) -> list[onnx.NodeProto]:
-        """Nodes reading `tensor`, once per input slot; a node whose subgraph reads it counts too."""
-        return self.index.consumers.get(tensor, [])
-
-    def is_output(self, tensor: str) -> bool:
-        return tensor in self.index.outputs
-
-    def uses(self, tensor: str) -> int:
-        return len(self.consumers(tensor)) + self.is_output(tensor)
-
-    def rank(self, tensor: str) -> int | None:
-        t = self.types.get(tensor)
+    def rank(self, tensor: gs.Tensor) -> int | None:
+        t = self.types.get(tensor.name)
         if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
             return None
         return len(t.tensor_type.shape.dim)
 
-    def constant(self, name: str) -> np.ndarray | None:
-        """The value of initializer `name`, or None if it is not one or a graph input can override it."""
-        tensor = self.index.initializers.get(name)
-        if tensor is None or name in self.index.inputs:
+    def dtype(self, tensor: gs.Tensor) -> np.dtype | None:
+        """The inferred element type of `tensor`, if known."""
+        t = self.types.get(tensor.name)
+        if t is None or not t.HasField("tensor_type") or not t.tensor_type.elem_type:
+            return None
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.tensor_type.elem_type))
+
+    def constant(self, tensor: gs.Tensor | None) -> np.ndarray | None:
+        """The value of a constant input, or None if it is not one or a graph input can override it."""
+        if tensor is None or tensor.name in self.overridable:
             return None
         try:
-            return numpy_helper.to_array(tensor)
+            return constant_value(tensor)
         except (ValueError, TypeError, OSError):  # external data not loaded, exotic dtypes
             return None
 
     # -- legality helpers shared by passes ------------------------------------------------------------
-    def sole_consumer_reason(self, tensor: str, consumer: onnx.NodeProto, what: str) -> str | None:
+    def sole_consumer_reason(self, tensor: gs.Tensor, consumer: gs.Node, what: str) -> str | None:
         """Why `tensor` cannot disappear into `consumer`: a graph output, or read by another node."""
         if self.is_output(tensor):
-            return f"{what} '{tensor}' is a graph output"
-        readers = self.consumers(tensor)
+            return f"{what} '{tensor.name}' is a graph output"
+        readers = tensor.outputs
         if len(readers) != 1 or readers[0] is not consumer:
-            return f"{what} '{tensor}' has {len(readers)} consumers"
+            return f"{what} '{tensor.name}' has {len(readers)} consumers"
         return None
 
-    def weight_reason(self, node: onnx.NodeProto, slot: int, what: str) -> str | None:
+    def weight_reason(self, node: gs.Node, slot: int, what: str) -> str | None:
         """Why input `slot` of `node` cannot be rewritten in place: not a float constant, or shared."""
-        name = node.input[slot] if len(node.input) > slot else ""
-        if not name:
+        tensor = input_at(node, slot)
+        if tensor is None:
             return None
-        reason = self.constant_reason(name, what)
+        reason = self.constant_reason(tensor, what)
         if reason:
             return reason
-        value = self.constant(name)
+        value, name = self.constant(tensor), tensor.name
         if value.dtype.type not in FLOAT_TYPES:
             return f"{what} '{name}' has dtype {value.dtype}; accepted: float16, float32, float64"
-        others = [n.name for n in self.consumers(name) if n is not node]
+        others = [n.name for n in tensor.outputs if n is not node]
         if others:
             return f"{what} '{name}' is shared with node '{others[0]}'"
-        if self.uses(name) > 1:
-            return f"{what} '{name}' is also {'a graph output' if self.is_output(name) else 'another input'}"
+        if self.uses(tensor) > 1:
+            return f"{what} '{name}' is also {'a graph output' if self.is_output(tensor) else 'another input'}"
         return None
 
-    def constant_reason(self, name: str, what: str) -> str | None:
-        """Why `name` is not a constant this pass may read, or None."""
-        if name in self.index.initializers and name in self.index.inputs:
-            return f"{what} '{name}' is an initializer that is also a graph input (it can be overridden)"
-        if self.constant(name) is None:
-            return f"{what} '{name}' is not a constant initializer"
+    def constant_reason(self, tensor: gs.Tensor, what: str) -> str | None:
+        """Why `tensor` is not a constant this pass may read, or None."""
+        if tensor.name in self.overridable:
+            return f"{what} '{tensor.name}' is an initializer that is also a graph input (it can be overridden)"
+        if self.constant(tensor) is None:
+            return f"{what} '{tensor.name}' is not a constant initializer"
         return None
 
     # -- changes ---------------------------------------------------------------------------------------
-    def set_constant(self, name: str, value: np.ndarray) -> None:
-        """Replace initializer `name` with `value`, keeping the initializer's dtype."""
-        tensor = self.index.initializers[name]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        tensor.CopyFrom(numpy_helper.from_array(np.asarray(value).astype(dtype), name))
+    def set_constant(self, tensor: gs.Constant, value: np.ndarray) -> None:
+        """Give constant `tensor` a new value, keeping its dtype."""
+        tensor.values = stored(tensor.name, np.asarray(value).astype(constant_value(tensor).dtype))
 
-    def add_constant(self, base: str, value: np.ndarray) -> str:
-        """Add an initializer under a fresh name derived from `base`; returns the name."""
+    def add_constant(self, base: str, value: np.ndarray) -> gs.Constant:
+        """A constant under a fresh name derived from `base`; it is exported after the existing ones."""
         name = self.unique_name(base)
-        self.proto.initializer.append(numpy_helper.from_array(np.asarray(value), name))
-        self.changed()
-        return name
+        self.order.append(name)
+        return gs.Constant(name, stored(name, value))
 
-    def add_node(self, op_type: str, inputs: list[str], outputs: list[str], base_name: str,
-                 **attrs) -> str:
-        """Append a node (the final topological sort puts it in place); returns its name."""
-        name = self.unique_name(base_name)
-        self.proto.node.append(onnx.helper.make_node(op_type, inputs, outputs, name=name, **attrs))
-        self.changed()
-        return name
+    def new_variable(self, base: str, like: gs.Tensor | None = None) -> gs.Variable:
+        """A tensor under a fresh name; with `like`, it has the inferred type and shape of `like`."""
+        name = self.unique_name(base)
+        dtype = None if like is None else self.dtype(like)
+        if dtype is None:
+            return gs.Variable(name)
+        t = self.types[name] = self.types[like.name]
+        dims = None if not t.tensor_type.HasField("shape") else [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.tensor_type.shape.dim]
+        return gs.Variable(name, dtype, dims)
 
-    def remove_node(self, name: str) -> None:
-        for i, node in enumerate(self.proto.node):
-            if node.name == name:
-                del self.proto.node[i]
-                self.changed()
-                return
-        raise KeyError(name)
+    def make_node(self, op: str, inputs: list[gs.Tensor], outputs: list[gs.Tensor], base_name: str,
+                  **attrs) -> gs.Node:
+        """A node under a fresh name, connected but not yet listed in the graph."""
+        return gs.Node(op, self.unique_name(base_name), attrs, inputs, outputs)
+
+    def replace_node(self, old: gs.Node, new: list[gs.Node]) -> None:
+        """Disconnect `old` and list `new` in its place (the order stays topological when `new` reads what
+        `old` read and writes what it wrote)."""
+        i = next(k for k, n in enumerate(self.gs.nodes) if n is old)
+        old.inputs.clear()
+        old.outputs.clear()
+        self.gs.nodes[i:i + 1] = new
 
     def unique_name(self, base: str) -> str:
-        """A name used by no node, tensor or initializer yet (it is reserved on return)."""
+        """A name used by no node or tensor yet (it is reserved on return)."""
         if self._names is None:
-            self._names = _all_names(self.proto)
+            self._names = set(self.gs.tensors()) | {n.name for n in self.gs.nodes} | set(self.order)
+            self._names |= {v.name for v in (*self.model.graph.input, *self.model.graph.value_info)}
         name, i = base, 1
         while name in self._names:
             name, i = f"{base}_{i}", i + 1
         self._names.add(name)
         return name
 
-    def copy_type(self, src: str, dst: str) -> None:
-        """Record that new tensor `dst` has the type and shape of `src` (it gets a value_info entry)."""
-        if src in self.types:
-            self.types[dst] = self.types[src]
-            self.new_tensors.add(dst)
+    def forget_tensor(self, tensor: gs.Tensor) -> None:
+        """Drop the type record of a tensor that no longer exists."""
+        self.types.pop(tensor.name, None)
 
-    def forget_tensor(self, name: str) -> None:
-        """Drop the shape record of a tensor that no longer exists."""
-        self.types.pop(name, None)
-
-
-class _Index:
-    def __init__(self, graph: onnx.GraphProto):
-        self.by_name: dict[str, onnx.NodeProto] = {}
-        self.producers: dict[str, onnx.NodeProto] = {}
-        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for node in graph.node:
-            self.by_name[node.name] = node
-            for out in node.output:
-                if out:
-                    self.producers[out] = node
-            for name in node.input:
-                if name:
-                    self.consumers[name].append(node)
-            for name in subgraph_reads(node):
-                self.consumers[name].append(node)
-        self.outputs = {o.name for o in graph.output}
-        self.inputs = {i.name for i in graph.input}
-        self.initializers = {t.name: t for t in graph.initializer}
+    # -- export ----------------------------------------------------------------------------------------
+    def export(self) -> onnx.ModelProto:
+        """The graph as a model with the source model's header. Initializers keep the source order (new
+        ones after, in creation order), overridable initializers stay graph inputs while used, and nodes
+        without a domain are written without one, so an unchanged graph gives the source bytes."""
+        model = export_model(self.gs, self.model)
+        graph = model.graph
+        rank = {name: i for i, name in enumerate(self.order)}
+        inits = sorted(graph.initializer, key=lambda t: rank.get(t.name, len(rank)))
+        live = {t.name for t in inits} | {t.name for t in self.gs.inputs}
+        inputs = [i for i in self.model.graph.input if i.name in live]
+        del graph.initializer[:], graph.input[:]
+        graph.initializer.extend(inits)
+        graph.input.extend(inputs)
+        for node in _all_nodes(graph):
+            if not node.domain:
+                node.ClearField("domain")
+        return model
 
 
-def subgraph_reads(node: onnx.NodeProto) -> set[str]:
-    """Every tensor name read inside the node's subgraphs (a superset of the outer names they capture)."""
-    names: set[str] = set()
-    for a in node.attribute:
-        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-        for g in graphs:
-            for inner in g.node:
-                names.update(n for n in inner.input if n)
-                names |= subgraph_reads(inner)
-            names.update(o.name for o in g.output)
-    return names
-
-
-def _all_names(graph: onnx.GraphProto) -> set[str]:
-    names = {n.name for n in graph.node}
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
     for node in graph.node:
-        names.update(node.input)
-        names.update(node.output)
-    names.update(t.name for t in graph.initializer)
-    names.update(v.name for v in (*graph.input, *graph.output, *graph.value_info))
-    return names
+        yield node
+        for a in node.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs):
+                yield from _all_nodes(g)
+
+
+def input_at(node: gs.Node, slot: int) -> gs.Tensor | None:
+    """Input `slot` of `node`, or None when it is absent or empty (an omitted optional input)."""
+    if len(node.inputs) <= slot or node.inputs[slot].is_empty():
+        return None
+    return node.inputs[slot]
+
+
+def _reads(node: gs.Node) -> Iterator[gs.Tensor]:
+    """Tensors `node` reads, those read inside its subgraphs included."""
+    yield from node.inputs
+    for g in node.subgraphs():
+        for inner in g.nodes:
+            yield from _reads(inner)
+
+
+def stable_toposort(graph: gs.Graph) -> None:
+    """Order the nodes so each comes after the producers of what it reads, always taking the ready node that
+    is listed first (Kahn's algorithm): a sorted list keeps its order, and a node listed early is placed
+    right after the last producer it needs."""
+    nodes = list(graph.nodes)
+    index = {id(n): i for i, n in enumerate(nodes)}
+    users: list[list[int]] = [[] for _ in nodes]
+    waiting = [0] * len(nodes)
+    for i, node in enumerate(nodes):
+        deps = {index[id(p)] for t in _reads(node) for p in t.inputs if id(p) in index} - {i}
+        waiting[i] = len(deps)
+        for d in deps:
+            users[d].append(i)
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users[i]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):
+        stuck = next(n.name for i, n in enumerate(nodes) if waiting[i])
+        raise BadModelError(f"model: the graph has a cycle through node '{stuck}'; accepted: acyclic graphs")
+    graph.nodes = [nodes[i] for i in order]
+
+
+def attr(node: gs.Node, name: str, default=None):
+    return node.attrs.get(name, default)
 
 
 @dataclass(frozen=True)
@@ -267,22 +301,22 @@ class BNAffine:
     shift: np.ndarray
 
 
-def bn_affine(graph: Graph, bn: onnx.NodeProto) -> BNAffine | str:
+def bn_affine(graph: Graph, bn: gs.Node) -> BNAffine | str:
     """`s = γ / sqrt(var + ε)`, `t = β − μ·s`; or the reason the BN cannot be read as constants."""
     if attr(bn, "training_mode", 0):
         return "BN is in training mode (training_mode=1)"
-    if any(bn.output[1:]):
+    if any(not t.is_empty() for t in bn.outputs[1:]):
         return "BN computes running statistics (extra outputs): training mode"
-    if len(bn.input) != 5:
-        return f"BN has {len(bn.input)} inputs; expected 5"
+    if len(bn.inputs) != 5:
+        return f"BN has {len(bn.inputs)} inputs; expected 5"
     values = []
-    for label, name in zip(("scale", "bias", "mean", "var"), bn.input[1:]):
-        reason = graph.constant_reason(name, f"BN {label}")
+    for label, tensor in zip(("scale", "bias", "mean", "var"), bn.inputs[1:]):
+        reason = graph.constant_reason(tensor, f"BN {label}")
         if reason:
             return reason
-        value = graph.constant(name)
+        value = graph.constant(tensor)
         if value.dtype.type not in FLOAT_TYPES or value.ndim != 1:
-            return f"BN {label} '{name}' is not a 1-D float tensor"
+            return f"BN {label} '{tensor.name}' is not a 1-D float tensor"
         values.append(value.astype(np.float64))
     gamma, beta, mean, var = values
     if len({v.size for v in values}) != 1:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import onnx
 
 from onnxquant.passes.base import Graph, Match, bn_affine
 
@@ -30,7 +29,7 @@ class BNToAffine:
         affine = bn_affine(graph, bn)
         if isinstance(affine, str):
             return affine
-        rank = graph.rank(bn.input[0]) or graph.rank(bn.output[0])
+        rank = graph.rank(bn.inputs[0]) or graph.rank(bn.outputs[0])
         if rank is None:
             return "BN input rank unknown: cannot shape the Mul/Add constants"
         if rank < 2:
@@ -40,21 +39,13 @@ class BNToAffine:
     def rewrite(self, graph: Graph, match: Match) -> None:
         bn = graph.node(match.nodes[0])
         affine = bn_affine(graph, bn)
-        rank = graph.rank(bn.input[0]) or graph.rank(bn.output[0])
-        dtype = _elem_dtype(graph, bn.input[0]) or graph.constant(bn.input[1]).dtype
+        x, y, name = bn.inputs[0], bn.outputs[0], bn.name
+        rank = graph.rank(x) or graph.rank(y)
+        dtype = graph.dtype(x)
+        dtype = graph.constant(bn.inputs[1]).dtype if dtype is None else dtype
         shape = (-1,) + (1,) * (rank - 2)
-        x, y, name = bn.input[0], bn.output[0], bn.name
         scale = graph.add_constant(f"{name}_scale", affine.scale.reshape(shape).astype(dtype))
         shift = graph.add_constant(f"{name}_shift", affine.shift.reshape(shape).astype(dtype))
-        mid = graph.unique_name(f"{y}_scaled")
-        graph.copy_type(y, mid)
-        graph.remove_node(name)
-        graph.add_node("Mul", [x, scale], [mid], f"{name}_mul")
-        graph.add_node("Add", [mid, shift], [y], f"{name}_add")
-
-
-def _elem_dtype(graph: Graph, tensor: str) -> np.dtype | None:
-    t = graph.types.get(tensor)
-    if t is None or not t.HasField("tensor_type") or not t.tensor_type.elem_type:
-        return None
-    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.tensor_type.elem_type))
+        mid = graph.new_variable(f"{y.name}_scaled", like=y)
+        graph.replace_node(bn, [graph.make_node("Mul", [x, scale], [mid], f"{name}_mul"),
+                                graph.make_node("Add", [mid, shift], [y], f"{name}_add")])

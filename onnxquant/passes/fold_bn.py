@@ -24,16 +24,16 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import onnx
+import onnx_graphsurgeon as gs
 
-from onnxquant.passes.base import BNAffine, Graph, Match, attr, bn_affine, is_op, set_attr
+from onnxquant.passes.base import BNAffine, Graph, Match, attr, bn_affine, input_at, is_op, producer
 
 log = logging.getLogger(__name__)
 
 BN = "BatchNormalization"
 
 
-def _nodes_and_affine(graph: Graph, match: Match) -> tuple[onnx.NodeProto, onnx.NodeProto, BNAffine] | str:
+def _nodes_and_affine(graph: Graph, match: Match) -> tuple[gs.Node, gs.Node, BNAffine] | str:
     """The matched BN, its partner node and the BN's affine form, or why the match no longer holds."""
     bn, other = (graph.node(n) for n in match.nodes)
     if bn is None or other is None:
@@ -42,17 +42,21 @@ def _nodes_and_affine(graph: Graph, match: Match) -> tuple[onnx.NodeProto, onnx.
     return affine if isinstance(affine, str) else (bn, other, affine)
 
 
-def _set_input_constant(graph: Graph, node: onnx.NodeProto, slot: int, value: np.ndarray,
-                        dtype: np.dtype) -> None:
-    """Write `value` into the node's constant input `slot`, adding an initializer if the slot is empty."""
-    name = node.input[slot] if len(node.input) > slot else ""
-    if name:
-        graph.set_constant(name, value)
+def _set_input_constant(graph: Graph, node: gs.Node, slot: int, value: np.ndarray, dtype: np.dtype) -> None:
+    """Write `value` into the node's constant input `slot`, adding a constant if the slot is empty."""
+    tensor = input_at(node, slot)
+    if tensor is not None:
+        graph.set_constant(tensor, value)
         return
-    name = graph.add_constant(f"{node.name}_bias", np.asarray(value).astype(dtype))
-    while len(node.input) <= slot:
-        node.input.append("")
-    node.input[slot] = name
+    tensor = graph.add_constant(f"{node.name}_bias", np.asarray(value).astype(dtype))
+    while len(node.inputs) <= slot:
+        node.inputs.append(gs.Variable.empty())
+    node.inputs[slot] = tensor
+
+
+def _constant_or_zero(graph: Graph, node: gs.Node, slot: int) -> np.ndarray | float:
+    tensor = input_at(node, slot)
+    return 0.0 if tensor is None else graph.constant(tensor)
 
 
 class _FoldIntoProducer:
@@ -65,7 +69,7 @@ class _FoldIntoProducer:
     def find(self, graph: Graph) -> list[Match]:
         matches = []
         for bn in graph.nodes(BN):
-            prod = graph.producer(bn.input[0])
+            prod = producer(bn.inputs[0])
             if is_op(prod, *self.producers):
                 matches.append(Match(self.name, (bn.name, prod.name)))
         return matches
@@ -75,7 +79,7 @@ class _FoldIntoProducer:
         if isinstance(found, str):
             return found
         bn, prod, affine = found
-        return (graph.sole_consumer_reason(prod.output[0], bn, f"{prod.op_type} output")
+        return (graph.sole_consumer_reason(prod.outputs[0], bn, f"{prod.op} output")
                 or self.check_weights(graph, prod, affine.scale.size))
 
     def rewrite(self, graph: Graph, match: Match) -> None:
@@ -84,16 +88,17 @@ class _FoldIntoProducer:
         self.take_output(graph, prod, bn)
 
     @staticmethod
-    def take_output(graph: Graph, prod: onnx.NodeProto, bn: onnx.NodeProto) -> None:
+    def take_output(graph: Graph, prod: gs.Node, bn: gs.Node) -> None:
         """The producer now writes BN's output tensor directly; BN goes."""
-        graph.forget_tensor(prod.output[0])
-        prod.output[0] = bn.output[0]
-        graph.remove_node(bn.name)
+        graph.forget_tensor(prod.outputs[0])
+        y = bn.outputs[0]
+        graph.replace_node(bn, [])
+        prod.outputs[0] = y
 
-    def check_weights(self, graph: Graph, node: onnx.NodeProto, channels: int) -> str | None:
+    def check_weights(self, graph: Graph, node: gs.Node, channels: int) -> str | None:
         raise NotImplementedError
 
-    def fold(self, graph: Graph, node: onnx.NodeProto, s: np.ndarray, t: np.ndarray) -> None:
+    def fold(self, graph: Graph, node: gs.Node, s: np.ndarray, t: np.ndarray) -> None:
         raise NotImplementedError
 
 
@@ -102,19 +107,19 @@ class FoldConvBN(_FoldIntoProducer):
     description = "Conv → BatchNormalization: scale each output filter, fold the shift into the bias"
     producers = ("Conv",)
 
-    def check_weights(self, graph: Graph, node: onnx.NodeProto, channels: int) -> str | None:
+    def check_weights(self, graph: Graph, node: gs.Node, channels: int) -> str | None:
         reason = graph.weight_reason(node, 1, "Conv weight") or graph.weight_reason(node, 2, "Conv bias")
         if reason:
             return reason
-        w = graph.constant(node.input[1])
+        w = graph.constant(node.inputs[1])
         if w.ndim < 3 or w.shape[0] != channels:
             return f"Conv weight shape {list(w.shape)} does not match BN's {channels} channels"
         return None
 
-    def fold(self, graph: Graph, node: onnx.NodeProto, s: np.ndarray, t: np.ndarray) -> None:
-        w = graph.constant(node.input[1])
-        bias = graph.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else 0.0
-        graph.set_constant(node.input[1], w.astype(np.float64) * s.reshape((-1,) + (1,) * (w.ndim - 1)))
+    def fold(self, graph: Graph, node: gs.Node, s: np.ndarray, t: np.ndarray) -> None:
+        w = graph.constant(node.inputs[1])
+        bias = _constant_or_zero(graph, node, 2)
+        graph.set_constant(node.inputs[1], w.astype(np.float64) * s.reshape((-1,) + (1,) * (w.ndim - 1)))
         _set_input_constant(graph, node, 2, np.asarray(bias, np.float64) * s + t, w.dtype)
 
 
@@ -123,24 +128,24 @@ class FoldConvTransposeBN(_FoldIntoProducer):
     description = "ConvTranspose → BatchNormalization: scale weight axis 1 per group, fold the shift"
     producers = ("ConvTranspose",)
 
-    def check_weights(self, graph: Graph, node: onnx.NodeProto, channels: int) -> str | None:
+    def check_weights(self, graph: Graph, node: gs.Node, channels: int) -> str | None:
         reason = (graph.weight_reason(node, 1, "ConvTranspose weight")
                   or graph.weight_reason(node, 2, "ConvTranspose bias"))
         if reason:
             return reason
-        w, group = graph.constant(node.input[1]), int(attr(node, "group", 1))
+        w, group = graph.constant(node.inputs[1]), int(attr(node, "group", 1))
         if w.ndim < 3 or w.shape[0] % group or w.shape[1] * group != channels:
             return (f"ConvTranspose weight shape {list(w.shape)} with group={group} does not match "
                     f"BN's {channels} channels")
         return None
 
-    def fold(self, graph: Graph, node: onnx.NodeProto, s: np.ndarray, t: np.ndarray) -> None:
-        w, group = graph.constant(node.input[1]), int(attr(node, "group", 1))
+    def fold(self, graph: Graph, node: gs.Node, s: np.ndarray, t: np.ndarray) -> None:
+        w, group = graph.constant(node.inputs[1]), int(attr(node, "group", 1))
         c_in, m_g, kernel = w.shape[0], w.shape[1], w.shape[2:]
         grouped = w.astype(np.float64).reshape(group, c_in // group, m_g, *kernel)
         scaled = grouped * s.reshape(group, 1, m_g, *(1,) * len(kernel))
-        bias = graph.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else 0.0
-        graph.set_constant(node.input[1], scaled.reshape(w.shape))
+        bias = _constant_or_zero(graph, node, 2)
+        graph.set_constant(node.inputs[1], scaled.reshape(w.shape))
         _set_input_constant(graph, node, 2, np.asarray(bias, np.float64) * s + t, w.dtype)
 
 
@@ -150,16 +155,16 @@ class FoldGemmBN(_FoldIntoProducer):
                    "scale the output-feature axis of the weight, fold the shift into a bias")
     producers = ("Gemm", "MatMul")
 
-    def check_weights(self, graph: Graph, node: onnx.NodeProto, channels: int) -> str | None:
-        op = node.op_type
+    def check_weights(self, graph: Graph, node: gs.Node, channels: int) -> str | None:
+        op = node.op
         reason = graph.weight_reason(node, 1, f"{op} weight")
         if reason:
             return reason
-        w = graph.constant(node.input[1])
+        w = graph.constant(node.inputs[1])
         if w.ndim != 2:
-            return f"{op} weight '{node.input[1]}' is {w.ndim}-D; accepted: 2-D"
+            return f"{op} weight '{node.inputs[1].name}' is {w.ndim}-D; accepted: 2-D"
         if op == "MatMul":
-            rank = graph.rank(node.output[0]) or graph.rank(node.input[0])
+            rank = graph.rank(node.outputs[0]) or graph.rank(node.inputs[0])
             if rank is None:
                 return "MatMul output rank unknown: cannot tell whether BN's axis 1 is the feature axis"
             if rank != 2:
@@ -170,37 +175,38 @@ class FoldGemmBN(_FoldIntoProducer):
             if reason:
                 return reason
             features = w.shape[0] if attr(node, "transB", 0) else w.shape[1]
-            if len(node.input) > 2 and node.input[2] and graph.constant(node.input[2]).ndim > 2:
-                return f"Gemm bias C '{node.input[2]}' has rank > 2"
+            c = input_at(node, 2)
+            if c is not None and graph.constant(c).ndim > 2:
+                return f"Gemm bias C '{c.name}' has rank > 2"
         if features != channels:
             return f"{op} has {features} output features but BN has {channels} channels"
         return None
 
     def rewrite(self, graph: Graph, match: Match) -> None:
         bn, prod, affine = _nodes_and_affine(graph, match)  # check() has passed
-        if prod.op_type == "Gemm":
+        if prod.op == "Gemm":
             self.fold(graph, prod, affine.scale, affine.shift)
             self.take_output(graph, prod, bn)
             return
-        w = graph.constant(prod.input[1])
-        graph.set_constant(prod.input[1], w.astype(np.float64) * affine.scale[None, :])
+        w = graph.constant(prod.inputs[1])
+        graph.set_constant(prod.inputs[1], w.astype(np.float64) * affine.scale[None, :])
         if not np.any(affine.shift):
             self.take_output(graph, prod, bn)
             return
         shift = graph.add_constant(f"{prod.name}_bias", affine.shift.astype(w.dtype))
-        x, y = prod.output[0], bn.output[0]
-        graph.remove_node(bn.name)
-        graph.add_node("Add", [x, shift], [y], f"{prod.name}_bias_add")
+        x, y = prod.outputs[0], bn.outputs[0]
+        graph.replace_node(bn, [graph.make_node("Add", [x, shift], [y], f"{prod.name}_bias_add")])
 
-    def fold(self, graph: Graph, node: onnx.NodeProto, s: np.ndarray, t: np.ndarray) -> None:
-        w = graph.constant(node.input[1])
+    def fold(self, graph: Graph, node: gs.Node, s: np.ndarray, t: np.ndarray) -> None:
+        w = graph.constant(node.inputs[1])
         trans_b = attr(node, "transB", 0)
-        graph.set_constant(node.input[1], w.astype(np.float64) * (s[:, None] if trans_b else s[None, :]))
+        graph.set_constant(node.inputs[1], w.astype(np.float64) * (s[:, None] if trans_b else s[None, :]))
         beta = float(attr(node, "beta", 1.0))
-        has_c = len(node.input) > 2 and node.input[2]
-        c = graph.constant(node.input[2]).astype(np.float64) * beta if has_c else 0.0
+        c = input_at(node, 2)
+        c = graph.constant(c).astype(np.float64) * beta if c is not None else 0.0
         _set_input_constant(graph, node, 2, c * s + t, w.dtype)
-        set_attr(node, "beta", 1.0)
+        node.attrs.pop("beta", None)
+        node.attrs["beta"] = 1.0
 
 
 class FoldBNConv(_FoldIntoProducer):
@@ -211,7 +217,7 @@ class FoldBNConv(_FoldIntoProducer):
     def find(self, graph: Graph) -> list[Match]:
         matches = []
         for bn in graph.nodes(BN):
-            conv = next((c for c in graph.consumers(bn.output[0]) if is_op(c, "Conv")), None)
+            conv = next((c for c in bn.outputs[0].outputs if is_op(c, "Conv")), None)
             if conv is not None:
                 matches.append(Match(self.name, (bn.name, conv.name)))
         return matches
@@ -221,13 +227,13 @@ class FoldBNConv(_FoldIntoProducer):
         if isinstance(found, str):
             return found
         bn, conv, affine = found
-        reason = (graph.sole_consumer_reason(bn.output[0], conv, "BN output")
+        reason = (graph.sole_consumer_reason(bn.outputs[0], conv, "BN output")
                   or graph.weight_reason(conv, 1, "Conv weight") or graph.weight_reason(conv, 2, "Conv bias"))
         if reason:
             return reason
-        if conv.input[0] != bn.output[0]:
+        if conv.inputs[0] is not bn.outputs[0]:
             return "BN output feeds the Conv's weight, not its data input"
-        w, group = graph.constant(conv.input[1]), int(attr(conv, "group", 1))
+        w, group = graph.constant(conv.inputs[1]), int(attr(conv, "group", 1))
         if w.ndim < 3 or w.shape[0] % group or w.shape[1] * group != affine.scale.size:
             return (f"Conv weight shape {list(w.shape)} with group={group} does not match "
                     f"BN's {affine.scale.size} channels")
@@ -238,26 +244,27 @@ class FoldBNConv(_FoldIntoProducer):
 
     def rewrite(self, graph: Graph, match: Match) -> None:
         bn, conv, affine = _nodes_and_affine(graph, match)  # check() has passed
-        w, group = graph.constant(conv.input[1]), int(attr(conv, "group", 1))
+        w, group = graph.constant(conv.inputs[1]), int(attr(conv, "group", 1))
         w64 = w.astype(np.float64)
         m, c_g = w.shape[:2]
         # per (output filter, input position in its group): the BN channel that position reads
         s = np.repeat(affine.scale.reshape(group, c_g), m // group, axis=0)
         t = np.repeat(affine.shift.reshape(group, c_g), m // group, axis=0)
         extra = (w64.sum(axis=tuple(range(2, w.ndim))) * t).sum(axis=1)
-        graph.set_constant(conv.input[1], w64 * s.reshape(m, c_g, *(1,) * (w.ndim - 2)))
-        has_bias = len(conv.input) > 2 and conv.input[2]
+        graph.set_constant(conv.inputs[1], w64 * s.reshape(m, c_g, *(1,) * (w.ndim - 2)))
+        has_bias = input_at(conv, 2) is not None
         if has_bias or np.any(extra):
-            bias = graph.constant(conv.input[2]).astype(np.float64) if has_bias else 0.0
+            bias = graph.constant(conv.inputs[2]).astype(np.float64) if has_bias else 0.0
             _set_input_constant(graph, conv, 2, bias + extra, w.dtype)
-        graph.forget_tensor(bn.output[0])
-        conv.input[0] = bn.input[0]
-        graph.remove_node(bn.name)
+        graph.forget_tensor(bn.outputs[0])
+        x = bn.inputs[0]
+        graph.replace_node(bn, [])
+        conv.inputs[0] = x
 
 
-def _pads(conv: onnx.NodeProto, kernel: tuple[int, ...]) -> bool:
+def _pads(conv: gs.Node, kernel: tuple[int, ...]) -> bool:
     """Whether the Conv pads its input (SAME auto-padding pads nothing only for 1×…×1 kernels)."""
-    auto_pad = attr(conv, "auto_pad", b"NOTSET")
+    auto_pad = attr(conv, "auto_pad", "NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     if auto_pad == "VALID":
         return False

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
+from onnxquant.ir import import_graph, is_op
 from onnxquant.rules import COMPUTE_OPS, QuantSpec, Rules
 
 FUSED_ACTIVATIONS = ("Relu", "Clip")
 ORDER_PRESERVING = ("MaxPool",)
-FLOAT_TYPES = (onnx.TensorProto.FLOAT,)
+FLOAT_TYPES = (np.dtype(np.float32),)
 WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 
 
@@ -60,36 +63,31 @@ class QuantPlan:
         return {d.weights.bits for d in self.nodes if d.quantize and d.weight}
 
 
-def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every tensor whose type is known (inputs, outputs, value_info, initializers)."""
-    graph = model.graph
-    types = {t.name: t.data_type for t in graph.initializer}
-    for vi in (*graph.input, *graph.value_info, *graph.output):
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
-            types[vi.name] = vi.type.tensor_type.elem_type
-    return types
-
-
 def tensor_shapes(model: onnx.ModelProto) -> dict[str, onnx.TensorShapeProto]:
     """Shape of every graph input and intermediate tensor whose shape is recorded (rank known)."""
     return {vi.name: vi.type.tensor_type.shape for vi in (*model.graph.input, *model.graph.value_info)
             if vi.type.tensor_type.HasField("shape")}
 
 
-def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
-    users: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            if name:
-                users.setdefault(name, []).append(node)
-    return users
+def weight_axis(node: gs.Node, ndim: int) -> int:
+    """The output-channel axis of a compute node's weight."""
+    if node.op == "ConvTranspose":
+        return 1
+    if node.op == "Gemm":
+        return 0 if node.attrs.get("transB", 0) else 1
+    if node.op == "MatMul":
+        return ndim - 1
+    return 0
 
 
-def compute_positions(model: onnx.ModelProto) -> dict[str, frozenset[str]]:
+def _is_float(tensor: gs.Tensor) -> bool:
+    return tensor.dtype is not None and np.dtype(tensor.dtype) in FLOAT_TYPES
+
+
+def compute_positions(graph: gs.Graph) -> dict[str, frozenset[str]]:
     """`first`/`last` for the first and last compute node (Conv, ConvTranspose, Gemm, MatMul) with a weight."""
-    inits = {t.name for t in model.graph.initializer}
-    compute = [n.name for n in model.graph.node
-               if n.op_type in COMPUTE_OPS and len(n.input) > 1 and n.input[1] in inits]
+    compute = [n.name for n in graph.nodes
+               if n.op in COMPUTE_OPS and len(n.inputs) > 1 and isinstance(n.inputs[1], gs.Constant)]
     positions: dict[str, set[str]] = {}
     if compute:
         positions.setdefault(compute[0], set()).add("first")
@@ -98,69 +96,67 @@ def compute_positions(model: onnx.ModelProto) -> dict[str, frozenset[str]]:
 
 
 def plan_quantization(model: onnx.ModelProto, rules: Rules) -> QuantPlan:
-    graph = model.graph
-    inits = {t.name for t in graph.initializer}
-    types = tensor_types(model)
-    users = consumers(model)
-    graph_outputs = {o.name for o in graph.output}
-    positions = compute_positions(model)
+    """Which nodes are quantized at which widths, and which tensors get Q/DQ (see the module docstring)."""
+    graph = import_graph(model)
+    graph_outputs = {o.name for o in graph.outputs}
+    positions = compute_positions(graph)
     plan = QuantPlan(placement=rules.placement)
 
-    def request(tensor: str, spec: QuantSpec) -> None:
-        if tensor in graph_outputs or tensor in inits or types.get(tensor) not in FLOAT_TYPES:
+    def request(tensor: gs.Tensor, spec: QuantSpec) -> None:
+        if tensor.name in graph_outputs or isinstance(tensor, gs.Constant) or not _is_float(tensor):
             return
-        old = plan.activations.get(tensor)
+        old = plan.activations.get(tensor.name)
         if old is None or spec.bits > old.bits:
-            plan.activations[tensor] = ActivationSpec(spec.bits, spec.symmetric, spec.method)
+            plan.activations[tensor.name] = ActivationSpec(spec.bits, spec.symmetric, spec.method)
 
-    for node in graph.node:
-        rule = rules.for_node(node.name, node.op_type, positions.get(node.name, frozenset()))
+    for node in graph.nodes:
+        rule = rules.for_node(node.name, node.op, positions.get(node.name, frozenset()))
         quantize, reason, weight = rule.quantize, rule.reason, None
-        if quantize and node.op_type in WEIGHT_INPUT:
-            candidate = node.input[WEIGHT_INPUT[node.op_type]]
-            if candidate in inits:
-                weight = candidate
-            elif node.op_type != "MatMul":
-                quantize, reason = False, f"weight {candidate!r} is not a constant"
-        if quantize and not any(types.get(t) in FLOAT_TYPES for t in node.input if t and t not in inits):
+        if quantize and node.op in WEIGHT_INPUT:
+            candidate = node.inputs[WEIGHT_INPUT[node.op]]
+            if isinstance(candidate, gs.Constant):
+                weight = candidate.name
+            elif node.op != "MatMul":
+                quantize, reason = False, f"weight {candidate.name!r} is not a constant"
+        variables = [(i, t) for i, t in enumerate(node.inputs) if not t.is_empty() and isinstance(t, gs.Variable)]
+        if quantize and not any(_is_float(t) for _, t in variables):
             quantize, reason = False, "no float activation input"
-        plan.nodes.append(NodeDecision(node.name, node.op_type, quantize, reason, rule.weights,
+        plan.nodes.append(NodeDecision(node.name, node.op, quantize, reason, rule.weights,
                                        rule.activations, weight))
         if not quantize:
             continue
-        data_inputs = [t for i, t in enumerate(node.input) if t and t not in inits
-                       and not (node.op_type in COMPUTE_OPS and i == 2)]
-        for tensor in data_inputs:
-            request(tensor, rule.activations)
+        for i, tensor in variables:
+            if not (node.op in COMPUTE_OPS and i == 2):
+                request(tensor, rule.activations)
         if rules.placement == "ort":
-            for tensor in node.output:
-                request(_fused_output(tensor, users, graph_outputs), rule.activations)
-    _mark_fused(plan, model)
-    _share_ranges(plan, model, users)
+            for tensor in node.outputs:
+                request(_fused_output(tensor, graph_outputs), rule.activations)
+    _mark_fused(plan, graph)
+    _share_ranges(plan, graph)
     return plan
 
 
-def _share_ranges(plan: QuantPlan, model: onnx.ModelProto, users: dict[str, list[onnx.NodeProto]]) -> None:
+def _share_ranges(plan: QuantPlan, graph: gs.Graph) -> None:
     quantized = {d.name for d in plan.nodes if d.quantize}
-    for node in model.graph.node:
-        if node.op_type in ORDER_PRESERVING and node.name in quantized and len(node.output) == 1:
-            src, dst = node.input[0], node.output[0]
-            if src in plan.activations and dst in plan.activations and len(users.get(src, [])) == 1:
-                plan.shared[src] = dst
+    for node in graph.nodes:
+        if is_op(node, *ORDER_PRESERVING) and node.name in quantized and len(node.outputs) == 1:
+            src, dst = node.inputs[0], node.outputs[0]
+            if src.name in plan.activations and dst.name in plan.activations and len(src.outputs) == 1:
+                plan.shared[src.name] = dst.name
 
 
-def _mark_fused(plan: QuantPlan, model: onnx.ModelProto) -> None:
+def _mark_fused(plan: QuantPlan, graph: gs.Graph) -> None:
     """A float Relu/Clip whose output carries Q/DQ runs fused into the quantized node before it."""
-    by_name = {n.name: n for n in model.graph.node}
+    by_name = {n.name: n for n in graph.nodes}
     for i, d in enumerate(plan.nodes):
         node = by_name[d.name]
-        if not d.quantize and d.op_type in FUSED_ACTIVATIONS and node.output[0] in plan.activations:
+        if not d.quantize and d.op_type in FUSED_ACTIVATIONS and node.outputs[0].name in plan.activations:
             plan.nodes[i] = NodeDecision(d.name, d.op_type, True, "fused into the quantized node before it",
                                          d.weights, d.activations)
 
 
-def _fused_output(tensor: str, users: dict[str, list[onnx.NodeProto]], graph_outputs: set[str]) -> str:
-    after = users.get(tensor, [])
-    if len(after) == 1 and after[0].op_type in FUSED_ACTIVATIONS and tensor not in graph_outputs:
-        return after[0].output[0]
+def _fused_output(tensor: gs.Tensor, graph_outputs: set[str]) -> gs.Tensor:
+    after = tensor.outputs
+    if len(after) == 1 and after[0].op in FUSED_ACTIVATIONS and tensor.name not in graph_outputs:
+        return after[0].outputs[0]
     return tensor

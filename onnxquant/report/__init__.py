@@ -1,7 +1,7 @@
 """The accuracy diff report: per-layer error, sensitivity, output agreement, calibration histograms.
 
-`build_report(float_model, quant_model, data)` computes a `Report`; `render_html`, `render_text` and
-`Report.to_json` present it; `suggest_rules` turns its ranking into a rule-file override.
+`build_report(float_model, quant_model, data)` computes an immutable `Report` (with `suggest=SuggestOptions(...)`
+also its rule suggestion); `render_html`, `render_text` and `Report.to_json` present it.
 """
 
 from __future__ import annotations
@@ -9,12 +9,13 @@ from __future__ import annotations
 from onnxquant.report.core import LayerResult, OutputResult, Report, TensorResult, build_report
 from onnxquant.report.render_html import render_html
 from onnxquant.report.render_text import render_text
-from onnxquant.report.suggest import Suggestion, plan_suggestion, predict_output_sqnr, suggest_rules
+from onnxquant.report.suggest import Suggestion, SuggestOptions, plan_suggestion, predict_output_sqnr
 
 __all__ = [
     "LayerResult",
     "OutputResult",
     "Report",
+    "SuggestOptions",
     "Suggestion",
     "TensorResult",
     "build_report",
@@ -22,5 +23,4 @@ __all__ = [
     "predict_output_sqnr",
     "render_html",
     "render_text",
-    "suggest_rules",
 ]

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnxquant.calib.engine import compute_table
+from onnxquant.calib.methods import METHODS
 from onnxquant.errors import OnnxQuantError
 from onnxquant.tables import CalibrationTable
 
@@ -64,9 +66,6 @@ def calibration_view(
     stats: Mapping[str, object], specs: Mapping[str, tuple[int, bool]], table: CalibrationTable | None = None
 ) -> tuple[dict[str, CalibView], list[str]]:
     """Views for the tensors of `specs` (tensor -> (bits, symmetric)) that have histograms in `stats`."""
-    from onnxquant.calib.engine import compute_table
-    from onnxquant.calib.methods import METHODS
-
     notes: list[str] = []
     usable = {t: spec for t, spec in specs.items() if t in stats and getattr(stats[t], "has_hist", False)}
     if len(usable) < len(specs):

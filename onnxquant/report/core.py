@@ -4,7 +4,7 @@ A report holds, for the model outputs, each layer and each quantized tensor, the
 accumulated over all the data with the whole model quantized (`compare.py`) and isolated on a subset with one
 layer quantized alone (`sensitivity.py`), code entropies, and the calibration view (`calibview.py`) when
 statistics are given. Layers are ranked by isolated sensitivity: the lowest output SQNR with only that layer
-quantized.
+quantized. A report is immutable; asked for, its rule suggestion (`suggest.py`) is computed with it.
 """
 
 from __future__ import annotations
@@ -12,17 +12,18 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from onnxquant.errors import BadDataError
+from onnxquant.errors import BadDataError, InternalError
 from onnxquant.report.calibview import CalibView, calibration_view
-from onnxquant.report.compare import QdqGraph, QTensor, accumulate, analyze, check_compatible
+from onnxquant.report.compare import accumulate
 from onnxquant.report.metrics import CodeHistogram, Metrics, code_entropy, compare
+from onnxquant.report.qdq import QdqGraph, analyze, check_compatible
 from onnxquant.report.sensitivity import run_isolated
+from onnxquant.report.suggest import Suggestion, SuggestOptions, plan_suggestion
 from onnxquant.tables import CalibrationTable
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ def _num(v: float | None) -> float | None:
     return None if v is None or not math.isfinite(v) else float(v)
 
 
-@dataclass
+@dataclass(frozen=True)
 class OutputResult:
     """One model output: error of the quantized model against the float one."""
 
@@ -60,7 +61,7 @@ class OutputResult:
         }
 
 
-@dataclass
+@dataclass(frozen=True)
 class TensorResult:
     """One quantized tensor (activation or weight)."""
 
@@ -88,7 +89,7 @@ class TensorResult:
         }
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerResult:
     """One layer: errors at its output, and its isolated sensitivity at the model outputs."""
 
@@ -136,18 +137,26 @@ class LayerResult:
         }
 
 
-@dataclass
+@dataclass(frozen=True)
 class Report:
+    """What `build_report` found; derive variants with `dataclasses.replace` or `with_measured`."""
+
     samples: int
     sensitivity_samples: int
-    outputs: list[OutputResult]
-    layers: list[LayerResult]
-    tensors: list[TensorResult]
+    outputs: tuple[OutputResult, ...]
+    layers: tuple[LayerResult, ...]
+    tensors: tuple[TensorResult, ...]
     calibration: dict[str, CalibView] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
+    notes: tuple[str, ...] = ()
     matched: bool = True
     seconds: dict[str, float] = field(default_factory=dict)
-    suggestion: object | None = None  # a suggest.Suggestion, attached by the caller
+    suggestion: Suggestion | None = None
+
+    def with_measured(self, sqnr: dict[str, float]) -> Report:
+        """This report with its suggestion's output SQNR measured after converting with the suggested rules."""
+        if self.suggestion is None:
+            raise InternalError("with_measured: the report has no suggestion; build it with suggest=")
+        return replace(self, suggestion=replace(self.suggestion, measured=dict(sqnr)))
 
     @property
     def ranked_by(self) -> str:
@@ -180,7 +189,7 @@ class Report:
             "samples": self.samples,
             "sensitivity_samples": self.sensitivity_samples,
             "matched": self.matched,
-            "notes": self.notes,
+            "notes": list(self.notes),
             "ranked_by": self.ranked_by,
             "seconds": self.seconds,
             "outputs": [o.to_json() for o in self.outputs],
@@ -210,25 +219,6 @@ def _check_labels(labels, data) -> np.ndarray | None:
     return arr.astype(np.int64)
 
 
-def dequantize_initializer(quant_model: onnx.ModelProto, qt: QTensor) -> tuple[np.ndarray, np.ndarray]:
-    """(integer codes, dequantized values) of a weight stored as codes → DequantizeLinear."""
-    inits = {t.name: t for t in quant_model.graph.initializer}
-    dq = next(n for n in quant_model.graph.node if n.output and n.output[0] == qt.dequantized)
-    codes = numpy_helper.to_array(inits[dq.input[0]]).astype(np.int64)
-    scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
-    zp = (
-        numpy_helper.to_array(inits[dq.input[2]]).astype(np.int64)
-        if len(dq.input) > 2 and dq.input[2]
-        else np.zeros_like(scale, np.int64)
-    )
-    if scale.ndim == 1 and codes.ndim > 1:
-        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-        shape = [1] * codes.ndim
-        shape[axis] = -1
-        scale, zp = scale.reshape(shape), zp.reshape(shape)
-    return codes, ((codes - zp) * scale).astype(np.float32)
-
-
 def build_report(
     float_model: onnx.ModelProto,
     quant_model: onnx.ModelProto,
@@ -238,13 +228,14 @@ def build_report(
     sensitivity_samples: int = 64,
     stats: dict | None = None,
     table: CalibrationTable | None = None,
+    suggest: SuggestOptions | None = None,
     progress: bool = False,
 ) -> Report:
     """Compare `quant_model` with the `float_model` it was converted from on `data` (re-iterable batches).
 
     `labels`: one class per sample, for accuracies of classifier-like outputs. `sensitivity_samples`: size of
     the subset for isolated sensitivity (0 skips it). `stats`/`table`: saved calibration statistics and the
-    table used, for the calibration view.
+    table used, for the calibration view. `suggest`: also plan a rule suggestion (`Report.suggestion`).
     """
     check_compatible(float_model, quant_model)
     labels = _check_labels(labels, data)
@@ -293,7 +284,7 @@ def build_report(
         notes.append("labels given, but no output is classifier-like ([N, C]): no accuracy computed")
 
     layers = [_layer_result(la, acc, isolated) for la in graph.layers]
-    tensors = _tensor_results(quant_model, float_model, graph, acc, isolated)
+    tensors = _tensor_results(graph, acc, isolated)
     calibration = {}
     if stats:
         specs = {}
@@ -308,14 +299,16 @@ def build_report(
     report = Report(
         samples=acc.samples,
         sensitivity_samples=subset_n,
-        outputs=outputs,
-        layers=layers,
-        tensors=tensors,
+        outputs=tuple(outputs),
+        layers=tuple(layers),
+        tensors=tuple(tensors),
         calibration=calibration,
-        notes=notes,
+        notes=tuple(notes),
         matched=graph.matched,
         seconds=seconds,
     )
+    if suggest is not None:
+        report = replace(report, suggestion=plan_suggestion(report, suggest))
     log.info("report: %d samples, %d layers, %d quantized tensors", acc.samples, len(layers), len(tensors))
     return report
 
@@ -340,7 +333,7 @@ def _layer_result(la, acc, isolated) -> LayerResult:
     )
 
 
-def _tensor_results(quant_model, float_model, graph: QdqGraph, acc, isolated) -> list[TensorResult]:
+def _tensor_results(graph: QdqGraph, acc, isolated) -> list[TensorResult]:
     iso_inputs: dict[str, Metrics] = {}
     for la in graph.layers:
         iso = isolated.get(la.name)
@@ -363,15 +356,11 @@ def _tensor_results(quant_model, float_model, graph: QdqGraph, acc, isolated) ->
                 matched=t.matched,
             )
         )
-    float_inits = {i.name: i for i in float_model.graph.initializer}
     for t in graph.weights:
-        codes, deq = dequantize_initializer(quant_model, t)
+        codes, deq = graph.dequantize_weight(t)
         _, counts = np.unique(codes, return_counts=True)
-        metrics = None
-        if t.matched and t.name in float_inits:
-            w = numpy_helper.to_array(float_inits[t.name]).astype(np.float32)
-            if w.shape == deq.shape:
-                metrics = compare(w, deq)
+        w = graph.float_weight(t)
+        metrics = compare(w.astype(np.float32), deq) if w is not None and w.shape == deq.shape else None
         results.append(
             TensorResult(
                 name=t.name,

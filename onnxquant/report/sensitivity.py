@@ -1,6 +1,6 @@
 """Isolated sensitivity: quantize one layer alone and measure what it costs.
 
-For a layer L (see `compare.Layer`) the isolated model is the float model with only L's Q/DQ patterns copied
+For a layer L (see `qdq.Layer`) the isolated model is the float model with only L's Q/DQ patterns copied
 in from the quantized model: L's activation inputs go through their `[Clip →] QuantizeLinear →
 DequantizeLinear`, its weight (and bias) come from their integer codes, everything else stays float. A copy of
 L on the float inputs is added beside it, so one run gives three errors:
@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxquant.calib.engine import progress_iter
-from onnxquant.errors import OnnxQuantError
+from onnxquant.errors import BadModelError
 from onnxquant.model import graph_inputs, opset_of
-from onnxquant.report.compare import Layer, QdqGraph, session
+from onnxquant.progress import progress_iter
+from onnxquant.report.compare import session
 from onnxquant.report.metrics import ErrorAccumulator, Metrics
+from onnxquant.report.qdq import Layer, QdqGraph
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ def run_isolated(
         fetch = list(dict.fromkeys([*outputs, iso.output, iso.reference, *iso.inputs.values(), *iso.inputs]))
         try:
             sess = session(iso.model)
-        except OnnxQuantError as exc:  # an isolated graph ORT refuses: report it, keep the rest of the report
+        except BadModelError as exc:  # an isolated graph ORT refuses: report it, keep the rest of the report
             log.warning("layer %s: isolated model does not run (%s)", layer.name, exc)
             skipped.append(layer.name)
             continue

@@ -10,40 +10,64 @@ layer i quantized at b_i bits, keeping the set S at h bits predicts
 and k is the smallest number of top-ranked layers whose prediction meets the target on every output. The
 override for a layer matches its node by name (glob characters escaped); a layer that the rules do not
 quantize (e.g. a Flatten after a quantized tensor) targets the producers of its quantized inputs instead,
-whose rules set those widths (a tensor requested at several widths gets the widest).
+whose rules set those widths (a tensor requested at several widths gets the widest). The suggested rules are
+the rules the model was converted with, the overrides appended (later overrides win).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
-import yaml
-
-from onnxquant.errors import OnnxQuantError
+from onnxquant.errors import BadRulesError
 from onnxquant.quant import MAX_BITS, MIN_BITS
+from onnxquant.rules import Match, Override, Rules, dump_rules
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
+class SuggestOptions:
+    """What to suggest: keep `k` layers (or the fewest meeting `target_sqnr` dB) at `high_bits`, as overrides of
+    `rules`, the rules the model was converted with."""
+
+    rules: Rules
+    k: int | None = None
+    target_sqnr: float | None = None
+    high_bits: int = 8
+
+    def __post_init__(self) -> None:
+        hb = self.high_bits
+        if isinstance(hb, bool) or not isinstance(hb, int) or not MIN_BITS <= hb <= MAX_BITS:
+            raise BadRulesError(
+                f"suggest rules: high bits {hb!r}; accepted: an integer {MIN_BITS}..{MAX_BITS}"
+            )
+        k = self.k
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+            raise BadRulesError(f"suggest rules: k={k!r}; accepted: an integer >= 0")
+        if k is None and self.target_sqnr is None:
+            raise BadRulesError("suggest rules: give the number of layers k or a target output SQNR")
+
+
+@dataclass(frozen=True)
 class Suggestion:
     """Which layers to keep at `high_bits`, and what that is predicted (and, once measured, found) to give."""
 
     k: int
-    layers: list[str]
-    nodes: list[str]
+    layers: tuple[str, ...]
+    nodes: tuple[str, ...]
     high_bits: int
     target_sqnr: float | None
     before: dict[str, float]
     predicted: dict[str, float] | None
     met: bool | None
-    curve: list[dict[str, float]] = field(default_factory=list)  # predicted SQNR per output for k = 0..n
+    rules: Rules  # the base rules with the overrides appended
+    comment: str  # why: the chosen layers and the prediction, as rule-file comment lines
+    curve: tuple[dict[str, float], ...] = ()  # predicted SQNR per output for k = 0..n
     measured: dict[str, float] | None = (
-        None  # output SQNR after converting with the rules (set by the caller)
+        None  # output SQNR after converting with `rules` (`Report.with_measured`)
     )
-    rules: str = ""
 
     @property
     def gain_db(self) -> dict[str, float] | None:
@@ -52,14 +76,18 @@ class Suggestion:
             return None
         return {o: self.measured[o] - self.before[o] for o in self.before if o in self.measured}
 
+    def rules_text(self) -> str:
+        """The rule file to write: the comment, then `rules` as YAML."""
+        return self.comment + dump_rules(self.rules)
+
     def to_json(self) -> dict:
         def clean(d):
             return None if d is None else {k: (v if math.isfinite(v) else None) for k, v in d.items()}
 
         return {
             "k": self.k,
-            "layers": self.layers,
-            "nodes": self.nodes,
+            "layers": list(self.layers),
+            "nodes": list(self.nodes),
             "high_bits": self.high_bits,
             "target_sqnr_db": self.target_sqnr,
             "before_sqnr_db": clean(self.before),
@@ -68,7 +96,7 @@ class Suggestion:
             "measured_sqnr_db": clean(self.measured),
             "gain_db": clean(self.gain_db),
             "curve": [clean(c) for c in self.curve],
-            "rules": self.rules,
+            "rules": self.rules_text(),
         }
 
 
@@ -98,21 +126,9 @@ def predict_output_sqnr(report, k: int, high_bits: int = 8) -> dict[str, float] 
     return out
 
 
-def plan_suggestion(
-    report,
-    quant_rules_text: str | None = None,
-    *,
-    target_sqnr: float | None = None,
-    k: int | None = None,
-    high_bits: int = 8,
-) -> Suggestion:
-    """Choose the layers (k given, or the fewest meeting `target_sqnr`) and write the rule text."""
-    if isinstance(high_bits, bool) or not isinstance(high_bits, int) or not MIN_BITS <= high_bits <= MAX_BITS:
-        raise OnnxQuantError(f"high bits {high_bits!r}; accepted: an integer {MIN_BITS}..{MAX_BITS}")
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
-        raise OnnxQuantError(f"k={k!r}: accepted: an integer >= 0")
-    if k is None and target_sqnr is None:
-        raise OnnxQuantError("suggest rules: give the number of layers k or a target output SQNR")
+def plan_suggestion(report, options: SuggestOptions) -> Suggestion:
+    """Choose the layers (k given, or the fewest meeting the target SQNR) and derive the suggested rules."""
+    high_bits, target_sqnr, k = options.high_bits, options.target_sqnr, options.k
     cands = _candidates(report, high_bits)
     before = report.output_sqnr()
     curve = []
@@ -121,7 +137,7 @@ def plan_suggestion(
     met = None
     if k is None:
         if not curve:
-            raise OnnxQuantError(
+            raise BadRulesError(
                 "suggest rules: a target SQNR needs isolated sensitivity (sensitivity samples "
                 "> 0); accepted: a target with sensitivity, or k"
             )
@@ -137,47 +153,35 @@ def plan_suggestion(
             )
     k = min(k, len(cands))
     chosen = cands[:k]
-    nodes = list(dict.fromkeys(n for la in chosen for n in _targets(la, quant_rules_text)))
+    nodes = tuple(dict.fromkeys(n for la in chosen for n in _targets(la, options.rules)))
     predicted = curve[k] if curve else None
     if met is None and target_sqnr is not None and predicted is not None:
         met = all(v >= target_sqnr for v in predicted.values())
-    text = _rules_text(nodes, chosen, quant_rules_text, high_bits, predicted, before)
+    overrides = tuple(
+        Override(
+            match=Match(name=glob_escape(n)), weights={"bits": high_bits}, activations={"bits": high_bits}
+        )
+        for n in nodes
+    )
+    rules = replace(options.rules, overrides=options.rules.overrides + overrides, source="suggested rules")
     return Suggestion(
         k=k,
-        layers=[la.name for la in chosen],
+        layers=tuple(la.name for la in chosen),
         nodes=nodes,
         high_bits=high_bits,
         target_sqnr=target_sqnr,
         before=before,
         predicted=predicted,
         met=met,
-        curve=curve,
-        rules=text,
+        rules=rules,
+        comment=_comment(chosen, high_bits, predicted, before),
+        curve=tuple(curve),
     )
 
 
-def suggest_rules(
-    report,
-    quant_rules_text: str | None = None,
-    *,
-    target_sqnr: float | None = None,
-    k: int | None = None,
-    high_bits: int = 8,
-) -> str:
-    """YAML rule text keeping the k most sensitive layers at `high_bits` (k from `target_sqnr` if not given).
-
-    With `quant_rules_text` (the rule file the model was converted with) the result is that file with the
-    overrides appended (later overrides win); without, a file holding only the overrides.
-    """
-    return plan_suggestion(report, quant_rules_text, target_sqnr=target_sqnr, k=k, high_bits=high_bits).rules
-
-
-def _targets(layer, rules_text: str | None) -> tuple[str, ...]:
+def _targets(layer, rules: Rules) -> tuple[str, ...]:
     """Override targets of a layer: itself when the rules quantize its op (its input requests set the
     widths), else the producers of its quantized inputs."""
-    from onnxquant.rules import load_rules, parse_rules
-
-    rules = parse_rules(rules_text, "base rules") if rules_text is not None else load_rules("default")
     if rules.for_node(layer.name, layer.op_type, frozenset()).quantize or len(layer.owners) == 1:
         return layer.owners[:1]
     return layer.owners[1:]
@@ -188,22 +192,7 @@ def glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
-def _rules_text(nodes, chosen, base: str | None, high_bits: int, predicted, before) -> str:
-    from onnxquant.rules import parse_rules
-
-    overrides = [
-        {
-            "match": {"name": glob_escape(n)},
-            "weights": {"bits": high_bits},
-            "activations": {"bits": high_bits},
-        }
-        for n in nodes
-    ]
-    doc = {}
-    if base is not None:
-        parse_rules(base, "base rules")  # refuse a broken base with its own message
-        doc = yaml.safe_load(base) or {}
-    doc["overrides"] = list(doc.get("overrides") or []) + overrides
+def _comment(chosen, high_bits: int, predicted, before) -> str:
     lines = [
         f"# onnxquant --suggest-rules: keep the {len(chosen)} most sensitive layer(s) at {high_bits} bits"
     ]
@@ -211,12 +200,9 @@ def _rules_text(nodes, chosen, base: str | None, high_bits: int, predicted, befo
         lines.append(
             f"#   {la.name} ({la.op_type}): output SQNR with only it quantized {_fmt(la.sensitivity_db)} dB"
         )
-    if predicted:
-        for o, v in predicted.items():
-            lines.append(f"# predicted output SQNR of {o}: {_fmt(before[o])} -> {_fmt(v)} dB")
-    text = "\n".join(lines) + "\n" + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
-    parse_rules(text, "suggested rules")
-    return text
+    for o, v in (predicted or {}).items():
+        lines.append(f"# predicted output SQNR of {o}: {_fmt(before[o])} -> {_fmt(v)} dB")
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(v: float | None) -> str:

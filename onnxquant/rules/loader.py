@@ -1,8 +1,14 @@
-"""Load a YAML rule file (or a shipped preset by name) into `Rules`, naming the file and key of any error."""
+"""Load a YAML rule file (or a shipped preset by name) into `Rules`, naming the file and key of any error.
+
+The names a rule file may use for passes and calibration methods are given by the caller (the pass and method
+registries live in `onnxquant.passes` and `onnxquant.calib`, which depend on rules, not the other way round).
+"""
 from __future__ import annotations
 
 import importlib.resources
 import os
+from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +20,6 @@ from onnxquant.rules.schema import (
     GRANULARITIES,
     PLACEMENTS,
     POSITIONS,
-    WEIGHT_METHODS,
     Match,
     Override,
     QuantSpec,
@@ -28,29 +33,34 @@ OVERRIDE_KEYS = ("match", "skip", "weights", "activations")
 MATCH_KEYS = ("name", "op_type", "position")
 
 
-def activation_methods() -> tuple[str, ...]:
-    from onnxquant.calib.methods import METHODS
+@dataclass(frozen=True)
+class _Names:
+    """The names a rule file may use, in the order error messages list them."""
 
-    return tuple(METHODS)
-
-
-def pass_names() -> tuple[str, ...]:
-    from onnxquant.passes import PASS_NAMES
-
-    return tuple(PASS_NAMES)
+    passes: tuple[str, ...]
+    methods: tuple[str, ...]
+    weight_methods: tuple[str, ...]
 
 
-def load_rules(source: str | os.PathLike | None = None) -> Rules:
-    """Rules from a preset name (`default`, `tensorrt`), a YAML file path, or the default preset."""
+def load_rules(source: str | os.PathLike | None = None, *, pass_names: Collection[str],
+               method_names: Collection[str], weight_method_names: Collection[str]) -> Rules:
+    """Rules from a preset name (`default`, `tensorrt`), a YAML file path, or the default preset.
+
+    `pass_names`, `method_names`, `weight_method_names`: the accepted values of `passes`,
+    `activations.method` and `weights.method` (see `parse_rules`).
+    """
     source = "default" if source is None else source
     if str(source) in PRESETS:
         text = importlib.resources.files("onnxquant.rules").joinpath(f"presets/{source}.yaml").read_text()
-        return parse_rules(text, f"preset {source}")
-    path = Path(source)
-    if not path.is_file():
-        raise BadRulesError(f"{path}: rule file not found; accepted: a YAML file or a preset "
-                            f"({', '.join(PRESETS)})")
-    return parse_rules(path.read_text(encoding="utf-8", errors="replace"), str(path))
+        where = f"preset {source}"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise BadRulesError(f"{path}: rule file not found; accepted: a YAML file or a preset "
+                                f"({', '.join(PRESETS)})")
+        text, where = path.read_text(encoding="utf-8", errors="replace"), str(path)
+    return parse_rules(text, where, pass_names=pass_names, method_names=method_names,
+                       weight_method_names=weight_method_names)
 
 
 def dump_rules(rules: Rules) -> str:
@@ -73,7 +83,14 @@ def dump_rules(rules: Rules) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def parse_rules(text: str, where: str) -> Rules:
+def parse_rules(text: str, where: str, *, pass_names: Collection[str], method_names: Collection[str],
+                weight_method_names: Collection[str]) -> Rules:
+    """Validate rule-file YAML `text` (errors name `where` and the key) into `Rules`.
+
+    `pass_names`: accepted entries of `passes`; `method_names`, `weight_method_names`: accepted activation and
+    weight calibration methods.
+    """
+    names = _Names(tuple(pass_names), tuple(method_names), tuple(weight_method_names))
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -83,18 +100,18 @@ def parse_rules(text: str, where: str) -> Rules:
     doc = {} if doc is None else doc
     _check_keys(doc, TOP_KEYS, where, "")
     defaults = Rules()
-    weights = _spec(doc.get("weights", {}), where, "weights", defaults.weights, WEIGHT_METHODS)
-    acts = _spec(doc.get("activations", {}), where, "activations", defaults.activations, activation_methods())
+    weights = _spec(doc.get("weights", {}), where, "weights", defaults.weights, names.weight_methods)
+    acts = _spec(doc.get("activations", {}), where, "activations", defaults.activations, names.methods)
     if acts.granularity != "per_tensor":
         raise BadRulesError(f"{where}: key 'activations.granularity' is {acts.granularity!r}; "
                             "accepted: per_tensor")
-    passes = tuple(_str_list(doc.get("passes", []), where, "passes", pass_names()))
+    passes = tuple(_str_list(doc.get("passes", []), where, "passes", names.passes))
     ops = tuple(_str_list(doc.get("quantize_ops", list(defaults.quantize_ops)), where, "quantize_ops", None))
     placement = _choice(doc.get("placement", "ort"), where, "placement", PLACEMENTS)
     raw_overrides = doc.get("overrides") or []
     if not isinstance(raw_overrides, list):
         raise BadRulesError(f"{where}: key 'overrides' must be a list of {{match, skip, weights, activations}}")
-    overrides = tuple(_override(ov, where, f"overrides[{i}]") for i, ov in enumerate(raw_overrides))
+    overrides = tuple(_override(ov, where, f"overrides[{i}]", names) for i, ov in enumerate(raw_overrides))
     return Rules(placement=placement, passes=passes, quantize_ops=ops, weights=weights, activations=acts,
                  overrides=overrides, source=where)
 
@@ -147,7 +164,7 @@ def _spec(doc: Any, where: str, key: str, base: QuantSpec, methods: tuple[str, .
     return QuantSpec(**{**base.__dict__, **_spec_fields(doc, where, key, methods)})
 
 
-def _override(doc: Any, where: str, key: str) -> Override:
+def _override(doc: Any, where: str, key: str, names: _Names) -> Override:
     _check_keys(doc, OVERRIDE_KEYS, where, key + ".")
     if "match" not in doc:
         raise BadRulesError(f"{where}: key '{key}.match' is missing; accepted: a mapping of "
@@ -164,6 +181,6 @@ def _override(doc: Any, where: str, key: str) -> Override:
     skip = doc.get("skip")
     if skip is not None and not isinstance(skip, bool):
         raise BadRulesError(f"{where}: key '{key}.skip' is {skip!r}; accepted: true, false")
-    weights = _spec_fields(doc.get("weights", {}), where, f"{key}.weights", WEIGHT_METHODS)
-    acts = _spec_fields(doc.get("activations", {}), where, f"{key}.activations", activation_methods())
+    weights = _spec_fields(doc.get("weights", {}), where, f"{key}.weights", names.weight_methods)
+    acts = _spec_fields(doc.get("activations", {}), where, f"{key}.activations", names.methods)
     return Override(match=Match(**match_doc), skip=skip, weights=weights, activations=acts)

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field, replace
 PLACEMENTS = ("ort", "tensorrt")
 GRANULARITIES = ("per_channel", "per_tensor")
 POSITIONS = ("first", "last")
-WEIGHT_METHODS = ("minmax", "laplace", "gauss", "mse")
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxquant.errors import OnnxQuantError
+from onnxquant.errors import BadModelError, InternalError, UnavailableError, first_line
 from onnxquant.runtime import plan as P
-from onnxquant.runtime.numpy_backend import NumpyBackend, _as2d, conv_geometry
-from onnxquant.runtime.requant import MODES
+from onnxquant.runtime.numpy_backend import NumpyBackend, as_2d, conv_geometry
+from onnxquant.runtime.requant import REQUANT_MODES
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,6 @@ def kernel_dir() -> Path:
         return Path(str(importlib.resources.files("onnxquant.kernels")))
     except ModuleNotFoundError:
         return Path(__file__).resolve().parents[2] / "cuda"
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip() or type(exc).__name__).splitlines()[0][:200]
 
 
 def _pad(n: int, to: int) -> int:
@@ -60,18 +56,18 @@ class _Device:
         try:
             import pycuda.driver as drv
         except ImportError as exc:
-            raise OnnxQuantError("backend cuda needs PyCUDA (pip install 'onnxquant[cuda]') and an NVIDIA GPU; "
+            raise UnavailableError("backend cuda needs PyCUDA (pip install 'onnxquant[cuda]') and an NVIDIA GPU; "
                                  "accepted here: --backend numpy") from exc
         self.drv = drv
         try:
             drv.init()
             if drv.Device.count() == 0:
-                raise OnnxQuantError("backend cuda: no NVIDIA GPU found; accepted here: --backend numpy")
+                raise UnavailableError("backend cuda: no NVIDIA GPU found; accepted here: --backend numpy")
             dev = drv.Device(0)
             self.ctx = dev.retain_primary_context()
             self.ctx.push()
         except drv.Error as exc:
-            raise OnnxQuantError(f"backend cuda: no usable GPU ({_first_line(exc)}); "
+            raise UnavailableError(f"backend cuda: no usable GPU ({first_line(exc)}); "
                                  "accepted here: --backend numpy") from exc
         atexit.register(self._close)
         self.name = dev.name()
@@ -85,9 +81,12 @@ class _Device:
             try:
                 mod = SourceModule((kdir / fname).read_text(), arch=arch, options=["-std=c++17"],
                                    include_dirs=[str(kdir)], no_extern_c=True)
-            except Exception as exc:
-                raise OnnxQuantError(f"backend cuda: compiling {fname} for {arch} failed "
-                                     f"({_first_line(exc)})") from exc
+            except drv.CompileError as exc:  # our kernel sources do not compile: a bug of ours
+                raise InternalError(f"backend cuda: compiling {fname} for {arch} failed "
+                                    f"({first_line(exc)})") from exc
+            except Exception as exc:  # no nvcc, unwritable cache, ...: this host cannot build kernels
+                raise UnavailableError(f"backend cuda: cannot compile {fname} for {arch} ({first_line(exc)}); "
+                                     "accepted here: --backend numpy") from exc
             self.modules.append(mod)
             for name in ("row_sums_s8", "gemm_s8_dp4a", "gemm_s8_mma", "gemm_s4_dp4a", "im2col_s8", "pack_s4"):
                 try:
@@ -100,14 +99,14 @@ class _Device:
         try:
             self.ctx.pop()
         except self.drv.Error as exc:  # interpreter shutdown: the context may already be gone
-            log.debug("cuda context pop: %s", _first_line(exc))
+            log.debug("cuda context pop: %s", first_line(exc))
 
     def check(self, what: str, fn, *args, **kwargs):
         """Call a PyCUDA function; a driver error becomes a one-line OnnxQuantError."""
         try:
             return fn(*args, **kwargs)
         except (self.drv.Error, MemoryError) as exc:
-            raise OnnxQuantError(f"backend cuda: {what} failed ({_first_line(exc)})") from exc
+            raise UnavailableError(f"backend cuda: {what} failed ({first_line(exc)})") from exc
 
     def launch(self, name: str, grid, block, *args) -> None:
         self.check(f"kernel {name}", self.fn[name], *args, grid=tuple(int(g) for g in grid), block=block)
@@ -195,7 +194,7 @@ class CudaBackend(NumpyBackend):
         if prep["wzp"] is not None:
             rowsum = dev.empty((g, mpad), np.int32)
             if prep["four"]:
-                raise OnnxQuantError("backend cuda: 4-bit GEMM with non-zero weight zero points is not supported")
+                raise BadModelError("backend cuda: 4-bit GEMM with non-zero weight zero points is not supported")
             dev.launch("row_sums_s8", ((mpad + 255) // 256, g, 1), (256, 1, 1), a_dev, np.int32(mpad),
                        np.int32(kpad), rowsum)
         null = np.intp(0)
@@ -221,11 +220,11 @@ class CudaBackend(NumpyBackend):
 
     # ------------------------------------------------------------------ steps
     def conv(self, step: P.GemmStep, args, mode: str) -> np.ndarray:
-        if mode not in MODES:
+        if mode not in REQUANT_MODES:
             raise ValueError(mode)
         x = args[0]
         one_d = x.ndim == 3
-        x, attrs = _as2d(step.attrs, x)
+        x, attrs = as_2d(step.attrs, x)
         grp = attrs["group"]
         n, c, h, w = x.shape
         m = step.w.shape[0]

@@ -7,7 +7,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxquant.errors import OnnxQuantError
+from onnxquant.errors import BadModelError, first_line
+from onnxquant.model import make_session
 from onnxquant.runtime import plan as P
 
 log = logging.getLogger(__name__)
@@ -34,13 +35,11 @@ class NodeRunner:
             values = dict(zip(wanted, sess.run(wanted, feeds)))
             return [values.get(o) for o in step.outputs]
         except Exception as exc:
-            raise OnnxQuantError(f"node {step.name!r} ({step.op}): ONNX Runtime failed in the float fallback "
-                                 f"({str(exc).splitlines()[0][:200]})") from exc
+            raise BadModelError(f"node {step.name!r} ({step.op}): ONNX Runtime failed in the float fallback "
+                                f"({first_line(exc)})") from exc
 
     @staticmethod
     def _build(plan: P.Plan, step: P.FloatStep, names: list[str], feeds: dict):
-        from onnxquant.model import make_session
-
         inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(feeds[n].dtype),
                                                 [None] * feeds[n].ndim) for n in names]
         outputs = [onnx.ValueInfoProto(name=o) for o in step.outputs if o]

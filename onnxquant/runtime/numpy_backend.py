@@ -18,8 +18,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from onnxquant.errors import InternalError
 from onnxquant.runtime import plan as P
 from onnxquant.runtime import requant as R
+from onnxquant.runtime.float_ops import NodeRunner
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +76,8 @@ def conv_geometry(in_sp, kernel, strides, dilations, pads, auto_pad: str, ceil_m
     return out, pads
 
 
-def _as2d(attrs: dict, x: np.ndarray):
-    """View 1-D spatial ops as 2-D with H = 1."""
+def as_2d(attrs: dict, x: np.ndarray) -> tuple[np.ndarray, dict]:
+    """A 1-D spatial op's input and attributes viewed as 2-D with H = 1 (2-D ones unchanged)."""
     if len(attrs["kernel"]) == 2:
         return x, attrs
     a = dict(attrs)
@@ -111,8 +113,6 @@ class NumpyBackend:
     name = "numpy"
 
     def __init__(self):
-        from onnxquant.runtime.float_ops import NodeRunner
-
         self.nodes = NodeRunner()
 
     # ------------------------------------------------------------------ driver
@@ -145,8 +145,8 @@ class NumpyBackend:
         return out
 
     def run_step(self, plan: P.Plan, step: P.Step, args: list, mode: str) -> list[np.ndarray]:
-        if mode not in R.MODES:
-            raise ValueError(f"requant mode {mode!r}; accepted: {', '.join(R.MODES)}")
+        if mode not in R.REQUANT_MODES:
+            raise ValueError(f"requant mode {mode!r}; accepted: {', '.join(R.REQUANT_MODES)}")
         if isinstance(step, P.FloatStep):
             return self.nodes.run(plan, step, [self._float_arg(plan, n, a) for n, a in zip(step.inputs, args)])
         if isinstance(step, P.QuantizeStep):
@@ -167,7 +167,7 @@ class NumpyBackend:
             return [pool(step, codes[0], mode)]
         if isinstance(step, P.MoveStep):
             return [move(step, codes, mode)]
-        raise TypeError(f"unknown step {type(step).__name__}")
+        raise InternalError(f"step {step.name!r}: unknown step type {type(step).__name__}")
 
     @staticmethod
     def _float_arg(plan: P.Plan, name: str, value):
@@ -179,7 +179,7 @@ class NumpyBackend:
     def conv(self, step: P.GemmStep, args, mode: str) -> np.ndarray:
         x = args[0]
         one_d = x.ndim == 3
-        x, attrs = _as2d(step.attrs, x)
+        x, attrs = as_2d(step.attrs, x)
         g = attrs["group"]
         out_sp, pads = conv_geometry(x.shape[2:], attrs["kernel"], attrs["strides"], attrs["dilations"],
                                      attrs["pads"], attrs["auto_pad"])
@@ -200,7 +200,7 @@ class NumpyBackend:
     def conv_transpose(self, step: P.GemmStep, args, mode: str) -> np.ndarray:
         x = args[0]
         one_d = x.ndim == 3
-        x, attrs = _as2d(step.attrs, x)
+        x, attrs = as_2d(step.attrs, x)
         op = step.attrs.get("output_padding", [0])
         opad = [0, op[0]] if one_d else op
         g = attrs["group"]
@@ -280,7 +280,7 @@ def pool(step: P.PoolStep, x: np.ndarray, mode: str) -> np.ndarray:
         m, s = R.quantize_multiplier(float(sx) / (float(sy) * count))
         return R.requant_fixed(acc, m, s, zy, step.lo, step.hi)
     one_d = x.ndim == 3
-    x2, attrs = _as2d(step.attrs, x)
+    x2, attrs = as_2d(step.attrs, x)
     out_sp, pads = conv_geometry(x2.shape[2:], attrs["kernel"], attrs["strides"], attrs["dilations"],
                                  attrs["pads"], attrs["auto_pad"], attrs["ceil_mode"])
     if step.op == "MaxPool":

@@ -139,6 +139,9 @@ class NodeStatus:
     step: str
     reason: str = ""
 
+    def to_json(self) -> dict:
+        return {"node": self.node, "op": self.op, "kind": self.kind, "step": self.step, "reason": self.reason}
+
 
 @dataclass
 class Plan:
@@ -174,5 +177,4 @@ class Plan:
         return lines
 
     def to_json(self) -> list[dict]:
-        return [{"node": s.node, "op": s.op, "kind": s.kind, "step": s.step, "reason": s.reason}
-                for s in self.status]
+        return [s.to_json() for s in self.status]

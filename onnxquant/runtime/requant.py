@@ -21,7 +21,10 @@ from __future__ import annotations
 import numpy as np
 
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
-MODES = ("float", "fixed")
+REQUANT_MODES = {
+    "float": "float32 scale per channel, as ONNX Runtime's CPU kernels (bit-exact with them)",
+    "fixed": "int32 multiplier and shift (gemmlowp / TFLite), as integer-only hardware",
+}
 
 
 def quantize_multiplier(d) -> tuple[np.ndarray, np.ndarray]:

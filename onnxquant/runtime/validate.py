@@ -21,9 +21,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxquant.errors import BadDataError, OnnxQuantError
+from onnxquant.errors import BadDataError, BadOptionError, InternalError, first_line
+from onnxquant.model import constants_to_initializers, make_session, with_outputs
 from onnxquant.runtime import plan as P
-from onnxquant.runtime.requant import MODES
+from onnxquant.runtime.backends import get_backend
+from onnxquant.runtime.lower import lower
+from onnxquant.runtime.requant import REQUANT_MODES
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ class Comparison:
     def add(self, got, ref, scale: float | None = None) -> None:
         got, ref = np.asarray(got), np.asarray(ref)
         if got.shape != ref.shape:
-            raise OnnxQuantError(f"{self.name}: shape {got.shape} differs from ONNX Runtime's {ref.shape}")
+            raise InternalError(f"{self.name}: shape {got.shape} differs from ONNX Runtime's {ref.shape}")
         self.count += int(ref.size)
         if self.unit == "abs":
             diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
@@ -115,8 +118,7 @@ class ValidationResult:
         return {"backend": self.backend, "requant": self.requant, "samples": self.samples,
                 "passed": self.passed, "nodes": [c.to_json() for c in self.nodes],
                 "outputs": [c.to_json() for c in self.outputs],
-                "plan": [{"node": s.node, "op": s.op, "kind": s.kind, "step": s.step, "reason": s.reason}
-                         for s in self.plan]}
+                "plan": [s.to_json() for s in self.plan]}
 
     def summary_lines(self) -> list[str]:
         kinds: dict[str, int] = {}
@@ -136,27 +138,11 @@ class ValidationResult:
         return lines
 
 
-def get_backend(name: str):
-    """The backend object for `name` ('numpy' or 'cuda'); a one-line OnnxQuantError when unusable."""
-    if name == "numpy":
-        from onnxquant.runtime.numpy_backend import NumpyBackend
-
-        return NumpyBackend()
-    if name == "cuda":
-        from onnxquant.runtime.cuda_backend import CudaBackend
-
-        return CudaBackend()
-    raise OnnxQuantError(f"backend {name!r} is unknown; accepted: numpy, cuda")
-
-
 def validate(model: onnx.ModelProto, data: Iterable[Mapping[str, np.ndarray]], backend: str = "numpy",
              requant: str = "float") -> ValidationResult:
     """Run the integer plan and ONNX Runtime on the same batches and compare them (see module docstring)."""
-    from onnxquant.model import constants_to_initializers, make_session, with_outputs
-    from onnxquant.runtime.lower import lower
-
-    if requant not in MODES:
-        raise OnnxQuantError(f"requant mode {requant!r} is unknown; accepted: {', '.join(MODES)}")
+    if requant not in REQUANT_MODES:
+        raise BadOptionError(f"requant mode {requant!r} is unknown; accepted: {', '.join(REQUANT_MODES)}")
     work = onnx.ModelProto()
     work.CopyFrom(model)
     constants_to_initializers(work)
@@ -185,7 +171,7 @@ def validate(model: onnx.ModelProto, data: Iterable[Mapping[str, np.ndarray]], b
         try:
             ref = dict(zip(out_names, sess.run(None, feeds)))
         except Exception as exc:
-            raise BadDataError(f"ONNX Runtime rejects the data: {str(exc).splitlines()[0][:200]}") from exc
+            raise BadDataError(f"ONNX Runtime rejects the data: {first_line(exc)}") from exc
         samples += len(next(iter(feeds.values()))) if feeds and np.ndim(next(iter(feeds.values()))) else 1
         known = {**ref, **feeds}
         for step, comp in zip(checked, nodes):

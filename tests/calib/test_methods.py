@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 
 from onnxquant.calib.engine import compute_table
-from onnxquant.calib.methods import METHODS, check_options, collect_options
+from onnxquant.calib.kl import kl
+from onnxquant.calib.methods import METHODS, WEIGHT_METHODS, check_options, clip_range, collect_options
 from onnxquant.calib.mse import mse
 from onnxquant.calib.percentile import percentile
 from onnxquant.calib.stats import stats_of
-from onnxquant.errors import OnnxQuantError
+from onnxquant.errors import BadDataError, BadRulesError
 
 BINS = 512
 
@@ -25,12 +26,23 @@ def test_registry_is_explicit_and_ordered():
     assert collect_options(["gauss"]) == {"histograms": False, "moments": False}  # σ comes from pass 1
     assert collect_options(["kl"]) == {"histograms": True, "moments": False}
     assert collect_options(["laplace", "kl"]) == {"histograms": True, "moments": True}
-    with pytest.raises(OnnxQuantError, match="accepted"):
+    with pytest.raises(BadRulesError, match="accepted: minmax, percentile, mse, laplace, gauss, kl"):
         collect_options(["entropy"])
-    with pytest.raises(OnnxQuantError, match="unknown calibration option"):
+    with pytest.raises(BadRulesError, match="unknown calibration option"):
         check_options("kl", {"percentil": 99})
     assert check_options("kl", {"percentile": 99.9}) == {}
     assert check_options("percentile", {"percentile": 99.9}) == {"percentile": 99.9}
+    assert [n for n, m in METHODS.items() if m.per_channel] == ["minmax", "laplace", "gauss"]
+    assert [n for n, m in METHODS.items() if m.options] == ["percentile"]
+    assert WEIGHT_METHODS == ("minmax", "laplace", "gauss", "mse")
+
+
+def test_clip_range_passes_each_method_only_its_options():
+    st = stats_of(_x(seed=5), bins=BINS)
+    assert clip_range("percentile", st, 8, True, percentile=99.0) == percentile(st, 8, True, percentile=99.0)
+    assert clip_range("kl", st, 8, True, percentile=99.0) == kl(st, 8, True)
+    with pytest.raises(BadRulesError, match="unknown calibration method 'entropy'"):
+        clip_range("entropy", st, 8, True)
 
 
 @pytest.mark.parametrize("p", [99.0, 99.9, 99.99])
@@ -44,7 +56,7 @@ def test_percentile_within_one_bin_of_numpy(p):
     lo, hi = percentile(st, 8, False, percentile=p)  # two-sided, unsigned codes: each side
     assert abs(hi - np.percentile(x, p)) <= width
     assert abs(lo - np.percentile(x, 100 - p)) <= width
-    with pytest.raises(OnnxQuantError, match="percentile"):
+    with pytest.raises(BadRulesError, match="percentile"):
         percentile(st, 8, True, percentile=0)
 
 
@@ -124,17 +136,17 @@ def test_compute_table_entries_and_errors():
     pc = compute_table(stats, {"a": ([3, 4, 5, 4], False)}, "minmax", per_channel=["a"]).tensors["a"]
     assert pc.axis == 1 and pc.bits == [3, 4, 5, 4] and len(pc.scale) == 4
     np.testing.assert_allclose(pc.max, x.max(axis=0))
-    with pytest.raises(OnnxQuantError, match="per tensor only"):
+    with pytest.raises(BadRulesError, match="tensor a: kl calibration is per tensor only"):
         compute_table(stats, {"a": (4, False)}, "kl", per_channel=["a"])
-    with pytest.raises(OnnxQuantError, match="no statistics"):
+    with pytest.raises(BadDataError, match="no statistics"):
         compute_table(stats, {"c": (4, False)}, "minmax")
-    with pytest.raises(OnnxQuantError, match="unknown calibration method"):
+    with pytest.raises(BadRulesError, match="unknown calibration method"):
         compute_table(stats, {"a": (4, False)}, "entropy")
     no_hist = {"b": stats_of(_x(), histograms=False, moments=False)}
-    with pytest.raises(OnnxQuantError, match="histogram"):
+    with pytest.raises(BadDataError, match="histogram"):
         compute_table(no_hist, {"b": (8, True)}, "kl")
     compute_table(no_hist, {"b": (8, True)}, "gauss")
     no_moments = {"b": stats_of(_x(), moments=False)}
     compute_table(no_moments, {"b": (8, True)}, "kl")
-    with pytest.raises(OnnxQuantError, match="moments"):
+    with pytest.raises(BadDataError, match="moments"):
         compute_table(no_moments, {"b": (8, True)}, "laplace")

@@ -7,10 +7,12 @@ import onnx.parser
 import pytest
 
 from onnxquant.calib.engine import collect_stats, compute_table, merge_stats
+from onnxquant.calib.histogram import Histogram
 from onnxquant.calib.methods import METHODS
-from onnxquant.calib.stats import DEFAULT_BINS, MAD_TOLERANCE, Histogram, TensorStats, stats_of
-from onnxquant.errors import BadDataError, BadModelError, OnnxQuantError
-from onnxquant.tables import dumps_json, load_stats, save_stats
+from onnxquant.calib.stats import DEFAULT_BINS, MAD_TOLERANCE, TensorStats, scan, stats_of
+from onnxquant.calib.stats_io import load_stats, save_stats
+from onnxquant.errors import BadDataError, BadModelError, InternalError
+from onnxquant.tables import dumps_json
 
 MODEL = onnx.parser.parse_model("""
 <ir_version: 8, opset_import: ["" : 17]>
@@ -131,9 +133,9 @@ def test_shards_merge_to_one_run(tmp_path):
         a, b = compute_table(merged, SPECS, method), compute_table(single, SPECS, method)
         for name in TENSORS:
             assert a.tensors[name].amax == pytest.approx(b.tensors[name].amax, rel=1e-6)
-    with pytest.raises(OnnxQuantError, match="protocol"):  # pass 2 against different references
+    with pytest.raises(BadDataError, match="protocol"):  # pass 2 against different references
         merge_stats({"t1": p2[0]["t1"]}, {"t1": collect_stats(MODEL, TENSORS, shards[1], **opts)["t1"]})
-    with pytest.raises(OnnxQuantError, match="exceed the pass-1 range"):
+    with pytest.raises(BadDataError, match="exceed the pass-1 range"):
         collect_stats(MODEL, TENSORS, _batches(x * 10, 8), pass1=merged1, **opts)
 
 
@@ -149,7 +151,7 @@ def test_save_load_stats_round_trip(tmp_path):
     np.testing.assert_array_equal(back["r"].histogram.sums, stats["r"].histogram.sums)
     assert back["r"].m2 == stats["r"].m2 and back["r"].mad == stats["r"].mad
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
-    with pytest.raises(OnnxQuantError, match="bad.npz"):
+    with pytest.raises(BadDataError, match="bad.npz: not a statistics file"):
         load_stats(tmp_path / "bad.npz")
 
 
@@ -162,7 +164,7 @@ def test_bad_data_is_rejected_with_names():
         collect_stats(MODEL, ["r", "nope"], _batches(_samples(), 4))
     with pytest.raises(BadDataError, match="lacks model input"):
         collect_stats(MODEL, ["r"], [{"z": _samples()}])
-    with pytest.raises(OnnxQuantError, match="re-iterable"):
+    with pytest.raises(InternalError, match="re-iterable"):  # the CLI always passes a DataSource
         collect_stats(MODEL, ["r"], iter(_batches(_samples(), 4)), per_channel=["r"], channel_mad=["r"])
     with pytest.raises(BadDataError, match="empty"):
         collect_stats(MODEL, ["r"], [])
@@ -198,7 +200,7 @@ def test_histogram_regrid_equals_binning_on_the_final_grid(bins):
     np.testing.assert_array_equal(grown.histogram.counts, direct.counts)
     assert grown.histogram.grid == 512.0 and 256 <= grown.amax < 512
     one_batch = Histogram(bins)  # one batch whose chunks grow the grid from the smallest part's
-    one_batch.add(np.concatenate([np.repeat(parts[0], 70), *parts[1:]]))
+    scan(np.concatenate([np.repeat(parts[0], 70), *parts[1:]]), one_batch)
     np.testing.assert_array_equal(one_batch.counts - direct.counts, np.bincount(
         side + np.sign(parts[0]).astype(int) * np.ceil(np.abs(parts[0]) * np.float32(side / 512.0)).astype(int),
         minlength=2 * side + 1) * 69)
@@ -208,7 +210,7 @@ def test_histogram_regrid_equals_binning_on_the_final_grid(bins):
     np.testing.assert_array_equal(reverse.histogram.counts, direct.counts)
     a, b = stats_of(parts[:2], bins=bins, moments=False), stats_of(parts[2:], bins=bins, moments=False)
     np.testing.assert_array_equal(a.merge(b).histogram.counts, direct.counts)
-    with pytest.raises(OnnxQuantError, match="histograms of"):
+    with pytest.raises(BadDataError, match="histograms of"):
         a.merge(stats_of(parts[2:], bins=2 * bins, moments=False))
 
 
@@ -227,7 +229,7 @@ def test_laplace_b_from_the_histogram_sums_is_within_its_bound(kind):
     assert one_pass.std == pytest.approx(x.astype(np.float64).std(), rel=1e-6)
     if kind == "offset":  # bins of 1000/4096 against b = 0.8: the bound is loose, so a second pass runs
         assert one_pass.mad_needs_pass2 and stats_of(x).pass2 is not None
-        with pytest.raises(OnnxQuantError, match="pass 2"):
+        with pytest.raises(BadDataError, match="pass 2"):
             _ = one_pass.mad
         assert stats_of(x).mad == pytest.approx(exact, rel=1e-6)
     else:

@@ -6,7 +6,7 @@ import pytest
 
 from onnxquant.calib.aciq import laplace_alpha
 from onnxquant.calib.weights import apply_bias_correction, bias_correction, weight_range
-from onnxquant.errors import OnnxQuantError
+from onnxquant.errors import BadModelError, BadRulesError, InternalError
 from onnxquant.quant import fake_quantize, qparams_from_range
 
 
@@ -87,16 +87,16 @@ def test_bias_correction_restores_mean_and_spread():
     fixed = apply_bias_correction(w_deq, shift, ratio, 0).reshape(8, -1).astype(np.float64)
     np.testing.assert_allclose(fixed.mean(axis=1), rows.mean(axis=1), atol=1e-6)
     np.testing.assert_allclose(fixed.std(axis=1), rows.std(axis=1), rtol=1e-5)
-    with pytest.raises(OnnxQuantError, match="shapes differ"):
+    with pytest.raises(InternalError, match="shapes differ"):
         bias_correction(w, w_deq[:4], 0, True)
 
 
 def test_bad_weights():
-    with pytest.raises(OnnxQuantError, match="accepted"):
+    with pytest.raises(BadRulesError, match="accepted: minmax, laplace, gauss, mse"):
         weight_range(_w(), 0, 4, "kl")
     w = _w()
     w[0, 0, 0, 0] = np.inf
-    with pytest.raises(OnnxQuantError, match="NaN or Inf"):
+    with pytest.raises(BadModelError, match="NaN or Inf"):
         weight_range(w, 0, 4)
-    with pytest.raises(OnnxQuantError, match="axis"):
+    with pytest.raises(InternalError, match="axis"):
         weight_range(_w(), 5, 4)

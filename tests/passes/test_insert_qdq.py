@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -11,12 +13,25 @@ from onnx import TensorProto, numpy_helper
 
 from onnxquant import api
 from onnxquant.calib.engine import collect_stats, compute_table
+from onnxquant.calib.methods import METHODS, WEIGHT_METHODS
+from onnxquant.calib.weight_table import weight_entries
 from onnxquant.model import load_model, make_session, with_outputs
+from onnxquant.passes import PASS_NAMES
+from onnxquant.passes.insert_qdq import insert_qdq
 from onnxquant.quant import qrange
-from onnxquant.rules import load_rules, parse_rules
+from onnxquant.rules import loader
 from onnxquant.tables import CalibrationTable, TensorRange
 
 DEMO = "calib_data/digits/model.onnx"
+NAMES = {"pass_names": PASS_NAMES, "method_names": tuple(METHODS), "weight_method_names": WEIGHT_METHODS}
+
+
+def load_rules(source=None):
+    return loader.load_rules(source, **NAMES)
+
+
+def parse_rules(text, where):
+    return loader.parse_rules(text, where, **NAMES)
 
 RESIDUAL = """
 <ir_version: 7, opset_import: ["" : 13]>
@@ -56,9 +71,16 @@ def minmax_table(model: onnx.ModelProto, plan, x: np.ndarray) -> CalibrationTabl
     return CalibrationTable(method="minmax", bits=8, tensors=entries)
 
 
+def insert(folded: onnx.ModelProto, plan, table: CalibrationTable, **weight_options):
+    """Q/DQ from `table` completed with weight entries, as api.convert does."""
+    table = replace(table, tensors={**weight_entries(folded, plan, **weight_options), **table.tensors})
+    model, summary = insert_qdq(folded, plan, table)
+    return SimpleNamespace(model=model, plan=plan, summary=summary, table=table)
+
+
 def quantize(model: onnx.ModelProto, rules, x: np.ndarray):
     folded, _, plan, _ = api.prepare(model, rules)
-    return api.convert(model, rules, table=minmax_table(folded, plan, x))
+    return insert(folded, plan, minmax_table(folded, plan, x))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
@@ -160,7 +182,7 @@ def test_maxpool_input_takes_the_output_range():
     assert own_stats["relu2_out"].amax == own_stats["pool_out"].amax  # max pooling keeps the largest value
     own = compute_table(own_stats, {"relu2_out": (4, False)}, "laplace").tensors["relu2_out"]
     assert own.max < 0.7 * table.tensors["pool_out"].max  # its own Laplace fit would clip the maxima
-    q = api.convert(model, rules, table=table).model
+    q = insert(folded, plan, table).model
     inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
     params = {n.input[0].removesuffix("_clipped"): (inits[n.input[1]], inits[n.input[2]])
               for n in q.graph.node if n.op_type == "QuantizeLinear"}
@@ -188,7 +210,9 @@ def _fake_quant(x: np.ndarray, scale, zero, bits, signed: bool) -> np.ndarray:
 def test_activation_bit_allocation_per_channel():
     model, x = _spread_channels_model(), data(128)
     rules = load_rules("default").with_cli(method="minmax", abits=4)
-    result = api.convert(model, rules, data=[{"x": x}], bit_alloc="activations")
+    folded, _, plan, _ = api.prepare(model, rules)
+    table, stats = api.calibrate(folded, plan, [{"x": x}], allocate=True)
+    result = insert(folded, plan, table)
     entry = result.table.tensors["r1"]
     assert entry.axis == 1 and np.mean(entry.bits) <= 4 and entry.bits == sorted(entry.bits)
     assert entry.bits[0] < entry.bits[-1]  # the widest channel gets the most bits
@@ -199,7 +223,7 @@ def test_activation_bit_allocation_per_channel():
     for c, b in enumerate(entry.bits):  # codes stay in each channel's own width
         assert codes[:, c].min() >= 0 and codes[:, c].max() <= 2 ** b - 1
     assert len(np.unique(codes[:, 0])) <= 2 ** entry.bits[0] < len(np.unique(codes[:, -1]))
-    even = compute_table(result.stats, {"r1": (4, False)}, "minmax", per_channel=["r1"]).tensors["r1"]
+    even = compute_table(stats, {"r1": (4, False)}, "minmax", per_channel=["r1"]).tensors["r1"]
     error = {name: np.mean((_fake_quant(r1, e.scale, e.zero_point, e.bits, False) - r1) ** 2)
              for name, e in (("allocated", entry), ("even", even))}
     assert error["allocated"] < 0.5 * error["even"], error  # same average width, less total noise

@@ -10,9 +10,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxquant import api
+from onnxquant.calib.methods import METHODS
 from onnxquant.calib.readers import input_specs, open_data
+from onnxquant.calib.weights import WEIGHT_METHODS
 from onnxquant.model import load_model
-from onnxquant.rules import load_rules
+from onnxquant.passes import PASS_NAMES
+from onnxquant.rules import Rules, load_rules
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "calib_data" / "digits"
@@ -73,10 +76,18 @@ def random_inputs(n: int, seed: int = 1) -> dict[str, np.ndarray]:
     return {"input": np.random.default_rng(seed).standard_normal((n, 3, 8, 8)).astype(np.float32)}
 
 
-def convert(model: onnx.ModelProto, data, wbits: int, abits: int, method: str = "minmax", rules_text=None):
-    from onnxquant.rules import parse_rules
+def preset(name: str = "default") -> Rules:
+    """A shipped rule preset."""
+    return load_rules(
+        name, pass_names=PASS_NAMES, method_names=tuple(METHODS), weight_method_names=WEIGHT_METHODS
+    )
 
-    rules = parse_rules(rules_text, "test rules") if rules_text is not None else load_rules("default")
+
+def convert(
+    model: onnx.ModelProto, data, wbits: int, abits: int, method: str = "minmax", rules: Rules | None = None
+):
+    """`model` converted with `rules` (default: the default preset) at the given widths."""
+    rules = preset() if rules is None else rules
     return api.convert(model, rules.with_cli(wbits=wbits, abits=abits, method=method), data=data)
 
 

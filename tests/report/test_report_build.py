@@ -7,6 +7,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 from report_models import (
     DIGITS,
     batches,
@@ -15,15 +16,17 @@ from report_models import (
     digits_data,
     digits_model,
     fragile_model,
+    preset,
     random_inputs,
 )
 
+from onnxquant import api
 from onnxquant.calib.engine import collect_stats
 from onnxquant.errors import BadDataError, BadModelError
-from onnxquant.model import make_session
+from onnxquant.model import make_session, with_outputs
 from onnxquant.report import build_report, render_text
-from onnxquant.report.compare import analyze
 from onnxquant.report.metrics import compare
+from onnxquant.report.qdq import analyze
 from onnxquant.report.sensitivity import isolated_model
 
 
@@ -63,8 +66,6 @@ def test_tensors_layers_and_entropy(digits_report):
         assert t.accumulated is not None and t.isolated is not None
     # entropy of relu1_out codes, recomputed from the quantized model's QuantizeLinear output
     x = dict(np.load(DIGITS / "eval.npz"))["input"]
-    from onnxquant.model import with_outputs
-
     codes = make_session(with_outputs(r.model, ["relu1_out_quantized"])).run(
         ["relu1_out_quantized"], {"input": x}
     )[0]
@@ -72,8 +73,6 @@ def test_tensors_layers_and_entropy(digits_report):
     p = counts / counts.sum()
     assert acts["relu1_out"].entropy == pytest.approx(float(-(p * np.log2(p)).sum()), rel=1e-9)
     # weight error: the dequantized codes against the float weights, computed directly
-    from onnx import numpy_helper
-
     w = numpy_helper.to_array(next(t for t in r.float_model.graph.initializer if t.name == "conv1.weight"))
     scale = np.abs(w).reshape(len(w), -1).max(axis=1) / 7
     wq = np.clip(np.rint(w / scale[:, None, None, None]), -7, 7) * scale[:, None, None, None]
@@ -92,7 +91,13 @@ def test_tensors_layers_and_entropy(digits_report):
     # would sit inside the integer QLinearConv ONNX Runtime fuses), the last layer at the model output
     by_name = {la.name: la for la in rep.layers}
     assert by_name["conv1"].measured == "relu1_out"
-    assert by_name["conv1"].accumulated == acts["relu1_out"].accumulated
+    relu1_f = make_session(with_outputs(r.float_model, ["relu1_out"])).run(["relu1_out"], {"input": x})[0]
+    relu1_q = make_session(with_outputs(r.model, ["relu1_out_dequantized"])).run(
+        ["relu1_out_dequantized"], {"input": x}
+    )[0]
+    direct = compare(relu1_f, relu1_q)
+    assert by_name["conv1"].accumulated.sqnr_db == pytest.approx(direct.sqnr_db, abs=0.01)
+    assert by_name["conv1"].accumulated.count == direct.count == relu1_f.size
     assert by_name["fc"].measured == "logits"
     assert by_name["fc"].accumulated.sqnr_db == pytest.approx(rep.outputs[0].sqnr_db, rel=1e-9)
     doc = json.loads(json.dumps(rep.to_json(), allow_nan=False))
@@ -226,10 +231,7 @@ def test_calibration_view_and_fails_under():
 
 
 def test_per_channel_activation_widths_are_matched_to_the_float_model():
-    from onnxquant import api
-    from onnxquant.rules import load_rules
-
-    rules = load_rules("default").with_cli(wbits=4, abits=4, method="laplace")
+    rules = preset().with_cli(wbits=4, abits=4, method="laplace")
     r = api.convert(digits_model(), rules, data=digits_data("calib"), bit_alloc="activations")
     g = analyze(r.model, r.float_model)
     per_channel = {t: e for t, e in r.table.tensors.items() if e.axis == 1}

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import html
+import importlib.resources
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-from report_models import digits_converted, digits_data
+from report_models import digits_converted, digits_data, preset
 
 from onnxquant.calib.engine import collect_stats
-from onnxquant.report import build_report, plan_suggestion, render_html, render_text
+from onnxquant.report import SuggestOptions, build_report, plan_suggestion, render_html, render_text
+from onnxquant.report.render_html import ASSETS
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +34,8 @@ def full_report():
         stats=stats,
         table=r.table,
     )
-    rep.suggestion = plan_suggestion(rep, None, target_sqnr=rep.outputs[0].sqnr_db + 6)
-    return rep
+    options = SuggestOptions(preset(), target_sqnr=rep.outputs[0].sqnr_db + 6)
+    return dataclasses.replace(rep, suggestion=plan_suggestion(rep, options))
 
 
 def test_html_is_self_contained(full_report):
@@ -57,12 +61,25 @@ def test_html_is_self_contained(full_report):
     assert "chosen: laplace" in page
 
 
+def test_html_inlines_its_assets(full_report):
+    page = render_html(full_report)
+    folder = importlib.resources.files("onnxquant.report").joinpath("assets")
+    assert sorted(ASSETS) == sorted(p.name for p in folder.iterdir())  # every asset file is used
+    for name in ASSETS:
+        text = folder.joinpath(name).read_text(encoding="utf-8")
+        assert len(text) > 50 and text in page, name
+    assert f"<style>{folder.joinpath('report.css').read_text(encoding='utf-8')}</style>" in page
+    assert page.endswith(
+        f"<script>{folder.joinpath('report.js').read_text(encoding='utf-8')}</script></main></body></html>"
+    )
+    # the suggestion's rule file is shown as written
+    assert html.escape(full_report.suggestion.rules_text(), quote=True) in page
+
+
 def test_html_escapes_names(full_report):
-    full_report.notes.append("<script>alert(1)</script>")
-    try:
-        page = render_html(full_report)
-    finally:
-        full_report.notes.pop()
+    page = render_html(
+        dataclasses.replace(full_report, notes=(*full_report.notes, "<script>alert(1)</script>"))
+    )
     assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
 
 

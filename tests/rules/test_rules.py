@@ -3,8 +3,20 @@ from __future__ import annotations
 
 import pytest
 
+from onnxquant.calib.methods import METHODS, WEIGHT_METHODS
 from onnxquant.errors import BadRulesError
-from onnxquant.rules import load_rules, parse_rules
+from onnxquant.passes import PASS_NAMES
+from onnxquant.rules import loader
+
+NAMES = {"pass_names": PASS_NAMES, "method_names": tuple(METHODS), "weight_method_names": WEIGHT_METHODS}
+
+
+def load_rules(source=None):
+    return loader.load_rules(source, **NAMES)
+
+
+def parse_rules(text, where):
+    return loader.parse_rules(text, where, **NAMES)
 
 FIRST_LAST_8 = """
 weights: {bits: 4}
@@ -88,3 +100,13 @@ def test_invalid_yaml_and_missing_file(tmp_path):
         load_rules(path)
     with pytest.raises(BadRulesError, match="rule file not found"):
         load_rules(tmp_path / "none.yaml")
+
+
+def test_accepted_names_come_from_the_caller():
+    text = "passes: [fold_x]\nactivations: {method: mine}\nweights: {method: theirs}"
+    rules = loader.parse_rules(text, "r.yaml", pass_names=("fold_x",), method_names=("mine",),
+                               weight_method_names=("theirs",))
+    assert (rules.passes, rules.activations.method, rules.weights.method) == (("fold_x",), "mine", "theirs")
+    with pytest.raises(BadRulesError, match="key 'passes' is 'fold_conv_bn'; accepted: fold_x"):
+        loader.parse_rules("passes: [fold_conv_bn]", "r.yaml", pass_names=("fold_x",), method_names=(),
+                           weight_method_names=())

@@ -117,3 +117,23 @@ def int4_conv_net(seed: int = 0, c: int = 8) -> onnx.ModelProto:
                                                                                  ["N", 3, 10, 10])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 10, 10])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+def const(name: str, value, dtype=None) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
+
+
+def qdq_input(scale: float = 0.02, zp: int = 0) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes and initializers of ``x → Q → DQ → xd`` (uint8)."""
+    inits = [const("sx", np.float32(scale)), const("zx", np.uint8(zp))]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"])]
+    return nodes, inits
+
+
+def single_input_model(nodes, inits, out_shape, opset: int = 13, in_shape=(1, 2, 6, 6)) -> onnx.ModelProto:
+    """A hand-built model with float input `x` and float output `y`."""
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(in_shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                             ir_version=10 if opset >= 21 else IR_VERSION)

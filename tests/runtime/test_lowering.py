@@ -2,38 +2,18 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from rt_nets import conv_net, quantize
+from rt_nets import const as _c
+from rt_nets import conv_net, int4_conv_net, qdq_input, quantize, single_input_model
 
-from onnxquant.errors import OnnxQuantError
+from onnxquant.errors import BadModelError
 from onnxquant.runtime import lower, validate
 from onnxquant.runtime.numpy_backend import NumpyBackend
 
-F = TensorProto.FLOAT
-
-
-def _c(name, value, dtype=None):
-    return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
-
-
-def _model(nodes, inits, out_shape, opset=13, in_shape=(1, 2, 6, 6)):
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, list(in_shape))],
-                              [helper.make_tensor_value_info("y", F, out_shape)], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                             ir_version=10 if opset >= 21 else 8)
-
-
-def _qdq_input(scale=0.02, zp=0):
-    inits = [_c("sx", np.float32(scale)), _c("zx", np.uint8(zp))]
-    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
-             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"])]
-    return nodes, inits
-
 
 def test_model_without_qdq_is_refused() -> None:
-    with pytest.raises(OnnxQuantError, match="no QuantizeLinear/DequantizeLinear"):
+    with pytest.raises(BadModelError, match="no QuantizeLinear/DequantizeLinear"):
         lower(conv_net())
 
 
@@ -54,7 +34,7 @@ def test_float_fallback_is_reported_and_still_exact() -> None:
 
 
 def test_accumulator_overflow_is_refused() -> None:
-    nodes, inits = _qdq_input(zp=0)
+    nodes, inits = qdq_input(zp=0)
     inits += [_c("w", np.full((4, 2, 3, 3), 127, np.int8)), _c("sw", np.float32(0.01)), _c("zw", np.int8(0)),
               _c("b", np.full(4, (1 << 31) - 1000, np.int32)), _c("sb", np.float32(0.02 * 0.01)),
               _c("zb", np.int32(0)), _c("sy", np.float32(1.0)), _c("zy", np.uint8(0))]
@@ -63,7 +43,7 @@ def test_accumulator_overflow_is_refused() -> None:
               helper.make_node("Conv", ["xd", "wd", "bd"], ["c"], name="conv"),
               helper.make_node("QuantizeLinear", ["c", "sy", "zy"], ["cq"]),
               helper.make_node("DequantizeLinear", ["cq", "sy", "zy"], ["y"])]
-    plan = lower(_model(nodes, inits, [1, 4, 4, 4]))
+    plan = lower(single_input_model(nodes, inits, [1, 4, 4, 4]))
     conv = next(s for s in plan.status if s.node == "conv")
     assert conv.kind == "float"
     assert "int32 accumulator could overflow" in conv.reason and "K=18" in conv.reason
@@ -73,7 +53,7 @@ def test_clip_chain_float_weights_and_bias_int4_weights() -> None:
     """Conv → Relu → Clip (4-bit range in a uint8 container), weights float → Q(int4) → DQ, float bias."""
     rng = np.random.default_rng(1)
     sy = np.float32(0.05)
-    inits_x = _qdq_input(scale=0.01)
+    inits_x = qdq_input(scale=0.01)
     nodes, inits = inits_x
     inits += [_c("w", rng.standard_normal((3, 2, 3, 3)).astype(np.float32) * 0.3),
               _c("sw", np.array([0.05, 0.04, 0.06], np.float32)),
@@ -88,7 +68,7 @@ def test_clip_chain_float_weights_and_bias_int4_weights() -> None:
               helper.make_node("Clip", ["r", "lo", "hi"], ["cl"], name="clip"),
               helper.make_node("QuantizeLinear", ["cl", "sy", "zy"], ["cq"], name="q"),
               helper.make_node("DequantizeLinear", ["cq", "sy", "zy"], ["y"])]
-    model = _model(nodes, inits, [1, 3, 6, 6], opset=21)
+    model = single_input_model(nodes, inits, [1, 3, 6, 6], opset=21)
     plan = lower(model)
     step = next(s for s in plan.steps if s.name == "conv")
     assert step.nodes == ["conv", "relu", "clip", "q"]
@@ -104,7 +84,7 @@ def test_clip_chain_float_weights_and_bias_int4_weights() -> None:
 
 def test_conv_transpose_matches_float_semantics_within_one_lsb() -> None:
     rng = np.random.default_rng(2)
-    nodes, inits = _qdq_input(scale=0.01, zp=10)
+    nodes, inits = qdq_input(scale=0.01, zp=10)
     inits += [_c("w", rng.integers(-100, 100, (2, 3, 3, 3)).astype(np.int8)),
               _c("sw", np.float32(0.003)), _c("zw", np.int8(0)), _c("sy", np.float32(0.02)),
               _c("zy", np.uint8(128))]
@@ -113,7 +93,7 @@ def test_conv_transpose_matches_float_semantics_within_one_lsb() -> None:
                                output_padding=[1, 1], name="deconv"),
               helper.make_node("QuantizeLinear", ["c", "sy", "zy"], ["cq"]),
               helper.make_node("DequantizeLinear", ["cq", "sy", "zy"], ["y"])]
-    model = _model(nodes, inits, [1, 3, 13, 13])
+    model = single_input_model(nodes, inits, [1, 3, 13, 13])
     plan = lower(model)
     assert next(s for s in plan.status if s.node == "deconv").kind == "integer"
     result = validate(model, [{"x": rng.random((1, 2, 6, 6)).astype(np.float32)}])
@@ -130,12 +110,15 @@ def test_constant_weights_are_folded_and_plan_serializes() -> None:
                  and n.input[0] in {i.name for i in q.graph.initializer}]
     assert weight_dq and all(kinds[n] == "constant" for n in weight_dq)
     assert all(set(d) == {"node", "op", "kind", "step", "reason"} for d in plan.to_json())
-    assert isinstance(q, onnx.ModelProto)
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    conv1 = next(s for s in plan.integer_steps() if s.name == "conv1")
+    conv1_node = next(n for n in q.graph.node if n.name == "conv1")
+    w1 = next(n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == conv1_node.input[1])
+    assert np.array_equal(conv1.w, inits[w1.input[0]]) and conv1.w.dtype == np.int64  # the int8 codes, as int64
+    assert not set(plan.constants) & {n.output[0] for n in q.graph.node if n.name in weight_dq}
 
 
 def test_w4a4_model_runs_integer_within_one_lsb_of_onnxruntime() -> None:
-    from rt_nets import int4_conv_net
-
     model = int4_conv_net()
     plan = lower(model)
     steps = {s.name: s for s in plan.integer_steps()}

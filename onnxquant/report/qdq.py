@@ -1,0 +1,377 @@
+"""Matching a Q/DQ model to its float model, on the graph-surgeon IR (`onnxquant.ir`).
+
+Quantized tensors are found from the Q/DQ pattern, not from names: an activation T is quantized as
+`[Clip →] QuantizeLinear → DequantizeLinear` (a Clip, or a Max → Min with per-channel bounds, counts as part of
+the pattern when each node's only consumer is the next and its output is not a tensor of the float model); with
+per-channel widths (`--bit-alloc activations`) the code statistics pool the channels at the widest channel's
+range, so a narrower channel's saturation is not counted. A weight is an integer constant feeding a
+DequantizeLinear. The float reference of an activation is the tensor of the same name in the float model; of a
+weight, the float model's input at the same position of the same-named node.
+
+A *layer* is a node of the quantized model (outside the Q/DQ patterns) that consumes a dequantized tensor.
+Its quantized inputs and weight are what isolated sensitivity quantizes alone (`sensitivity.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import TensorProto, helper
+
+from onnxquant.errors import BadModelError
+from onnxquant.ir import constant, import_graph, producer
+from onnxquant.model import graph_inputs
+from onnxquant.quant import qrange
+
+CONTAINER_BITS = {
+    TensorProto.INT8: 8,
+    TensorProto.UINT8: 8,
+    TensorProto.INT4: 4,
+    TensorProto.UINT4: 4,
+    TensorProto.INT16: 16,
+    TensorProto.UINT16: 16,
+    TensorProto.INT32: 32,
+}
+SIGNED = {TensorProto.INT8, TensorProto.INT4, TensorProto.INT16, TensorProto.INT32}
+FUSED_ACTIVATIONS = ("Relu", "Clip")
+
+
+@dataclass(frozen=True, eq=False)
+class QTensor:
+    """One quantized tensor of the Q/DQ model."""
+
+    name: str  # float tensor name (float model)
+    kind: str  # "activation", "weight" or "bias"
+    dequantized: str  # DequantizeLinear output in the quantized model
+    codes: str  # QuantizeLinear output (activation) or integer initializer (weight)
+    bits: int  # nominal width
+    signed: bool
+    qmin: int
+    qmax: int
+    zero_point: int  # activations: the code of 0.0 (weights: 0)
+    container_bits: int
+    chain: tuple[str, ...]  # names of the pattern's nodes in the quantized model: DQ[, Q[, Clip]]
+    matched: bool  # the float model has the reference tensor
+    is_input: bool = False  # a graph input (matches any model with the same interface)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A node of the quantized model that consumes dequantized tensors."""
+
+    name: str
+    op_type: str
+    index: int
+    output: str
+    inputs: tuple[str, ...]  # float names of its quantized activation inputs
+    weight: str | None  # float name of its quantized weight
+    weight_bits: int | None
+    act_bits: int | None
+    owners: tuple[str, ...]  # the node, then the producers of its quantized inputs (override targets)
+    matched: bool  # the float model has this node with the same op type and output
+    measured: str = ""  # float tensor where its accumulated error is measured (see `analyze`)
+    measured_quant: str = ""  # the quantized model's counterpart of `measured`
+
+
+@dataclass
+class QdqGraph:
+    """Quantized tensors (by DequantizeLinear output) and layers of a Q/DQ model, matched to a float model."""
+
+    tensors: dict[str, QTensor] = field(default_factory=dict)
+    layers: list[Layer] = field(default_factory=list)
+    float_tensors: set[str] = field(default_factory=set)
+    notes: list[str] = field(default_factory=list)
+    quant_graph: gs.Graph | None = field(default=None, repr=False, compare=False)
+    float_graph: gs.Graph | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def activations(self) -> list[QTensor]:
+        return [t for t in self.tensors.values() if t.kind == "activation"]
+
+    @property
+    def weights(self) -> list[QTensor]:
+        return [t for t in self.tensors.values() if t.kind == "weight"]
+
+    @property
+    def matched(self) -> bool:
+        """Some tensor beyond the shared graph inputs, or some layer, matches the float model."""
+        return any(t.matched and not t.is_input for t in self.activations) or any(
+            la.matched for la in self.layers
+        )
+
+    @cached_property
+    def _quant_map(self) -> dict[str, gs.Tensor]:
+        return self.quant_graph.tensors()
+
+    @cached_property
+    def _float_map(self) -> dict[str, gs.Tensor]:
+        return self.float_graph.tensors()
+
+    def float_weight(self, qt: QTensor) -> np.ndarray | None:
+        """The float model's constant value of weight `qt`, or None when it has none."""
+        return constant(self._float_map.get(qt.name)) if qt.matched else None
+
+    def dequantize_weight(self, qt: QTensor) -> tuple[np.ndarray, np.ndarray]:
+        """(integer codes, dequantized values) of a weight stored as codes → DequantizeLinear."""
+        dq = producer(self._quant_map[qt.dequantized])
+        codes = constant(dq.inputs[0]).astype(np.int64)
+        scale = constant(dq.inputs[1]).astype(np.float32)
+        zp = constant(dq.inputs[2]) if len(dq.inputs) > 2 else None
+        zp = np.zeros_like(scale, np.int64) if zp is None else zp.astype(np.int64)
+        if scale.ndim == 1 and codes.ndim > 1:
+            shape = [1] * codes.ndim
+            shape[dq.attrs.get("axis", 1)] = -1
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
+        return codes, ((codes - zp) * scale).astype(np.float32)
+
+
+def _elem_type(values: np.ndarray) -> int:
+    return helper.np_dtype_to_tensor_dtype(values.dtype)
+
+
+def analyze(quant_model: onnx.ModelProto, float_model: onnx.ModelProto) -> QdqGraph:
+    """Find the quantized tensors and layers of `quant_model` and match them to `float_model`."""
+    qg, fg = import_graph(quant_model), import_graph(float_model)
+    float_nodes = {n.name: n for n in fg.nodes}
+    out = QdqGraph(float_tensors=set(fg.tensors()), quant_graph=qg, float_graph=fg)
+    inputs = {t.name for t in qg.inputs}
+    chain_nodes: set[str] = set()
+    for dq in qg.nodes:
+        if dq.op != "DequantizeLinear":
+            continue
+        qt = _pattern(dq, out.float_tensors, float_nodes, inputs)
+        if qt is not None:
+            out.tensors[dq.outputs[0].name] = qt
+            chain_nodes.update(qt.chain)
+
+    by_root = {t.name: t for t in out.tensors.values() if t.kind == "activation"}
+    index = 0
+    for node in qg.nodes:
+        if node.name in chain_nodes:
+            continue
+        quantized = [out.tensors[x.name] for x in node.inputs if x.name in out.tensors]
+        if not any(q.kind in ("activation", "weight") for q in quantized):
+            continue
+        acts = [q for q in quantized if q.kind == "activation"]
+        weights = [q for q in quantized if q.kind == "weight"]
+        owners = [node.name]
+        for q in acts:  # producers set an input's width too (output Q/DQ), through a fused Relu/Clip
+            p = producer(out._quant_map[q.name])
+            if p is not None and p.op in FUSED_ACTIVATIONS and p.inputs and producer(p.inputs[0]) is not None:
+                p = p.i()
+            if p is not None and p.name not in chain_nodes:
+                owners.append(p.name)
+        fnode = float_nodes.get(node.name)
+        matched = (
+            fnode is not None
+            and fnode.op == node.op
+            and len(fnode.inputs) == len(node.inputs)
+            and bool(node.outputs)
+            and node.outputs[0].name in out.float_tensors
+        )
+        measured, measured_quant = _measure_point(node.outputs[0], by_root, chain_nodes)
+        out.layers.append(
+            Layer(
+                name=node.name,
+                op_type=node.op,
+                index=index,
+                output=node.outputs[0].name,
+                inputs=tuple(dict.fromkeys(q.name for q in acts)),
+                weight=weights[0].name if weights else None,
+                weight_bits=max((q.bits for q in weights), default=None),
+                act_bits=max((q.bits for q in acts), default=None),
+                owners=tuple(dict.fromkeys(owners)),
+                matched=matched,
+                measured=measured,
+                measured_quant=measured_quant,
+            )
+        )
+        index += 1
+    if out.tensors and not out.matched:
+        out.notes.append(
+            "no quantized tensor or layer of the quantized model matches the float model by name: "
+            "it was not derived from this float model; reporting model outputs only"
+        )
+    elif not out.tensors:
+        out.notes.append(
+            "the quantized model has no QuantizeLinear/DequantizeLinear pattern; reporting model outputs only"
+        )
+    return out
+
+
+def _measure_point(output: gs.Tensor, by_root: dict[str, QTensor], chain_nodes: set[str]) -> tuple[str, str]:
+    """Where a layer's accumulated error is measured: its output, or, when that output is quantized (directly
+    or after a sole Relu/Clip), the quantized tensor. Fetching a tensor inside a Q/DQ group that ONNX Runtime
+    fuses into an integer kernel would stop the fusion and change what is measured."""
+    t = by_root.get(output.name)
+    after = [n for n in output.outputs if n.name not in chain_nodes]
+    if t is None and len(after) == 1 and after[0].op in FUSED_ACTIVATIONS and after[0].outputs:
+        t = by_root.get(after[0].outputs[0].name)
+    if t is not None:
+        return t.name, t.dequantized
+    return output.name, output.name
+
+
+def _pattern(
+    dq: gs.Node, float_tensors: set[str], float_nodes: dict[str, gs.Node], inputs: set[str]
+) -> QTensor | None:
+    """The quantized tensor a DequantizeLinear ends, or None when it is not one of ours."""
+    scale = constant(dq.inputs[1]) if len(dq.inputs) > 1 else None
+    if scale is None:
+        return None
+    zp_init = constant(dq.inputs[2]) if len(dq.inputs) > 2 else None
+    src = dq.inputs[0]
+    codes = constant(src)
+    if codes is not None:  # weight (or int32 bias) stored as integer codes
+        elem = _elem_type(codes)
+        kind = "bias" if elem == TensorProto.INT32 else "weight"
+        container = CONTAINER_BITS.get(elem, 8)
+        signed = elem in SIGNED
+        if elem in (TensorProto.INT4, TensorProto.UINT4) or kind == "bias":
+            bits = container
+        else:  # widths without an ONNX type live in an 8-bit container: infer from the codes used
+            c = codes.astype(np.int64)
+            if signed:  # symmetric codes ±(2^(b−1) − 1); −2^(b−1) may appear when asymmetric
+                bits = max(abs(int(c.min(initial=0))) - 1, int(c.max(initial=0)), 1).bit_length() + 1
+            else:
+                bits = max(int(c.max(initial=1)), 1).bit_length()
+            bits = min(bits, container)
+        qmin, qmax = qrange(container, signed)
+        name, matched = _weight_float_name(dq, src.name, float_nodes, float_tensors)
+        return QTensor(
+            name=name,
+            kind=kind,
+            dequantized=dq.outputs[0].name,
+            codes=src.name,
+            bits=bits,
+            signed=signed,
+            qmin=qmin,
+            qmax=qmax,
+            zero_point=0,
+            container_bits=container,
+            chain=(dq.name,),
+            matched=matched,
+        )
+    q = producer(src)
+    if q is None or q.op != "QuantizeLinear":
+        return None
+    elem = _elem_type(zp_init) if zp_init is not None else TensorProto.UINT8
+    container = CONTAINER_BITS.get(elem, 8)
+    signed = elem in SIGNED
+    qmin, qmax = qrange(container, signed)
+    bits = container
+    zp_all = np.zeros(1, np.int64) if zp_init is None else zp_init.astype(np.int64).ravel()
+    zp = int(np.median(zp_all))  # per channel: the typical one (a Relu output's are all 0)
+    chain = [dq.name, q.name]
+    root = q.inputs[0]
+    clipped = _clip_of(root, float_tensors)
+    if clipped is not None:
+        lo, hi, nodes, clip_input = clipped
+        s = np.asarray(scale, np.float64).ravel()
+        if np.size(lo) in (1, s.size) and np.size(hi) in (1, s.size):
+            root = clip_input
+            codes_lo = np.round(np.ravel(lo) / s) + zp_all
+            codes_hi = np.round(np.ravel(hi) / s) + zp_all
+            qmin, qmax = int(codes_lo.min()), int(codes_hi.max())  # per channel: the widest channel's range
+            widths = np.ceil(np.log2(np.maximum(codes_hi - codes_lo + 1, 2)))
+            bits = max(1, round(float(widths.mean())))
+            chain.extend(nodes)
+    return QTensor(
+        name=root.name,
+        kind="activation",
+        dequantized=dq.outputs[0].name,
+        codes=q.outputs[0].name,
+        bits=bits,
+        signed=signed,
+        qmin=qmin,
+        qmax=qmax,
+        zero_point=zp,
+        container_bits=container,
+        chain=tuple(chain),
+        matched=root.name in float_tensors,
+        is_input=root.name in inputs,
+    )
+
+
+def _clip_of(tensor: gs.Tensor, float_tensors: set[str]):
+    """(lo, hi, node names, clipped input) when `tensor` is our clip to the codes' range: a Clip, or a Min of a
+    Max with per-channel bounds, each node used only by the next and not a tensor of the float model."""
+
+    def private(t: gs.Tensor) -> bool:
+        return len(t.outputs) == 1 and t.name not in float_tensors
+
+    node = producer(tensor)
+    if node is None or not private(tensor):
+        return None
+    if node.op == "Clip" and len(node.inputs) == 3:
+        lo, hi = constant(node.inputs[1]), constant(node.inputs[2])
+        return None if lo is None or hi is None else (lo, hi, [node.name], node.inputs[0])
+    low = producer(node.inputs[0]) if node.op == "Min" and len(node.inputs) == 2 else None
+    if low is None or low.op != "Max" or len(low.inputs) != 2 or not private(node.inputs[0]):
+        return None
+    lo, hi = constant(low.inputs[1]), constant(node.inputs[1])
+    return None if lo is None or hi is None else (lo, hi, [node.name, low.name], low.inputs[0])
+
+
+def _weight_float_name(
+    dq: gs.Node, codes_name: str, float_nodes: dict[str, gs.Node], float_tensors: set[str]
+) -> tuple[str, bool]:
+    """The float weight a DequantizeLinear of constant codes stands for: same node, same input position."""
+    deq = dq.outputs[0]
+    for node in deq.outputs:
+        fnode = float_nodes.get(node.name)
+        if fnode is None or fnode.op != node.op or len(fnode.inputs) != len(node.inputs):
+            continue
+        for x, fx in zip(node.inputs, fnode.inputs):
+            if x is deq and fx.name in float_tensors:
+                return fx.name, True
+    return codes_name.removesuffix("_quantized"), False
+
+
+def check_compatible(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> None:
+    """Both models must take the same inputs and give the same outputs (names, element types, ranks)."""
+
+    def sig(vis) -> dict[str, tuple]:
+        out = {}
+        for vi in vis:
+            tt = vi.type.tensor_type
+            dims = (
+                tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+                if tt.HasField("shape")
+                else None
+            )
+            out[vi.name] = (tt.elem_type, dims)
+        return out
+
+    for what, f, q in (
+        ("inputs", sig(graph_inputs(float_model)), sig(graph_inputs(quant_model))),
+        ("outputs", sig(float_model.graph.output), sig(quant_model.graph.output)),
+    ):
+        if set(f) != set(q):
+            raise BadModelError(
+                f"quantized model: {what} {sorted(q)} differ from the float model's {sorted(f)}; "
+                "accepted: a quantized model converted from the float one"
+            )
+        for name in f:
+            (fe, fd), (qe, qd) = f[name], q[name]
+            if fe != qe or (
+                fd is not None
+                and qd is not None
+                and (
+                    len(fd) != len(qd)
+                    or any(a is not None and b is not None and a != b for a, b in zip(fd, qd))
+                )
+            ):
+                raise BadModelError(
+                    f"quantized model: {what[:-1]} {name!r} is {_describe(qe, qd)} but {_describe(fe, fd)} "
+                    "in the float model; accepted: a quantized model converted from the float one"
+                )
+
+
+def _describe(elem: int, dims) -> str:
+    shape = "?" if dims is None else "[" + ",".join("N" if d is None else str(d) for d in dims) + "]"
+    return f"{TensorProto.DataType.Name(elem).lower()} {shape}"

@@ -1,0 +1,149 @@
+"""Peers of the real-model benchmark (tools/bench_real.py), each run in its own virtual environment.
+
+- ONNX Runtime ``quantize_static``: QDQ, per-channel int8 weights, uint8 activations, MinMax calibration,
+  after ``quant_pre_process`` (the documented recipe); venv ``DIR/venv-ort`` (onnxruntime onnx numpy sympy).
+- NNCF ``nncf.quantize`` on the ONNX model, default preset (performance: symmetric int8); venv
+  ``DIR/venv-nncf`` (nncf onnx onnxruntime).
+
+Each peer script is written to ``DIR/peers/`` and run as ``VENV/bin/python SCRIPT MODEL CALIB.npz OUT BATCH``.
+The weight-only ceiling (``weight_only_int8``) runs in the benchmark's own environment.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+ORT_SCRIPT = '''
+import sys
+import numpy as np
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+model, data, out, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+arrays = dict(np.load(data, allow_pickle=False))
+n = len(next(iter(arrays.values())))
+
+
+class Reader(CalibrationDataReader):
+    def __init__(self):
+        self.starts = iter(range(0, n, batch))
+
+    def get_next(self):
+        i = next(self.starts, None)
+        return None if i is None else {k: v[i:i + batch] for k, v in arrays.items()}
+
+
+pre = out + ".pre.onnx"
+try:
+    quant_pre_process(model, pre, skip_symbolic_shape=False)
+except Exception as exc:  # symbolic shape inference fails on some graphs: retry without it
+    print(f"quant_pre_process with symbolic shapes failed ({exc!r}); retrying without", file=sys.stderr)
+    quant_pre_process(model, pre, skip_symbolic_shape=True)
+quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+'''
+
+NNCF_SCRIPT = '''
+import sys
+import numpy as np
+import onnx
+import nncf
+
+model, data, out, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+arrays = dict(np.load(data, allow_pickle=False))
+n = len(next(iter(arrays.values())))
+items = [{k: v[i:i + batch] for k, v in arrays.items()} for i in range(0, n, batch)]
+quantized = nncf.quantize(onnx.load(model), nncf.Dataset(items), subset_size=n)
+onnx.save(quantized, out)
+'''
+
+PEERS = {
+    "ort": {"label": "ORT quantize_static W8A8", "packages": ["onnxruntime", "onnx", "numpy", "sympy"],
+            "check": "import onnxruntime.quantization, sympy", "script": ORT_SCRIPT},
+    "nncf": {"label": "NNCF quantize W8A8", "packages": ["nncf", "onnx", "onnxruntime"],
+             "check": "import nncf, onnxruntime", "script": NNCF_SCRIPT},
+}
+
+
+def venv_python(cache: Path, peer: str) -> Path:
+    return cache / f"venv-{peer}" / "bin" / "python"
+
+
+def ensure_peer(cache: Path, peer: str, log) -> tuple[Path, Path]:
+    """Create the peer's venv if it cannot import its packages; write its script. Returns (python, script)."""
+    spec = PEERS[peer]
+    python = venv_python(cache, peer)
+    ok = python.exists() and subprocess.run([str(python), "-c", spec["check"]],
+                                            check=False, capture_output=True).returncode == 0
+    if not ok:
+        log(f"creating {python.parent.parent} ({' '.join(spec['packages'])})")
+        subprocess.run(["python3", "-m", "venv", str(python.parent.parent)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *spec["packages"]], check=True)
+    script = cache / "peers" / f"{peer}_quantize.py"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(spec["script"].lstrip())
+    return python, script
+
+
+def peer_versions(cache: Path, peer: str) -> str:
+    python = venv_python(cache, peer)
+    code = {"ort": "import onnxruntime as m; print('onnxruntime', m.__version__)",
+            "nncf": "import nncf as m; print('nncf', m.__version__)"}[peer]
+    res = subprocess.run([str(python), "-c", code], check=False, capture_output=True, text=True)
+    return res.stdout.strip() or "unknown"
+
+
+# ------------------------------------------------------------------------------ weight-only int8 ceiling
+WEIGHT_AXIS = {"Conv": 0, "ConvTranspose": 1, "MatMul": -1}
+
+
+def weight_axis(node: onnx.NodeProto, ndim: int) -> int | None:
+    """The output-channel axis of the weight (input 1) of a Conv/ConvTranspose/Gemm/MatMul node."""
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    if node.op_type == "MatMul":
+        return ndim - 1 if ndim >= 2 else None
+    return WEIGHT_AXIS.get(node.op_type)
+
+
+def fake_quant_per_channel(w: np.ndarray, axis: int, bits: int = 8) -> np.ndarray:
+    """Symmetric per-channel fake quantization: s = max|w| / (2^(b-1) - 1), round half to even."""
+    qmax = 2 ** (bits - 1) - 1
+    reduce = tuple(i for i in range(w.ndim) if i != axis)
+    amax = np.max(np.abs(w), axis=reduce, keepdims=True)
+    scale = np.where(amax > 0, amax / qmax, 1.0)
+    return (np.clip(np.round(w / scale), -qmax - 1, qmax) * scale).astype(w.dtype)
+
+
+def weight_only_int8(model_path: Path, out_path: Path) -> int:
+    """Fake-quantize each Conv/ConvTranspose/Gemm/MatMul float weight initializer per output channel."""
+    model = onnx.load(str(model_path))
+    inits = {t.name: t for t in model.graph.initializer}
+    done: set[str] = set()
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        name = node.input[1]
+        if name not in inits or name in done:
+            continue
+        w = numpy_helper.to_array(inits[name])
+        axis = weight_axis(node, w.ndim)
+        if axis is None or w.dtype.kind != "f" or w.ndim < 2:
+            continue
+        inits[name].CopyFrom(numpy_helper.from_array(fake_quant_per_channel(w, axis), name))
+        done.add(name)
+    onnx.save(model, str(out_path))
+    return len(done)
+
+
+if __name__ == "__main__":  # python tools/bench_real_peers.py weight-only MODEL OUT
+    if len(sys.argv) != 4 or sys.argv[1] != "weight-only":
+        raise SystemExit("usage: bench_real_peers.py weight-only MODEL OUT")
+    count = weight_only_int8(Path(sys.argv[2]), Path(sys.argv[3]))
+    print(f"{count} weights fake-quantized per channel to int8")
