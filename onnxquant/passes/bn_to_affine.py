@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
-
 from onnxquant.passes.base import Graph, Match, bn_affine
 
 log = logging.getLogger(__name__)

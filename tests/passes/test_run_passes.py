@@ -134,3 +134,19 @@ def test_metadata_and_value_info_kept(tools):
     assert [v.name for v in folded.graph.value_info] == ["z"]
     assert {t.name for t in folded.graph.initializer} == {"w", "Conv_0_bias"}
     tools.assert_equivalent(model, folded)
+
+
+def test_node_naming_never_renames_a_uniquely_named_user_node(tools):
+    text = HEAD + """
+    g (float[N, 4] x) => (float[N, 4] y) {
+        r = Relu (x)
+        z = BatchNormalization (r, bn_g, bn_b, bn_m, bn_v)
+        y = Relu (z)
+    }"""
+    model = tools.build(text, tools.bn_weights("bn", 4, 2))
+    model.graph.node[2].name = "Relu_0"  # the name the unnamed first Relu would get by default
+    folded, outcomes = run_passes(model, ["bn_to_affine"])
+    assert [n.name for n in folded.graph.node] == ["Relu_0_1", "BatchNormalization_1_mul",
+                                                   "BatchNormalization_1_add", "Relu_0"]
+    assert outcomes[0].nodes == ("BatchNormalization_1",)
+    tools.assert_equivalent(model, folded)
