@@ -164,7 +164,7 @@ def _print_convert_summary(result, size_in: int, size_out: int, out: Path) -> No
 @data_options
 @common
 def calibrate(model, calib_data, method, bits, rules_path, percentile, output, **data_opts):
-    """Calibrate activation ranges and write a calibration table (JSON).
+    """Calibrate activation and weight ranges and write a calibration table (JSON) of the whole model.
 
     \b
     Example:
@@ -179,8 +179,11 @@ def calibrate(model, calib_data, method, bits, rules_path, percentile, output, *
     if data is None:
         raise click.UsageError("calibrate needs --calib-data PATH or --calib-reader MODULE:FUNCTION")
     table, _ = api.calibrate(folded, plan, data, progress=sys.stderr.isatty(), percentile=percentile)
+    table, _ = api.complete_table(folded, plan, table)
     tables.save_table(table, output)
-    click.echo(f"calibrated {len(table.tensors)} tensors with {table.method}; wrote {output}")
+    acts = len(table.activations())
+    click.echo(f"calibrated {acts} activations with {table.method} and {len(table.tensors) - acts} weights; "
+               f"wrote {output}")
 
 
 @main.command()
@@ -198,7 +201,9 @@ def table(table, fmt, output):
     check_output_path(output, table)
     loaded = tables.load_table(table)
     tables.save_table(loaded, output, fmt)
-    click.echo(f"wrote {len(loaded.tensors)} tensors as {fmt} to {output}")
+    acts, weights = len(loaded.activations()), len(loaded.tensors) - len(loaded.activations())
+    held = f"{acts} activations" + (f" and {weights} weights" if weights and fmt != "tensorrt" else "")
+    click.echo(f"wrote {held} as {fmt} to {output}")
 
 
 @main.command()

@@ -239,3 +239,29 @@ def test_first_line_of_an_empty_message_is_the_type_name():
 
     assert first_line(ValueError("")) == "ValueError"
     assert first_line(ValueError("\n\n  real cause\nmore")) == "real cause"
+
+
+def test_a_table_written_by_convert_reproduces_the_model_byte_for_byte(demo):
+    first, second, table = demo / "a.onnx", demo / "b.onnx", demo / "t.json"
+    result = invoke("convert", demo / "model.onnx", "--bits", "4", "--calib", "laplace", "--bias-correction",
+                    "--calib-data", demo / "calib.npz", "-o", first, "--table-out", table)
+    assert result.exit_code == 0, result.output
+    entries = json.loads(table.read_text())["tensors"]
+    weights = {name for name, e in entries.items() if e.get("kind") == "weight"}
+    assert weights == {"conv1.weight", "conv2.weight", "conv3.weight", "conv4.weight", "fc.weight"}
+    assert all(isinstance(entries[w]["scale"], list) and entries[w]["axis"] is not None for w in weights)
+    result = invoke("convert", demo / "model.onnx", "--bits", "4", "--table", table, "-o", second)
+    assert result.exit_code == 0, result.output
+    assert first.read_bytes() == second.read_bytes()
+
+
+def test_calibrate_writes_the_whole_model_and_tensorrt_keeps_activations(demo):
+    table, cache = demo / "t.json", demo / "c.cache"
+    result = invoke("calibrate", demo / "model.onnx", "--calib-data", demo / "calib.npz", "-o", table)
+    assert result.exit_code == 0, result.output
+    kinds = [e.get("kind", "activation") for e in json.loads(table.read_text())["tensors"].values()]
+    assert kinds.count("weight") == 5 and kinds.count("activation") == 8
+    assert "calibrated 8 activations with minmax and 5 weights" in result.output
+    result = invoke("table", table, "--format", "tensorrt", "-o", cache)
+    assert result.exit_code == 0 and "wrote 8 activations as tensorrt" in result.output
+    assert len(cache.read_text().splitlines()) == 1 + 8

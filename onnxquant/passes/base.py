@@ -10,20 +10,16 @@ Also here: reading a BatchNormalization's constants as the affine map it compute
 """
 from __future__ import annotations
 
-import heapq
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper
-from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from onnxquant.errors import BadModelError
-from onnxquant.ir import export_model, import_graph, is_op, producer
+from onnxquant.ir import constant as constant_value
+from onnxquant.ir import export_model, import_graph, is_op, producer, stable_toposort, stored
 
 __all__ = ["BNAffine", "Graph", "Match", "Outcome", "Pass", "attr", "bn_affine", "constant_value", "input_at",
            "is_op", "producer", "stable_toposort", "stored"]
@@ -60,20 +56,6 @@ class Pass(Protocol):
     def check(self, graph: Graph, match: Match) -> str | None: ...
 
     def rewrite(self, graph: Graph, match: Match) -> None: ...
-
-
-def constant_value(tensor: gs.Tensor | None) -> np.ndarray | None:
-    """The value of a constant, or None for variables. Unlike `Constant.values` it keeps the stored
-    TensorProto, so the constant is exported as it was read (raw or typed data, INT4 packing)."""
-    if not isinstance(tensor, gs.Constant):
-        return None
-    stored = tensor._values
-    return stored.load() if isinstance(stored, LazyValues) else np.asarray(stored)
-
-
-def stored(name: str, value: np.ndarray) -> LazyValues:
-    """`value` as graph-surgeon constant storage, serialized by `numpy_helper.from_array` (INT4 packed)."""
-    return LazyValues(numpy_helper.from_array(np.asarray(value), name))
 
 
 class Graph:
@@ -219,30 +201,8 @@ class Graph:
 
     # -- export ----------------------------------------------------------------------------------------
     def export(self) -> onnx.ModelProto:
-        """The graph as a model with the source model's header. Initializers keep the source order (new
-        ones after, in creation order), overridable initializers stay graph inputs while used, and nodes
-        without a domain are written without one, so an unchanged graph gives the source bytes."""
-        model = export_model(self.gs, self.model)
-        graph = model.graph
-        rank = {name: i for i, name in enumerate(self.order)}
-        inits = sorted(graph.initializer, key=lambda t: rank.get(t.name, len(rank)))
-        live = {t.name for t in inits} | {t.name for t in self.gs.inputs}
-        inputs = [i for i in self.model.graph.input if i.name in live]
-        del graph.initializer[:], graph.input[:]
-        graph.initializer.extend(inits)
-        graph.input.extend(inputs)
-        for node in _all_nodes(graph):
-            if not node.domain:
-                node.ClearField("domain")
-        return model
-
-
-def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    for node in graph.node:
-        yield node
-        for a in node.attribute:
-            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs):
-                yield from _all_nodes(g)
+        """The graph as a model with the source model's header and initializer order (see `ir.export_model`)."""
+        return export_model(self.gs, self.model, self.order)
 
 
 def input_at(node: gs.Node, slot: int) -> gs.Tensor | None:
@@ -250,43 +210,6 @@ def input_at(node: gs.Node, slot: int) -> gs.Tensor | None:
     if len(node.inputs) <= slot or node.inputs[slot].is_empty():
         return None
     return node.inputs[slot]
-
-
-def _reads(node: gs.Node) -> Iterator[gs.Tensor]:
-    """Tensors `node` reads, those read inside its subgraphs included."""
-    yield from node.inputs
-    for g in node.subgraphs():
-        for inner in g.nodes:
-            yield from _reads(inner)
-
-
-def stable_toposort(graph: gs.Graph) -> None:
-    """Order the nodes so each comes after the producers of what it reads, always taking the ready node that
-    is listed first (Kahn's algorithm): a sorted list keeps its order, and a node listed early is placed
-    right after the last producer it needs."""
-    nodes = list(graph.nodes)
-    index = {id(n): i for i, n in enumerate(nodes)}
-    users: list[list[int]] = [[] for _ in nodes]
-    waiting = [0] * len(nodes)
-    for i, node in enumerate(nodes):
-        deps = {index[id(p)] for t in _reads(node) for p in t.inputs if id(p) in index} - {i}
-        waiting[i] = len(deps)
-        for d in deps:
-            users[d].append(i)
-    ready = [i for i, w in enumerate(waiting) if w == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(i)
-        for u in users[i]:
-            waiting[u] -= 1
-            if waiting[u] == 0:
-                heapq.heappush(ready, u)
-    if len(order) != len(nodes):
-        stuck = next(n.name for i, n in enumerate(nodes) if waiting[i])
-        raise BadModelError(f"model: the graph has a cycle through node '{stuck}'; accepted: acyclic graphs")
-    graph.nodes = [nodes[i] for i in order]
 
 
 def attr(node: gs.Node, name: str, default=None):

@@ -1,0 +1,204 @@
+"""The canonical table's records: `TensorRange` (one tensor's range and quantization parameters) and
+`CalibrationTable`, with their validation from JSON objects."""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Collection
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from onnxquant.errors import BadDataError
+from onnxquant.quant import QParams, qparams_from_range
+
+FORMAT_NAME = "onnxquant-calibration"
+FORMAT_VERSION = 1
+TENSOR_KINDS = ("activation", "weight")
+OPTIONAL_KEYS = ("kind", "bias_shift", "spread_ratio")  # besides axis and note; weight entries only
+
+
+@dataclass(frozen=True)
+class TensorRange:
+    """Calibrated range and quantization parameters of one tensor."""
+
+    min: float | list[float]
+    max: float | list[float]
+    amax: float | list[float]
+    scale: float | list[float]
+    zero_point: int | list[int]
+    bits: int | list[int]
+    signed: bool
+    method: str
+    axis: int | None = None
+    note: str | None = None
+    kind: str = "activation"  # or "weight": a quantized initializer (per output channel along `axis`)
+    bias_shift: list[float] | None = None  # weights: per-channel shift of the layer's bias (bias correction)
+    spread_ratio: list[float] | None = None  # weights: ξ_c, DequantizeLinear scale = scale·ξ_c (bias correction)
+
+    @classmethod
+    def from_range(cls, lo, hi, bits, symmetric: bool, method: str, axis: int | None = None) -> TensorRange:
+        """Entry for the clipping range [lo, hi] at `bits` (scalars, or arrays for per-channel)."""
+        p = qparams_from_range(lo, hi, bits, symmetric, axis)
+        lo64, hi64 = np.minimum(np.asarray(lo, np.float64), 0), np.maximum(np.asarray(hi, np.float64), 0)
+
+        def plain(a, kind=float):
+            a = np.asarray(a)
+            return kind(a) if a.ndim == 0 else [kind(v) for v in a.ravel()]
+
+        return cls(min=plain(lo64), max=plain(hi64), amax=plain(np.maximum(-lo64, hi64)),
+                   scale=plain(p.scale), zero_point=plain(p.zero_point, int), bits=plain(p.bits, int),
+                   signed=symmetric, method=method, axis=axis)
+
+    def qparams(self) -> QParams:
+        bits = self.bits if isinstance(self.bits, int) else np.asarray(self.bits, np.int64)
+        return QParams(scale=np.asarray(self.scale, np.float32), zero_point=np.asarray(self.zero_point, np.int64),
+                       bits=bits, signed=self.signed, axis=self.axis)
+
+    def to_json(self) -> dict:
+        entry = {"min": self.min, "max": self.max, "amax": self.amax, "scale": self.scale,
+                 "zero_point": self.zero_point, "bits": self.bits, "signed": self.signed, "method": self.method}
+        if self.axis is not None:
+            entry["axis"] = self.axis
+        if self.note:
+            entry["note"] = self.note
+        if self.kind != "activation":
+            entry["kind"] = self.kind
+        if self.bias_shift is not None:
+            entry["bias_shift"] = self.bias_shift
+        if self.spread_ratio is not None:
+            entry["spread_ratio"] = self.spread_ratio
+        return entry
+
+    def with_note(self, note: str) -> TensorRange:
+        return replace(self, note=note)
+
+    @property
+    def amax_max(self) -> float:
+        """The overall amax (the largest channel's for per-channel entries)."""
+        return float(max(self.amax)) if isinstance(self.amax, list) else float(self.amax)
+
+    @classmethod
+    def from_json(cls, entry: Any, where: str = "entry") -> TensorRange:
+        """Validate and build an entry from its JSON form (errors name `where`)."""
+        if not isinstance(entry, dict):
+            raise BadDataError(f"{where}: expected an object, got {type(entry).__name__}")
+        required = ("min", "max", "amax", "scale", "zero_point", "bits", "signed", "method")
+        missing = [k for k in required if k not in entry]
+        unknown = sorted(set(entry) - set(required) - {"axis", "note", *OPTIONAL_KEYS})
+        if missing or unknown:
+            parts = ([f"missing {', '.join(missing)}"] if missing else []) + \
+                    ([f"unknown key(s) {', '.join(unknown)}"] if unknown else [])
+            what = "; ".join(parts)
+            raise BadDataError(f"{where}: {what}; accepted keys: {', '.join(required)}, axis, note, "
+                               f"{', '.join(OPTIONAL_KEYS)}")
+        axis = entry.get("axis")
+        if axis is not None and (not isinstance(axis, int) or isinstance(axis, bool)):
+            raise BadDataError(f"{where}: axis must be an integer")
+        per_channel = isinstance(entry["scale"], list)
+        length = len(entry["scale"]) if per_channel else None
+        if per_channel and (axis is None or length == 0):
+            raise BadDataError(f"{where}: per-channel entries need a non-empty scale list and an axis")
+        values = {}
+        for key in ("min", "max", "amax", "scale", "zero_point", "bits"):
+            kind = float if key in ("min", "max", "amax", "scale") else int
+            values[key] = plain_values(entry[key], kind, length, f"{where}.{key}")
+        if not isinstance(entry["signed"], bool):
+            raise BadDataError(f"{where}.signed: expected true or false")
+        if not isinstance(entry["method"], str):
+            raise BadDataError(f"{where}.method: expected a string")
+        note = entry.get("note")
+        if note is not None and not isinstance(note, str):
+            raise BadDataError(f"{where}.note: expected a string")
+        kind = entry.get("kind", "activation")
+        if kind not in TENSOR_KINDS:
+            raise BadDataError(f"{where}.kind: {kind!r}; accepted: {', '.join(TENSOR_KINDS)}")
+        channel_lists = {}
+        for key in ("bias_shift", "spread_ratio"):
+            if entry.get(key) is not None:
+                if not per_channel:
+                    raise BadDataError(f"{where}.{key}: only per-channel entries carry one")
+                channel_lists[key] = plain_values(entry[key], float, length, f"{where}.{key}")
+        for b in np.atleast_1d(values["bits"]):
+            if not 1 <= b <= 16:
+                raise BadDataError(f"{where}.bits: {b} out of range; accepted: 1..16")
+        for sc in np.atleast_1d(values["scale"]):
+            if not sc > 0:
+                raise BadDataError(f"{where}.scale: {sc} is not positive")
+        return cls(**values, signed=entry["signed"], method=entry["method"], axis=axis, note=note, kind=kind,
+                   **channel_lists)
+
+
+@dataclass(frozen=True)
+class CalibrationTable:
+    method: str
+    bits: int
+    tensors: dict[str, TensorRange] = field(default_factory=dict)
+
+    def activations(self) -> dict[str, TensorRange]:
+        """The entries of activation tensors (a table written by onnxquant also holds every weight's)."""
+        return {name: e for name, e in self.tensors.items() if e.kind == "activation"}
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "method": self.method, "bits": self.bits,
+                "tensors": {name: self.tensors[name].to_json() for name in sorted(self.tensors)}}
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str = "table") -> CalibrationTable:
+        """Validate and build a table from its canonical JSON form."""
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
+            raise BadDataError(f"{where}: not an onnxquant calibration table "
+                               f"(no \"format\": \"{FORMAT_NAME}\")")
+        if obj.get("version") != FORMAT_VERSION:
+            raise BadDataError(f"{where}: version {obj.get('version')!r} not supported; "
+                               f"accepted: {FORMAT_VERSION}")
+        unknown = sorted(set(obj) - {"format", "version", "method", "bits", "tensors"})
+        if unknown:
+            raise BadDataError(f"{where}: unknown key(s) {', '.join(unknown)}")
+        if not isinstance(obj.get("method"), str) or not isinstance(obj.get("bits"), int) or \
+                isinstance(obj.get("bits"), bool) or not isinstance(obj.get("tensors"), dict):
+            raise BadDataError(f"{where}: needs \"method\" (string), \"bits\" (integer), "
+                               "\"tensors\" (object)")
+        tensors = {name: TensorRange.from_json(entry, f"{where}: tensor {name!r}")
+                   for name, entry in obj["tensors"].items()}
+        return cls(method=obj["method"], bits=obj["bits"], tensors=tensors)
+
+    def check_tensors(self, known: Collection[str], required: Collection[str] = ()) -> None:
+        """Refuse a table naming tensors the model lacks, or lacking `required` ones (both are listed)."""
+        unknown = sorted(set(self.tensors) - set(known))
+        missing = sorted(set(required) - set(self.tensors))
+        problems = []
+        if unknown:
+            problems.append(f"names {len(unknown)} tensor(s) the model does not have: {_listing(unknown)}")
+        if missing:
+            problems.append(f"lacks {len(missing)} tensor(s) the model needs: {_listing(missing)}")
+        if problems:
+            raise BadDataError("calibration table " + "; and ".join(problems))
+
+
+def _listing(names: list[str], limit: int = 10) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
+
+
+def plain_values(value: Any, kind: type, length: int | None, where: str):
+    """A JSON scalar/list as float/int (list when `length` is set), validated."""
+    def one(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise BadDataError(f"{where}: expected a number, got {json.dumps(v)[:40]}")
+        if kind is int:
+            if isinstance(v, float) and not v.is_integer():
+                raise BadDataError(f"{where}: expected an integer, got {v}")
+            return int(v)
+        if not math.isfinite(v):
+            raise BadDataError(f"{where}: not finite")
+        return float(v) + 0.0
+
+    if length is None:
+        if isinstance(value, list):
+            raise BadDataError(f"{where}: a list in a per-tensor entry (scale is a number)")
+        return one(value)
+    if not isinstance(value, list) or len(value) != length:
+        raise BadDataError(f"{where}: expected a list of {length} numbers (one per channel)")
+    return [one(v) for v in value]
