@@ -2,6 +2,7 @@
 
 Each takes and returns objects; files are read and written only by `model.py`, `tables.py` and the CLI.
 """
+
 from __future__ import annotations
 
 import logging
@@ -56,8 +57,11 @@ class ConvertResult:
         return [o for o in self.outcomes if o.applied]
 
 
-_RULE_NAMES = {"pass_names": PASS_NAMES, "method_names": tuple(METHODS),
-               "weight_method_names": tuple(WEIGHT_METHODS)}
+_RULE_NAMES = {
+    "pass_names": PASS_NAMES,
+    "method_names": tuple(METHODS),
+    "weight_method_names": tuple(WEIGHT_METHODS),
+}
 
 
 def load_rules(source=None) -> Rules:
@@ -94,7 +98,9 @@ def inspect(model: onnx.ModelProto, rules: Rules) -> Inspection:
     return Inspection(outcomes=outcomes, plan=plan_quantization(folded, rules))
 
 
-def prepare(model: onnx.ModelProto, rules: Rules) -> tuple[onnx.ModelProto, list[Outcome], QuantPlan, list[str]]:
+def prepare(
+    model: onnx.ModelProto, rules: Rules
+) -> tuple[onnx.ModelProto, list[Outcome], QuantPlan, list[str]]:
     """Fold, upgrade the opset as the widths need (13 for per-channel, 21 for INT4), and plan."""
     folded, outcomes = run_passes(model, rules.passes)
     plan = plan_quantization(folded, rules)
@@ -113,9 +119,18 @@ def prepare(model: onnx.ModelProto, rules: Rules) -> tuple[onnx.ModelProto, list
     return folded, outcomes, plan, notes
 
 
-def calibrate(model: onnx.ModelProto, plan: QuantPlan, data: Batches, *, progress: bool = False,
-              bins: int = 2048, stats: dict | None = None, per_channel: tuple[str, ...] = (),
-              allocate: bool = False, **method_options) -> tuple[CalibrationTable, dict]:
+def calibrate(
+    model: onnx.ModelProto,
+    plan: QuantPlan,
+    data: Batches,
+    *,
+    progress: bool = False,
+    bins: int = 2048,
+    stats: dict | None = None,
+    per_channel: tuple[str, ...] = (),
+    allocate: bool = False,
+    **method_options,
+) -> tuple[CalibrationTable, dict]:
     """Collect streaming statistics of the planned activations on `data` and turn them into a table.
 
     Tensors are grouped by their calibration method; `stats` (e.g. loaded with --load-stats) skips collection.
@@ -131,16 +146,28 @@ def calibrate(model: onnx.ModelProto, plan: QuantPlan, data: Batches, *, progres
     if stats is None:
         sources = {plan.range_source(t) for t in plan.activations}
         channels = set(per_channel) | {plan.range_source(t) for t in allocated}
-        channel_mad = {plan.range_source(t) for t in allocated if METHODS[plan.activations[t].method].needs_moments}
-        stats = collect_stats(model, sorted(sources | channels), data, bins=bins, progress=progress,
-                              per_channel=sorted(channels), channel_mad=sorted(channel_mad),
-                              **collect_options(methods))
+        channel_mad = {
+            plan.range_source(t) for t in allocated if METHODS[plan.activations[t].method].needs_moments
+        }
+        stats = collect_stats(
+            model,
+            sorted(sources | channels),
+            data,
+            bins=bins,
+            progress=progress,
+            per_channel=sorted(channels),
+            channel_mad=sorted(channel_mad),
+            **collect_options(methods),
+        )
         stats.update({t: stats[plan.range_source(t)] for t in plan.shared})
     tensors = {}
     sources = {t: stats[plan.range_source(t)] for t in plan.activations if plan.range_source(t) in stats}
     for method in sorted(methods):
-        specs = {t: (s.bits, s.symmetric) for t, s in plan.activations.items()
-                 if s.method == method and t not in allocated}
+        specs = {
+            t: (s.bits, s.symmetric)
+            for t, s in plan.activations.items()
+            if s.method == method and t not in allocated
+        }
         tensors.update(compute_table(sources, specs, method, **method_options).tensors)
     for t in allocated:
         tensors[t] = _allocated_range(sources, t, plan.activations[t], method_options)
@@ -168,58 +195,105 @@ def _channel_tensors(model: onnx.ModelProto, plan: QuantPlan) -> tuple[str, ...]
 def _allocated_range(stats: dict, tensor: str, spec, method_options: dict):
     """Per-channel range of `tensor` at per-channel widths allocated from its per-channel clipping ranges."""
     if not METHODS[spec.method].per_channel:
-        raise BadRulesError(f"tensor {tensor}: per-channel bit allocation needs a per-channel method; "
-                             f"accepted: {', '.join(sorted(n for n, m in METHODS.items() if m.per_channel))} (got {spec.method})")
+        raise BadRulesError(
+            f"tensor {tensor}: per-channel bit allocation needs a per-channel method; "
+            f"accepted: {', '.join(sorted(n for n, m in METHODS.items() if m.per_channel))} (got {spec.method})"
+        )
     try:
-        lo, hi = clip_range(spec.method, stats[tensor], spec.bits, spec.symmetric, per_channel=True,
-                            **method_options)
+        lo, hi = clip_range(
+            spec.method, stats[tensor], spec.bits, spec.symmetric, per_channel=True, **method_options
+        )
     except OnnxQuantError as exc:
         raise type(exc)(f"tensor {tensor}: {exc}") from exc
     span = np.maximum(hi, 0) - np.minimum(lo, 0)  # dead (constant 0) channels: 0, so the fewest bits
     widths = allocate_bits(span, spec.bits, lo=MIN_BITS, hi=MAX_BITS)
-    return compute_table({tensor: stats[tensor]}, {tensor: (widths, spec.symmetric)}, spec.method,
-                         per_channel=[tensor], **method_options).tensors[tensor]
+    return compute_table(
+        {tensor: stats[tensor]},
+        {tensor: (widths, spec.symmetric)},
+        spec.method,
+        per_channel=[tensor],
+        **method_options,
+    ).tensors[tensor]
 
 
-def convert(model: onnx.ModelProto, rules: Rules, *, data: Batches | None = None,
-            table: CalibrationTable | None = None, stats: dict | None = None, progress: bool = False,
-            bias_correction: str | None = None, bit_alloc: str | None = None, **method_options) -> ConvertResult:
+def convert(
+    model: onnx.ModelProto,
+    rules: Rules,
+    *,
+    data: Batches | None = None,
+    table: CalibrationTable | None = None,
+    stats: dict | None = None,
+    progress: bool = False,
+    bias_correction: str | None = None,
+    bit_alloc: str | None = None,
+    **method_options,
+) -> ConvertResult:
     """Fold, calibrate (or take `table`), and insert Q/DQ. The input model is not modified.
 
     `bias_correction` is None, "mean" or "full"; `bit_alloc` (None, "weights", "activations" or "both")
     allocates widths per channel at the same average width (ACIQ eq. 10–11).
     """
     if bias_correction not in (None, *BIAS_CORRECTION):
-        raise BadOptionError(f"bias_correction={bias_correction!r}; accepted: None, {', '.join(BIAS_CORRECTION)}")
+        raise BadOptionError(
+            f"bias_correction={bias_correction!r}; accepted: None, {', '.join(BIAS_CORRECTION)}"
+        )
     if bit_alloc not in BIT_ALLOC:
         raise BadOptionError(f"bit_alloc={bit_alloc!r}; accepted: {', '.join(map(str, BIT_ALLOC))}")
     folded, outcomes, plan, notes = prepare(model, rules)
     corrected_inputs = _compute_inputs(folded, plan) if bias_correction else ()
     if table is None:
         if data is None and stats is None and plan.activations:
-            raise BadDataError(f"convert: {len(plan.activations)} activation tensors need calibration; "
-                               "accepted: --calib-data PATH, --calib-reader MODULE:FUNCTION or --table FILE")
-        table, stats = calibrate(folded, plan, data or [], progress=progress, stats=stats,
-                                 per_channel=corrected_inputs, allocate=bit_alloc in ("activations", "both"),
-                                 **method_options)
+            raise BadDataError(
+                f"convert: {len(plan.activations)} activation tensors need calibration; "
+                "accepted: --calib-data PATH, --calib-reader MODULE:FUNCTION or --table FILE"
+            )
+        table, stats = calibrate(
+            folded,
+            plan,
+            data or [],
+            progress=progress,
+            stats=stats,
+            per_channel=corrected_inputs,
+            allocate=bit_alloc in ("activations", "both"),
+            **method_options,
+        )
     else:
-        known = ({i.name for i in folded.graph.input} | {o for n in folded.graph.node for o in n.output}
-                 | {t.name for t in folded.graph.initializer})
+        known = (
+            {i.name for i in folded.graph.input}
+            | {o for n in folded.graph.node for o in n.output}
+            | {t.name for t in folded.graph.initializer}
+        )
         table.check_tensors(known, required=plan.activations)
-    table, stats = complete_table(folded, plan, table, data=data, stats=stats, bias_correction=bias_correction,
-                                  bit_alloc=bit_alloc)
+    table, stats = complete_table(
+        folded, plan, table, data=data, stats=stats, bias_correction=bias_correction, bit_alloc=bit_alloc
+    )
     quant, summary = insert_qdq(folded, plan, table)
     try:
         onnx.checker.check_model(quant, full_check=True)
     except onnx.checker.ValidationError as exc:  # a bug of ours, not the user's: keep the traceback
         raise InternalError(f"quantized model fails onnx.checker: {exc}") from exc
-    return ConvertResult(model=quant, float_model=folded, table=table, plan=plan, outcomes=outcomes,
-                         summary=summary, stats=stats, notes=notes + summary.notes)
+    return ConvertResult(
+        model=quant,
+        float_model=folded,
+        table=table,
+        plan=plan,
+        outcomes=outcomes,
+        summary=summary,
+        stats=stats,
+        notes=notes + summary.notes,
+    )
 
 
-def complete_table(model: onnx.ModelProto, plan: QuantPlan, table: CalibrationTable, *,
-                   data: Batches | None = None, stats: dict | None = None, bias_correction: str | None = None,
-                   bit_alloc: str | None = None) -> tuple[CalibrationTable, dict | None]:
+def complete_table(
+    model: onnx.ModelProto,
+    plan: QuantPlan,
+    table: CalibrationTable,
+    *,
+    data: Batches | None = None,
+    stats: dict | None = None,
+    bias_correction: str | None = None,
+    bit_alloc: str | None = None,
+) -> tuple[CalibrationTable, dict | None]:
     """`table` with a weight entry for every quantized weight (calib.weight_table), unless it has them all
     already (a table written by onnxquant); entries in `table` win. Bias correction takes the per-channel
     means of the corrected layers' inputs from `stats`, collected on `data` when there are no stats."""
@@ -228,18 +302,32 @@ def complete_table(model: onnx.ModelProto, plan: QuantPlan, table: CalibrationTa
     corrected_inputs = _compute_inputs(model, plan) if bias_correction else ()
     if corrected_inputs and stats is None:
         if data is None:
-            raise BadDataError("convert: --bias-correction needs calibration data for the input means; "
-                               "accepted: --calib-data PATH or --calib-reader MODULE:FUNCTION")
+            raise BadDataError(
+                "convert: --bias-correction needs calibration data for the input means; "
+                "accepted: --calib-data PATH or --calib-reader MODULE:FUNCTION"
+            )
         stats = collect_stats(model, corrected_inputs, data, histograms=False, per_channel=corrected_inputs)
     means = {t: stats[t].ch_mean for t in corrected_inputs if t in (stats or {}) and stats[t].per_channel}
-    weights = weight_entries(model, plan, bit_alloc=bit_alloc in ("weights", "both"),
-                             bias_correction=bias_correction, input_means=means)
+    weights = weight_entries(
+        model,
+        plan,
+        bit_alloc=bit_alloc in ("weights", "both"),
+        bias_correction=bias_correction,
+        input_means=means,
+    )
     return replace(table, tensors={**weights, **table.tensors}), stats
 
 
-def report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, data: Batches, *,
-           stats: dict | None = None, table: CalibrationTable | None = None,
-           suggest: SuggestOptions | None = None, **options) -> Report:
+def report(
+    float_model: onnx.ModelProto,
+    quant_model: onnx.ModelProto,
+    data: Batches,
+    *,
+    stats: dict | None = None,
+    table: CalibrationTable | None = None,
+    suggest: SuggestOptions | None = None,
+    **options,
+) -> Report:
     """Accuracy-diff report of `quant_model` against `float_model` on `data` (see onnxquant.report).
 
     With a `table` but statistics lacking histograms (minmax calibration), they are collected again so the
@@ -251,7 +339,9 @@ def report(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, data: Bat
     return build_report(float_model, quant_model, data, stats=stats, table=table, suggest=suggest, **options)
 
 
-def measure_suggestion(report_result: Report, model: onnx.ModelProto, data: Batches, **convert_options) -> Report:
+def measure_suggestion(
+    report_result: Report, model: onnx.ModelProto, data: Batches, **convert_options
+) -> Report:
     """`report_result` with its suggestion's output SQNR measured by converting `model` with the suggested rules."""
     improved = convert(model, report_result.suggestion.rules, data=data, **convert_options)
     after = build_report(improved.float_model, improved.model, data, sensitivity_samples=0)

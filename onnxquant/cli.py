@@ -1,4 +1,5 @@
 """The `onnxquant` command: parse options, call `onnxquant.api`, print. Nothing else lives here."""
+
 from __future__ import annotations
 
 import json
@@ -48,42 +49,122 @@ def main() -> None:
 
 @main.command()
 @click.argument("model", type=MODEL)
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="Quantized model path [default: MODEL.int<bits>.onnx beside MODEL].")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Quantized model path [default: MODEL.int<bits>.onnx beside MODEL].",
+)
 @click.option("--bits", type=BITS, default=None, help="Weight and activation width.")
 @click.option("--wbits", type=BITS, default=None, help="Weight width.")
 @click.option("--abits", type=BITS, default=None, help="Activation width.")
-@click.option("--calib", "method", type=CALIB_CHOICE, default=None,
-              help="Activation calibration method [default: the rule file's].")
-@click.option("--calib-data", type=click.Path(exists=True, path_type=Path), default=None,
-              help=".npz/.npy file, a directory of them, or a directory of images.")
+@click.option(
+    "--calib",
+    "method",
+    type=CALIB_CHOICE,
+    default=None,
+    help="Activation calibration method [default: the rule file's].",
+)
+@click.option(
+    "--calib-data",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help=".npz/.npy file, a directory of them, or a directory of images.",
+)
 @rules_option
-@click.option("--table", "table_in", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Quantize from this calibration table (JSON or TensorRT cache) instead of calibrating.")
-@click.option("--table-out", type=click.Path(path_type=Path), default=None, help="Write the calibration table.")
-@click.option("--percentile", type=click.FloatRange(50, 100), default=99.99, show_default=True,
-              help="Percentile for --calib percentile.")
-@click.option("--wcalib", type=WEIGHT_CHOICE, default=None,
-              help="Weight range method [default: the rule file's, minmax].")
-@click.option("--bias-correction", type=BIAS_CHOICE, is_flag=False, flag_value="mean",
-              default=None, help="Correct each weight channel's mean (and with =full its spread), ACIQ eq. 12-13.")
-@click.option("--bit-alloc", type=BIT_ALLOC_CHOICE, default=None,
-              help="Per-channel widths at the same average width (ACIQ eq. 10-11); activations need "
-                   "minmax, laplace or gauss.")
-@click.option("--bins", type=click.IntRange(min=8), default=2048, show_default=True,
-              help="Histogram resolution for percentile, mse and kl: at least this many bins over [0, max|x|].")
-@click.option("--save-stats", type=click.Path(path_type=Path), default=None,
-              help="Save the calibration statistics (to merge shards, or for the report's calibration view).")
-@click.option("--load-stats", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Use saved (possibly merged) statistics instead of running the model on data.")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
-              help="Write an accuracy-diff report (HTML) of this conversion; needs --calib-data.")
+@click.option(
+    "--table",
+    "table_in",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="Quantize from this calibration table (JSON or TensorRT cache) instead of calibrating.",
+)
+@click.option(
+    "--table-out", type=click.Path(path_type=Path), default=None, help="Write the calibration table."
+)
+@click.option(
+    "--percentile",
+    type=click.FloatRange(50, 100),
+    default=99.99,
+    show_default=True,
+    help="Percentile for --calib percentile.",
+)
+@click.option(
+    "--wcalib",
+    type=WEIGHT_CHOICE,
+    default=None,
+    help="Weight range method [default: the rule file's, minmax].",
+)
+@click.option(
+    "--bias-correction",
+    type=BIAS_CHOICE,
+    is_flag=False,
+    flag_value="mean",
+    default=None,
+    help="Correct each weight channel's mean (and with =full its spread), ACIQ eq. 12-13.",
+)
+@click.option(
+    "--bit-alloc",
+    type=BIT_ALLOC_CHOICE,
+    default=None,
+    help="Per-channel widths at the same average width (ACIQ eq. 10-11); activations need "
+    "minmax, laplace or gauss.",
+)
+@click.option(
+    "--bins",
+    type=click.IntRange(min=8),
+    default=2048,
+    show_default=True,
+    help="Histogram resolution for percentile, mse and kl: at least this many bins over [0, max|x|].",
+)
+@click.option(
+    "--save-stats",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Save the calibration statistics (to merge shards, or for the report's calibration view).",
+)
+@click.option(
+    "--load-stats",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Use saved (possibly merged) statistics instead of running the model on data.",
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write an accuracy-diff report (HTML) of this conversion; needs --calib-data.",
+)
 @suggest_options
 @data_options
 @common
-def convert(model, output, bits, wbits, abits, method, calib_data, rules_path, table_in, table_out, percentile,
-            wcalib, bias_correction, bit_alloc, bins, save_stats, load_stats, report_path, suggest_rules,
-            target_sqnr, top_k, high_bits, **data_opts):
+def convert(
+    model,
+    output,
+    bits,
+    wbits,
+    abits,
+    method,
+    calib_data,
+    rules_path,
+    table_in,
+    table_out,
+    percentile,
+    wcalib,
+    bias_correction,
+    bit_alloc,
+    bins,
+    save_stats,
+    load_stats,
+    report_path,
+    suggest_rules,
+    target_sqnr,
+    top_k,
+    high_bits,
+    **data_opts,
+):
     """Fold, calibrate and insert Q/DQ: write a quantized model ONNX Runtime and TensorRT run.
 
     \b
@@ -97,7 +178,9 @@ def convert(model, output, bits, wbits, abits, method, calib_data, rules_path, t
         if path is not None:
             check_output_path(path, model)
     if suggest_rules is not None and report_path is None:
-        raise click.UsageError("--suggest-rules needs --report: the suggestion comes from the sensitivity ranking")
+        raise click.UsageError(
+            "--suggest-rules needs --report: the suggestion comes from the sensitivity ranking"
+        )
     rules = cli_rules(rules_path, wbits=wbits, abits=abits, method=method, wmethod=wcalib)
     suggest = None
     if suggest_rules is not None:
@@ -109,16 +192,39 @@ def convert(model, output, bits, wbits, abits, method, calib_data, rules_path, t
     data = open_cli_data(float_model, calib_data, **data_opts)
     if report_path is not None and data is None:
         raise click.UsageError("--report needs --calib-data (or --calib-reader) to compare the models on")
-    result = api.convert(float_model, rules, data=data, table=table, stats=stats, progress=sys.stderr.isatty(),
-                         bias_correction=bias_correction, bit_alloc=bit_alloc, bins=bins,
-                         percentile=percentile)
+    result = api.convert(
+        float_model,
+        rules,
+        data=data,
+        table=table,
+        stats=stats,
+        progress=sys.stderr.isatty(),
+        bias_correction=bias_correction,
+        bit_alloc=bit_alloc,
+        bins=bins,
+        percentile=percentile,
+    )
     report = None
     if report_path is not None:
-        report = api.report(result.float_model, result.model, data, stats=result.stats, table=result.table,
-                            suggest=suggest, progress=sys.stderr.isatty())
+        report = api.report(
+            result.float_model,
+            result.model,
+            data,
+            stats=result.stats,
+            table=result.table,
+            suggest=suggest,
+            progress=sys.stderr.isatty(),
+        )
         if suggest is not None:
-            report = api.measure_suggestion(report, float_model, data, bias_correction=bias_correction,
-                                            bit_alloc=bit_alloc, bins=bins, percentile=percentile)
+            report = api.measure_suggestion(
+                report,
+                float_model,
+                data,
+                bias_correction=bias_correction,
+                bit_alloc=bit_alloc,
+                bins=bins,
+                percentile=percentile,
+            )
     save_model(result.model, out)
     if table_out is not None:
         tables.save_table(result.table, table_out)
@@ -133,13 +239,21 @@ def convert(model, output, bits, wbits, abits, method, calib_data, rules_path, t
 
 def _print_convert_summary(result, size_in: int, size_out: int, out: Path) -> None:
     s = result.summary
-    folded = ", ".join(f"{o.nodes[0]} into {o.nodes[1]}" if len(o.nodes) > 1 else o.nodes[0]
-                       for o in result.folded) or "none"
+    folded = (
+        ", ".join(
+            f"{o.nodes[0]} into {o.nodes[1]}" if len(o.nodes) > 1 else o.nodes[0] for o in result.folded
+        )
+        or "none"
+    )
     click.echo(f"folded {len(result.folded)} nodes: {folded}")
-    click.echo("weights quantized: " + (", ".join(f"{n} at {b} bits" for b, n in sorted(s.weights.items()))
-                                        or "none"))
-    click.echo("activations quantized: " + (", ".join(f"{n} at {b} bits" for b, n in sorted(s.activations.items()))
-                                            or "none"))
+    click.echo(
+        "weights quantized: "
+        + (", ".join(f"{n} at {b} bits" for b, n in sorted(s.weights.items())) or "none")
+    )
+    click.echo(
+        "activations quantized: "
+        + (", ".join(f"{n} at {b} bits" for b, n in sorted(s.activations.items())) or "none")
+    )
     if s.float_nodes:
         click.echo(f"left in float: {len(s.float_nodes)} nodes")
         for name, op, reason in s.float_nodes[:12]:
@@ -148,15 +262,26 @@ def _print_convert_summary(result, size_in: int, size_out: int, out: Path) -> No
             click.echo(f"  ... and {len(s.float_nodes) - 12} more (see `onnxquant inspect`)")
     for note in result.notes:
         click.echo(f"note: {note}")
-    click.echo(f"size: {human_size(size_in)} -> {human_size(size_out)} ({size_out / size_in:.3f}x); wrote {out}")
+    click.echo(
+        f"size: {human_size(size_in)} -> {human_size(size_out)} ({size_out / size_in:.3f}x); wrote {out}"
+    )
 
 
 @main.command()
 @click.argument("model", type=MODEL)
-@click.option("--calib-data", type=click.Path(exists=True, path_type=Path), default=None,
-              help=".npz/.npy file, a directory of them, or a directory of images.")
-@click.option("--calib", "method", type=CALIB_CHOICE, default=None,
-              help="Calibration method [default: the rule file's].")
+@click.option(
+    "--calib-data",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help=".npz/.npy file, a directory of them, or a directory of images.",
+)
+@click.option(
+    "--calib",
+    "method",
+    type=CALIB_CHOICE,
+    default=None,
+    help="Calibration method [default: the rule file's].",
+)
 @click.option("--bits", type=BITS, default=None, help="Activation width.")
 @rules_option
 @click.option("--percentile", type=click.FloatRange(50, 100), default=99.99, show_default=True)
@@ -182,8 +307,10 @@ def calibrate(model, calib_data, method, bits, rules_path, percentile, output, *
     table, _ = api.complete_table(folded, plan, table)
     tables.save_table(table, output)
     acts = len(table.activations())
-    click.echo(f"calibrated {acts} activations with {table.method} and {len(table.tensors) - acts} weights; "
-               f"wrote {output}")
+    click.echo(
+        f"calibrated {acts} activations with {table.method} and {len(table.tensors) - acts} weights; "
+        f"wrote {output}"
+    )
 
 
 @main.command()
@@ -258,23 +385,59 @@ def inspect(model, rules_path, bits):
 @main.command()
 @click.argument("float_model", type=MODEL)
 @click.argument("quant_model", type=MODEL)
-@click.option("--data", "data_path", type=click.Path(exists=True, path_type=Path), required=True,
-              help="Evaluation data (.npz/.npy/directory), as for --calib-data.")
+@click.option(
+    "--data",
+    "data_path",
+    type=click.Path(exists=True, path_type=Path),
+    required=True,
+    help="Evaluation data (.npz/.npy/directory), as for --calib-data.",
+)
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="HTML report path.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Also write JSON.")
 @click.option("--labels", "labels_key", default=None, help="Key of an integer labels array in the .npz data.")
-@click.option("--sensitivity-samples", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Samples for the isolated (one layer quantized) sensitivity runs.")
-@click.option("--stats", "stats_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Saved calibration statistics (convert/calibrate --save-stats) for the calibration view.")
-@click.option("--rules", "rules_path", default=None,
-              help="Rules the model was converted with (folding, and the base of --suggest-rules).")
+@click.option(
+    "--sensitivity-samples",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Samples for the isolated (one layer quantized) sensitivity runs.",
+)
+@click.option(
+    "--stats",
+    "stats_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Saved calibration statistics (convert/calibrate --save-stats) for the calibration view.",
+)
+@click.option(
+    "--rules",
+    "rules_path",
+    default=None,
+    help="Rules the model was converted with (folding, and the base of --suggest-rules).",
+)
 @suggest_options
-@click.option("--fail-under-sqnr", type=float, default=None, help="Exit 1 when any output's SQNR is below DB.")
+@click.option(
+    "--fail-under-sqnr", type=float, default=None, help="Exit 1 when any output's SQNR is below DB."
+)
 @data_options
 @common
-def report(float_model, quant_model, data_path, output, json_path, labels_key, sensitivity_samples, stats_path,
-           rules_path, suggest_rules, target_sqnr, top_k, high_bits, fail_under_sqnr, **data_opts):
+def report(
+    float_model,
+    quant_model,
+    data_path,
+    output,
+    json_path,
+    labels_key,
+    sensitivity_samples,
+    stats_path,
+    rules_path,
+    suggest_rules,
+    target_sqnr,
+    top_k,
+    high_bits,
+    fail_under_sqnr,
+    **data_opts,
+):
     """Compare a quantized model with its float original: per-layer error, sensitivity, outputs.
 
     \b
@@ -294,8 +457,16 @@ def report(float_model, quant_model, data_path, output, json_path, labels_key, s
     suggest = None
     if suggest_rules is not None:
         suggest = SuggestOptions(rules, k=top_k, target_sqnr=target_sqnr, high_bits=high_bits)
-    result = api.report(float_m, quant_m, data, labels=labels, sensitivity_samples=sensitivity_samples,
-                        stats=stats, suggest=suggest, progress=sys.stderr.isatty())
+    result = api.report(
+        float_m,
+        quant_m,
+        data,
+        labels=labels,
+        sensitivity_samples=sensitivity_samples,
+        stats=stats,
+        suggest=suggest,
+        progress=sys.stderr.isatty(),
+    )
     _write_report(result, output, json_path)
     if result.suggestion is not None:
         _write_suggestion(result.suggestion, suggest_rules)
@@ -307,9 +478,14 @@ def _write_suggestion(suggestion, path: Path) -> None:
         tmp.write_text(suggestion.rules_text(), encoding="utf-8")
     gain = suggestion.measured or suggestion.predicted or {}
     kind = "measured" if suggestion.measured else "predicted"
-    change = ", ".join(f"{name} {suggestion.before[name]:.1f} -> {db:.1f} dB" for name, db in gain.items()
-                       if name in suggestion.before)
-    click.echo(f"wrote {path}: {suggestion.k} layers at {suggestion.high_bits} bits; {kind} output SQNR {change}")
+    change = ", ".join(
+        f"{name} {suggestion.before[name]:.1f} -> {db:.1f} dB"
+        for name, db in gain.items()
+        if name in suggestion.before
+    )
+    click.echo(
+        f"wrote {path}: {suggestion.k} layers at {suggestion.high_bits} bits; {kind} output SQNR {change}"
+    )
 
 
 def _write_report(result, html_path: Path, json_path: Path | None) -> None:
@@ -332,12 +508,24 @@ def _fail_under(result, threshold: float | None) -> None:
 
 @main.command()
 @click.argument("quant_model", type=MODEL)
-@click.option("--data", "data_path", type=click.Path(exists=True, path_type=Path), required=True,
-              help="Input data (.npz/.npy/directory), as for --calib-data.")
+@click.option(
+    "--data",
+    "data_path",
+    type=click.Path(exists=True, path_type=Path),
+    required=True,
+    help="Input data (.npz/.npy/directory), as for --calib-data.",
+)
 @click.option("--backend", type=click.Choice(BACKENDS), default="numpy", show_default=True)
-@click.option("--requant", type=click.Choice(REQUANT_MODES), default="float", show_default=True,
-              help="float: float32 multiply like ONNX Runtime's CPU kernels; fixed: gemmlowp fixed point.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write results as JSON.")
+@click.option(
+    "--requant",
+    type=click.Choice(REQUANT_MODES),
+    default="float",
+    show_default=True,
+    help="float: float32 multiply like ONNX Runtime's CPU kernels; fixed: gemmlowp fixed point.",
+)
+@click.option(
+    "--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write results as JSON."
+)
 @data_options
 @common
 def validate(quant_model, data_path, backend, requant, json_path, **data_opts):

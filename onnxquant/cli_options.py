@@ -3,6 +3,7 @@
 Every `Choice` is derived from a registry of the library (calibration methods, weight methods, table formats,
 backends, requantization modes), so a new entry there is a new choice here.
 """
+
 from __future__ import annotations
 
 import functools
@@ -53,8 +54,11 @@ def common(fn):
             raise
         except Exception as exc:  # noqa: BLE001  (a bug of ours, InternalError or unforeseen: keep the traceback)
             traceback.print_exc(file=sys.stderr)
-            click.echo(f"internal error: {first_line(exc)} (a bug in onnxquant; please report it with the "
-                       "traceback above)", err=True)
+            click.echo(
+                f"internal error: {first_line(exc)} (a bug in onnxquant; please report it with the "
+                "traceback above)",
+                err=True,
+            )
             sys.exit(InternalError.exit_code)
 
     return wrapper
@@ -69,35 +73,71 @@ def _options(*options):
     return apply
 
 
-rules_option = click.option("--rules", "rules_path", default=None,
-                            help="Rule file (YAML) or preset: default, tensorrt.")
+rules_option = click.option(
+    "--rules", "rules_path", default=None, help="Rule file (YAML) or preset: default, tensorrt."
+)
 
 data_options = _options(
-    click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
-                 help="Samples per inference batch."),
+    click.option(
+        "--batch-size",
+        type=click.IntRange(min=1),
+        default=32,
+        show_default=True,
+        help="Samples per inference batch.",
+    ),
     click.option("--max-samples", type=click.IntRange(min=1), default=None, help="Use at most N samples."),
-    click.option("--calib-reader", metavar="MODULE:FUNCTION", default=None,
-                 help="A function returning an iterable of {input_name: array} batches."),
+    click.option(
+        "--calib-reader",
+        metavar="MODULE:FUNCTION",
+        default=None,
+        help="A function returning an iterable of {input_name: array} batches.",
+    ),
     click.option("--image-size", metavar="HxW", default=None, help="Resize images (image directories)."),
     click.option("--image-mean", metavar="M[,M,M]", default=None, help="Per-channel mean after scaling."),
     click.option("--image-std", metavar="S[,S,S]", default=None, help="Per-channel std after scaling."),
-    click.option("--image-layout", type=click.Choice(IMAGE_LAYOUTS), default=None,
-                 help="Layout of the model's image input."),
+    click.option(
+        "--image-layout",
+        type=click.Choice(IMAGE_LAYOUTS),
+        default=None,
+        help="Layout of the model's image input.",
+    ),
 )
 
 suggest_options = _options(
-    click.option("--suggest-rules", type=click.Path(path_type=Path), default=None,
-                 help="Write a rule file keeping the most sensitive layers at --high-bits."),
-    click.option("--target-sqnr", type=float, default=None,
-                 help="Keep the fewest layers predicted to reach this output SQNR (dB)."),
-    click.option("--top-k", type=click.IntRange(min=0), default=None,
-                 help="Keep this many layers (default 3 without --target-sqnr)."),
+    click.option(
+        "--suggest-rules",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="Write a rule file keeping the most sensitive layers at --high-bits.",
+    ),
+    click.option(
+        "--target-sqnr",
+        type=float,
+        default=None,
+        help="Keep the fewest layers predicted to reach this output SQNR (dB).",
+    ),
+    click.option(
+        "--top-k",
+        type=click.IntRange(min=0),
+        default=None,
+        help="Keep this many layers (default 3 without --target-sqnr).",
+    ),
     click.option("--high-bits", type=BITS, default=8, show_default=True, help="Width of the kept layers."),
 )
 
 
-def open_cli_data(model, path, batch_size, max_samples, calib_reader, image_size, image_mean, image_std,
-                  image_layout, extra_keys=()):
+def open_cli_data(
+    model,
+    path,
+    batch_size,
+    max_samples,
+    calib_reader,
+    image_size,
+    image_mean,
+    image_std,
+    image_layout,
+    extra_keys=(),
+):
     """The batches the data options describe, or None when neither a path nor a reader was given."""
     if path is None and calib_reader is None:
         return None
@@ -107,16 +147,26 @@ def open_cli_data(model, path, batch_size, max_samples, calib_reader, image_size
             size=parse_numbers(image_size, "--image-size", "x", int) if image_size else None,
             mean=parse_numbers(image_mean, "--image-mean") if image_mean else (0.0, 0.0, 0.0),
             std=parse_numbers(image_std, "--image-std") if image_std else (1.0, 1.0, 1.0),
-            layout=image_layout or "NCHW")
-    return open_data(path, input_specs(model), batch_size=batch_size, max_samples=max_samples,
-                     image_options=images, reader=calib_reader, extra_keys=extra_keys)
+            layout=image_layout or "NCHW",
+        )
+    return open_data(
+        path,
+        input_specs(model),
+        batch_size=batch_size,
+        max_samples=max_samples,
+        image_options=images,
+        reader=calib_reader,
+        extra_keys=extra_keys,
+    )
 
 
 def parse_numbers(text: str, flag: str, sep: str = ",", kind=float) -> tuple:
     try:
         return tuple(kind(v) for v in text.split(sep))
     except ValueError:
-        raise click.BadParameter(f"{text!r}: expected numbers separated by {sep!r}", param_hint=flag) from None
+        raise click.BadParameter(
+            f"{text!r}: expected numbers separated by {sep!r}", param_hint=flag
+        ) from None
 
 
 def cli_rules(rules_path, **cli):

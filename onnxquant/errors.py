@@ -4,6 +4,7 @@
 code 2 (1 for `CheckFailed`). `InternalError` is a bug of ours (a broken invariant): it is not a user error,
 the CLI shows the traceback and exits with code 70 (EX_SOFTWARE).
 """
+
 from __future__ import annotations
 
 

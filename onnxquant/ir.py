@@ -11,6 +11,7 @@ name gets `_<k>`, always avoiding names that are taken, so a rule written for a 
 Constants are read without replacing graph-surgeon's stored TensorProto (`Constant.values` would), so an
 untouched constant is exported as it was read: raw or typed data, INT4 packing.
 """
+
 from __future__ import annotations
 
 import heapq

@@ -5,6 +5,7 @@
 directory), dynamic batch dimensions. `save_model` writes atomically. `make_session` builds an ONNX Runtime
 session, asking for the CUDA provider only when it can actually load.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -54,11 +55,15 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     _load_external_data(model, path.parent)
     opset = opset_of(model)
     if opset < MIN_OPSET:
-        raise BadModelError(f"{path}: opset {opset} is not supported; accepted: opset {MIN_OPSET} or newer "
-                            "(convert with onnx.version_converter)")
+        raise BadModelError(
+            f"{path}: opset {opset} is not supported; accepted: opset {MIN_OPSET} or newer "
+            "(convert with onnx.version_converter)"
+        )
     if opset > onnx.defs.onnx_opset_version():
-        raise BadModelError(f"{path}: opset {opset} is newer than this onnx package knows "
-                            f"({onnx.defs.onnx_opset_version()}); upgrade onnx")
+        raise BadModelError(
+            f"{path}: opset {opset} is newer than this onnx package knows "
+            f"({onnx.defs.onnx_opset_version()}); upgrade onnx"
+        )
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
@@ -90,8 +95,10 @@ def _load_external_data(model: onnx.ModelProto, base: Path) -> None:
         location = info.get("location", "")
         target = (base / location).resolve()
         if Path(location).is_absolute() or base not in target.parents:
-            raise BadModelError(f"tensor {tensor.name!r}: external data location {location!r} points outside "
-                                f"the model's directory {base}; accepted: a relative path inside it")
+            raise BadModelError(
+                f"tensor {tensor.name!r}: external data location {location!r} points outside "
+                f"the model's directory {base}; accepted: a relative path inside it"
+            )
         if not target.is_file():
             raise BadModelError(f"tensor {tensor.name!r}: external data file {target} not found")
         offset, length = int(info.get("offset", 0)), info.get("length")
@@ -100,8 +107,10 @@ def _load_external_data(model: onnx.ModelProto, base: Path) -> None:
             data = f.read(int(length)) if length is not None else f.read()
         expected = int(np.prod(tensor.dims)) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
         if tensor.data_type != onnx.TensorProto.STRING and len(data) < expected:
-            raise BadModelError(f"tensor {tensor.name!r}: external data file {target} is truncated "
-                                f"({len(data)} of {expected} bytes)")
+            raise BadModelError(
+                f"tensor {tensor.name!r}: external data file {target} is truncated "
+                f"({len(data)} of {expected} bytes)"
+            )
         tensor.raw_data = data
         del tensor.external_data[:]
         tensor.data_location = onnx.TensorProto.DEFAULT
@@ -119,6 +128,7 @@ def _all_tensors(model: onnx.ModelProto) -> Iterable[onnx.TensorProto]:
                 elif attr.type == onnx.AttributeProto.GRAPHS:
                     for g in attr.graphs:
                         yield from graph_tensors(g)
+
     yield from graph_tensors(model.graph)
 
 
@@ -173,8 +183,10 @@ def upgrade_opset(model: onnx.ModelProto, target: int = INT4_OPSET) -> onnx.Mode
         converted = version_converter.convert_version(model, target)
         onnx.checker.check_model(converted)
     except Exception as exc:
-        raise BadModelError(f"model: cannot upgrade opset {opset_of(model)} to {target} for INT4 storage "
-                            f"({first_line(exc)}); accepted: --bits 5..8, or a model that converts") from exc
+        raise BadModelError(
+            f"model: cannot upgrade opset {opset_of(model)} to {target} for INT4 storage "
+            f"({first_line(exc)}); accepted: --bits 5..8, or a model that converts"
+        ) from exc
     return infer_shapes(converted)
 
 
@@ -249,16 +261,18 @@ def _cuda_loads() -> bool:
     return True
 
 
-def make_session(model: onnx.ModelProto | bytes, optimize: bool = True, use_gpu: bool = False,
-                 spin: bool = True):
+def make_session(
+    model: onnx.ModelProto | bytes, optimize: bool = True, use_gpu: bool = False, spin: bool = True
+):
     """An ONNX Runtime session; `optimize=False` disables all graph optimizations. `spin=False` stops idle
     worker threads from spinning, which leaves the CPU to Python work that runs alongside inference."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if not spin:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     providers = list(available_providers()) if use_gpu else ["CPUExecutionProvider"]
     data = model if isinstance(model, bytes) else model.SerializeToString()
     try:

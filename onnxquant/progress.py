@@ -1,4 +1,5 @@
 """Progress bars on stderr, shared by every stage that loops over data or layers."""
+
 from __future__ import annotations
 
 import sys

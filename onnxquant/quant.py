@@ -4,6 +4,7 @@
 `[−2^(b−1), 2^(b−1)−1]`, unsigned `[0, 2^b−1]`. Symmetric ranges are signed with z = 0 and use
 `s = amax / (2^(b−1) − 1)` (the most negative code stays unused, as TensorRT and ONNX Runtime do).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,8 +59,13 @@ def qparams_from_range(lo, hi, bits, symmetric: bool, axis: int | None = None) -
         scale = np.maximum((hi - lo) / levels, tiny)
         zero = np.clip(np.round(-lo / scale), 0, levels).astype(np.int64)
     scale = scale.astype(np.float32)
-    return QParams(scale=scale, zero_point=zero, bits=bits if np.ndim(bits) == 0 else bits_arr,
-                   signed=symmetric, axis=axis)
+    return QParams(
+        scale=scale,
+        zero_point=zero,
+        bits=bits if np.ndim(bits) == 0 else bits_arr,
+        signed=symmetric,
+        axis=axis,
+    )
 
 
 def _broadcast(values: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:

@@ -1,4 +1,5 @@
 """The CLI end to end on the digits demo, and every kind of bad input: one line, exit 2, nothing written."""
+
 from __future__ import annotations
 
 import hashlib
@@ -35,15 +36,32 @@ def accuracy(model_path: Path) -> float:
 
 
 def digest(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()
+    }
 
 
 def test_convert_w8a8_keeps_accuracy_and_shrinks_the_file(demo):
     out = demo / "w8.onnx"
-    result = invoke("convert", demo / "model.onnx", "--bits", "8", "--calib", "minmax",
-                    "--calib-data", demo / "calib.npz", "-o", out, "--table-out", demo / "t.json")
+    result = invoke(
+        "convert",
+        demo / "model.onnx",
+        "--bits",
+        "8",
+        "--calib",
+        "minmax",
+        "--calib-data",
+        demo / "calib.npz",
+        "-o",
+        out,
+        "--table-out",
+        demo / "t.json",
+    )
     assert result.exit_code == 0, result.output
-    assert "folded 4 nodes: bn1 into conv1," in result.output and "weights quantized: 5 at 8 bits" in result.output
+    assert (
+        "folded 4 nodes: bn1 into conv1," in result.output
+        and "weights quantized: 5 at 8 bits" in result.output
+    )
     onnx.checker.check_model(onnx.load(out), full_check=True)
     float_acc, quant_acc = accuracy(demo / "model.onnx"), accuracy(out)
     assert quant_acc >= float_acc - 0.005, (float_acc, quant_acc)
@@ -54,13 +72,28 @@ def test_convert_w8a8_keeps_accuracy_and_shrinks_the_file(demo):
 
 def test_convert_w4_stores_int4_weights(demo):
     out = demo / "w4.onnx"
-    result = invoke("convert", demo / "model.onnx", "--wbits", "4", "--abits", "8",
-                    "--calib-data", demo / "calib.npz", "-o", out)
+    result = invoke(
+        "convert",
+        demo / "model.onnx",
+        "--wbits",
+        "4",
+        "--abits",
+        "8",
+        "--calib-data",
+        demo / "calib.npz",
+        "-o",
+        out,
+    )
     assert result.exit_code == 0, result.output
     model = onnx.load(out)
     assert model.opset_import[0].version >= 21
-    assert sum(t.data_type == onnx.TensorProto.INT4 and t.name.endswith("weight_quantized")
-               for t in model.graph.initializer) == 5
+    assert (
+        sum(
+            t.data_type == onnx.TensorProto.INT4 and t.name.endswith("weight_quantized")
+            for t in model.graph.initializer
+        )
+        == 5
+    )
     assert out.stat().st_size <= 0.18 * (demo / "model.onnx").stat().st_size
 
 
@@ -68,14 +101,25 @@ def test_w4a4_laplace_with_bias_correction_beats_minmax(demo):
     ev = np.load(DEMO / "eval.npz")
     reference = make_session(onnx.load(demo / "model.onnx")).run(None, {"input": ev["input"]})[0]
     scores = {}
-    for name, flags in {"minmax": ("--calib", "minmax"),
-                        "laplace": ("--calib", "laplace", "--bias-correction")}.items():
+    for name, flags in {
+        "minmax": ("--calib", "minmax"),
+        "laplace": ("--calib", "laplace", "--bias-correction"),
+    }.items():
         out = demo / f"{name}.onnx"
-        result = invoke("convert", demo / "model.onnx", "--bits", "4", *flags, "--calib-data", demo / "calib.npz",
-                        "-o", out)
+        result = invoke(
+            "convert",
+            demo / "model.onnx",
+            "--bits",
+            "4",
+            *flags,
+            "--calib-data",
+            demo / "calib.npz",
+            "-o",
+            out,
+        )
         assert result.exit_code == 0, result.output
         logits = make_session(onnx.load(out)).run(None, {"input": ev["input"]})[0]
-        sqnr = 10 * np.log10(np.sum(reference ** 2) / np.sum((reference - logits) ** 2))
+        sqnr = 10 * np.log10(np.sum(reference**2) / np.sum((reference - logits) ** 2))
         scores[name] = (accuracy(out), sqnr)
     assert scores["laplace"][0] >= accuracy(demo / "model.onnx") - 0.02
     assert scores["laplace"][0] > scores["minmax"][0] and scores["laplace"][1] > scores["minmax"][1], scores
@@ -100,7 +144,10 @@ def test_fold_and_inspect(demo):
     np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max())
     result = invoke("inspect", demo / "model.onnx", "--rules", "tensorrt", "--bits", "4")
     assert result.exit_code == 0, result.output
-    assert "fold [fold_conv_bn] folded BN 'bn1' into 'conv1'" in result.output and "conv2 (Conv): W4 per_channel minmax, A4" in result.output
+    assert (
+        "fold [fold_conv_bn] folded BN 'bn1' into 'conv1'" in result.output
+        and "conv2 (Conv): W4 per_channel minmax, A4" in result.output
+    )
     assert "relu1 (Relu): fused into the quantized node before it" in result.output
     assert "relu2 (Relu): float: op type Relu not in quantize_ops" in result.output
 
@@ -108,32 +155,43 @@ def test_fold_and_inspect(demo):
 def _bad_npz(folder: Path, kind: str) -> Path:
     x = np.load(folder / "calib.npz")["input"]
     path = folder / f"bad_{kind}.npz"
-    arrays = {"nan": {"input": np.where(np.arange(x.size).reshape(x.shape) == 77, np.nan, x)},
-              "name": {"image": x}, "rank": {"input": x[:, 0]}, "shape": {"input": x[:, :, :4]},
-              "dtype": {"input": (x * 16).astype(np.int32)}, "empty": {"input": x[:0]}}[kind]
+    arrays = {
+        "nan": {"input": np.where(np.arange(x.size).reshape(x.shape) == 77, np.nan, x)},
+        "name": {"image": x},
+        "rank": {"input": x[:, 0]},
+        "shape": {"input": x[:, :, :4]},
+        "dtype": {"input": (x * 16).astype(np.int32)},
+        "empty": {"input": x[:0]},
+    }[kind]
     np.savez(path, **arrays)
     return path
 
 
-@pytest.mark.parametrize("case, pattern", [
-    ("not_onnx", "not a readable ONNX model|not an ONNX model|invalid ONNX model"),
-    ("truncated", "model.onnx"),
-    ("directory", "is a directory"),
-    ("bits0", "--bits"),
-    ("bits9", "--bits"),
-    ("same_output", "equals the input"),
-    ("unwritable", "does not exist"),
-    ("rules_unknown_key", "unknown key 'weight'"),
-    ("rules_wrong_type", "weights.bits"),
-    ("nan", "NaN|Inf"),
-    ("name", "input"),
-    ("rank", "input"),
-    ("shape", "input"),
-    ("dtype", "input"),
-    ("empty", "empty|no samples|0 samples"),
-    ("old_opset", "opset 9 is not supported"),
-    ("bit_alloc_kl", "per-channel bit allocation needs a per-channel method; accepted: gauss, laplace, minmax"),
-])
+@pytest.mark.parametrize(
+    "case, pattern",
+    [
+        ("not_onnx", "not a readable ONNX model|not an ONNX model|invalid ONNX model"),
+        ("truncated", "model.onnx"),
+        ("directory", "is a directory"),
+        ("bits0", "--bits"),
+        ("bits9", "--bits"),
+        ("same_output", "equals the input"),
+        ("unwritable", "does not exist"),
+        ("rules_unknown_key", "unknown key 'weight'"),
+        ("rules_wrong_type", "weights.bits"),
+        ("nan", "NaN|Inf"),
+        ("name", "input"),
+        ("rank", "input"),
+        ("shape", "input"),
+        ("dtype", "input"),
+        ("empty", "empty|no samples|0 samples"),
+        ("old_opset", "opset 9 is not supported"),
+        (
+            "bit_alloc_kl",
+            "per-channel bit allocation needs a per-channel method; accepted: gauss, laplace, minmax",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_exit_2_nothing_written(demo, case, pattern):
     model = demo / "model.onnx"
     args = ["convert", model, "--calib-data", demo / "calib.npz", "-o", demo / "out.onnx"]
@@ -176,8 +234,9 @@ def test_bad_input_is_one_line_exit_2_nothing_written(demo, case, pattern):
 
 def test_debug_shows_the_traceback(demo):
     (demo / "model.onnx").write_bytes(b"garbage")
-    result = CliRunner().invoke(main, ["convert", str(demo / "model.onnx"), "--calib-data",
-                                       str(demo / "calib.npz"), "--debug"])
+    result = CliRunner().invoke(
+        main, ["convert", str(demo / "model.onnx"), "--calib-data", str(demo / "calib.npz"), "--debug"]
+    )
     assert result.exit_code != 0 and result.exception is not None
     assert type(result.exception).__name__ == "BadModelError"
 
@@ -185,38 +244,88 @@ def test_debug_shows_the_traceback(demo):
 def test_every_command_has_help_with_an_example():
     for command in ("convert", "calibrate", "table", "fold", "inspect"):
         result = invoke(command, "--help")
-        assert result.exit_code == 0 and "Example:" in result.output and "onnxquant " + command in result.output
+        assert (
+            result.exit_code == 0 and "Example:" in result.output and "onnxquant " + command in result.output
+        )
 
 
 def test_report_and_suggested_rules_end_to_end(demo):
     q4 = demo / "w4.onnx"
-    result = invoke("convert", demo / "model.onnx", "--bits", "4", "--calib", "laplace", "--calib-data",
-                    demo / "calib.npz", "-o", q4, "--report", demo / "conv.html", "--suggest-rules", demo / "s.yaml",
-                    "--top-k", "2")
+    result = invoke(
+        "convert",
+        demo / "model.onnx",
+        "--bits",
+        "4",
+        "--calib",
+        "laplace",
+        "--calib-data",
+        demo / "calib.npz",
+        "-o",
+        q4,
+        "--report",
+        demo / "conv.html",
+        "--suggest-rules",
+        demo / "s.yaml",
+        "--top-k",
+        "2",
+    )
     assert result.exit_code == 0, result.output
     line = next(ln for ln in result.output.splitlines() if ln.startswith(f"wrote {demo / 's.yaml'}"))
     before, after = (float(v) for v in __import__("re").findall(r"logits (\S+) -> (\S+) dB", line)[0])
     assert "measured" in line and after > before + 1.0
     report = demo / "r.html"
-    result = CliRunner().invoke(main, ["report", str(demo / "model.onnx"), str(q4), "--data", str(demo / "eval.npz"),
-                                       "--labels", "labels", "-o", str(report), "--json", str(demo / "r.json"),
-                                       "--fail-under-sqnr", "60"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "report",
+            str(demo / "model.onnx"),
+            str(q4),
+            "--data",
+            str(demo / "eval.npz"),
+            "--labels",
+            "labels",
+            "-o",
+            str(report),
+            "--json",
+            str(demo / "r.json"),
+            "--fail-under-sqnr",
+            "60",
+        ],
+    )
     assert result.exit_code == 1 and "below 60" in result.output
     data = json.loads((demo / "r.json").read_text())
     assert data["outputs"][0]["name"] == "logits" and report.read_text().startswith("<!DOCTYPE html>")
-    result = CliRunner().invoke(main, ["report", str(demo / "model.onnx"), str(q4), "--data", str(demo / "eval.npz"),
-                                       "--labels", "nolabels", "-o", str(demo / "r2.html")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "report",
+            str(demo / "model.onnx"),
+            str(q4),
+            "--data",
+            str(demo / "eval.npz"),
+            "--labels",
+            "nolabels",
+            "-o",
+            str(demo / "r2.html"),
+        ],
+    )
     assert result.exit_code == 2 and not (demo / "r2.html").exists()
 
 
 def test_validate_exit_codes(demo):
     q8 = demo / "w8.onnx"
-    assert invoke("convert", demo / "model.onnx", "--bits", "8", "--calib-data", demo / "calib.npz",
-                  "-o", q8).exit_code == 0
+    assert (
+        invoke(
+            "convert", demo / "model.onnx", "--bits", "8", "--calib-data", demo / "calib.npz", "-o", q8
+        ).exit_code
+        == 0
+    )
     result = invoke("validate", q8, "--data", demo / "eval.npz", "--json", demo / "v.json")
     assert result.exit_code == 0 and "PASSED" in result.output, result.output
     assert json.loads((demo / "v.json").read_text())["passed"] is True
-    result = CliRunner().invoke(main, ["validate", str(demo / "model.onnx"), "--data", str(demo / "eval.npz")])
+    result = CliRunner().invoke(
+        main, ["validate", str(demo / "model.onnx"), "--data", str(demo / "eval.npz")]
+    )
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
 
 
@@ -230,7 +339,10 @@ def test_a_bug_of_ours_exits_70_with_its_traceback(demo, monkeypatch):
     monkeypatch.setattr(api, "fold", broken)
     result = CliRunner().invoke(main, ["fold", str(demo / "model.onnx"), "-o", str(demo / "f.onnx")])
     assert result.exit_code == 70
-    assert "Traceback" in result.output and "internal error: plan and graph disagree on tensor t" in result.output
+    assert (
+        "Traceback" in result.output
+        and "internal error: plan and graph disagree on tensor t" in result.output
+    )
     assert not (demo / "f.onnx").exists()
 
 
@@ -243,8 +355,21 @@ def test_first_line_of_an_empty_message_is_the_type_name():
 
 def test_a_table_written_by_convert_reproduces_the_model_byte_for_byte(demo):
     first, second, table = demo / "a.onnx", demo / "b.onnx", demo / "t.json"
-    result = invoke("convert", demo / "model.onnx", "--bits", "4", "--calib", "laplace", "--bias-correction",
-                    "--calib-data", demo / "calib.npz", "-o", first, "--table-out", table)
+    result = invoke(
+        "convert",
+        demo / "model.onnx",
+        "--bits",
+        "4",
+        "--calib",
+        "laplace",
+        "--bias-correction",
+        "--calib-data",
+        demo / "calib.npz",
+        "-o",
+        first,
+        "--table-out",
+        table,
+    )
     assert result.exit_code == 0, result.output
     entries = json.loads(table.read_text())["tensors"]
     weights = {name for name, e in entries.items() if e.get("kind") == "weight"}

@@ -1,4 +1,5 @@
 """The bundled digits demo (calib_data/digits) and the ResNet-18 generator in tools/."""
+
 from __future__ import annotations
 
 import importlib.util

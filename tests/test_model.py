@@ -1,4 +1,5 @@
 """Loading real-world model shapes: Constant-node weights, external data, dynamic batch, opsets 11..21."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,15 +25,24 @@ B = RNG.standard_normal(4).astype(np.float32)
 
 
 def conv_model(opset: int = 13, constant_nodes: bool = False, batch: int | str = "N") -> onnx.ModelProto:
-    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["y"], ["z"])]
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["y"], ["z"]),
+    ]
     inits = [numpy_helper.from_array(W, "w"), numpy_helper.from_array(B, "b")]
     if constant_nodes:
-        nodes = [helper.make_node("Constant", [], ["w"], value=inits[0]),
-                 helper.make_node("Constant", [], ["b"], value=inits[1])] + nodes
+        nodes = [
+            helper.make_node("Constant", [], ["w"], value=inits[0]),
+            helper.make_node("Constant", [], ["b"], value=inits[1]),
+        ] + nodes
         inits = []
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 6, 6])],
-                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [batch, 4, 6, 6])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 6, 6])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [batch, 4, 6, 6])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 7 if opset < 21 else 10
     return model
@@ -62,8 +72,9 @@ def test_constant_node_weights_become_initializers(tmp_path):
 
 
 def test_external_data_is_loaded(tmp_path):
-    onnx.save(conv_model(), tmp_path / "ext.onnx", save_as_external_data=True, location="ext.bin",
-              size_threshold=0)
+    onnx.save(
+        conv_model(), tmp_path / "ext.onnx", save_as_external_data=True, location="ext.bin", size_threshold=0
+    )
     assert (tmp_path / "ext.bin").exists()
     loaded = load_model(tmp_path / "ext.onnx")
     x = RNG.standard_normal((1, 3, 6, 6)).astype(np.float32)
@@ -73,7 +84,9 @@ def test_external_data_is_loaded(tmp_path):
 def test_external_data_outside_model_directory_is_refused(tmp_path):
     inner = tmp_path / "inner"
     inner.mkdir()
-    onnx.save(conv_model(), tmp_path / "tmp.onnx", save_as_external_data=True, location="w.bin", size_threshold=0)
+    onnx.save(
+        conv_model(), tmp_path / "tmp.onnx", save_as_external_data=True, location="w.bin", size_threshold=0
+    )
     model = onnx.load(tmp_path / "tmp.onnx", load_external_data=False)
     for t in model.graph.initializer:
         for entry in t.external_data:
@@ -91,10 +104,13 @@ def test_dynamic_batch_survives_loading(tmp_path):
     assert run(model, RNG.standard_normal((5, 3, 6, 6)).astype(np.float32)).shape == (5, 4, 6, 6)
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"not a model at all", "not a readable ONNX model|not an ONNX model|invalid ONNX model"),
-    (None, "truncated|not a readable ONNX model|invalid ONNX model"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"not a model at all", "not a readable ONNX model|not an ONNX model|invalid ONNX model"),
+        (None, "truncated|not a readable ONNX model|invalid ONNX model"),
+    ],
+)
 def test_bad_files_are_one_line_errors(tmp_path, content, message):
     path = tmp_path / "bad.onnx"
     data = conv_model().SerializeToString()
@@ -128,8 +144,16 @@ def test_unnamed_nodes_get_unique_names():
 
 
 def test_naming_never_renames_a_user_named_node():
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Relu", ["y"], ["z"], name="Relu_0"),
-                               helper.make_node("Relu", ["z"], ["u"], name="Relu_0")], "g", [], [])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Relu", ["x"], ["y"]),
+            helper.make_node("Relu", ["y"], ["z"], name="Relu_0"),
+            helper.make_node("Relu", ["z"], ["u"], name="Relu_0"),
+        ],
+        "g",
+        [],
+        [],
+    )
     name_nodes(graph)
     assert [n.name for n in graph.node] == ["Relu_0_1", "Relu_0", "Relu_0_2"]
 

@@ -1,6 +1,7 @@
 """The code base keeps its shape: ruff-clean and ruff-formatted under pyproject's one configuration, every
 module imports in a fresh interpreter without the optional extras, no import cycles between modules, and no
 function-local imports except of optional heavy dependencies."""
+
 from __future__ import annotations
 
 import ast
@@ -25,8 +26,13 @@ def _ruff() -> str:
 
 @pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=["check", "format"])
 def test_ruff(command):
-    result = subprocess.run([_ruff(), *command, "--no-cache", "onnxquant", "tests", "tools"], cwd=ROOT,
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [_ruff(), *command, "--no-cache", "onnxquant", "tests", "tools"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-1000:]
 
 
@@ -43,8 +49,13 @@ print(len(names))
 
 
 def test_every_module_imports_without_the_optional_extras():
-    result = subprocess.run([sys.executable, "-c", IMPORT_ALL_WITHOUT_EXTRAS], cwd=ROOT, capture_output=True,
-                            text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORT_ALL_WITHOUT_EXTRAS],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert int(result.stdout.split()[-1]) == len(_modules()) - 1  # all but the package itself
 
@@ -75,8 +86,12 @@ def _imports(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
     while todo:
         node = todo.pop()
         if isinstance(node, (ast.If, ast.Try)):
-            todo += [*node.body, *node.orelse, *getattr(node, "finalbody", []),
-                     *(h for handler in getattr(node, "handlers", []) for h in handler.body)]
+            todo += [
+                *node.body,
+                *node.orelse,
+                *getattr(node, "finalbody", []),
+                *(h for handler in getattr(node, "handlers", []) for h in handler.body),
+            ]
         elif isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -100,7 +115,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
                 path.pop()
                 state[node] = 2
             elif state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             elif not state.get(nxt):
                 state[nxt] = 1
                 stack.append((nxt, iter(sorted(graph[nxt]))))

@@ -1,4 +1,5 @@
 """Calibration tables: canonical JSON, TensorRT cache, ONNX Runtime JSON; round trips and bad files."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,14 @@ def _table() -> CalibrationTable:
         "conv1_out": TensorRange.from_range(-0.7, 6.1, 4, False, "laplace"),
         "relu/1:0": TensorRange.from_range(0.0, 2.0000001, 8, True, "laplace"),
         "neg": TensorRange.from_range(-1 / 3, 1e-20, 8, True, "kl"),
-        "pc": TensorRange.from_range(np.array([-1.0, -0.1, 0.0]), np.array([1.0, 0.3, 2e-7]),
-                                     np.array([4, 8, 2]), True, "laplace", axis=1),
+        "pc": TensorRange.from_range(
+            np.array([-1.0, -0.1, 0.0]),
+            np.array([1.0, 0.3, 2e-7]),
+            np.array([4, 8, 2]),
+            True,
+            "laplace",
+            axis=1,
+        ),
         "zero": TensorRange.from_range(-1.0, 1.0, 8, True, "minmax").with_note("constant 0"),
     }
     return CalibrationTable(method="laplace", bits=8, tensors=tensors)
@@ -119,21 +126,32 @@ def test_ort_legacy_and_plain_ranges(tmp_path):
     assert load_table(tmp_path / "c.json").tensors["neg"].max == 5.0
 
 
-@pytest.mark.parametrize("content,match", [
-    ("", "not a calibration table"),
-    ("{not json", "not a calibration table"),
-    ('{"format": "onnxquant-calibration", "version": 2, "method": "kl", "bits": 8, "tensors": {}}',
-     "version"),
-    ('{"format": "onnxquant-calibration", "version": 1, "method": "kl", "bits": 8, "tensors": {"a": {}}}',
-     "tensor 'a': missing"),
-    (('{"format": "onnxquant-calibration", "version": 1, "method": "kl", "bits": 8, "tensors": {"a": '
-      '{"min": 0, "max": 1, "amax": 1, "scale": -1, "zero_point": 0, "bits": 8, "signed": true, '
-      '"method": "kl"}}}'),
-     "not positive"),
-    ("TRT-8601-EntropyCalibration2\na: zz\n", "line 2"),
-    ('{"a": [1]}', "expected \\[min, max\\]"),
-    ('{"CLS": "TensorsData", "data": {"a": {"lowest": "x", "highest": 1}}}', "not numeric"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ("", "not a calibration table"),
+        ("{not json", "not a calibration table"),
+        (
+            '{"format": "onnxquant-calibration", "version": 2, "method": "kl", "bits": 8, "tensors": {}}',
+            "version",
+        ),
+        (
+            '{"format": "onnxquant-calibration", "version": 1, "method": "kl", "bits": 8, "tensors": {"a": {}}}',
+            "tensor 'a': missing",
+        ),
+        (
+            (
+                '{"format": "onnxquant-calibration", "version": 1, "method": "kl", "bits": 8, "tensors": {"a": '
+                '{"min": 0, "max": 1, "amax": 1, "scale": -1, "zero_point": 0, "bits": 8, "signed": true, '
+                '"method": "kl"}}}'
+            ),
+            "not positive",
+        ),
+        ("TRT-8601-EntropyCalibration2\na: zz\n", "line 2"),
+        ('{"a": [1]}', "expected \\[min, max\\]"),
+        ('{"CLS": "TensorsData", "data": {"a": {"lowest": "x", "highest": 1}}}', "not numeric"),
+    ],
+)
 def test_corrupted_tables_are_errors(tmp_path, content, match):
     path = tmp_path / "bad.table"
     path.write_text(content)

@@ -13,6 +13,7 @@ of BENCHMARKS.md together with the command.
 Each configuration runs `--repeat` times, interleaved with the others (so a slow spell of the machine hits
 all of them), and the table gives the median wall time with the range of the runs, and the largest peak RSS.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,14 +69,30 @@ def _child(kind: str, model: Path, workdir: Path) -> dict:
             def get_next(self):
                 return next(self.it, None)
 
-        quantize_static(str(model), str(workdir / "ort.qdq.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, calibrate_method=CalibrationMethod.Entropy)
+        quantize_static(
+            str(model),
+            str(workdir / "ort.qdq.onnx"),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            calibrate_method=CalibrationMethod.Entropy,
+        )
     else:
         from onnxquant.cli import main
 
         sys.path.insert(0, str(HERE))
-        args = ["convert", str(model), "--calib", kind, "--calib-reader", "bench_calib:reader",
-                "--batch-size", os.environ.get("BENCH_BATCH", "8"), "-o", str(workdir / f"oq.{kind}.onnx")]
+        args = [
+            "convert",
+            str(model),
+            "--calib",
+            kind,
+            "--calib-reader",
+            "bench_calib:reader",
+            "--batch-size",
+            os.environ.get("BENCH_BATCH", "8"),
+            "-o",
+            str(workdir / f"oq.{kind}.onnx"),
+        ]
         try:
             main(args, standalone_mode=False)
         except SystemExit as exc:
@@ -87,8 +104,16 @@ def _child(kind: str, model: Path, workdir: Path) -> dict:
 
 def _run(kind: str, samples: int, model: Path, workdir: Path, batch: int, timeout: float) -> dict | None:
     env = dict(os.environ, BENCH_SAMPLES=str(samples), BENCH_BATCH=str(batch), PYTHONPATH=str(HERE))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--model", str(model),
-           "--workdir", str(workdir)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        kind,
+        "--model",
+        str(model),
+        "--workdir",
+        str(workdir),
+    ]
     try:
         proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -104,30 +129,43 @@ def _markdown(results: dict, command: str) -> str:
     kinds = ["float"] + [k for k in ONNXQUANT_METHODS] + ["ort"]
     names = {"float": "float inference (floor)", "ort": "ONNX Runtime quantize_static Entropy"}
     sizes = sorted({s for (_, s) in results})
-    lines = [MARK_BEGIN, "## Calibration: onnxquant vs ONNX Runtime quantize_static", "",
-             f"`{command}`", "",
-             (f"ResNet-18-shaped model (tools/make_resnet18.py), 224x224, "
-              f"batch {os.environ.get('BENCH_BATCH')}, "
-              f"{platform.machine()}, {os.cpu_count()} CPUs, onnxruntime CPU. "
-              "Median wall time s (range of the runs) / largest peak RSS MB over "
-              f"{os.environ.get('BENCH_REPEAT')} runs, each in its own process."),
-             "", "| configuration | " + " | ".join(f"{s} samples" for s in sizes) + " |",
-             "|---|" + "---|" * len(sizes)]
+    lines = [
+        MARK_BEGIN,
+        "## Calibration: onnxquant vs ONNX Runtime quantize_static",
+        "",
+        f"`{command}`",
+        "",
+        (
+            f"ResNet-18-shaped model (tools/make_resnet18.py), 224x224, "
+            f"batch {os.environ.get('BENCH_BATCH')}, "
+            f"{platform.machine()}, {os.cpu_count()} CPUs, onnxruntime CPU. "
+            "Median wall time s (range of the runs) / largest peak RSS MB over "
+            f"{os.environ.get('BENCH_REPEAT')} runs, each in its own process."
+        ),
+        "",
+        "| configuration | " + " | ".join(f"{s} samples" for s in sizes) + " |",
+        "|---|" + "---|" * len(sizes),
+    ]
     for kind in kinds:
         label = names.get(kind, f"onnxquant --calib {kind}")
         cells = []
         for s in sizes:
             r = results.get((kind, s))
-            cells.append("—" if r is None else
-                         f"{r['wall_s']:.1f} s ({min(r['walls']):.1f}–{max(r['walls']):.1f}) / "
-                         f"{r['peak_rss_mb']:.0f} MB")
+            cells.append(
+                "—"
+                if r is None
+                else f"{r['wall_s']:.1f} s ({min(r['walls']):.1f}–{max(r['walls']):.1f}) / "
+                f"{r['peak_rss_mb']:.0f} MB"
+            )
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     ratios = []
     for s in sizes:
         kl, ort, flt = results.get(("kl", s)), results.get(("ort", s)), results.get(("float", s))
         if kl and ort:
-            ratios.append(f"{s} samples: kl/ORT RSS {kl['peak_rss_mb'] / ort['peak_rss_mb']:.2f}, "
-                          f"time {kl['wall_s'] / ort['wall_s']:.2f}")
+            ratios.append(
+                f"{s} samples: kl/ORT RSS {kl['peak_rss_mb'] / ort['peak_rss_mb']:.2f}, "
+                f"time {kl['wall_s'] / ort['wall_s']:.2f}"
+            )
         for m in ("minmax", "laplace"):
             r = results.get((m, s))
             if r and flt:
@@ -143,7 +181,11 @@ def _summary(runs: list[dict | None]) -> dict | None:
     if not runs or any(r is None for r in runs):
         return None
     walls = [r["wall_s"] for r in runs]
-    return {"wall_s": statistics.median(walls), "walls": walls, "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
+    return {
+        "wall_s": statistics.median(walls),
+        "walls": walls,
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+    }
 
 
 def _write_section(path: Path, section: str) -> None:
@@ -167,8 +209,9 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None, help="default: build one with tools/make_resnet18.py")
     ap.add_argument("--out", type=Path, default=HERE.parent / "BENCHMARKS.md")
     ap.add_argument("--timeout", type=float, default=3600)
-    ap.add_argument("--skip", nargs="*", default=[],
-                    help="configurations to skip (float kl laplace minmax ort)")
+    ap.add_argument(
+        "--skip", nargs="*", default=[], help="configurations to skip (float kl laplace minmax ort)"
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -191,8 +234,10 @@ def main() -> None:
                 r = _run(kind, samples, model, workdir, args.batch_size, args.timeout)
                 runs.setdefault((kind, samples), []).append(r)
                 if r:
-                    print(f"{kind:8s} {samples:5d} samples: {r['wall_s']:8.1f} s  {r['peak_rss_mb']:8.0f} MB",
-                          file=sys.stderr)
+                    print(
+                        f"{kind:8s} {samples:5d} samples: {r['wall_s']:8.1f} s  {r['peak_rss_mb']:8.0f} MB",
+                        file=sys.stderr,
+                    )
     results = {key: _summary(rs) for key, rs in runs.items()}
     os.environ["BENCH_BATCH"], os.environ["BENCH_REPEAT"] = str(args.batch_size), str(args.repeat)
     command = "python tools/bench_calib.py " + " ".join(sys.argv[1:])

@@ -7,6 +7,7 @@ BENCHMARKS.md.
 
     python tools/bench_demo.py
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -20,11 +21,21 @@ from onnxquant.model import make_session
 
 DEMO = Path(__file__).resolve().parent.parent / "calib_data" / "digits"
 CONFIGS = [
-    (8, "minmax", ()), (8, "kl", ()), (8, "kl", ("--rules", "tensorrt")), (8, "laplace", ()),
-    (4, "minmax", ()), (4, "minmax", ("--bias-correction",)), (4, "laplace", ()),
-    (4, "laplace", ("--bias-correction",)), (4, "laplace", ("--bit-alloc", "activations")),
-    (4, "laplace", ("--bit-alloc", "both")), (4, "laplace", ("--bit-alloc", "both", "--bias-correction")),
-    (4, "gauss", ()), (4, "kl", ()), (4, "percentile", ()), (4, "mse", ()),
+    (8, "minmax", ()),
+    (8, "kl", ()),
+    (8, "kl", ("--rules", "tensorrt")),
+    (8, "laplace", ()),
+    (4, "minmax", ()),
+    (4, "minmax", ("--bias-correction",)),
+    (4, "laplace", ()),
+    (4, "laplace", ("--bias-correction",)),
+    (4, "laplace", ("--bit-alloc", "activations")),
+    (4, "laplace", ("--bit-alloc", "both")),
+    (4, "laplace", ("--bit-alloc", "both", "--bias-correction")),
+    (4, "gauss", ()),
+    (4, "kl", ()),
+    (4, "percentile", ()),
+    (4, "mse", ()),
     (4, "mse", ("--wcalib", "mse", "--bias-correction")),
 ]
 
@@ -42,15 +53,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for bits, method, flags in CONFIGS:
             out = Path(tmp) / "q.onnx"
-            args = ["convert", str(DEMO / "model.onnx"), "--bits", str(bits), "--calib", method, *flags,
-                    "--calib-data", str(DEMO / "calib.npz"), "-o", str(out)]
+            args = [
+                "convert",
+                str(DEMO / "model.onnx"),
+                "--bits",
+                str(bits),
+                "--calib",
+                method,
+                *flags,
+                "--calib-data",
+                str(DEMO / "calib.npz"),
+                "-o",
+                str(out),
+            ]
             try:
                 cli(args, standalone_mode=False)
             except SystemExit as exc:
                 if exc.code:
                     raise
             got = logits(out, x)
-            sqnr = 10 * np.log10(np.sum(reference ** 2) / np.sum((reference - got) ** 2))
+            sqnr = 10 * np.log10(np.sum(reference**2) / np.sum((reference - got) ** 2))
             top1 = 100 * np.mean(got.argmax(1) == labels)
             print(f"| W{bits}A{bits} | {method} | {' '.join(flags) or '—'} | {top1:.2f} % | {sqnr:.1f} |")
 

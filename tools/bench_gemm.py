@@ -9,6 +9,7 @@ message (code 2) without them.
     python tools/bench_gemm.py [--sizes 1024 2048 4096 8192] [--batch 8] [--kernel mma|dp4a] [--repeat 20]
                                [--json results.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,6 +44,7 @@ def _peer():
         import torch
 
         if torch.cuda.is_available() and hasattr(torch, "_int_mm"):
+
             def prepare(a, b):
                 if a.shape[0] <= 16 or a.shape[1] % 8 or b.shape[0] % 8:  # torch._int_mm's limits
                     return None
@@ -54,6 +56,7 @@ def _peer():
                     out["c"] = torch._int_mm(ta, tb)
 
                 return run, lambda: out["c"].cpu().numpy(), torch.cuda.synchronize
+
             return f"torch._int_mm (cuBLASLt, torch {torch.__version__})", prepare
     except ImportError:
         pass
@@ -68,6 +71,7 @@ def _peer():
                 out["c"] = cupy.matmul(ca.astype(cupy.int32), cb.T.astype(cupy.int32))
 
             return run, lambda: cupy.asnumpy(out["c"]), cupy.cuda.Device().synchronize
+
         return f"cupy {cupy.__version__} matmul (int32 upcast: not cuBLASLt int8)", prepare
     except ImportError:
         return None
@@ -108,17 +112,23 @@ def main() -> int:
         sys.stderr.write(f"bench_gemm: {exc}\n")
         return 2
     if args.kernel == "mma" and tuple(dev.cc) < (8, 0):
-        sys.stderr.write(f"bench_gemm: {dev.name} is sm_{dev.cc[0]}{dev.cc[1]}; the mma kernel needs sm_80+, "
-                         "use --kernel dp4a\n")
+        sys.stderr.write(
+            f"bench_gemm: {dev.name} is sm_{dev.cc[0]}{dev.cc[1]}; the mma kernel needs sm_80+, "
+            "use --kernel dp4a\n"
+        )
         return 2
     peer = _peer()
     peer_name = peer[0] if peer else "none (checked against NumPy only)"
     shapes = [(f"{s}^3", s, s, s) for s in args.sizes]
-    shapes += [(name, m * args.batch if name != "fc" else args.batch, n, k) for name, m, n, k in RESNET18_GEMMS]
+    shapes += [
+        (name, m * args.batch if name != "fc" else args.batch, n, k) for name, m, n, k in RESNET18_GEMMS
+    ]
     rng = np.random.default_rng(0)
     rows = []
     sys.stdout.write(f"GPU: {dev.name} (sm_{dev.cc[0]}{dev.cc[1]}), kernel {args.kernel}, peer {peer_name}\n")
-    sys.stdout.write(f"{'shape':<24}{'M':>7}{'N':>7}{'K':>7}{'ours TOPS':>11}{'peer TOPS':>11}{'ratio':>7}  exact\n")
+    sys.stdout.write(
+        f"{'shape':<24}{'M':>7}{'N':>7}{'K':>7}{'ours TOPS':>11}{'peer TOPS':>11}{'ratio':>7}  exact\n"
+    )
     for name, m, n, k in shapes:
         a = rng.integers(-128, 128, (m, k)).astype(np.int8)
         b = rng.integers(-128, 128, (n, k)).astype(np.int8)
@@ -133,15 +143,20 @@ def main() -> int:
             row["peer_tops"] = ops / _time(run, sync, args.repeat) / 1e12
             row["ratio"] = row["ours_tops"] / row["peer_tops"]
             row["exact"] = bool(np.array_equal(c_ours, result()))
-        elif m * n * k <= 2048 ** 3:
+        elif m * n * k <= 2048**3:
             row["exact"] = bool(np.array_equal(c_ours, a.astype(np.int64) @ b.astype(np.int64).T))
         rows.append(row)
-        peer_tops = f"{row['peer_tops']:11.1f}{row['ratio']:7.2f}" if "peer_tops" in row else f"{'-':>11}{'-':>7}"
-        sys.stdout.write(f"{name:<24}{m:>7}{n:>7}{k:>7}{row['ours_tops']:11.1f}{peer_tops}  "
-                         f"{row.get('exact', 'unchecked')}\n")
+        peer_tops = (
+            f"{row['peer_tops']:11.1f}{row['ratio']:7.2f}" if "peer_tops" in row else f"{'-':>11}{'-':>7}"
+        )
+        sys.stdout.write(
+            f"{name:<24}{m:>7}{n:>7}{k:>7}{row['ours_tops']:11.1f}{peer_tops}  "
+            f"{row.get('exact', 'unchecked')}\n"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"gpu": dev.name, "kernel": args.kernel, "peer": peer_name, "rows": rows},
-                                        indent=1))
+        args.json.write_text(
+            json.dumps({"gpu": dev.name, "kernel": args.kernel, "peer": peer_name, "rows": rows}, indent=1)
+        )
     return 0 if all(r.get("exact", True) for r in rows) else 1
 
 

@@ -6,6 +6,7 @@ threshold.
 
     python tools/bench_kl.py [--bins 2048] [--repeat 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,9 @@ def best_time(fn, repeat: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--bins", type=int, default=2048)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()

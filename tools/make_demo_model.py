@@ -9,6 +9,7 @@ the same files.
 
     python tools/make_demo_model.py [-o calib_data/digits]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -96,31 +97,54 @@ def to_onnx(model: DigitsNet) -> onnx.ModelProto:
             ins.append(init(f"conv{i}.bias", conv.bias))
         k = conv.kernel_size[0]
         p = conv.padding[0]
-        nodes.append(helper.make_node(
-            "Conv", ins, [f"conv{i}_out"], name=f"conv{i}", kernel_shape=[k, k], pads=[p] * 4,
-            strides=[1, 1], group=conv.groups))
-        bn_ins = [f"conv{i}_out"] + [init(f"bn{i}.{n}", getattr(bn, n))
-                                     for n in ("weight", "bias", "running_mean", "running_var")]
-        nodes.append(helper.make_node("BatchNormalization", bn_ins, [f"bn{i}_out"], name=f"bn{i}",
-                                      epsilon=bn.eps, momentum=0.9))
+        nodes.append(
+            helper.make_node(
+                "Conv",
+                ins,
+                [f"conv{i}_out"],
+                name=f"conv{i}",
+                kernel_shape=[k, k],
+                pads=[p] * 4,
+                strides=[1, 1],
+                group=conv.groups,
+            )
+        )
+        bn_ins = [f"conv{i}_out"] + [
+            init(f"bn{i}.{n}", getattr(bn, n)) for n in ("weight", "bias", "running_mean", "running_var")
+        ]
+        nodes.append(
+            helper.make_node(
+                "BatchNormalization", bn_ins, [f"bn{i}_out"], name=f"bn{i}", epsilon=bn.eps, momentum=0.9
+            )
+        )
         nodes.append(helper.make_node("Relu", [f"bn{i}_out"], [f"relu{i}_out"], name=f"relu{i}"))
         return f"relu{i}_out"
 
     x = block(1, "input", model.conv1, model.bn1)
     x = block(2, x, model.conv2, model.bn2)
-    nodes.append(helper.make_node("MaxPool", [x], ["pool_out"], name="pool", kernel_shape=[2, 2],
-                                  strides=[2, 2]))
+    nodes.append(
+        helper.make_node("MaxPool", [x], ["pool_out"], name="pool", kernel_shape=[2, 2], strides=[2, 2])
+    )
     x = block(3, "pool_out", model.conv3, model.bn3)
     x = block(4, x, model.conv4, model.bn4)
     nodes.append(helper.make_node("GlobalAveragePool", [x], ["gap_out"], name="gap"))
     nodes.append(helper.make_node("Flatten", ["gap_out"], ["flat_out"], name="flatten", axis=1))
-    nodes.append(helper.make_node("Gemm", ["flat_out", init("fc.weight", model.fc.weight),
-                                           init("fc.bias", model.fc.bias)], ["logits"], name="fc", transB=1))
+    nodes.append(
+        helper.make_node(
+            "Gemm",
+            ["flat_out", init("fc.weight", model.fc.weight), init("fc.bias", model.fc.bias)],
+            ["logits"],
+            name="fc",
+            transB=1,
+        )
+    )
     graph = helper.make_graph(
-        nodes, "digits_cnn",
+        nodes,
+        "digits_cnn",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 8, 8])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
-        inits)
+        inits,
+    )
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="onnxquant-tools")
     m.ir_version = 7
     onnx.checker.check_model(m, full_check=True)
@@ -129,7 +153,9 @@ def to_onnx(model: DigitsNet) -> onnx.ModelProto:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("-o", "--out-dir", type=Path, default=Path(__file__).resolve().parents[1] / "calib_data/digits")
+    ap.add_argument(
+        "-o", "--out-dir", type=Path, default=Path(__file__).resolve().parents[1] / "calib_data/digits"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
@@ -153,8 +179,10 @@ def main() -> None:
     calib_idx.sort()
     np.savez_compressed(args.out_dir / "calib.npz", input=x_tr[calib_idx])
     np.savez_compressed(args.out_dir / "eval.npz", input=x_te, labels=y_te)
-    print(f"trained {EPOCHS} epochs in {elapsed:.1f} s; held-out top-1: torch {acc:.4f}, onnxruntime {ort_acc:.4f} "
-          f"({len(y_te)} samples); wrote {args.out_dir}")
+    print(
+        f"trained {EPOCHS} epochs in {elapsed:.1f} s; held-out top-1: torch {acc:.4f}, onnxruntime {ort_acc:.4f} "
+        f"({len(y_te)} samples); wrote {args.out_dir}"
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ two image-like samples, so activations keep a stable scale through all 18 layers
 
     python tools/make_resnet18.py -o resnet18.onnx [--calib calib.npz --samples 32] [--seed 0]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,15 +50,33 @@ class _Builder:
         self.inits.append(numpy_helper.from_array(arr.astype(np.float32), name))
         return name
 
-    def conv_bn(self, prefix: str, x: str, xv: np.ndarray, cout: int, k: int, stride: int,
-                gamma: float = 1.0, conv_name: str = "conv", bn_name: str = "bn") -> tuple[str, np.ndarray]:
+    def conv_bn(
+        self,
+        prefix: str,
+        x: str,
+        xv: np.ndarray,
+        cout: int,
+        k: int,
+        stride: int,
+        gamma: float = 1.0,
+        conv_name: str = "conv",
+        bn_name: str = "bn",
+    ) -> tuple[str, np.ndarray]:
         """Conv (He init, no bias) then BatchNormalization; returns the BN output name and value."""
         cin = xv.shape[1]
         w = (self.rng.standard_normal((cout, cin, k, k)) * np.sqrt(2.0 / (cin * k * k))).astype(np.float32)
         conv_out = f"{prefix}{conv_name}_out"
-        self.nodes.append(helper.make_node(
-            "Conv", [x, self.init(f"{prefix}{conv_name}.weight", w)], [conv_out], name=f"{prefix}{conv_name}",
-            kernel_shape=[k, k], strides=[stride, stride], pads=[k // 2] * 4))
+        self.nodes.append(
+            helper.make_node(
+                "Conv",
+                [x, self.init(f"{prefix}{conv_name}.weight", w)],
+                [conv_out],
+                name=f"{prefix}{conv_name}",
+                kernel_shape=[k, k],
+                strides=[stride, stride],
+                pads=[k // 2] * 4,
+            )
+        )
         yv = _conv(xv, w, stride, k // 2)
         mean = yv.mean(axis=(0, 2, 3))
         std = yv.std(axis=(0, 2, 3)) + 1e-3
@@ -66,25 +85,42 @@ class _Builder:
         scale = gamma * self.rng.uniform(0.8, 1.2, cout)
         bias = self.rng.normal(0.0, 0.1, cout)
         bn = f"{prefix}{bn_name}"
-        self.nodes.append(helper.make_node(
-            "BatchNormalization",
-            [conv_out, self.init(f"{bn}.weight", scale), self.init(f"{bn}.bias", bias),
-             self.init(f"{bn}.running_mean", mean), self.init(f"{bn}.running_var", var)],
-            [f"{bn}_out"], name=bn, epsilon=BN_EPS, momentum=0.9))
+        self.nodes.append(
+            helper.make_node(
+                "BatchNormalization",
+                [
+                    conv_out,
+                    self.init(f"{bn}.weight", scale),
+                    self.init(f"{bn}.bias", bias),
+                    self.init(f"{bn}.running_mean", mean),
+                    self.init(f"{bn}.running_var", var),
+                ],
+                [f"{bn}_out"],
+                name=bn,
+                epsilon=BN_EPS,
+                momentum=0.9,
+            )
+        )
         a = (scale / np.sqrt(var + BN_EPS)).astype(np.float32)[:, None, None]
-        return f"{bn}_out", a * (yv - mean.astype(np.float32)[:, None, None]) + bias.astype(np.float32)[:, None, None]
+        return f"{bn}_out", a * (yv - mean.astype(np.float32)[:, None, None]) + bias.astype(np.float32)[
+            :, None, None
+        ]
 
     def relu(self, name: str, x: str, xv: np.ndarray) -> tuple[str, np.ndarray]:
         self.nodes.append(helper.make_node("Relu", [x], [f"{name}_out"], name=name))
         return f"{name}_out", np.maximum(xv, 0)
 
-    def basic_block(self, prefix: str, x: str, xv: np.ndarray, cout: int, stride: int) -> tuple[str, np.ndarray]:
+    def basic_block(
+        self, prefix: str, x: str, xv: np.ndarray, cout: int, stride: int
+    ) -> tuple[str, np.ndarray]:
         """BasicBlock: conv-bn-relu-conv-bn, plus identity or 1x1 conv-bn shortcut, then Relu."""
         y, yv = self.conv_bn(prefix, x, xv, cout, 3, stride, conv_name="conv1", bn_name="bn1")
         y, yv = self.relu(f"{prefix}relu1", y, yv)
         y, yv = self.conv_bn(prefix, y, yv, cout, 3, 1, gamma=0.7, conv_name="conv2", bn_name="bn2")
         if stride != 1 or xv.shape[1] != cout:
-            x, xv = self.conv_bn(prefix, x, xv, cout, 1, stride, conv_name="downsample.0", bn_name="downsample.1")
+            x, xv = self.conv_bn(
+                prefix, x, xv, cout, 1, stride, conv_name="downsample.0", bn_name="downsample.1"
+            )
         self.nodes.append(helper.make_node("Add", [y, x], [f"{prefix}add_out"], name=f"{prefix}add"))
         return self.relu(f"{prefix}relu2", f"{prefix}add_out", yv + xv)
 
@@ -93,10 +129,21 @@ def build_resnet18(seed: int = 0, opset: int = 13) -> onnx.ModelProto:
     """ResNet-18 topology with seeded random weights; input ``input`` [batch,3,224,224], output ``logits``."""
     rng = np.random.default_rng(seed)
     b = _Builder(rng)
-    x, xv = b.conv_bn("", "input", make_calib(STATS_SAMPLES, seed), 64, 7, 2, conv_name="conv1", bn_name="bn1")
+    x, xv = b.conv_bn(
+        "", "input", make_calib(STATS_SAMPLES, seed), 64, 7, 2, conv_name="conv1", bn_name="bn1"
+    )
     x, xv = b.relu("relu", x, xv)
-    b.nodes.append(helper.make_node("MaxPool", [x], ["maxpool_out"], name="maxpool", kernel_shape=[3, 3],
-                                    strides=[2, 2], pads=[1, 1, 1, 1]))
+    b.nodes.append(
+        helper.make_node(
+            "MaxPool",
+            [x],
+            ["maxpool_out"],
+            name="maxpool",
+            kernel_shape=[3, 3],
+            strides=[2, 2],
+            pads=[1, 1, 1, 1],
+        )
+    )
     x, xv = "maxpool_out", _maxpool3x3s2(xv)
     for stage, cout in enumerate((64, 128, 256, 512), start=1):
         for blk in range(2):
@@ -105,16 +152,25 @@ def build_resnet18(seed: int = 0, opset: int = 13) -> onnx.ModelProto:
     b.nodes.append(helper.make_node("Flatten", ["avgpool_out"], ["flatten_out"], name="flatten", axis=1))
     feat = xv.mean(axis=(2, 3))
     w = rng.standard_normal((1000, 512)) / np.sqrt(512 * np.mean(feat**2))
-    b.nodes.append(helper.make_node(
-        "Gemm", ["flatten_out", b.init("fc.weight", w), b.init("fc.bias", rng.normal(0.0, 0.01, 1000))],
-        ["logits"], name="fc", transB=1))
+    b.nodes.append(
+        helper.make_node(
+            "Gemm",
+            ["flatten_out", b.init("fc.weight", w), b.init("fc.bias", rng.normal(0.0, 0.01, 1000))],
+            ["logits"],
+            name="fc",
+            transB=1,
+        )
+    )
     graph = helper.make_graph(
-        b.nodes, "resnet18_random",
+        b.nodes,
+        "resnet18_random",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 224, 224])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1000])],
-        b.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                              producer_name="onnxquant-tools")
+        b.inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="onnxquant-tools"
+    )
     model.ir_version = 7 if opset <= 13 else 8
     return model
 

@@ -15,6 +15,7 @@ b = mean |x − mean(x)| and σ = std(x) come from the streamed statistics. Rang
   levels cover [0, α], and the half-Laplace MSE at M bits equals half the symmetric (M+1)-bit MSE, so α is
   the (M+1)-bit α; with signed (symmetric) codes only half the levels are used and α is the M-bit α.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,23 +30,23 @@ from onnxquant.calib.stats import TensorStats
 @cache
 def laplace_alpha(bits: int) -> float:
     """Optimal clipping α/b for a Laplace(b) tensor quantized to 2^bits levels."""
-    return float(special.lambertw(3.0 * 4.0 ** bits).real)
+    return float(special.lambertw(3.0 * 4.0**bits).real)
 
 
 def laplace_objective(alpha: float, bits: int, b: float = 1.0) -> float:
-    return 2 * b * b * math.exp(-alpha / b) + alpha * alpha / (3 * 4.0 ** bits)
+    return 2 * b * b * math.exp(-alpha / b) + alpha * alpha / (3 * 4.0**bits)
 
 
 def gauss_objective(alpha: float, bits: int, sigma: float = 1.0) -> float:
     a = alpha / sigma
     clip = (1 + a * a) * math.erfc(a / math.sqrt(2)) - math.sqrt(2 / math.pi) * a * math.exp(-a * a / 2)
-    return sigma * sigma * clip + alpha * alpha / (3 * 4.0 ** bits)
+    return sigma * sigma * clip + alpha * alpha / (3 * 4.0**bits)
 
 
 @cache
 def gauss_alpha(bits: int) -> float:
     """Optimal clipping α/σ for a Gaussian(σ) tensor quantized to 2^bits levels."""
-    q = 1.0 / (3 * 4.0 ** bits)
+    q = 1.0 / (3 * 4.0**bits)
 
     def slope(a: float) -> float:  # d/dα of the objective, divided by 2
         return a * math.erfc(a / math.sqrt(2)) - math.sqrt(2 / math.pi) * math.exp(-a * a / 2) + a * q

@@ -8,6 +8,7 @@ loses a bit; while a whole bit is left, the channel rounded down the most gains 
 index.
 Example: α = [1, 2, 4, 8], M = 4 gives B_i = [7.03, 11.16, 17.71, 28.11] and M_i = [3, 4, 4, 5].
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,8 +23,8 @@ def bin_budget(alphas: np.ndarray, mean_bits: int) -> np.ndarray:
         raise InternalError("bit allocation needs finite, non-negative per-channel ranges")
     w = a ** (2.0 / 3.0)
     if w.sum() == 0:
-        return np.full(a.size, 2.0 ** mean_bits)
-    return w / w.sum() * a.size * 2.0 ** mean_bits
+        return np.full(a.size, 2.0**mean_bits)
+    return w / w.sum() * a.size * 2.0**mean_bits
 
 
 def allocate_bits(alphas: np.ndarray, mean_bits: int, lo: int = 1, hi: int = 8) -> np.ndarray:

@@ -12,6 +12,7 @@ When that leaves a pass 2 to do (`channel_mad`, or `TensorStats.mad_needs_pass2`
 it on each shard against the merged pass 1, `s_i = collect_stats(..., shard_i, pass1=merged)`, and take
 `stats = merge_stats(*s_i)`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,11 +37,20 @@ log = logging.getLogger(__name__)
 Batch = Mapping[str, np.ndarray]
 
 
-def collect_stats(model: onnx.ModelProto, tensors: Sequence[str], data: Iterable[Batch], *,
-                  histograms: bool = True, moments: bool = False, per_channel: Sequence[str] = (),
-                  channel_mad: Sequence[str] = (), bins: int = DEFAULT_BINS, progress: bool = False,
-                  first_pass_only: bool = False,
-                  pass1: Mapping[str, TensorStats] | None = None) -> dict[str, TensorStats]:
+def collect_stats(
+    model: onnx.ModelProto,
+    tensors: Sequence[str],
+    data: Iterable[Batch],
+    *,
+    histograms: bool = True,
+    moments: bool = False,
+    per_channel: Sequence[str] = (),
+    channel_mad: Sequence[str] = (),
+    bins: int = DEFAULT_BINS,
+    progress: bool = False,
+    first_pass_only: bool = False,
+    pass1: Mapping[str, TensorStats] | None = None,
+) -> dict[str, TensorStats]:
     """Statistics of `tensors` over `data` ({input_name: array} batches; re-iterable when pass 2 runs).
 
     `histograms`: pass 1 also builds histograms of `bins` bins. `moments`: they keep per-bin sums as well, for
@@ -64,8 +74,10 @@ def collect_stats(model: onnx.ModelProto, tensors: Sequence[str], data: Iterable
     session = make_session(with_outputs(model, fetch), spin=False) if fetch else None
 
     def fresh() -> dict[str, TensorStats]:
-        return {t: TensorStats(histogram=Histogram.empty(bins, sums=moments) if histograms or moments else None)
-                for t in tensors}
+        return {
+            t: TensorStats(histogram=Histogram.empty(bins, sums=moments) if histograms or moments else None)
+            for t in tensors
+        }
 
     def second_pass(reference: Mapping[str, TensorStats]) -> set[str]:
         return {t for t in tensors if t in channel_mad or (moments and reference[t].mad_needs_pass2)}
@@ -92,8 +104,10 @@ def collect_stats(model: onnx.ModelProto, tensors: Sequence[str], data: Iterable
         second = second_pass(reference)
 
     if isinstance(data, Iterator):
-        raise InternalError("the second calibration pass needs re-iterable data (a list or a DataSource), "
-                            "got a one-shot iterator")
+        raise InternalError(
+            "the second calibration pass needs re-iterable data (a list or a DataSource), "
+            "got a one-shot iterator"
+        )
     accs = {}
     for t in second:
         ref = reference[t]
@@ -117,15 +131,19 @@ def collect_stats(model: onnx.ModelProto, tensors: Sequence[str], data: Iterable
         ref = reference[t]
         if local is None:
             if t in accs and accs[t].count != ref.count:
-                raise BadDataError(f"calibration data changed between passes ({ref.count} then "
-                                   f"{accs[t].count} values of tensor {t}); accepted: data that yields the "
-                                   "same batches every time")
+                raise BadDataError(
+                    f"calibration data changed between passes ({ref.count} then "
+                    f"{accs[t].count} values of tensor {t}); accepted: data that yields the "
+                    "same batches every time"
+                )
             ref.pass2 = accs.get(t)
             continue
         st = local[t]
         if st.count and (st.min < ref.min or st.max > ref.max):
-            raise BadDataError(f"tensor {t}: values [{st.min:g}, {st.max:g}] exceed the pass-1 range "
-                               f"[{ref.min:g}, {ref.max:g}]; pass 1 must cover every shard")
+            raise BadDataError(
+                f"tensor {t}: values [{st.min:g}, {st.max:g}] exceed the pass-1 range "
+                f"[{ref.min:g}, {ref.max:g}]; pass 1 must cover every shard"
+            )
         st.pass2 = accs.get(t)
     return local if local is not None else reference
 
@@ -137,8 +155,14 @@ def merge_stats(*parts: Mapping[str, TensorStats]) -> dict[str, TensorStats]:
     return reduce(merge_all, [dict(p) for p in parts])
 
 
-def compute_table(stats: Mapping[str, TensorStats], specs: Mapping[str, tuple], method: str, *,
-                  per_channel: Sequence[str] = (), **options) -> CalibrationTable:
+def compute_table(
+    stats: Mapping[str, TensorStats],
+    specs: Mapping[str, tuple],
+    method: str,
+    *,
+    per_channel: Sequence[str] = (),
+    **options,
+) -> CalibrationTable:
     """A table for `specs` (tensor -> (bits, symmetric)) by `method` with its options (e.g. percentile=99.99).
 
     Symmetric entries get signed codes and zero point 0, others unsigned codes with a zero point. Tensors in
@@ -173,8 +197,9 @@ def compute_table(stats: Mapping[str, TensorStats], specs: Mapping[str, tuple], 
     return CalibrationTable(method=method, bits=table_bits or 8, tensors=entries)
 
 
-def _nonzero_range(lo: np.ndarray, hi: np.ndarray,
-                   symmetric: bool) -> tuple[np.ndarray, np.ndarray, str | None]:
+def _nonzero_range(
+    lo: np.ndarray, hi: np.ndarray, symmetric: bool
+) -> tuple[np.ndarray, np.ndarray, str | None]:
     """Give all-zero (constant 0) ranges the range [-1, 1] (or [0, 1] unsigned) so the scale is valid."""
     zero = (np.minimum(lo, 0) == 0) & (np.maximum(hi, 0) == 0)
     if not zero.any():
@@ -182,8 +207,11 @@ def _nonzero_range(lo: np.ndarray, hi: np.ndarray,
     hi = np.where(zero, 1.0, hi)
     lo = np.where(zero, -1.0 if symmetric else 0.0, lo)
     what = "the tensor" if zero.ndim == 0 else f"{int(zero.sum())} channel(s)"
-    return lo, hi, (f"{what} is constant 0 (zero range): range set to [{float(lo.min()):g}, 1] "
-                    "for a valid scale")
+    return (
+        lo,
+        hi,
+        (f"{what} is constant 0 (zero range): range set to [{float(lo.min()):g}, 1] for a valid scale"),
+    )
 
 
 def _check_tensor_names(model: onnx.ModelProto, tensors: Sequence[str], inputs: Sequence[str]) -> None:
@@ -192,12 +220,22 @@ def _check_tensor_names(model: onnx.ModelProto, tensors: Sequence[str], inputs: 
         produced.update(o for o in node.output if o)
     unknown = [t for t in tensors if t not in produced]
     if unknown:
-        raise BadModelError(f"tensors not produced by the model: {', '.join(unknown[:10])}"
-                            + (f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else ""))
+        raise BadModelError(
+            f"tensors not produced by the model: {', '.join(unknown[:10])}"
+            + (f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else "")
+        )
 
 
-def _run(session, inputs: Sequence[str], fetch: Sequence[str], tensors: Sequence[str], data: Iterable[Batch],
-         update, progress: bool, label: str) -> int:
+def _run(
+    session,
+    inputs: Sequence[str],
+    fetch: Sequence[str],
+    tensors: Sequence[str],
+    data: Iterable[Batch],
+    update,
+    progress: bool,
+    label: str,
+) -> int:
     """Run `session` on each batch and call update(name, array) per tensor; returns the samples seen.
 
     A worker thread reads the next batch and runs ONNX Runtime on it (which releases the GIL) while this thread
@@ -211,8 +249,10 @@ def _run(session, inputs: Sequence[str], fetch: Sequence[str], tensors: Sequence
             return None
         missing = [i for i in inputs if i not in batch]
         if missing:
-            raise BadDataError(f"calibration batch lacks model input(s) {', '.join(missing)}; "
-                               f"accepted: batches with keys {', '.join(inputs)}")
+            raise BadDataError(
+                f"calibration batch lacks model input(s) {', '.join(missing)}; "
+                f"accepted: batches with keys {', '.join(inputs)}"
+            )
         feed = {i: batch[i] for i in inputs}
         return feed, session.run(list(fetch), feed) if fetch else []
 
@@ -225,7 +265,9 @@ def _run(session, inputs: Sequence[str], fetch: Sequence[str], tensors: Sequence
     return samples
 
 
-def _update(feed: Batch, outputs: list, fetch: Sequence[str], tensors: Sequence[str], update, first: int) -> int:
+def _update(
+    feed: Batch, outputs: list, fetch: Sequence[str], tensors: Sequence[str], update, first: int
+) -> int:
     """Feed one batch's tensors to `update`; returns the batch's sample count."""
     outs = dict(zip(fetch, outputs))
     outs.update({i: np.asarray(v) for i, v in feed.items() if i in tensors})
@@ -245,4 +287,3 @@ def _reject_nonfinite(name: str, x: np.ndarray, first_sample: int) -> None:
     bad = np.argwhere(~np.isfinite(x))[0]
     sample = first_sample + (int(bad[0]) if x.ndim else 0)
     raise BadDataError(f"tensor {name}: NaN or Inf at sample {sample}; accepted: data giving finite values")
-

@@ -17,6 +17,7 @@ exact but for the one bin that straddles m (`Histogram.excess_above`).
 Binning (`Binner`) runs over cache-sized chunks of float32 values; element i counts into lane i mod LANES, so
 a run of equal values does not wait on one counter.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,7 +40,7 @@ def chunks(x: np.ndarray) -> Iterator[np.ndarray]:
     """The values of `x`, flattened, in blocks of CHUNK elements."""
     flat = x.reshape(-1)
     for i in range(0, flat.size, CHUNK):
-        yield flat[i:i + CHUNK]
+        yield flat[i : i + CHUNK]
 
 
 @dataclass
@@ -86,7 +87,9 @@ class Histogram:
         self.grid = grid
 
     def copy(self) -> Histogram:
-        return Histogram(self.bins, self.grid, self.counts.copy(), None if self.sums is None else self.sums.copy())
+        return Histogram(
+            self.bins, self.grid, self.counts.copy(), None if self.sums is None else self.sums.copy()
+        )
 
     def merge(self, other: Histogram) -> Histogram:
         """The histogram of both data sets (on the coarser grid)."""
@@ -108,7 +111,9 @@ class Histogram:
         if self.sums is None:
             raise InternalError("excess_above on a histogram without per-bin sums")
         k = np.arange(-self.side, self.side + 1)
-        lower = np.where(k > 0, k - 1, k) * self.width  # bin k holds lower < x <= upper (x > 0), lower <= x < upper
+        lower = (
+            np.where(k > 0, k - 1, k) * self.width
+        )  # bin k holds lower < x <= upper (x > 0), lower <= x < upper
         upper = np.where(k < 0, k + 1, k) * self.width
         above = lower >= mean
         straddle = (lower < mean) & (mean < upper)
@@ -120,8 +125,8 @@ class Histogram:
         """2·k counts of bins of `width` over [−k·width, k·width], the fewest k that cover max|x| = amax."""
         side = self.side
         k = 1 if self.grid == 0 else max(1, min(side, math.ceil(amax * side / self.grid)))
-        h = self.counts[side - k:side + k + 1]
-        return np.concatenate([h[:k], h[k:k + 1] + h[k + 1:k + 2], h[k + 2:]])
+        h = self.counts[side - k : side + k + 1]
+        return np.concatenate([h[:k], h[k : k + 1] + h[k + 1 : k + 2], h[k + 2 :]])
 
 
 class Binner:
@@ -148,17 +153,17 @@ class Binner:
         if self.lanes is None:
             self.lanes = _lanes(self.step, np.int64)
             self.sum_lanes = None if hist.sums is None else _lanes(self.step, np.float64)
-        f, i = self.buf[:c.size], self.idx[:c.size]
+        f, i = self.buf[: c.size], self.idx[: c.size]
         np.multiply(np.abs(c, out=f) if negative else c, np.float32(side / hist.grid), out=f)  # exact scale
         np.ceil(f, out=f)  # |x|·scale < side, so at most side
         if negative:  # f gets the sign bit of x
-            sign = np.bitwise_and(c.view(np.uint32), SIGN_BIT, out=self.sign[:c.size])
+            sign = np.bitwise_and(c.view(np.uint32), SIGN_BIT, out=self.sign[: c.size])
             np.bitwise_or(f.view(np.uint32), sign, out=f.view(np.uint32))
-        f += self.offsets[:c.size]
+        f += self.offsets[: c.size]
         np.copyto(i, f, casting="unsafe")
         np.add.at(self.lanes, i, 1)
         if self.sum_lanes is not None:
-            wide = self.wide[:c.size]
+            wide = self.wide[: c.size]
             np.copyto(wide, c)
             np.add.at(self.sum_lanes, i, wide)
 
@@ -178,8 +183,12 @@ def workspace() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """This thread's chunk buffers (values, bin indices, sign bits, float64 values), allocated once: fresh
     pages cost page faults."""
     if not hasattr(_local, "work"):
-        _local.work = (np.empty(CHUNK, np.float32), np.empty(CHUNK, np.intp), np.empty(CHUNK, np.uint32),
-                       np.empty(CHUNK, np.float64))
+        _local.work = (
+            np.empty(CHUNK, np.float32),
+            np.empty(CHUNK, np.intp),
+            np.empty(CHUNK, np.uint32),
+            np.empty(CHUNK, np.float64),
+        )
     return _local.work
 
 

@@ -4,6 +4,7 @@ Each image is EXIF-rotated, converted to RGB (or L for single-channel inputs), r
 input's H×W (or the `size` option; without either, all images must share one size) and becomes
 `(x * scale − mean) / std` per channel, in NCHW or NHWC layout, as float32.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -30,26 +31,36 @@ class ImageOptions:
     scale: float = 1 / 255
     grayscale: bool | None = None  # None: from the model's channel dim (1 = grayscale)
 
+
 class ImageDir(DataSource):
     """A flat directory of jpg/png images for a single image input."""
 
-    def __init__(self, label: str, files: list[Path], specs: list[InputSpec], options: ImageOptions,
-                 **kw) -> None:
+    def __init__(
+        self, label: str, files: list[Path], specs: list[InputSpec], options: ImageOptions, **kw
+    ) -> None:
         super().__init__(label, specs, **kw)
         if len(specs) != 1:
-            raise BadDataError(f"{label}: images can feed a single-input model, this one has {len(specs)} "
-                               f"inputs ({input_names(specs)}); accepted: an .npz with those keys")
+            raise BadDataError(
+                f"{label}: images can feed a single-input model, this one has {len(specs)} "
+                f"inputs ({input_names(specs)}); accepted: an .npz with those keys"
+            )
         spec = specs[0]
         if spec.dtype.kind != "f":
-            raise BadDataError(f"{label}: input '{spec.name}' is {spec.dtype}; images feed float inputs only "
-                               "(give an .npy/.npz instead)")
+            raise BadDataError(
+                f"{label}: input '{spec.name}' is {spec.dtype}; images feed float inputs only "
+                "(give an .npy/.npz instead)"
+            )
         if spec.shape is not None and len(spec.shape) != 4:
-            raise BadDataError(f"{label}: input '{spec.name}' has shape {shape_text(spec.shape)}; images feed "
-                               "4-D inputs (NCHW or NHWC)")
+            raise BadDataError(
+                f"{label}: input '{spec.name}' has shape {shape_text(spec.shape)}; images feed "
+                "4-D inputs (NCHW or NHWC)"
+            )
         if options.layout not in ("NCHW", "NHWC"):
             raise BadDataError(f"{label}: layout {options.layout!r}; accepted: NCHW, NHWC")
         shape = spec.shape or (None,) * 4
-        c, h, w = (shape[1], shape[2], shape[3]) if options.layout == "NCHW" else (shape[3], shape[1], shape[2])
+        c, h, w = (
+            (shape[1], shape[2], shape[3]) if options.layout == "NCHW" else (shape[3], shape[1], shape[2])
+        )
         gray = options.grayscale if options.grayscale is not None else c == 1
         channels = 1 if gray else 3
         self._mean = _per_channel(label, "mean", options.mean, channels)
@@ -67,14 +78,19 @@ class ImageDir(DataSource):
             size = sizes[files[0]][::-1]
             odd = next((f for f in files if sizes[f][::-1] != size), None)
             if odd is not None:
-                raise BadDataError(f"{odd}: is {sizes[odd][1]}x{sizes[odd][0]} but {files[0].name} is "
-                                   f"{size[0]}x{size[1]} (HxW); accepted: one size, or an image size option")
+                raise BadDataError(
+                    f"{odd}: is {sizes[odd][1]}x{sizes[odd][0]} but {files[0].name} is "
+                    f"{size[0]}x{size[1]} (HxW); accepted: one size, or an image size option"
+                )
         else:
             for f in files:
                 self._open(f).close()
         self._size = (int(size[0]), int(size[1]))
-        dims = (len(files), channels, *self._size) if options.layout == "NCHW" else (len(files), *self._size,
-                                                                                     channels)
+        dims = (
+            (len(files), channels, *self._size)
+            if options.layout == "NCHW"
+            else (len(files), *self._size, channels)
+        )
         check_array(label, "the images", dims, np.dtype(np.float32), spec)
         self._set_total(len(files))
 
@@ -102,7 +118,7 @@ class ImageDir(DataSource):
     def _pieces(self) -> Iterator[Piece]:
         bs = self.batch_size
         for start in range(0, len(self._files), bs):
-            batch = np.stack([self._load(f) for f in self._files[start:start + bs]])
+            batch = np.stack([self._load(f) for f in self._files[start : start + bs]])
             if self._options.layout == "NCHW":
                 batch = batch.transpose(0, 3, 1, 2)
             yield self.label, start, {self.specs[0].name: batch}
@@ -115,8 +131,10 @@ def _per_channel(label: str, what: str, values: Sequence[float], channels: int) 
     if channels == 1 and np.all(arr == arr[0]):
         return arr[:1]
     accepted = "1 value" if channels == 1 else f"1 or {channels} values"
-    raise BadDataError(f"{label}: {what} {tuple(values)} has {arr.size} values for {channels}-channel "
-                       f"images; accepted: {accepted}")
+    raise BadDataError(
+        f"{label}: {what} {tuple(values)} has {arr.size} values for {channels}-channel "
+        f"images; accepted: {accepted}"
+    )
 
 
 def _pillow(label: str):

@@ -25,6 +25,7 @@ count n_j and Σ p·log p are differences of prefix sums, and with T the total a
     KL_i = (Σ p log p − Σ_j G_j log(G_j/n_j) − o_i·log(G_last/n_last)) / T + log S − log T,
 o_i being the outlier count, so all candidates cost one (candidates × nq) array, no loop.
 """
+
 from __future__ import annotations
 
 import logging

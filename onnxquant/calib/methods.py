@@ -5,6 +5,7 @@ returning the clipping range (floats, or per-channel arrays). Its `Method` recor
 must hold for it (histograms; per-bin sums for the Laplace b), whether it has a per-channel form, and which
 options it takes. Quantization parameters come from the range through `TensorRange.from_range`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
@@ -34,17 +35,27 @@ class Method:
     options: tuple[str, ...] = ()  # keyword options of `fn`
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("minmax", minmax, per_channel=True),
-    Method("percentile", percentile, needs_histogram=True, options=("percentile",)),
-    Method("mse", mse, needs_histogram=True),
-    Method("laplace", laplace, needs_moments=True, per_channel=True),
-    Method("gauss", gauss, per_channel=True),  # σ comes from pass 1
-    Method("kl", kl, needs_histogram=True),
-)}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("minmax", minmax, per_channel=True),
+        Method("percentile", percentile, needs_histogram=True, options=("percentile",)),
+        Method("mse", mse, needs_histogram=True),
+        Method("laplace", laplace, needs_moments=True, per_channel=True),
+        Method("gauss", gauss, per_channel=True),  # σ comes from pass 1
+        Method("kl", kl, needs_histogram=True),
+    )
+}
 
-__all__ = ["METHODS", "WEIGHT_METHODS", "Method", "check_options",
-           "clip_range", "collect_options", "find_method"]
+__all__ = [
+    "METHODS",
+    "WEIGHT_METHODS",
+    "Method",
+    "check_options",
+    "clip_range",
+    "collect_options",
+    "find_method",
+]
 
 
 def find_method(name: str) -> Method:
@@ -59,13 +70,15 @@ def check_options(name: str, options: Mapping[str, object]) -> dict[str, object]
     known = {k for m in METHODS.values() for k in m.options}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise BadRulesError(f"unknown calibration option(s) {', '.join(unknown)}; "
-                            f"accepted: {', '.join(sorted(known))}")
+        raise BadRulesError(
+            f"unknown calibration option(s) {', '.join(unknown)}; accepted: {', '.join(sorted(known))}"
+        )
     return {k: options[k] for k in find_method(name).options if k in options and options[k] is not None}
 
 
-def clip_range(name: str, stats: TensorStats, bits, symmetric: bool, *, per_channel: bool = False,
-               **options) -> tuple:
+def clip_range(
+    name: str, stats: TensorStats, bits, symmetric: bool, *, per_channel: bool = False, **options
+) -> tuple:
     """The clipping range of method `name` on `stats` with the options it takes from `options`."""
     opts = check_options(name, options)
     return find_method(name).fn(stats, bits, symmetric, per_channel=per_channel, **opts)
@@ -76,8 +89,11 @@ def collect_options(methods: Iterable[str]) -> dict[str, bool]:
     methods = set(methods)
     unknown = sorted(methods - set(METHODS))
     if unknown:
-        raise BadRulesError(f"unknown calibration method(s) {', '.join(unknown)}; "
-                            f"accepted: {', '.join(METHODS)}")
+        raise BadRulesError(
+            f"unknown calibration method(s) {', '.join(unknown)}; accepted: {', '.join(METHODS)}"
+        )
     records = [METHODS[m] for m in methods]
-    return {"histograms": any(m.needs_histogram for m in records),
-            "moments": any(m.needs_moments for m in records)}
+    return {
+        "histograms": any(m.needs_histogram for m in records),
+        "moments": any(m.needs_moments for m in records),
+    }

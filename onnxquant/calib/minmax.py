@@ -1,4 +1,5 @@
 """Min/max calibration: the clipping range is the observed range [min, max] (per tensor or per channel)."""
+
 from __future__ import annotations
 
 from onnxquant.calib.stats import TensorStats

@@ -7,6 +7,7 @@ and 2^(b−1)−1 positive levels (2^b−1 for one-sided unsigned codes). Two-si
 the signed histogram and candidates [f·min, f·max], f = i/bins, with scale (hi−lo)/(2^b−1) and an integer zero
 point. Ties go to the smallest candidate. All candidates are evaluated vectorized (in row chunks).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,14 +27,15 @@ def mse_costs_symmetric(counts: np.ndarray, width: float, levels: int) -> np.nda
     t = np.arange(1, n_bins + 1) * width
     costs = np.empty(n_bins)
     for s0 in range(0, n_bins, _CHUNK):
-        s = (t[s0:s0 + _CHUNK] / levels)[:, None]
+        s = (t[s0 : s0 + _CHUNK] / levels)[:, None]
         xq = s * np.minimum(np.rint(c[None, :] / s), levels)
-        costs[s0:s0 + _CHUNK] = ((c[None, :] - xq) ** 2 * n[None, :]).sum(axis=1)
+        costs[s0 : s0 + _CHUNK] = ((c[None, :] - xq) ** 2 * n[None, :]).sum(axis=1)
     return costs
 
 
-def mse_costs_affine(counts: np.ndarray, first_edge: float, width: float, lo: float, hi: float,
-                     bits: int) -> np.ndarray:
+def mse_costs_affine(
+    counts: np.ndarray, first_edge: float, width: float, lo: float, hi: float, bits: int
+) -> np.ndarray:
     """Cost of every range [f·lo, f·hi], f = i/n (i = 1..n, n = len(counts)//2), with unsigned b-bit codes."""
     n_cand = len(counts) // 2
     nz = np.nonzero(counts)[0]
@@ -43,11 +45,11 @@ def mse_costs_affine(counts: np.ndarray, first_edge: float, width: float, lo: fl
     qmax = (1 << bits) - 1
     costs = np.empty(n_cand)
     for s0 in range(0, n_cand, _CHUNK):
-        clo, chi = min(lo, 0.0) * f[s0:s0 + _CHUNK], max(hi, 0.0) * f[s0:s0 + _CHUNK]
+        clo, chi = min(lo, 0.0) * f[s0 : s0 + _CHUNK], max(hi, 0.0) * f[s0 : s0 + _CHUNK]
         s = np.maximum((chi - clo) / qmax, np.finfo(np.float64).tiny)[:, None]
         z = np.clip(np.rint(-clo[:, None] / s), 0, qmax)
         q = np.clip(np.rint(c[None, :] / s) + z, 0, qmax)
-        costs[s0:s0 + _CHUNK] = ((c[None, :] - s * (q - z)) ** 2 * n[None, :]).sum(axis=1)
+        costs[s0 : s0 + _CHUNK] = ((c[None, :] - s * (q - z)) ** 2 * n[None, :]).sum(axis=1)
     return costs
 
 

@@ -5,6 +5,7 @@ crosses p/100 of the total count, so it is within one bin width of the sample pe
 one-sided tensors clip |x| at its p-th percentile t: range [max(min, −t), min(max, t)]. Two-sided tensors with
 unsigned codes clip each side: [(100−p)-th, p-th] percentile of x.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,8 +29,14 @@ def hist_percentile(counts: np.ndarray, first_edge: float, width: float, q: floa
     return float(first_edge + (k + min(max(frac, 0.0), 1.0)) * width)
 
 
-def percentile(st: TensorStats, bits, symmetric: bool, *, per_channel: bool = False,
-               percentile: float = DEFAULT_PERCENTILE):
+def percentile(
+    st: TensorStats,
+    bits,
+    symmetric: bool,
+    *,
+    per_channel: bool = False,
+    percentile: float = DEFAULT_PERCENTILE,
+):
     """Clip at the `percentile`-th percentile (of |x|, or of each side for two-sided unsigned tensors)."""
     if per_channel:
         raise BadRulesError("percentile calibration is per tensor only; per channel: minmax, laplace, gauss")

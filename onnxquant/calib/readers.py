@@ -15,6 +15,7 @@ dropped (with a warning).
 The batching, dtype conversion and `InputSpec` live in `onnxquant.calib.source`, images in
 `onnxquant.calib.images`; this module reads arrays and reader functions and dispatches in `open_data`.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -49,6 +50,7 @@ ARRAY_EXTS = (".npz", ".npy")
 
 # ----------------------------------------------------------------------------------------- .npz / .npy files
 
+
 @dataclass(frozen=True)
 class _Header:
     shape: tuple[int, ...]
@@ -67,16 +69,18 @@ def _read_header(fp: BinaryIO, where: str, member: str = "") -> _Header:
         else:
             raise ValueError(f"format version {version}")
     except ValueError as exc:
-        raise BadDataError(f"{where}: not a readable .npy array ({first_line(exc)}); accepted: "
-                           "np.save/np.savez output") from exc
+        raise BadDataError(
+            f"{where}: not a readable .npy array ({first_line(exc)}); accepted: np.save/np.savez output"
+        ) from exc
     return _Header(tuple(shape), np.dtype(dtype), bool(fortran), member)
 
 
 class _ArrayFiles(DataSource):
     """One .npz/.npy file or a directory of them, streamed file by file."""
 
-    def __init__(self, label: str, files: list[Path], specs: list[InputSpec], extra_keys: Sequence[str],
-                 **kw) -> None:
+    def __init__(
+        self, label: str, files: list[Path], specs: list[InputSpec], extra_keys: Sequence[str], **kw
+    ) -> None:
         super().__init__(label, specs, **kw)
         self._files: list[tuple[Path, dict[str, _Header], int]] = []
         self._extra_keys = tuple(extra_keys)
@@ -84,24 +88,30 @@ class _ArrayFiles(DataSource):
             headers = self._headers(path, specs)
             counts = {s.name: headers[s.name].shape[0] for s in specs}
             if len(set(counts.values())) > 1:
-                raise BadDataError(f"{path}: inputs have different sample counts (axis 0): "
-                                   + ", ".join(f"{k}={n}" for k, n in counts.items())
-                                   + "; accepted: the same number of samples for every key")
+                raise BadDataError(
+                    f"{path}: inputs have different sample counts (axis 0): "
+                    + ", ".join(f"{k}={n}" for k, n in counts.items())
+                    + "; accepted: the same number of samples for every key"
+                )
             self._files.append((path, headers, next(iter(counts.values()))))
         for key in self._extra_keys:
             having = [p.name for p, h, _ in self._files if key in h]
             if having and len(having) != len(self._files):
                 missing = next(p for p, h, _ in self._files if key not in h)
-                raise BadDataError(f"{missing}: has no key '{key}' but {having[0]} has; accepted: '{key}' in "
-                                   "every file or in none")
+                raise BadDataError(
+                    f"{missing}: has no key '{key}' but {having[0]} has; accepted: '{key}' in "
+                    "every file or in none"
+                )
         self._set_total(sum(n for _, _, n in self._files))
 
     def _headers(self, path: Path, specs: list[InputSpec]) -> dict[str, _Header]:
         """Headers of the input arrays (and extras) in one file, checked against the specs."""
         if path.suffix.lower() == ".npy":
             if len(specs) != 1:
-                raise BadDataError(f"{path}: a .npy holds one array but the model has {len(specs)} inputs "
-                                   f"({input_names(specs)}); accepted: an .npz with those keys")
+                raise BadDataError(
+                    f"{path}: a .npy holds one array but the model has {len(specs)} inputs "
+                    f"({input_names(specs)}); accepted: an .npz with those keys"
+                )
             with open(path, "rb") as fp:
                 header = _read_header(fp, str(path))
             check_array(str(path), "the array", header.shape, header.dtype, specs[0])
@@ -115,23 +125,29 @@ class _ArrayFiles(DataSource):
                 if missing or unknown:
                     what = key_problem(missing, unknown)
                     extra = f" (plus extra keys {', '.join(self._extra_keys)})" if self._extra_keys else ""
-                    raise BadDataError(f"{path}: {what}; accepted keys: the model inputs "
-                                       f"{input_names(specs)}{extra}")
+                    raise BadDataError(
+                        f"{path}: {what}; accepted keys: the model inputs {input_names(specs)}{extra}"
+                    )
                 headers = {}
                 for key, member in members.items():
                     with zf.open(member) as fp:
                         headers[key] = _read_header(fp, f"{path}[{key}]", member)
         except zipfile.BadZipFile as exc:
-            raise BadDataError(f"{path}: not a readable .npz ({first_line(exc)}); "
-                               "accepted: np.savez output") from exc
+            raise BadDataError(
+                f"{path}: not a readable .npz ({first_line(exc)}); accepted: np.savez output"
+            ) from exc
         for spec in specs:
-            check_array(str(path), f"key '{spec.name}'", headers[spec.name].shape, headers[spec.name].dtype, spec)
+            check_array(
+                str(path), f"key '{spec.name}'", headers[spec.name].shape, headers[spec.name].dtype, spec
+            )
         for key in self._extra_keys:
             if key in headers:
                 h, n = headers[key], headers[specs[0].name].shape[0]
                 if h.dtype.hasobject or not h.shape or h.shape[0] != n:
-                    raise BadDataError(f"{path}: extra key '{key}' is {h.dtype} {h.shape}; accepted: a "
-                                       f"numeric array with {n} samples on axis 0")
+                    raise BadDataError(
+                        f"{path}: extra key '{key}' is {h.dtype} {h.shape}; accepted: a "
+                        f"numeric array with {n} samples on axis 0"
+                    )
         return headers
 
     def _pieces(self) -> Iterator[Piece]:
@@ -143,7 +159,7 @@ class _ArrayFiles(DataSource):
                 name = self.specs[0].name
                 arr = np.load(path, mmap_mode="r", allow_pickle=False)
                 for start in range(0, n, bs):
-                    yield str(path), start, {name: arr[start:start + bs]}
+                    yield str(path), start, {name: arr[start : start + bs]}
                 del arr
                 continue
             with zipfile.ZipFile(path) as zf:
@@ -160,7 +176,7 @@ class _ArrayFiles(DataSource):
                 with np.load(path, allow_pickle=False) as z:
                     if key in z.files:
                         parts.append(z[key])
-        return np.concatenate(parts)[:self.num_samples] if parts else None
+        return np.concatenate(parts)[: self.num_samples] if parts else None
 
 
 def _memberrows(zf: zipfile.ZipFile, key: str, h: _Header, step: int) -> Iterator[np.ndarray]:
@@ -171,18 +187,21 @@ def _memberrows(zf: zipfile.ZipFile, key: str, h: _Header, step: int) -> Iterato
             fp.seek(0)
             whole = np.lib.format.read_array(fp, allow_pickle=False)
             for start in range(0, h.shape[0], step):
-                yield whole[start:start + step]
+                yield whole[start : start + step]
             return
         row = h.dtype.itemsize * int(np.prod(h.shape[1:], dtype=np.int64))
         for start in range(0, h.shape[0], step):
             k = min(step, h.shape[0] - start)
             data = fp.read(k * row)
             if len(data) != k * row:
-                raise BadDataError(f"{zf.filename}: key '{key}' is truncated; accepted: a complete np.savez file")
+                raise BadDataError(
+                    f"{zf.filename}: key '{key}' is truncated; accepted: a complete np.savez file"
+                )
             yield np.frombuffer(data, dtype=h.dtype).reshape((k, *h.shape[1:]))
 
 
 # ------------------------------------------------------------------------------------------ reader function
+
 
 class _ReaderSource(DataSource):
     """Batches from a user function `package.module:function`, called afresh for each iteration."""
@@ -195,29 +214,40 @@ class _ReaderSource(DataSource):
     def _pieces(self) -> Iterator[Piece]:
         result = self._fn(str(self._path)) if self._path is not None else self._fn()
         if not isinstance(result, Iterable) or isinstance(result, Mapping):
-            raise BadDataError(f"{self.label}: returned {type(result).__name__}; accepted: an iterable of "
-                               "{input_name: array} batches")
+            raise BadDataError(
+                f"{self.label}: returned {type(result).__name__}; accepted: an iterable of "
+                "{input_name: array} batches"
+            )
         seen = 0
         for i, item in enumerate(result):
             where = f"{self.label} batch {i}"
             if not isinstance(item, Mapping):
-                raise BadDataError(f"{where}: is a {type(item).__name__}; accepted: a dict "
-                                   f"{{input_name: array}} with keys {input_names(self.specs)}")
+                raise BadDataError(
+                    f"{where}: is a {type(item).__name__}; accepted: a dict "
+                    f"{{input_name: array}} with keys {input_names(self.specs)}"
+                )
             missing = [s.name for s in self.specs if s.name not in item]
             unknown = [str(k) for k in item if k not in {s.name for s in self.specs}]
             if missing or unknown:
-                raise BadDataError(f"{where}: {key_problem(missing, unknown)}; accepted keys: "
-                                   f"{input_names(self.specs)}")
+                raise BadDataError(
+                    f"{where}: {key_problem(missing, unknown)}; accepted keys: {input_names(self.specs)}"
+                )
             arrays = {s.name: np.asarray(item[s.name]) for s in self.specs}
             for s in self.specs:
                 check_array(where, f"key '{s.name}'", arrays[s.name].shape, arrays[s.name].dtype, s)
             counts = {k: len(v) for k, v in arrays.items()}
             if len(set(counts.values())) > 1:
-                raise BadDataError(f"{where}: inputs have different sample counts: "
-                                   + ", ".join(f"{k}={n}" for k, n in counts.items()))
+                raise BadDataError(
+                    f"{where}: inputs have different sample counts: "
+                    + ", ".join(f"{k}={n}" for k, n in counts.items())
+                )
             n = rows(arrays)
             for start in range(0, n, self.batch_size):
-                yield self.label, seen + start, {k: v[start:start + self.batch_size] for k, v in arrays.items()}
+                yield (
+                    self.label,
+                    seen + start,
+                    {k: v[start : start + self.batch_size] for k, v in arrays.items()},
+                )
             seen += n
 
 
@@ -229,21 +259,32 @@ def _import_reader(spec: str) -> Callable[..., object]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise BadDataError(f"reader {spec}: module {module_name} cannot be imported ({first_line(exc)}); "
-                           "accepted: an "
-                           "importable module on PYTHONPATH") from exc
+        raise BadDataError(
+            f"reader {spec}: module {module_name} cannot be imported ({first_line(exc)}); "
+            "accepted: an "
+            "importable module on PYTHONPATH"
+        ) from exc
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise BadDataError(f"reader {spec}: module {module_name} has no function {attr}; accepted: "
-                           "package.module:function")
+        raise BadDataError(
+            f"reader {spec}: module {module_name} has no function {attr}; accepted: package.module:function"
+        )
     return fn
 
 
 # ------------------------------------------------------------------------------------------------ open_data
 
-def open_data(path: str | Path | None, specs: list[InputSpec], *, batch_size: int = 32,
-              max_samples: int | None = None, image_options: ImageOptions | None = None,
-              reader: str | None = None, extra_keys: Sequence[str] = ()) -> DataSource:
+
+def open_data(
+    path: str | Path | None,
+    specs: list[InputSpec],
+    *,
+    batch_size: int = 32,
+    max_samples: int | None = None,
+    image_options: ImageOptions | None = None,
+    reader: str | None = None,
+    extra_keys: Sequence[str] = (),
+) -> DataSource:
     """Open calibration/evaluation data for a model with inputs `specs`; see the module docstring.
 
     With `reader`, the function is called as `function(str(path))` when a path is given, else `function()`.
@@ -251,19 +292,26 @@ def open_data(path: str | Path | None, specs: list[InputSpec], *, batch_size: in
     label = str(path) if path is not None else f"reader {reader}"
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise BadDataError(f"{label}: batch size {batch_size!r}; accepted: an integer >= 1")
-    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
-                                    or max_samples <= 0):
+    if max_samples is not None and (
+        isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples <= 0
+    ):
         raise BadDataError(f"{label}: max samples {max_samples!r}; accepted: an integer >= 1")
     if not specs:
         raise BadDataError(f"{label}: the model has no inputs to feed")
     static = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0}
     if len(static) > 1:
-        raise BadDataError(f"{label}: inputs have different fixed batch sizes {sorted(static)}; accepted: "
-                           "one batch dimension")
+        raise BadDataError(
+            f"{label}: inputs have different fixed batch sizes {sorted(static)}; accepted: "
+            "one batch dimension"
+        )
     fixed = next(iter(static), None)
     if fixed is not None and batch_size != fixed:
-        log.info("the model's batch dimension is fixed at %d: using batches of %d, not %d", fixed, fixed,
-                 batch_size)
+        log.info(
+            "the model's batch dimension is fixed at %d: using batches of %d, not %d",
+            fixed,
+            fixed,
+            batch_size,
+        )
     kw = {"batch_size": fixed or batch_size, "max_samples": max_samples, "drop_last": fixed is not None}
     if reader is not None:
         return _ReaderSource(reader, Path(path) if path is not None else None, specs, **kw)
@@ -271,20 +319,27 @@ def open_data(path: str | Path | None, specs: list[InputSpec], *, batch_size: in
         raise BadDataError("no calibration data given; accepted: an .npz/.npy file, a directory, or a reader")
     path = Path(path)
     if not path.exists():
-        raise BadDataError(f"{path}: no such file or directory; accepted: .npz, .npy, a directory of those "
-                           "or of jpg/png images")
+        raise BadDataError(
+            f"{path}: no such file or directory; accepted: .npz, .npy, a directory of those "
+            "or of jpg/png images"
+        )
     if path.is_file():
         if path.suffix.lower() not in ARRAY_EXTS:
-            raise BadDataError(f"{path}: unsupported file type '{path.suffix}'; accepted: .npz, .npy, or a "
-                               "directory of those or of jpg/png images")
+            raise BadDataError(
+                f"{path}: unsupported file type '{path.suffix}'; accepted: .npz, .npy, or a "
+                "directory of those or of jpg/png images"
+            )
         return _ArrayFiles(label, [path], specs, extra_keys, **kw)
     entries = sorted((p for p in path.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
     if not entries:
         raise BadDataError(f"{path}: empty directory; accepted: .npz/.npy files or jpg/png images")
-    odd = next((p for p in entries if not p.is_file() or p.suffix.lower() not in ARRAY_EXTS + IMAGE_EXTS), None)
+    odd = next(
+        (p for p in entries if not p.is_file() or p.suffix.lower() not in ARRAY_EXTS + IMAGE_EXTS), None
+    )
     if odd is not None:
-        raise BadDataError(f"{odd}: not an .npz/.npy/.jpg/.jpeg/.png file; accepted: a flat directory of "
-                           "arrays or of images")
+        raise BadDataError(
+            f"{odd}: not an .npz/.npy/.jpg/.jpeg/.png file; accepted: a flat directory of arrays or of images"
+        )
     arrays = [p for p in entries if p.suffix.lower() in ARRAY_EXTS]
     if arrays and len(arrays) != len(entries):
         raise BadDataError(f"{path}: mixes arrays ({arrays[0].name}) and images; accepted: one kind")

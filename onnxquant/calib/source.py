@@ -6,6 +6,7 @@ dropped when the model's batch dimension is fixed). Conversion: any float to any
 when the values fit; integer/float mixes are refused, as are NaN and Inf. Every problem is a one-line
 `BadDataError`. The concrete sources are in `readers` (arrays, reader functions) and `images`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,16 +44,19 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
         shape = None
         if tt.HasField("shape"):
-            shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                          for d in tt.shape.dim)
+            shape = tuple(
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
+            )
         specs.append(InputSpec(vi.name, dtype, shape))
     return specs
+
 
 class DataSource:
     """Re-iterable batches `{input_name: array}`; each `iter()` starts again from the first sample."""
 
-    def __init__(self, label: str, specs: list[InputSpec], batch_size: int, max_samples: int | None,
-                 drop_last: bool) -> None:
+    def __init__(
+        self, label: str, specs: list[InputSpec], batch_size: int, max_samples: int | None, drop_last: bool
+    ) -> None:
         self.label = label
         self.specs = specs
         self.batch_size = batch_size
@@ -72,8 +76,10 @@ class DataSource:
             n -= n % self.batch_size
         if n == 0:
             need = f", the model's fixed batch needs {self.batch_size}" if self._drop_last else ""
-            raise BadDataError(f"{self.label}: no usable samples ({total} found{need}); accepted: at least "
-                               f"{self.batch_size if self._drop_last else 1} sample(s)")
+            raise BadDataError(
+                f"{self.label}: no usable samples ({total} found{need}); accepted: at least "
+                f"{self.batch_size if self._drop_last else 1} sample(s)"
+            )
         self._num = n
 
     @property
@@ -110,9 +116,11 @@ class DataSource:
                 info = np.iinfo(target)
                 bad = ((arr < info.min) | (arr > info.max)).reshape(len(arr), -1).any(axis=1)
                 if bad.any():
-                    raise BadDataError(f"{origin}: input '{spec.name}' sample {offset + int(bad.argmax())} "
-                                       f"has values outside {target} [{info.min}, {info.max}]; "
-                                       "accepted: values that fit the model's input type")
+                    raise BadDataError(
+                        f"{origin}: input '{spec.name}' sample {offset + int(bad.argmax())} "
+                        f"has values outside {target} [{info.min}, {info.max}]; "
+                        "accepted: values that fit the model's input type"
+                    )
             if arr.dtype != target and spec.name not in self._cast_logged:
                 self._cast_logged.add(spec.name)
                 log.info("%s: casting %s data to %s for input '%s'", origin, arr.dtype, target, spec.name)
@@ -122,8 +130,10 @@ class DataSource:
                 bad = ~np.isfinite(conv).reshape(len(conv), -1).all(axis=1)
                 i = int(bad.argmax())
                 what = "NaN" if np.isnan(conv[i]).any() else "Inf"
-                raise BadDataError(f"{origin}: input '{spec.name}' sample {offset + i} contains {what} "
-                                   f"(as {target}); accepted: finite values")
+                raise BadDataError(
+                    f"{origin}: input '{spec.name}' sample {offset + i} contains {what} "
+                    f"(as {target}); accepted: finite values"
+                )
             out[spec.name] = conv
         return out
 
@@ -141,15 +151,16 @@ def _limit(pieces: Iterable[Piece], limit: int | None) -> Iterator[Piece]:
         yield origin, offset, arrays
 
 
-def _rebatch(pieces: Iterable[dict[str, np.ndarray]], batch_size: int, drop_last: bool
-             ) -> Iterator[dict[str, np.ndarray]]:
+def _rebatch(
+    pieces: Iterable[dict[str, np.ndarray]], batch_size: int, drop_last: bool
+) -> Iterator[dict[str, np.ndarray]]:
     pending: list[dict[str, np.ndarray]] = []
     have = 0
     for arrays in pieces:
         n, start = rows(arrays), 0
         while start < n:
             take = min(batch_size - have, n - start)
-            pending.append({k: v[start:start + take] for k, v in arrays.items()})
+            pending.append({k: v[start : start + take] for k, v in arrays.items()})
             have, start = have + take, start + take
             if have == batch_size:
                 yield _concat(pending)
@@ -157,7 +168,9 @@ def _rebatch(pieces: Iterable[dict[str, np.ndarray]], batch_size: int, drop_last
     if have and not drop_last:
         yield _concat(pending)
     elif have:
-        log.warning("dropping the last %d samples: the model's batch dimension is fixed at %d", have, batch_size)
+        log.warning(
+            "dropping the last %d samples: the model's batch dimension is fixed at %d", have, batch_size
+        )
 
 
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -177,25 +190,35 @@ def check_array(where: str, what: str, shape: tuple[int, ...], dtype: np.dtype, 
     `what` names the array in messages, e.g. "key 'x'".
     """
     if dtype.hasobject:
-        raise BadDataError(f"{where}: {what} is an object array; object arrays are not accepted "
-                           "(save numeric arrays)")
+        raise BadDataError(
+            f"{where}: {what} is an object array; object arrays are not accepted (save numeric arrays)"
+        )
     if not shape:
         raise BadDataError(f"{where}: {what} is a scalar; accepted: arrays with samples on axis 0")
     if spec.shape is not None:
         if len(shape) != len(spec.shape):
-            raise BadDataError(f"{where}: {what} has rank {len(shape)} {tuple(shape)} but input "
-                               f"'{spec.name}' has rank {len(spec.shape)} {shape_text(spec.shape)} (axis 0 = samples)")
+            raise BadDataError(
+                f"{where}: {what} has rank {len(shape)} {tuple(shape)} but input "
+                f"'{spec.name}' has rank {len(spec.shape)} {shape_text(spec.shape)} (axis 0 = samples)"
+            )
         for axis, (got, want) in enumerate(zip(shape, spec.shape)):
             if axis and isinstance(want, int) and got != want:
-                raise BadDataError(f"{where}: {what} has shape {tuple(shape)} but input '{spec.name}' "
-                                   f"needs {shape_text(spec.shape)}: dim {axis} must be {want}")
+                raise BadDataError(
+                    f"{where}: {what} has shape {tuple(shape)} but input '{spec.name}' "
+                    f"needs {shape_text(spec.shape)}: dim {axis} must be {want}"
+                )
     want = spec.dtype
-    ok = (dtype.kind == want.kind or (dtype.kind in "iu" and want.kind in "iu")
-          or (dtype.kind == "f" and want.kind == "c"))
+    ok = (
+        dtype.kind == want.kind
+        or (dtype.kind in "iu" and want.kind in "iu")
+        or (dtype.kind == "f" and want.kind == "c")
+    )
     if not ok:
         accepted = {"f": "float data", "i": "integer data", "u": "integer data", "b": "bool data"}
-        raise BadDataError(f"{where}: {what} is {dtype} but input '{spec.name}' is {want}; accepted: "
-                           f"{accepted.get(want.kind, str(want) + ' data')}")
+        raise BadDataError(
+            f"{where}: {what} is {dtype} but input '{spec.name}' is {want}; accepted: "
+            f"{accepted.get(want.kind, str(want) + ' data')}"
+        )
 
 
 def key_problem(missing: list[str], unknown: list[str]) -> str:

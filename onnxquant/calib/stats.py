@@ -26,6 +26,7 @@ pass-1 mean, which gives the sharding protocol when a pass 2 is needed:
 The result equals one run over all the data (histograms exactly, moments up to float rounding). Without a
 pass 2, steps 1 and 2 are all.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,7 +64,7 @@ def scan(x: np.ndarray, hist: Histogram | None = None) -> tuple[float, float, fl
         lo, hi = min(lo, c_lo), max(hi, c_hi)
         c_sum = float(np.sum(c))
         centre = np.float32(c_sum / c.size)
-        d = np.subtract(c, centre, out=buf[:c.size])
+        d = np.subtract(c, centre, out=buf[: c.size])
         c_m2 = float(np.dot(d, d)) - c.size * (c_sum / c.size - float(centre)) ** 2
         m2 = combined_m2(n, total, m2, c.size, c_sum, c_m2)
         n, total = n + c.size, total + c_sum
@@ -143,8 +144,10 @@ class TensorStats:
         if self.pass2 is not None and self.pass2.count:
             return self.pass2.abs_dev / self.pass2.count
         if self.mad_needs_pass2:
-            raise BadDataError(f"statistics lack the Laplace b: no pass 2, and no per-bin sums that give it to "
-                               f"{MAD_TOLERANCE:g}; collect it with moments")
+            raise BadDataError(
+                f"statistics lack the Laplace b: no pass 2, and no per-bin sums that give it to "
+                f"{MAD_TOLERANCE:g}; collect it with moments"
+            )
         return 2 * self.histogram.excess_above(self.mean)[0] / self.count if self.count else 0.0
 
     @property
@@ -164,8 +167,10 @@ class TensorStats:
         self._need_channels()
         p = self.pass2
         if p is None or p.ch_abs_dev is None:
-            raise BadDataError("statistics lack per-channel deviations (Laplace b per channel); collect pass 2 "
-                               "with per_channel and moments")
+            raise BadDataError(
+                "statistics lack per-channel deviations (Laplace b per channel); collect pass 2 "
+                "with per_channel and moments"
+            )
         return p.ch_abs_dev / (p.count // len(p.ch_abs_dev))
 
     @property
@@ -253,15 +258,26 @@ class TensorStats:
             raise BadDataError("cannot merge statistics with and without histograms")
         if self.ch_min is not None:
             _same_channels(self.ch_min, other.ch_min)
-            ch = {"ch_count": self.ch_count + other.ch_count, "ch_min": np.minimum(self.ch_min, other.ch_min),
-                  "ch_max": np.maximum(self.ch_max, other.ch_max), "ch_sum": self.ch_sum + other.ch_sum,
-                  "ch_m2": combined_m2(self.ch_count, self.ch_sum, self.ch_m2, other.ch_count, other.ch_sum,
-                                       other.ch_m2)}
+            ch = {
+                "ch_count": self.ch_count + other.ch_count,
+                "ch_min": np.minimum(self.ch_min, other.ch_min),
+                "ch_max": np.maximum(self.ch_max, other.ch_max),
+                "ch_sum": self.ch_sum + other.ch_sum,
+                "ch_m2": combined_m2(
+                    self.ch_count, self.ch_sum, self.ch_m2, other.ch_count, other.ch_sum, other.ch_m2
+                ),
+            }
         hist = self.histogram.merge(other.histogram) if self.histogram is not None else None
-        return TensorStats(count=self.count + other.count, min=min(self.min, other.min),
-                           max=max(self.max, other.max), sum=self.sum + other.sum,
-                           m2=combined_m2(self.count, self.sum, self.m2, other.count, other.sum, other.m2),
-                           **ch, histogram=hist, pass2=_merge_pass2(self.pass2, other.pass2))
+        return TensorStats(
+            count=self.count + other.count,
+            min=min(self.min, other.min),
+            max=max(self.max, other.max),
+            sum=self.sum + other.sum,
+            m2=combined_m2(self.count, self.sum, self.m2, other.count, other.sum, other.m2),
+            **ch,
+            histogram=hist,
+            pass2=_merge_pass2(self.pass2, other.pass2),
+        )
 
 
 def update_pass2(p: Pass2, x: np.ndarray) -> None:
@@ -271,8 +287,10 @@ def update_pass2(p: Pass2, x: np.ndarray) -> None:
     p.count += int(x.size)
     ref = np.float32(p.ref_mean)
     buf = workspace()[0]
-    parts = [float(np.sum(np.abs(np.subtract(c, ref, out=buf[:c.size]))))
-             for c in chunks(np.ascontiguousarray(x, np.float32))]
+    parts = [
+        float(np.sum(np.abs(np.subtract(c, ref, out=buf[: c.size]))))
+        for c in chunks(np.ascontiguousarray(x, np.float32))
+    ]
     p.abs_dev += math.fsum(parts)
     if p.ch_ref_mean is not None:
         centre = _channel_view(p.ch_ref_mean, x.ndim).astype(np.float32)
@@ -289,8 +307,10 @@ def merge_all(a: dict[str, TensorStats], b: dict[str, TensorStats]) -> dict[str,
     """Merge two statistics dicts over the same tensors."""
     if a.keys() != b.keys():
         diff = sorted(set(a) ^ set(b))
-        raise BadDataError(f"cannot merge statistics of different tensors: {', '.join(diff[:10])} "
-                           f"in only one of them; accepted: statistics collected for the same tensors")
+        raise BadDataError(
+            f"cannot merge statistics of different tensors: {', '.join(diff[:10])} "
+            f"in only one of them; accepted: statistics collected for the same tensors"
+        )
     out = {}
     for name, st in a.items():
         try:
@@ -305,14 +325,24 @@ def _merge_pass2(a: Pass2 | None, b: Pass2 | None) -> Pass2 | None:
         return None
     if a is None or b is None:
         raise BadDataError("cannot merge statistics with and without pass 2")
-    if a.ref_mean != b.ref_mean or (a.ch_ref_mean is None) != (b.ch_ref_mean is None) or \
-            (a.ch_ref_mean is not None and not np.array_equal(a.ch_ref_mean, b.ch_ref_mean)):
-        raise BadDataError("pass 2 of the two statistics used different pass-1 references; protocol: run "
-                           "pass 1 on every shard, merge, then pass 2 on every shard against the merged "
-                           "pass 1")
-    add = (lambda u, v: None if u is None else u + v)
-    return Pass2(ref_mean=a.ref_mean, count=a.count + b.count, abs_dev=a.abs_dev + b.abs_dev,
-                 ch_ref_mean=a.ch_ref_mean, ch_abs_dev=add(a.ch_abs_dev, b.ch_abs_dev))
+    if (
+        a.ref_mean != b.ref_mean
+        or (a.ch_ref_mean is None) != (b.ch_ref_mean is None)
+        or (a.ch_ref_mean is not None and not np.array_equal(a.ch_ref_mean, b.ch_ref_mean))
+    ):
+        raise BadDataError(
+            "pass 2 of the two statistics used different pass-1 references; protocol: run "
+            "pass 1 on every shard, merge, then pass 2 on every shard against the merged "
+            "pass 1"
+        )
+    add = lambda u, v: None if u is None else u + v
+    return Pass2(
+        ref_mean=a.ref_mean,
+        count=a.count + b.count,
+        abs_dev=a.abs_dev + b.abs_dev,
+        ch_ref_mean=a.ch_ref_mean,
+        ch_abs_dev=add(a.ch_abs_dev, b.ch_abs_dev),
+    )
 
 
 def _other_axes(x: np.ndarray) -> tuple[int, ...]:
@@ -326,8 +356,14 @@ def _same_channels(a: np.ndarray, b: np.ndarray) -> None:
         raise BadDataError(f"channel count changed: {a.shape[0]} vs {b.shape[0]}")
 
 
-def stats_of(batches: Iterable[np.ndarray] | np.ndarray, *, bins: int = DEFAULT_BINS,
-             per_channel: bool = False, histograms: bool = True, moments: bool = True) -> TensorStats:
+def stats_of(
+    batches: Iterable[np.ndarray] | np.ndarray,
+    *,
+    bins: int = DEFAULT_BINS,
+    per_channel: bool = False,
+    histograms: bool = True,
+    moments: bool = True,
+) -> TensorStats:
     """Statistics of an array, or of a re-iterable of batches, as `engine.collect_stats` gathers them
     (`per_channel` with the per-channel b); no model, for tests and tools."""
     if isinstance(batches, np.ndarray):

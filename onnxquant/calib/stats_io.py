@@ -5,6 +5,7 @@ Every field of each `TensorStats` (and of its `Pass2` and `Histogram` parts) is 
 names the layout version. Merging statistics read back equals merging those written (see
 `onnxquant.calib.stats`).
 """
+
 from __future__ import annotations
 
 import os
@@ -20,15 +21,27 @@ from onnxquant.model import atomic_write
 
 STATS_FORMAT = "onnxquant-stats-3"
 _STATS_PARTS = ("pass2", "histogram")  # nested dataclasses of TensorStats, stored under "<i>.<part>.<field>"
-_STATS_KINDS = {"count": int, "min": float, "max": float, "sum": float, "m2": float, "ch_count": int,
-                "ref_mean": float, "abs_dev": float, "bins": int, "grid": float}
+_STATS_KINDS = {
+    "count": int,
+    "min": float,
+    "max": float,
+    "sum": float,
+    "m2": float,
+    "ch_count": int,
+    "ref_mean": float,
+    "abs_dev": float,
+    "bins": int,
+    "grid": float,
+}
 
 
 def save_stats(stats: Mapping[str, TensorStats], path: str | os.PathLike) -> None:
     """Write collected statistics (mergeable, see `onnxquant.calib.stats`) to an .npz file atomically."""
     names = sorted(stats)
-    arrays: dict[str, np.ndarray] = {"__format__": np.array(STATS_FORMAT),
-                                     "__names__": np.array(names, dtype=str)}
+    arrays: dict[str, np.ndarray] = {
+        "__format__": np.array(STATS_FORMAT),
+        "__names__": np.array(names, dtype=str),
+    }
 
     def put(prefix: str, obj) -> None:
         for f in fields(obj):
@@ -53,11 +66,14 @@ def load_stats(path: str | os.PathLike) -> dict[str, TensorStats]:
     except FileNotFoundError:
         raise BadDataError(f"{path}: no such file") from None
     except (OSError, ValueError) as exc:
-        raise BadDataError(f"{path}: not a statistics file ({first_line(exc)}); "
-                           "accepted: an .npz from --save-stats") from None
+        raise BadDataError(
+            f"{path}: not a statistics file ({first_line(exc)}); accepted: an .npz from --save-stats"
+        ) from None
     if "__format__" not in arrays or str(arrays["__format__"]) != STATS_FORMAT:
-        raise BadDataError(f"{path}: not an onnxquant statistics file of this version ({STATS_FORMAT}); "
-                           "accepted: an .npz from --save-stats of this onnxquant")
+        raise BadDataError(
+            f"{path}: not an onnxquant statistics file of this version ({STATS_FORMAT}); "
+            "accepted: an .npz from --save-stats of this onnxquant"
+        )
 
     def values(prefix: str, cls) -> dict:
         out = {}
@@ -76,8 +92,9 @@ def load_stats(path: str | os.PathLike) -> dict[str, TensorStats]:
             if f"{i}.histogram.bins" in arrays:
                 st.histogram = Histogram(**values(f"{i}.histogram.", Histogram))
                 sums = st.histogram.sums
-                if st.histogram.counts.shape != (4 * st.histogram.bins + 1,) or \
-                        (sums is not None and sums.shape != st.histogram.counts.shape):
+                if st.histogram.counts.shape != (4 * st.histogram.bins + 1,) or (
+                    sums is not None and sums.shape != st.histogram.counts.shape
+                ):
                     raise ValueError(f"histogram of {name} has {st.histogram.counts.size} counts")
             out[name] = st
     except (TypeError, ValueError, KeyError) as exc:

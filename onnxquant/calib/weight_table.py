@@ -11,6 +11,7 @@ DequantizeLinear scale s_c·ξ_c, and the offset o_c reaches the output through 
 `bias_shift_c = o_c · Σ E[x]` over the receptive field of channel c (Conv: the input channel means of c's group
 times the kernel size; Gemm: all input feature means).
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,9 +38,14 @@ BIAS_CORRECTION = ("mean", "full")
 CORRECTED_OPS = ("Conv", "Gemm")
 
 
-def weight_entries(model: onnx.ModelProto, plan: QuantPlan, *, bit_alloc: bool = False,
-                   bias_correction: str | None = None,
-                   input_means: Mapping[str, np.ndarray] | None = None) -> dict[str, TensorRange]:
+def weight_entries(
+    model: onnx.ModelProto,
+    plan: QuantPlan,
+    *,
+    bit_alloc: bool = False,
+    bias_correction: str | None = None,
+    input_means: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, TensorRange]:
     """A `kind="weight"` entry for every weight the plan quantizes, keyed by initializer name.
 
     `bias_correction` ("mean" or "full") needs `input_means`, the per-channel means of each corrected
@@ -47,7 +53,9 @@ def weight_entries(model: onnx.ModelProto, plan: QuantPlan, *, bit_alloc: bool =
     several quantized nodes gets the spec of the first and is not bias-corrected (the shift is per node).
     """
     if bias_correction not in (None, *BIAS_CORRECTION):
-        raise BadOptionError(f"bias_correction={bias_correction!r}; accepted: None, {', '.join(BIAS_CORRECTION)}")
+        raise BadOptionError(
+            f"bias_correction={bias_correction!r}; accepted: None, {', '.join(BIAS_CORRECTION)}"
+        )
     graph = import_graph(model)
     nodes = {n.name: n for n in graph.nodes}
     users: dict[str, int] = {}
@@ -63,8 +71,9 @@ def weight_entries(model: onnx.ModelProto, plan: QuantPlan, *, bit_alloc: bool =
         axis = weight_axis(node, w.ndim) if d.weights.granularity == "per_channel" else None
         entry = weight_entry(w, axis, d.weights, bit_alloc)
         if bias_correction and axis is not None and node.op in CORRECTED_OPS and users[d.weight] == 1:
-            entry = _corrected(entry, w, node, (input_means or {}).get(node.inputs[0].name),
-                               full=bias_correction == "full")
+            entry = _corrected(
+                entry, w, node, (input_means or {}).get(node.inputs[0].name), full=bias_correction == "full"
+            )
         entries[d.weight] = entry
     return entries
 
@@ -80,8 +89,9 @@ def weight_entry(w: np.ndarray, axis: int | None, spec: QuantSpec, bit_alloc: bo
     return replace(TensorRange.from_range(lo, hi, bits, spec.symmetric, spec.method, axis), kind="weight")
 
 
-def _corrected(entry: TensorRange, w: np.ndarray, node: gs.Node, x_mean: np.ndarray | None,
-               full: bool) -> TensorRange:
+def _corrected(
+    entry: TensorRange, w: np.ndarray, node: gs.Node, x_mean: np.ndarray | None, full: bool
+) -> TensorRange:
     """`entry` with the spread ratios ξ_c ("full") and the bias shift o_c·Σ E[x] (see the module docstring)."""
     params = entry.qparams()
     w_deq = dequantize(quantize(w, params), params)
@@ -91,12 +101,15 @@ def _corrected(entry: TensorRange, w: np.ndarray, node: gs.Node, x_mean: np.ndar
         entry = replace(entry, spread_ratio=[float(r) for r in ratio])
     shift = _bias_shift(node, (1.0 - ratio) * deq_mean + mu, x_mean, w.shape)
     if shift is None:
-        return replace(entry, note=f"bias correction skipped (no per-channel mean of {node.inputs[0].name!r})")
+        return replace(
+            entry, note=f"bias correction skipped (no per-channel mean of {node.inputs[0].name!r})"
+        )
     return replace(entry, bias_shift=[float(v) for v in shift])
 
 
-def _bias_shift(node: gs.Node, offset: np.ndarray, x_mean: np.ndarray | None,
-                w_shape: tuple[int, ...]) -> np.ndarray | None:
+def _bias_shift(
+    node: gs.Node, offset: np.ndarray, x_mean: np.ndarray | None, w_shape: tuple[int, ...]
+) -> np.ndarray | None:
     """E[Σ over a receptive field of x] times each output channel's weight offset (padding ignored)."""
     if x_mean is None:
         return None
@@ -106,6 +119,8 @@ def _bias_shift(node: gs.Node, offset: np.ndarray, x_mean: np.ndarray | None,
             return None
         per_group = x_mean.reshape(group, w_shape[1]).sum(axis=1) * int(np.prod(w_shape[2:]))
         return offset * np.repeat(per_group, w_shape[0] // group)
-    if node.attrs.get("transA", 0) or x_mean.size != (w_shape[1] if weight_axis(node, 2) == 0 else w_shape[0]):
+    if node.attrs.get("transA", 0) or x_mean.size != (
+        w_shape[1] if weight_axis(node, 2) == 0 else w_shape[0]
+    ):
         return None
     return offset * x_mean.sum()

@@ -12,6 +12,7 @@ Bias correction, per output channel c (ACIQ eq. 12–13): μ_c = E[W_c] − E[Ŵ
 weights are ŵ' = ξ_c·(ŵ − E[Ŵ_c]) + E[W_c], which equals ŵ + μ_c when ξ_c = 1; they have the float mean
 and (when full) the float spread.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,12 +34,14 @@ def _channels(w: np.ndarray, axis: int | None) -> np.ndarray:
     return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
 
 
-def weight_range(w: np.ndarray, axis: int | None, bits, method: str = "minmax", *,
-                 symmetric: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def weight_range(
+    w: np.ndarray, axis: int | None, bits, method: str = "minmax", *, symmetric: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel (lo, hi) along `axis` (arrays of one entry per channel; 0-d arrays when axis is None)."""
     if method not in WEIGHT_METHODS:
-        raise BadRulesError(f"unknown weight calibration method {method!r}; "
-                            f"accepted: {', '.join(WEIGHT_METHODS)}")
+        raise BadRulesError(
+            f"unknown weight calibration method {method!r}; accepted: {', '.join(WEIGHT_METHODS)}"
+        )
     m = _channels(w, axis)
     if m.shape[1] == 0:
         raise BadModelError("cannot calibrate an empty weight")

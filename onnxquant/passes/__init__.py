@@ -5,6 +5,7 @@ BN into a following Conv, then lowering of any BN left over. Each pass reports a
 (done, or the reason it refused); a BatchNormalization that no enabled pass matched gets an outcome
 under the name `UNFOLDED` saying why, so `inspect` can show every BN.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,13 +28,18 @@ PASSES: list[Pass] = [FoldConvBN(), FoldConvTransposeBN(), FoldGemmBN(), FoldBNC
 PASS_NAMES: tuple[str, ...] = tuple(p.name for p in PASSES)
 UNFOLDED = "unfolded"
 
-_FOLD_AFTER = {"Conv": "fold_conv_bn", "ConvTranspose": "fold_convtranspose_bn", "Gemm": "fold_gemm_bn",
-               "MatMul": "fold_gemm_bn"}
+_FOLD_AFTER = {
+    "Conv": "fold_conv_bn",
+    "ConvTranspose": "fold_convtranspose_bn",
+    "Gemm": "fold_gemm_bn",
+    "MatMul": "fold_gemm_bn",
+}
 _SMALL_INITIALIZER = 64  # elements; larger float initializers are shown to shape inference as inputs
 
 
-def run_passes(model: onnx.ModelProto, names: Sequence[str],
-               dry_run: bool = False) -> tuple[onnx.ModelProto, list[Outcome]]:
+def run_passes(
+    model: onnx.ModelProto, names: Sequence[str], dry_run: bool = False
+) -> tuple[onnx.ModelProto, list[Outcome]]:
     """Apply the named passes (in registry order) to a copy of `model`.
 
     Returns the rewritten model, topologically sorted and without unused initializers, and one outcome
@@ -127,8 +133,10 @@ def _infer_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     dst.value_info.extend(src.value_info)
     declared = {i.name for i in src.input}
     for t in src.initializer:
-        if int(np.prod(t.dims)) <= _SMALL_INITIALIZER or t.data_type in (onnx.TensorProto.INT64,
-                                                                           onnx.TensorProto.INT32):
+        if int(np.prod(t.dims)) <= _SMALL_INITIALIZER or t.data_type in (
+            onnx.TensorProto.INT64,
+            onnx.TensorProto.INT32,
+        ):
             dst.initializer.append(t)
         elif t.name not in declared:
             dst.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))

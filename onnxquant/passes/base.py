@@ -8,6 +8,7 @@ None when the rewrite is legal there or a one-line reason when it refuses, and `
 Also here: reading a BatchNormalization's constants as the affine map it computes in inference mode,
 `y = s·x + t` with `s = γ / sqrt(var + ε)` and `t = β − μ·s` per channel (axis 1), and `stable_toposort`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,8 +22,21 @@ import onnx_graphsurgeon as gs
 from onnxquant.ir import constant as constant_value
 from onnxquant.ir import export_model, import_graph, is_op, producer, stable_toposort, stored
 
-__all__ = ["BNAffine", "Graph", "Match", "Outcome", "Pass", "attr", "bn_affine", "constant_value", "input_at",
-           "is_op", "producer", "stable_toposort", "stored"]
+__all__ = [
+    "BNAffine",
+    "Graph",
+    "Match",
+    "Outcome",
+    "Pass",
+    "attr",
+    "bn_affine",
+    "constant_value",
+    "input_at",
+    "is_op",
+    "producer",
+    "stable_toposort",
+    "stored",
+]
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +152,17 @@ class Graph:
         if others:
             return f"{what} '{name}' is shared with node '{others[0]}'"
         if self.uses(tensor) > 1:
-            return f"{what} '{name}' is also {'a graph output' if self.is_output(tensor) else 'another input'}"
+            return (
+                f"{what} '{name}' is also {'a graph output' if self.is_output(tensor) else 'another input'}"
+            )
         return None
 
     def constant_reason(self, tensor: gs.Tensor, what: str) -> str | None:
         """Why `tensor` is not a constant this pass may read, or None."""
         if tensor.name in self.overridable:
-            return f"{what} '{tensor.name}' is an initializer that is also a graph input (it can be overridden)"
+            return (
+                f"{what} '{tensor.name}' is an initializer that is also a graph input (it can be overridden)"
+            )
         if self.constant(tensor) is None:
             return f"{what} '{tensor.name}' is not a constant initializer"
         return None
@@ -167,12 +185,19 @@ class Graph:
         if dtype is None:
             return gs.Variable(name)
         t = self.types[name] = self.types[like.name]
-        dims = None if not t.tensor_type.HasField("shape") else [
-            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.tensor_type.shape.dim]
+        dims = (
+            None
+            if not t.tensor_type.HasField("shape")
+            else [
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                for d in t.tensor_type.shape.dim
+            ]
+        )
         return gs.Variable(name, dtype, dims)
 
-    def make_node(self, op: str, inputs: list[gs.Tensor], outputs: list[gs.Tensor], base_name: str,
-                  **attrs) -> gs.Node:
+    def make_node(
+        self, op: str, inputs: list[gs.Tensor], outputs: list[gs.Tensor], base_name: str, **attrs
+    ) -> gs.Node:
         """A node under a fresh name, connected but not yet listed in the graph."""
         return gs.Node(op, self.unique_name(base_name), attrs, inputs, outputs)
 
@@ -182,7 +207,7 @@ class Graph:
         i = next(k for k, n in enumerate(self.gs.nodes) if n is old)
         old.inputs.clear()
         old.outputs.clear()
-        self.gs.nodes[i:i + 1] = new
+        self.gs.nodes[i : i + 1] = new
 
     def unique_name(self, base: str) -> str:
         """A name used by no node or tensor yet (it is reserved on return)."""

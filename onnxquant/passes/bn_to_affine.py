@@ -4,6 +4,7 @@ In inference mode BN is `y = s·x + t` per channel (axis 1), `s = γ / sqrt(var 
 constants are stored with shape `[C, 1, …, 1]` (rank of x minus one) so they broadcast over axis 1, in the
 element type of x. Runs last, on whatever BN the fold passes left, and only when asked for.
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,5 +46,10 @@ class BNToAffine:
         scale = graph.add_constant(f"{name}_scale", affine.scale.reshape(shape).astype(dtype))
         shift = graph.add_constant(f"{name}_shift", affine.shift.reshape(shape).astype(dtype))
         mid = graph.new_variable(f"{y.name}_scaled", like=y)
-        graph.replace_node(bn, [graph.make_node("Mul", [x, scale], [mid], f"{name}_mul"),
-                                graph.make_node("Add", [mid, shift], [y], f"{name}_add")])
+        graph.replace_node(
+            bn,
+            [
+                graph.make_node("Mul", [x, scale], [mid], f"{name}_mul"),
+                graph.make_node("Add", [mid, shift], [y], f"{name}_add"),
+            ],
+        )

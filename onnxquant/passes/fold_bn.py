@@ -19,6 +19,7 @@ A fold is refused when the tensor between the two nodes has another consumer or 
 weight or bias to be rewritten is not a float constant initializer or is shared with another node, and
 when BN's parameters are not constants or BN is in training mode.
 """
+
 from __future__ import annotations
 
 import logging
@@ -79,8 +80,9 @@ class _FoldIntoProducer:
         if isinstance(found, str):
             return found
         bn, prod, affine = found
-        return (graph.sole_consumer_reason(prod.outputs[0], bn, f"{prod.op} output")
-                or self.check_weights(graph, prod, affine.scale.size))
+        return graph.sole_consumer_reason(prod.outputs[0], bn, f"{prod.op} output") or self.check_weights(
+            graph, prod, affine.scale.size
+        )
 
     def rewrite(self, graph: Graph, match: Match) -> None:
         bn, prod, affine = _nodes_and_affine(graph, match)  # check() has passed
@@ -129,14 +131,17 @@ class FoldConvTransposeBN(_FoldIntoProducer):
     producers = ("ConvTranspose",)
 
     def check_weights(self, graph: Graph, node: gs.Node, channels: int) -> str | None:
-        reason = (graph.weight_reason(node, 1, "ConvTranspose weight")
-                  or graph.weight_reason(node, 2, "ConvTranspose bias"))
+        reason = graph.weight_reason(node, 1, "ConvTranspose weight") or graph.weight_reason(
+            node, 2, "ConvTranspose bias"
+        )
         if reason:
             return reason
         w, group = graph.constant(node.inputs[1]), int(attr(node, "group", 1))
         if w.ndim < 3 or w.shape[0] % group or w.shape[1] * group != channels:
-            return (f"ConvTranspose weight shape {list(w.shape)} with group={group} does not match "
-                    f"BN's {channels} channels")
+            return (
+                f"ConvTranspose weight shape {list(w.shape)} with group={group} does not match "
+                f"BN's {channels} channels"
+            )
         return None
 
     def fold(self, graph: Graph, node: gs.Node, s: np.ndarray, t: np.ndarray) -> None:
@@ -151,8 +156,10 @@ class FoldConvTransposeBN(_FoldIntoProducer):
 
 class FoldGemmBN(_FoldIntoProducer):
     name = "fold_gemm_bn"
-    description = ("Gemm / MatMul with a 2-D constant weight → BatchNormalization on its 2-D output: "
-                   "scale the output-feature axis of the weight, fold the shift into a bias")
+    description = (
+        "Gemm / MatMul with a 2-D constant weight → BatchNormalization on its 2-D output: "
+        "scale the output-feature axis of the weight, fold the shift into a bias"
+    )
     producers = ("Gemm", "MatMul")
 
     def check_weights(self, graph: Graph, node: gs.Node, channels: int) -> str | None:
@@ -211,8 +218,10 @@ class FoldGemmBN(_FoldIntoProducer):
 
 class FoldBNConv(_FoldIntoProducer):
     name = "fold_bn_conv"
-    description = ("BatchNormalization → Conv: scale each input channel of the filters and add the shift's "
-                   "response to the bias; only without padding, or when the BN shift is zero")
+    description = (
+        "BatchNormalization → Conv: scale each input channel of the filters and add the shift's "
+        "response to the bias; only without padding, or when the BN shift is zero"
+    )
 
     def find(self, graph: Graph) -> list[Match]:
         matches = []
@@ -227,19 +236,26 @@ class FoldBNConv(_FoldIntoProducer):
         if isinstance(found, str):
             return found
         bn, conv, affine = found
-        reason = (graph.sole_consumer_reason(bn.outputs[0], conv, "BN output")
-                  or graph.weight_reason(conv, 1, "Conv weight") or graph.weight_reason(conv, 2, "Conv bias"))
+        reason = (
+            graph.sole_consumer_reason(bn.outputs[0], conv, "BN output")
+            or graph.weight_reason(conv, 1, "Conv weight")
+            or graph.weight_reason(conv, 2, "Conv bias")
+        )
         if reason:
             return reason
         if conv.inputs[0] is not bn.outputs[0]:
             return "BN output feeds the Conv's weight, not its data input"
         w, group = graph.constant(conv.inputs[1]), int(attr(conv, "group", 1))
         if w.ndim < 3 or w.shape[0] % group or w.shape[1] * group != affine.scale.size:
-            return (f"Conv weight shape {list(w.shape)} with group={group} does not match "
-                    f"BN's {affine.scale.size} channels")
+            return (
+                f"Conv weight shape {list(w.shape)} with group={group} does not match "
+                f"BN's {affine.scale.size} channels"
+            )
         if np.any(affine.shift) and _pads(conv, w.shape[2:]):
-            return (f"Conv '{conv.name}' has padding and the BN shift β − μ·s is nonzero: "
-                    "the padded border would miss the shift")
+            return (
+                f"Conv '{conv.name}' has padding and the BN shift β − μ·s is nonzero: "
+                "the padded border would miss the shift"
+            )
         return None
 
     def rewrite(self, graph: Graph, match: Match) -> None:

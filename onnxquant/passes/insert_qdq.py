@@ -15,6 +15,7 @@ then has no uint4 MaxPool; TensorRT has no 4-bit activations); such an activatio
 `[s (q_min − z), s (q_max − z)]`, so its codes stay in the b-bit range and the float simulation is exact.
 New nodes are placed by `stable_toposort` right after the last node they read from (weight DQs first).
 """
+
 from __future__ import annotations
 
 import logging
@@ -55,8 +56,13 @@ def container(bits: int, signed: bool, opset: int) -> int:
 
 
 def _np_type(elem_type: int):
-    return {TensorProto.INT4: ml_dtypes.int4, TensorProto.UINT4: ml_dtypes.uint4, TensorProto.INT8: np.int8,
-            TensorProto.UINT8: np.uint8, TensorProto.INT32: np.int32}[elem_type]
+    return {
+        TensorProto.INT4: ml_dtypes.int4,
+        TensorProto.UINT4: ml_dtypes.uint4,
+        TensorProto.INT8: np.int8,
+        TensorProto.UINT8: np.uint8,
+        TensorProto.INT32: np.int32,
+    }[elem_type]
 
 
 class _Builder:
@@ -80,8 +86,9 @@ class _Builder:
         stable_toposort(self.graph.gs)
 
 
-def insert_qdq(model: onnx.ModelProto, plan: QuantPlan,
-               table: CalibrationTable) -> tuple[onnx.ModelProto, QdqSummary]:
+def insert_qdq(
+    model: onnx.ModelProto, plan: QuantPlan, table: CalibrationTable
+) -> tuple[onnx.ModelProto, QdqSummary]:
     """A copy of `model` with Q/DQ inserted as `table` says; the float model is never modified.
 
     Every quantized weight needs a `kind="weight"` entry (`calib.weight_table.weight_entries`); a planned
@@ -89,8 +96,10 @@ def insert_qdq(model: onnx.ModelProto, plan: QuantPlan,
     """
     opset = opset_of(model)
     if opset < PER_CHANNEL_OPSET:
-        raise BadModelError(f"model: opset {opset} is below {PER_CHANNEL_OPSET}, needed for per-channel Q/DQ; "
-                            "upgrade the model first (api.convert does)")
+        raise BadModelError(
+            f"model: opset {opset} is below {PER_CHANNEL_OPSET}, needed for per-channel Q/DQ; "
+            "upgrade the model first (api.convert does)"
+        )
     graph = Graph(model)
     build = _Builder(graph)
     summary = QdqSummary()
@@ -126,15 +135,23 @@ def insert_qdq(model: onnx.ModelProto, plan: QuantPlan,
         node = by_name[decision.name]
         entry = table.tensors.get(decision.weight)
         if entry is None or entry.kind != "weight":
-            raise InternalError(f"weight {decision.weight!r} of node {decision.name!r} has no weight entry in "
-                                "the calibration table (calib.weight_table.weight_entries makes them)")
+            raise InternalError(
+                f"weight {decision.weight!r} of node {decision.name!r} has no weight entry in "
+                "the calibration table (calib.weight_table.weight_entries makes them)"
+            )
         codes_params = entry.qparams()
-        w_params = codes_params if entry.spread_ratio is None else replace(
-            codes_params, scale=(codes_params.scale * np.asarray(entry.spread_ratio)).astype(np.float32))
+        w_params = (
+            codes_params
+            if entry.spread_ratio is None
+            else replace(
+                codes_params, scale=(codes_params.scale * np.asarray(entry.spread_ratio)).astype(np.float32)
+            )
+        )
         if decision.weight not in dequantized:
             w = constant_value(node.inputs[1]).astype(np.float32)
-            dequantized[decision.weight] = _insert_weight(build, decision.weight, quantize(w, codes_params),
-                                                          w_params, opset)
+            dequantized[decision.weight] = _insert_weight(
+                build, decision.weight, quantize(w, codes_params), w_params, opset
+            )
             summary.weights[decision.weights.bits] += 1
         _rewire(node, node.inputs[1], dequantized[decision.weight], only_index=1)
         bias_tensor = input_at(node, 2)
@@ -173,7 +190,9 @@ def _insert_activation_qdq(build: _Builder, tensor: gs.Tensor, params: QParams) 
     elem = TensorProto.INT8 if params.signed else TensorProto.UINT8
     shape = () if params.axis is None else (-1,)
     scale = build.constant(f"{name}_scale", np.asarray(params.scale, np.float32).reshape(shape))
-    zero = build.constant(f"{name}_zero_point", np.asarray(params.zero_point).reshape(shape).astype(_np_type(elem)))
+    zero = build.constant(
+        f"{name}_zero_point", np.asarray(params.zero_point).reshape(shape).astype(_np_type(elem))
+    )
     attrs = {} if params.axis is None else {"axis": params.axis}
     source = tensor
     if int(np.min(params.bits)) < 8:
@@ -181,17 +200,24 @@ def _insert_activation_qdq(build: _Builder, tensor: gs.Tensor, params: QParams) 
         lo = scale32 * (params.qmin - params.zero_point).astype(np.float32)
         hi = scale32 * (params.qmax - params.zero_point).astype(np.float32)
         if params.axis is None:
-            source = build.node("Clip", [tensor, build.constant(f"{name}_clip_min", lo),
-                                         build.constant(f"{name}_clip_max", hi)], f"{name}_clipped")
+            source = build.node(
+                "Clip",
+                [tensor, build.constant(f"{name}_clip_min", lo), build.constant(f"{name}_clip_max", hi)],
+                f"{name}_clipped",
+            )
         else:
             if tensor.shape is None:
-                raise BadModelError(f"tensor {name}: rank unknown; per-channel activation quantization needs "
-                                    "its shape (run shape inference on the model)")
+                raise BadModelError(
+                    f"tensor {name}: rank unknown; per-channel activation quantization needs "
+                    "its shape (run shape inference on the model)"
+                )
             bounds = (-1,) + (1,) * (len(tensor.shape) - 1 - params.axis)
-            low = build.node("Max", [tensor, build.constant(f"{name}_clip_min", lo.reshape(bounds))],
-                             f"{name}_clipped_low")
-            source = build.node("Min", [low, build.constant(f"{name}_clip_max", hi.reshape(bounds))],
-                                f"{name}_clipped")
+            low = build.node(
+                "Max", [tensor, build.constant(f"{name}_clip_min", lo.reshape(bounds))], f"{name}_clipped_low"
+            )
+            source = build.node(
+                "Min", [low, build.constant(f"{name}_clip_max", hi.reshape(bounds))], f"{name}_clipped"
+            )
     q = build.node("QuantizeLinear", [source, scale, zero], f"{name}_quantized", **attrs)
     return build.node("DequantizeLinear", [q, scale, zero], f"{name}_dequantized", **attrs)
 

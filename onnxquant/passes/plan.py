@@ -10,6 +10,7 @@ MaxPool is its only consumer: max commutes with clipping, so at equal widths bot
 the integer MaxPool gets one scale for both, and the range fits the values that travel on (the window maxima)
 rather than the mostly discarded rest (a Laplace fit to a post-Relu tensor would clip exactly those).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -65,8 +66,11 @@ class QuantPlan:
 
 def tensor_shapes(model: onnx.ModelProto) -> dict[str, onnx.TensorShapeProto]:
     """Shape of every graph input and intermediate tensor whose shape is recorded (rank known)."""
-    return {vi.name: vi.type.tensor_type.shape for vi in (*model.graph.input, *model.graph.value_info)
-            if vi.type.tensor_type.HasField("shape")}
+    return {
+        vi.name: vi.type.tensor_type.shape
+        for vi in (*model.graph.input, *model.graph.value_info)
+        if vi.type.tensor_type.HasField("shape")
+    }
 
 
 def weight_axis(node: gs.Node, ndim: int) -> int:
@@ -86,8 +90,11 @@ def _is_float(tensor: gs.Tensor) -> bool:
 
 def compute_positions(graph: gs.Graph) -> dict[str, frozenset[str]]:
     """`first`/`last` for the first and last compute node (Conv, ConvTranspose, Gemm, MatMul) with a weight."""
-    compute = [n.name for n in graph.nodes
-               if n.op in COMPUTE_OPS and len(n.inputs) > 1 and isinstance(n.inputs[1], gs.Constant)]
+    compute = [
+        n.name
+        for n in graph.nodes
+        if n.op in COMPUTE_OPS and len(n.inputs) > 1 and isinstance(n.inputs[1], gs.Constant)
+    ]
     positions: dict[str, set[str]] = {}
     if compute:
         positions.setdefault(compute[0], set()).add("first")
@@ -118,11 +125,14 @@ def plan_quantization(model: onnx.ModelProto, rules: Rules) -> QuantPlan:
                 weight = candidate.name
             elif node.op != "MatMul":
                 quantize, reason = False, f"weight {candidate.name!r} is not a constant"
-        variables = [(i, t) for i, t in enumerate(node.inputs) if not t.is_empty() and isinstance(t, gs.Variable)]
+        variables = [
+            (i, t) for i, t in enumerate(node.inputs) if not t.is_empty() and isinstance(t, gs.Variable)
+        ]
         if quantize and not any(_is_float(t) for _, t in variables):
             quantize, reason = False, "no float activation input"
-        plan.nodes.append(NodeDecision(node.name, node.op, quantize, reason, rule.weights,
-                                       rule.activations, weight))
+        plan.nodes.append(
+            NodeDecision(node.name, node.op, quantize, reason, rule.weights, rule.activations, weight)
+        )
         if not quantize:
             continue
         for i, tensor in variables:
@@ -151,8 +161,9 @@ def _mark_fused(plan: QuantPlan, graph: gs.Graph) -> None:
     for i, d in enumerate(plan.nodes):
         node = by_name[d.name]
         if not d.quantize and d.op_type in FUSED_ACTIVATIONS and node.outputs[0].name in plan.activations:
-            plan.nodes[i] = NodeDecision(d.name, d.op_type, True, "fused into the quantized node before it",
-                                         d.weights, d.activations)
+            plan.nodes[i] = NodeDecision(
+                d.name, d.op_type, True, "fused into the quantized node before it", d.weights, d.activations
+            )
 
 
 def _fused_output(tensor: gs.Tensor, graph_outputs: set[str]) -> gs.Tensor:

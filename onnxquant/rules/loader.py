@@ -3,6 +3,7 @@
 The names a rule file may use for passes and calibration methods are given by the caller (the pass and method
 registries live in `onnxquant.passes` and `onnxquant.calib`, which depend on rules, not the other way round).
 """
+
 from __future__ import annotations
 
 import importlib.resources
@@ -42,8 +43,13 @@ class _Names:
     weight_methods: tuple[str, ...]
 
 
-def load_rules(source: str | os.PathLike | None = None, *, pass_names: Collection[str],
-               method_names: Collection[str], weight_method_names: Collection[str]) -> Rules:
+def load_rules(
+    source: str | os.PathLike | None = None,
+    *,
+    pass_names: Collection[str],
+    method_names: Collection[str],
+    weight_method_names: Collection[str],
+) -> Rules:
     """Rules from a preset name (`default`, `tensorrt`), a YAML file path, or the default preset.
 
     `pass_names`, `method_names`, `weight_method_names`: the accepted values of `passes`,
@@ -56,15 +62,18 @@ def load_rules(source: str | os.PathLike | None = None, *, pass_names: Collectio
     else:
         path = Path(source)
         if not path.is_file():
-            raise BadRulesError(f"{path}: rule file not found; accepted: a YAML file or a preset "
-                                f"({', '.join(PRESETS)})")
+            raise BadRulesError(
+                f"{path}: rule file not found; accepted: a YAML file or a preset ({', '.join(PRESETS)})"
+            )
         text, where = path.read_text(encoding="utf-8", errors="replace"), str(path)
-    return parse_rules(text, where, pass_names=pass_names, method_names=method_names,
-                       weight_method_names=weight_method_names)
+    return parse_rules(
+        text, where, pass_names=pass_names, method_names=method_names, weight_method_names=weight_method_names
+    )
 
 
 def dump_rules(rules: Rules) -> str:
     """YAML text that `parse_rules` reads back into the same `Rules` (used to extend effective rules)."""
+
     def spec(q) -> dict:
         return {"bits": q.bits, "symmetric": q.symmetric, "granularity": q.granularity, "method": q.method}
 
@@ -77,14 +86,25 @@ def dump_rules(rules: Rules) -> str:
 
     acts = spec(rules.activations)
     del acts["granularity"]
-    doc = {"placement": rules.placement, "passes": list(rules.passes), "quantize_ops": list(rules.quantize_ops),
-           "weights": spec(rules.weights), "activations": acts,
-           "overrides": [override(ov) for ov in rules.overrides]}
+    doc = {
+        "placement": rules.placement,
+        "passes": list(rules.passes),
+        "quantize_ops": list(rules.quantize_ops),
+        "weights": spec(rules.weights),
+        "activations": acts,
+        "overrides": [override(ov) for ov in rules.overrides],
+    }
     return yaml.safe_dump(doc, sort_keys=False)
 
 
-def parse_rules(text: str, where: str, *, pass_names: Collection[str], method_names: Collection[str],
-                weight_method_names: Collection[str]) -> Rules:
+def parse_rules(
+    text: str,
+    where: str,
+    *,
+    pass_names: Collection[str],
+    method_names: Collection[str],
+    weight_method_names: Collection[str],
+) -> Rules:
     """Validate rule-file YAML `text` (errors name `where` and the key) into `Rules`.
 
     `pass_names`: accepted entries of `passes`; `method_names`, `weight_method_names`: accepted activation and
@@ -103,23 +123,35 @@ def parse_rules(text: str, where: str, *, pass_names: Collection[str], method_na
     weights = _spec(doc.get("weights", {}), where, "weights", defaults.weights, names.weight_methods)
     acts = _spec(doc.get("activations", {}), where, "activations", defaults.activations, names.methods)
     if acts.granularity != "per_tensor":
-        raise BadRulesError(f"{where}: key 'activations.granularity' is {acts.granularity!r}; "
-                            "accepted: per_tensor")
+        raise BadRulesError(
+            f"{where}: key 'activations.granularity' is {acts.granularity!r}; accepted: per_tensor"
+        )
     passes = tuple(_str_list(doc.get("passes", []), where, "passes", names.passes))
     ops = tuple(_str_list(doc.get("quantize_ops", list(defaults.quantize_ops)), where, "quantize_ops", None))
     placement = _choice(doc.get("placement", "ort"), where, "placement", PLACEMENTS)
     raw_overrides = doc.get("overrides") or []
     if not isinstance(raw_overrides, list):
-        raise BadRulesError(f"{where}: key 'overrides' must be a list of {{match, skip, weights, activations}}")
+        raise BadRulesError(
+            f"{where}: key 'overrides' must be a list of {{match, skip, weights, activations}}"
+        )
     overrides = tuple(_override(ov, where, f"overrides[{i}]", names) for i, ov in enumerate(raw_overrides))
-    return Rules(placement=placement, passes=passes, quantize_ops=ops, weights=weights, activations=acts,
-                 overrides=overrides, source=where)
+    return Rules(
+        placement=placement,
+        passes=passes,
+        quantize_ops=ops,
+        weights=weights,
+        activations=acts,
+        overrides=overrides,
+        source=where,
+    )
 
 
 def _check_keys(doc: Any, allowed: tuple[str, ...], where: str, prefix: str) -> None:
     if not isinstance(doc, dict):
-        raise BadRulesError(f"{where}: key '{prefix.rstrip('.') or '<top level>'}' must be a mapping "
-                            f"with keys {', '.join(allowed)}")
+        raise BadRulesError(
+            f"{where}: key '{prefix.rstrip('.') or '<top level>'}' must be a mapping "
+            f"with keys {', '.join(allowed)}"
+        )
     for key in doc:
         if key not in allowed:
             raise BadRulesError(f"{where}: unknown key '{prefix}{key}'; accepted: {', '.join(allowed)}")
@@ -147,11 +179,15 @@ def _spec_fields(doc: Any, where: str, key: str, methods: tuple[str, ...]) -> di
     if "bits" in doc:
         bits = doc["bits"]
         if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-            raise BadRulesError(f"{where}: key '{key}.bits' is {bits!r}; accepted: an integer {MIN_BITS}..{MAX_BITS}")
+            raise BadRulesError(
+                f"{where}: key '{key}.bits' is {bits!r}; accepted: an integer {MIN_BITS}..{MAX_BITS}"
+            )
         fields["bits"] = bits
     if "symmetric" in doc:
         if not isinstance(doc["symmetric"], bool):
-            raise BadRulesError(f"{where}: key '{key}.symmetric' is {doc['symmetric']!r}; accepted: true, false")
+            raise BadRulesError(
+                f"{where}: key '{key}.symmetric' is {doc['symmetric']!r}; accepted: true, false"
+            )
         fields["symmetric"] = doc["symmetric"]
     if "granularity" in doc:
         fields["granularity"] = _choice(doc["granularity"], where, f"{key}.granularity", GRANULARITIES)
@@ -167,12 +203,15 @@ def _spec(doc: Any, where: str, key: str, base: QuantSpec, methods: tuple[str, .
 def _override(doc: Any, where: str, key: str, names: _Names) -> Override:
     _check_keys(doc, OVERRIDE_KEYS, where, key + ".")
     if "match" not in doc:
-        raise BadRulesError(f"{where}: key '{key}.match' is missing; accepted: a mapping of "
-                            f"{', '.join(MATCH_KEYS)}")
+        raise BadRulesError(
+            f"{where}: key '{key}.match' is missing; accepted: a mapping of {', '.join(MATCH_KEYS)}"
+        )
     match_doc = doc["match"]
     _check_keys(match_doc, MATCH_KEYS, where, key + ".match.")
     if not match_doc:
-        raise BadRulesError(f"{where}: key '{key}.match' is empty; accepted: one or more of {', '.join(MATCH_KEYS)}")
+        raise BadRulesError(
+            f"{where}: key '{key}.match' is empty; accepted: one or more of {', '.join(MATCH_KEYS)}"
+        )
     for k in ("name", "op_type"):
         if k in match_doc and not isinstance(match_doc[k], str):
             raise BadRulesError(f"{where}: key '{key}.match.{k}' must be a string, got {match_doc[k]!r}")

@@ -5,6 +5,7 @@ quantized op, moving the output Q/DQ past a sole Relu/Clip; `tensorrt` puts it o
 residual Adds only), which op types are quantized, weight and activation specs, and ordered per-node overrides
 matched by name glob, op type or position (`first`/`last` compute layer). Later overrides win.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -31,13 +32,18 @@ class Match:
     position: str | None = None
 
     def matches(self, node_name: str, op_type: str, positions: frozenset[str]) -> bool:
-        return ((self.name is None or fnmatch.fnmatchcase(node_name, self.name))
-                and (self.op_type is None or self.op_type == op_type)
-                and (self.position is None or self.position in positions))
+        return (
+            (self.name is None or fnmatch.fnmatchcase(node_name, self.name))
+            and (self.op_type is None or self.op_type == op_type)
+            and (self.position is None or self.position in positions)
+        )
 
     def describe(self) -> str:
-        parts = [f"{k} {v!r}" for k, v in (("name", self.name), ("op_type", self.op_type),
-                                           ("position", self.position)) if v is not None]
+        parts = [
+            f"{k} {v!r}"
+            for k, v in (("name", self.name), ("op_type", self.op_type), ("position", self.position))
+            if v is not None
+        ]
         return " and ".join(parts)
 
 
@@ -59,8 +65,15 @@ class Rules:
     overrides: tuple[Override, ...] = ()
     source: str = "<defaults>"
 
-    def with_cli(self, *, wbits: int | None = None, abits: int | None = None, method: str | None = None,
-                 wmethod: str | None = None, passes: tuple[str, ...] | None = None) -> Rules:
+    def with_cli(
+        self,
+        *,
+        wbits: int | None = None,
+        abits: int | None = None,
+        method: str | None = None,
+        wmethod: str | None = None,
+        passes: tuple[str, ...] | None = None,
+    ) -> Rules:
         """CLI flags override the file's global settings; per-node overrides still apply on top."""
         weights, acts = self.weights, self.activations
         if wbits is not None:
@@ -71,8 +84,9 @@ class Rules:
             acts = replace(acts, bits=abits)
         if method is not None:
             acts = replace(acts, method=method)
-        return replace(self, weights=weights, activations=acts,
-                       passes=self.passes if passes is None else passes)
+        return replace(
+            self, weights=weights, activations=acts, passes=self.passes if passes is None else passes
+        )
 
     def for_node(self, node_name: str, op_type: str, positions: frozenset[str]) -> NodeRule:
         """The effective decision for one node, with the rule that made it."""

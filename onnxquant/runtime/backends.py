@@ -1,5 +1,6 @@
 """The integer backends by name, as `validate` and the CLI's ``--backend`` accept them (iterating `BACKENDS`
 gives the names). Creating the cuda backend imports PyCUDA; importing this module does not."""
+
 from __future__ import annotations
 
 from onnxquant.errors import BadOptionError

@@ -10,6 +10,7 @@ sm_80+, ``__dp4a`` otherwise, and a packed-int4 kernel when both operands fit in
 
 PyCUDA is an optional extra, imported only when this backend is created.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -56,8 +57,10 @@ class _Device:
         try:
             import pycuda.driver as drv
         except ImportError as exc:
-            raise UnavailableError("backend cuda needs PyCUDA (pip install 'onnxquant[cuda]') and an NVIDIA GPU; "
-                                 "accepted here: --backend numpy") from exc
+            raise UnavailableError(
+                "backend cuda needs PyCUDA (pip install 'onnxquant[cuda]') and an NVIDIA GPU; "
+                "accepted here: --backend numpy"
+            ) from exc
         self.drv = drv
         try:
             drv.init()
@@ -67,8 +70,9 @@ class _Device:
             self.ctx = dev.retain_primary_context()
             self.ctx.push()
         except drv.Error as exc:
-            raise UnavailableError(f"backend cuda: no usable GPU ({first_line(exc)}); "
-                                 "accepted here: --backend numpy") from exc
+            raise UnavailableError(
+                f"backend cuda: no usable GPU ({first_line(exc)}); accepted here: --backend numpy"
+            ) from exc
         atexit.register(self._close)
         self.name = dev.name()
         self.cc = dev.compute_capability()
@@ -79,16 +83,31 @@ class _Device:
         self.fn, self.modules = {}, []
         for fname in KERNEL_FILES:
             try:
-                mod = SourceModule((kdir / fname).read_text(), arch=arch, options=["-std=c++17"],
-                                   include_dirs=[str(kdir)], no_extern_c=True)
+                mod = SourceModule(
+                    (kdir / fname).read_text(),
+                    arch=arch,
+                    options=["-std=c++17"],
+                    include_dirs=[str(kdir)],
+                    no_extern_c=True,
+                )
             except drv.CompileError as exc:  # our kernel sources do not compile: a bug of ours
-                raise InternalError(f"backend cuda: compiling {fname} for {arch} failed "
-                                    f"({first_line(exc)})") from exc
+                raise InternalError(
+                    f"backend cuda: compiling {fname} for {arch} failed ({first_line(exc)})"
+                ) from exc
             except Exception as exc:  # no nvcc, unwritable cache, ...: this host cannot build kernels
-                raise UnavailableError(f"backend cuda: cannot compile {fname} for {arch} ({first_line(exc)}); "
-                                     "accepted here: --backend numpy") from exc
+                raise UnavailableError(
+                    f"backend cuda: cannot compile {fname} for {arch} ({first_line(exc)}); "
+                    "accepted here: --backend numpy"
+                ) from exc
             self.modules.append(mod)
-            for name in ("row_sums_s8", "gemm_s8_dp4a", "gemm_s8_mma", "gemm_s4_dp4a", "im2col_s8", "pack_s4"):
+            for name in (
+                "row_sums_s8",
+                "gemm_s8_dp4a",
+                "gemm_s8_mma",
+                "gemm_s4_dp4a",
+                "im2col_s8",
+                "pack_s4",
+            ):
                 try:
                     self.fn[name] = mod.get_function(name)
                 except self.drv.LogicError:
@@ -169,16 +188,30 @@ class CudaBackend(NumpyBackend):
 
         def per_col(values, dtype):
             out = np.zeros((g, npad), dtype)
-            out[:, :n] = np.broadcast_to(np.asarray(values).reshape(-1), (g * n,)).reshape(g, n) \
-                if np.size(values) > 1 else np.asarray(values).reshape(-1)[0]
+            out[:, :n] = (
+                np.broadcast_to(np.asarray(values).reshape(-1), (g * n,)).reshape(g, n)
+                if np.size(values) > 1
+                else np.asarray(values).reshape(-1)[0]
+            )
             return self.dev.to_gpu(out)
 
         dev = self.dev
-        prep = {"g": g, "n": n, "k": k, "npad": npad, "kpad": kpad, "xo": xo, "zx": zx, "four": four,
-                "b": dev.to_gpu(_pack_rows(b8) if four else b8),
-                "bias": per_col(_wrap32(bias), np.int32), "scale": per_col(rq.scale, np.float32),
-                "mult": per_col(rq.multiplier, np.int32), "shift": per_col(rq.shift, np.int32),
-                "wzp": per_col(_wrap32(zw), np.int32) if np.any(zw != 0) else None}
+        prep = {
+            "g": g,
+            "n": n,
+            "k": k,
+            "npad": npad,
+            "kpad": kpad,
+            "xo": xo,
+            "zx": zx,
+            "four": four,
+            "b": dev.to_gpu(_pack_rows(b8) if four else b8),
+            "bias": per_col(_wrap32(bias), np.int32),
+            "scale": per_col(rq.scale, np.float32),
+            "mult": per_col(rq.multiplier, np.int32),
+            "shift": per_col(rq.shift, np.int32),
+            "wzp": per_col(_wrap32(zw), np.int32) if np.any(zw != 0) else None,
+        }
         self._prepared[key] = prep
         return prep
 
@@ -189,19 +222,48 @@ class CudaBackend(NumpyBackend):
         if prep["four"]:
             packed = dev.empty((g, mpad, kpad // 2), np.uint8)
             total = g * mpad * kpad // 2
-            dev.launch("pack_s4", (min((total + 255) // 256, 65535), 1, 1), (256, 1, 1), a_dev, packed, np.int64(total))
+            dev.launch(
+                "pack_s4",
+                (min((total + 255) // 256, 65535), 1, 1),
+                (256, 1, 1),
+                a_dev,
+                packed,
+                np.int64(total),
+            )
         rowsum = None
         if prep["wzp"] is not None:
             rowsum = dev.empty((g, mpad), np.int32)
             if prep["four"]:
-                raise BadModelError("backend cuda: 4-bit GEMM with non-zero weight zero points is not supported")
-            dev.launch("row_sums_s8", ((mpad + 255) // 256, g, 1), (256, 1, 1), a_dev, np.int32(mpad),
-                       np.int32(kpad), rowsum)
+                raise BadModelError(
+                    "backend cuda: 4-bit GEMM with non-zero weight zero points is not supported"
+                )
+            dev.launch(
+                "row_sums_s8",
+                ((mpad + 255) // 256, g, 1),
+                (256, 1, 1),
+                a_dev,
+                np.int32(mpad),
+                np.int32(kpad),
+                rowsum,
+            )
         null = np.intp(0)
-        ep = [prep["bias"], prep["wzp"] if prep["wzp"] is not None else null, rowsum if rowsum is not None else null,
-              prep["scale"], prep["mult"], prep["shift"], np.int32(npad), np.int32(mpad), np.int32(MODE_CODE[mode]),
-              np.int32(rq.zero_point), np.int32(rq.lo), np.int32(rq.hi), out, *[np.int64(v) for v in out_map[:4]],
-              np.int32(out_map[4])]
+        ep = [
+            prep["bias"],
+            prep["wzp"] if prep["wzp"] is not None else null,
+            rowsum if rowsum is not None else null,
+            prep["scale"],
+            prep["mult"],
+            prep["shift"],
+            np.int32(npad),
+            np.int32(mpad),
+            np.int32(MODE_CODE[mode]),
+            np.int32(rq.zero_point),
+            np.int32(rq.lo),
+            np.int32(rq.hi),
+            out,
+            *[np.int64(v) for v in out_map[:4]],
+            np.int32(out_map[4]),
+        ]
         if prep["four"]:
             name, tile = "gemm_s4_dp4a", 64
             a_arg = packed
@@ -211,8 +273,19 @@ class CudaBackend(NumpyBackend):
         else:
             name, tile = "gemm_s8_dp4a", 64
             a_arg = a_dev
-        dev.launch(name, (npad // tile, mpad // tile, g), (256, 1, 1), a_arg, prep["b"], np.int32(mpad),
-                   np.int32(npad), np.int32(kpad), np.int32(m), np.int32(n), *ep)
+        dev.launch(
+            name,
+            (npad // tile, mpad // tile, g),
+            (256, 1, 1),
+            a_arg,
+            prep["b"],
+            np.int32(mpad),
+            np.int32(npad),
+            np.int32(kpad),
+            np.int32(m),
+            np.int32(n),
+            *ep,
+        )
 
     @staticmethod
     def _decode(raw: np.ndarray, rq: P.Requant) -> np.ndarray:
@@ -228,8 +301,9 @@ class CudaBackend(NumpyBackend):
         grp = attrs["group"]
         n, c, h, w = x.shape
         m = step.w.shape[0]
-        (oh, ow), pads = conv_geometry([h, w], attrs["kernel"], attrs["strides"], attrs["dilations"],
-                                       attrs["pads"], attrs["auto_pad"])
+        (oh, ow), pads = conv_geometry(
+            [h, w], attrs["kernel"], attrs["strides"], attrs["dilations"], attrs["pads"], attrs["auto_pad"]
+        )
         kh, kw = attrs["kernel"]
         prep = self._prepare(step, step.w.reshape(grp, m // grp, -1), grp)
         rows = n * oh * ow
@@ -238,9 +312,34 @@ class CudaBackend(NumpyBackend):
         x8 = dev.to_gpu((x - prep["xo"]).astype(np.int8))
         a = dev.empty((grp, mpad, kpad), np.int8)
         total = grp * mpad * kpad
-        dev.launch("im2col_s8", (min((total + 255) // 256, 65535), 1, 1), (256, 1, 1), x8, a,
-                   *[np.int32(v) for v in (grp, mpad, kpad, n, c, h, w, kh, kw, *attrs["strides"], pads[0],
-                                           pads[1], *attrs["dilations"], oh, ow, prep["zx"])])
+        dev.launch(
+            "im2col_s8",
+            (min((total + 255) // 256, 65535), 1, 1),
+            (256, 1, 1),
+            x8,
+            a,
+            *[
+                np.int32(v)
+                for v in (
+                    grp,
+                    mpad,
+                    kpad,
+                    n,
+                    c,
+                    h,
+                    w,
+                    kh,
+                    kw,
+                    *attrs["strides"],
+                    pads[0],
+                    pads[1],
+                    *attrs["dilations"],
+                    oh,
+                    ow,
+                    prep["zx"],
+                )
+            ],
+        )
         out = dev.empty((n, m, oh * ow), np.int8)
         l_ = oh * ow
         self._gemm(prep, a, rows, mpad, mode, step.requant, out, ((m // grp) * l_, m * l_, 1, l_, l_))
@@ -285,13 +384,38 @@ class RawGemm:
         tile = 128 if kernel == "mma" else 64
         self.grid = (npad // tile, mpad // tile, 1)
         null = np.intp(0)
-        self.args = [self.a, self.b, np.int32(mpad), np.int32(npad), np.int32(kpad), np.int32(m), np.int32(n),
-                     zeros, null, null, null, null, null, np.int32(npad), np.int32(mpad), np.int32(MODE_CODE["raw"]),
-                     np.int32(0), np.int32(0), np.int32(0), self.out, np.int64(0), np.int64(0), np.int64(n),
-                     np.int64(1), np.int32(m)]
+        self.args = [
+            self.a,
+            self.b,
+            np.int32(mpad),
+            np.int32(npad),
+            np.int32(kpad),
+            np.int32(m),
+            np.int32(n),
+            zeros,
+            null,
+            null,
+            null,
+            null,
+            null,
+            np.int32(npad),
+            np.int32(mpad),
+            np.int32(MODE_CODE["raw"]),
+            np.int32(0),
+            np.int32(0),
+            np.int32(0),
+            self.out,
+            np.int64(0),
+            np.int64(0),
+            np.int64(n),
+            np.int64(1),
+            np.int32(m),
+        ]
 
     def launch(self) -> None:
-        self.dev.check(f"kernel {self.name}", self.dev.fn[self.name], *self.args, grid=self.grid, block=(256, 1, 1))
+        self.dev.check(
+            f"kernel {self.name}", self.dev.fn[self.name], *self.args, grid=self.grid, block=(256, 1, 1)
+        )
 
     def result(self) -> np.ndarray:
         self.dev.check("synchronize", self.dev.ctx.synchronize)

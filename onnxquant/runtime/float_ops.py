@@ -1,4 +1,5 @@
 """Float fallback: one ONNX node run by ONNX Runtime in a single-node model (sessions cached per dtype set)."""
+
 from __future__ import annotations
 
 import logging
@@ -35,13 +36,19 @@ class NodeRunner:
             values = dict(zip(wanted, sess.run(wanted, feeds)))
             return [values.get(o) for o in step.outputs]
         except Exception as exc:
-            raise BadModelError(f"node {step.name!r} ({step.op}): ONNX Runtime failed in the float fallback "
-                                f"({first_line(exc)})") from exc
+            raise BadModelError(
+                f"node {step.name!r} ({step.op}): ONNX Runtime failed in the float fallback "
+                f"({first_line(exc)})"
+            ) from exc
 
     @staticmethod
     def _build(plan: P.Plan, step: P.FloatStep, names: list[str], feeds: dict):
-        inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(feeds[n].dtype),
-                                                [None] * feeds[n].ndim) for n in names]
+        inputs = [
+            helper.make_tensor_value_info(
+                n, helper.np_dtype_to_tensor_dtype(feeds[n].dtype), [None] * feeds[n].ndim
+            )
+            for n in names
+        ]
         outputs = [onnx.ValueInfoProto(name=o) for o in step.outputs if o]
         graph = helper.make_graph([step.node], f"fallback_{step.name}", inputs, outputs)
         model = helper.make_model(graph, opset_imports=plan.opsets, ir_version=plan.ir_version)

@@ -11,6 +11,7 @@ AveragePool in float mode reproduces ONNX Runtime's QLinearAveragePool: dequanti
 order, divide by the count, ``round(y / s_y + z_y)``. GlobalAveragePool uses the integer sum and float32
 scale ``s_x / (s_y · n)`` as MLAS does. In fixed mode every multiplier is a `quantize_multiplier` pair.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,8 +27,17 @@ from onnxquant.runtime.float_ops import NodeRunner
 log = logging.getLogger(__name__)
 
 F64_EXACT = 1 << 53
-NP_DTYPES = {"uint8": np.uint8, "int8": np.int8, "uint4": np.uint8, "int4": np.int8, "uint2": np.uint8,
-             "int2": np.int8, "uint16": np.uint16, "int16": np.int16, "int32": np.int32}
+NP_DTYPES = {
+    "uint8": np.uint8,
+    "int8": np.int8,
+    "uint4": np.uint8,
+    "int4": np.int8,
+    "uint2": np.uint8,
+    "int2": np.int8,
+    "uint16": np.uint16,
+    "int16": np.int16,
+    "int32": np.int32,
+}
 
 
 def imatmul(a: np.ndarray, b: np.ndarray, bound: int) -> np.ndarray:
@@ -50,8 +60,14 @@ def requantize(acc: np.ndarray, rq: P.Requant, mode: str, axis: int) -> np.ndarr
     """Apply a step's requantization to int accumulators; per-channel parameters lie along `axis`."""
     if mode == "float":
         return R.requant_float(acc, _chan(rq.scale, axis, acc.ndim), rq.zero_point, rq.lo, rq.hi)
-    return R.requant_fixed(acc, _chan(rq.multiplier, axis, acc.ndim), _chan(rq.shift, axis, acc.ndim),
-                           rq.zero_point, rq.lo, rq.hi)
+    return R.requant_fixed(
+        acc,
+        _chan(rq.multiplier, axis, acc.ndim),
+        _chan(rq.shift, axis, acc.ndim),
+        rq.zero_point,
+        rq.lo,
+        rq.hi,
+    )
 
 
 def conv_geometry(in_sp, kernel, strides, dilations, pads, auto_pad: str, ceil_mode: int = 0):
@@ -99,11 +115,13 @@ def windows(x: np.ndarray, kernel, strides, dilations, pads, out_sp, fill) -> np
     need_h = max((oh - 1) * sh + (kh - 1) * dh + 1, h + pads[0])
     need_w = max((ow - 1) * sw + (kw - 1) * dw + 1, w + pads[1])
     xp = np.full((n, c, need_h, need_w), fill, dtype=x.dtype)
-    xp[:, :, pads[0]:pads[0] + h, pads[1]:pads[1] + w] = x
+    xp[:, :, pads[0] : pads[0] + h, pads[1] : pads[1] + w] = x
     cols = np.empty((n, c, kh, kw, oh, ow), dtype=x.dtype)
     for i in range(kh):
         for j in range(kw):
-            cols[:, :, i, j] = xp[:, :, i * dh:i * dh + sh * (oh - 1) + 1:sh, j * dw:j * dw + sw * (ow - 1) + 1:sw]
+            cols[:, :, i, j] = xp[
+                :, :, i * dh : i * dh + sh * (oh - 1) + 1 : sh, j * dw : j * dw + sw * (ow - 1) + 1 : sw
+            ]
     return cols
 
 
@@ -116,7 +134,9 @@ class NumpyBackend:
         self.nodes = NodeRunner()
 
     # ------------------------------------------------------------------ driver
-    def run(self, plan: P.Plan, feeds: Mapping[str, np.ndarray], mode: str = "float") -> dict[str, np.ndarray]:
+    def run(
+        self, plan: P.Plan, feeds: Mapping[str, np.ndarray], mode: str = "float"
+    ) -> dict[str, np.ndarray]:
         """Execute the plan; returns every tensor value (integer tensors as int64 codes)."""
         env: dict[str, np.ndarray] = dict(plan.constants)
         env.update(feeds)
@@ -148,19 +168,34 @@ class NumpyBackend:
         if mode not in R.REQUANT_MODES:
             raise ValueError(f"requant mode {mode!r}; accepted: {', '.join(R.REQUANT_MODES)}")
         if isinstance(step, P.FloatStep):
-            return self.nodes.run(plan, step, [self._float_arg(plan, n, a) for n, a in zip(step.inputs, args)])
+            return self.nodes.run(
+                plan, step, [self._float_arg(plan, n, a) for n, a in zip(step.inputs, args)]
+            )
         if isinstance(step, P.QuantizeStep):
             x = np.asarray(args[0], dtype=np.float32)
-            return [R.quantize_f32(x, _chan(step.scale, (step.axis or 0) % x.ndim, x.ndim),
-                                   _chan(step.zero_point, (step.axis or 0) % x.ndim, x.ndim), step.lo, step.hi)]
+            return [
+                R.quantize_f32(
+                    x,
+                    _chan(step.scale, (step.axis or 0) % x.ndim, x.ndim),
+                    _chan(step.zero_point, (step.axis or 0) % x.ndim, x.ndim),
+                    step.lo,
+                    step.hi,
+                )
+            ]
         if isinstance(step, P.DequantizeStep):
             q = np.asarray(args[0]).astype(np.int64)
             ax = (step.axis or 0) % max(q.ndim, 1)
             return [R.dequantize_f32(q, _chan(step.scale, ax, q.ndim), _chan(step.zero_point, ax, q.ndim))]
         codes = [None if a is None else np.asarray(a).astype(np.int64) for a in args]
         if isinstance(step, P.GemmStep):
-            return [{"Conv": self.conv, "ConvTranspose": self.conv_transpose, "Gemm": self.gemm,
-                     "MatMul": self.matmul}[step.op](step, codes, mode)]
+            return [
+                {
+                    "Conv": self.conv,
+                    "ConvTranspose": self.conv_transpose,
+                    "Gemm": self.gemm,
+                    "MatMul": self.matmul,
+                }[step.op](step, codes, mode)
+            ]
         if isinstance(step, P.AddStep):
             return [add(step, codes[0], codes[1], mode)]
         if isinstance(step, P.PoolStep):
@@ -181,8 +216,14 @@ class NumpyBackend:
         one_d = x.ndim == 3
         x, attrs = as_2d(step.attrs, x)
         g = attrs["group"]
-        out_sp, pads = conv_geometry(x.shape[2:], attrs["kernel"], attrs["strides"], attrs["dilations"],
-                                     attrs["pads"], attrs["auto_pad"])
+        out_sp, pads = conv_geometry(
+            x.shape[2:],
+            attrs["kernel"],
+            attrs["strides"],
+            attrs["dilations"],
+            attrs["pads"],
+            attrs["auto_pad"],
+        )
         cols = windows(x - step.x_zp, attrs["kernel"], attrs["strides"], attrs["dilations"], pads, out_sp, 0)
         n = x.shape[0]
         m = step.w.shape[0]
@@ -218,9 +259,11 @@ class NumpyBackend:
         out = np.zeros((n, g * mg, full_h, full_w), dtype=np.int64)
         for i in range(kh):
             for j in range(kw):
-                out[:, :, i * dh:i * dh + sh * (h - 1) + 1:sh, j * dw:j * dw + sw * (w_ - 1) + 1:sw] += cols[:, :, i, j]
+                out[
+                    :, :, i * dh : i * dh + sh * (h - 1) + 1 : sh, j * dw : j * dw + sw * (w_ - 1) + 1 : sw
+                ] += cols[:, :, i, j]
         p = attrs["pads"]
-        out = out[:, :, p[0]:full_h - p[2], p[1]:full_w - p[3]] + step.bias.reshape(1, -1, 1, 1)
+        out = out[:, :, p[0] : full_h - p[2], p[1] : full_w - p[3]] + step.bias.reshape(1, -1, 1, 1)
         y = requantize(out, step.requant, mode, 1)
         return y[:, :, 0, :] if one_d else y
 
@@ -281,17 +324,36 @@ def pool(step: P.PoolStep, x: np.ndarray, mode: str) -> np.ndarray:
         return R.requant_fixed(acc, m, s, zy, step.lo, step.hi)
     one_d = x.ndim == 3
     x2, attrs = as_2d(step.attrs, x)
-    out_sp, pads = conv_geometry(x2.shape[2:], attrs["kernel"], attrs["strides"], attrs["dilations"],
-                                 attrs["pads"], attrs["auto_pad"], attrs["ceil_mode"])
+    out_sp, pads = conv_geometry(
+        x2.shape[2:],
+        attrs["kernel"],
+        attrs["strides"],
+        attrs["dilations"],
+        attrs["pads"],
+        attrs["auto_pad"],
+        attrs["ceil_mode"],
+    )
     if step.op == "MaxPool":
-        cols = windows(x2, attrs["kernel"], attrs["strides"], attrs["dilations"], pads, out_sp, np.iinfo(np.int64).min)
+        cols = windows(
+            x2, attrs["kernel"], attrs["strides"], attrs["dilations"], pads, out_sp, np.iinfo(np.int64).min
+        )
         y = _recode(cols.max(axis=(2, 3)), step.src, step.out, step.lo, step.hi, mode)
     else:
-        valid = windows(np.ones((1, 1, *x2.shape[2:]), np.int64), attrs["kernel"], attrs["strides"],
-                        attrs["dilations"], pads, out_sp, 0)
+        valid = windows(
+            np.ones((1, 1, *x2.shape[2:]), np.int64),
+            attrs["kernel"],
+            attrs["strides"],
+            attrs["dilations"],
+            pads,
+            out_sp,
+            0,
+        )
         cols = windows(x2, attrs["kernel"], attrs["strides"], attrs["dilations"], pads, out_sp, zx)
-        count = (np.full(valid.shape[4:], np.prod(attrs["kernel"])) if attrs["count_include_pad"]
-                 else valid.sum(axis=(0, 1, 2, 3)))
+        count = (
+            np.full(valid.shape[4:], np.prod(attrs["kernel"]))
+            if attrs["count_include_pad"]
+            else valid.sum(axis=(0, 1, 2, 3))
+        )
         if mode == "float":
             xf = R.dequantize_f32(cols, sx, zx)
             acc = np.zeros(xf.shape[:2] + xf.shape[4:], np.float32)

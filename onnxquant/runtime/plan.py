@@ -5,6 +5,7 @@ step reads codes and writes codes; its requantization parameters are stored for 
 float (a float32 scale per output channel, computed as ONNX Runtime does) and fixed (``quantize_multiplier``
 of the same real multiplier in float64). Float steps run one ONNX node in ONNX Runtime.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -14,7 +15,12 @@ import numpy as np
 import onnx
 
 KIND_INTEGER, KIND_FLOAT, KIND_QUANTIZE, KIND_DEQUANTIZE, KIND_CONSTANT = (
-    "integer", "float", "quantize", "dequantize", "constant")
+    "integer",
+    "float",
+    "quantize",
+    "dequantize",
+    "constant",
+)
 
 
 @dataclass
@@ -168,9 +174,13 @@ class Plan:
     def report_lines(self) -> list[str]:
         """One line per model node that is not part of an integer step: fallbacks with their reason."""
         counts = self.counts()
-        lines = [(f"plan: {len(self.integer_steps())} integer steps covering {counts.get(KIND_INTEGER, 0)} nodes, "
-                  f"{counts.get(KIND_FLOAT, 0)} float fallback nodes, {counts.get(KIND_QUANTIZE, 0)} quantize, "
-                  f"{counts.get(KIND_DEQUANTIZE, 0)} dequantize, {counts.get(KIND_CONSTANT, 0)} constant")]
+        lines = [
+            (
+                f"plan: {len(self.integer_steps())} integer steps covering {counts.get(KIND_INTEGER, 0)} nodes, "
+                f"{counts.get(KIND_FLOAT, 0)} float fallback nodes, {counts.get(KIND_QUANTIZE, 0)} quantize, "
+                f"{counts.get(KIND_DEQUANTIZE, 0)} dequantize, {counts.get(KIND_CONSTANT, 0)} constant"
+            )
+        ]
         for st in self.status:
             if st.kind == KIND_FLOAT:
                 lines.append(f"  float  {st.op} {st.node!r}: {st.reason}")

@@ -16,6 +16,7 @@ Two modes, both vectorized over numpy int64 arrays:
 
 The sub-byte helpers pack 4-bit codes two per byte (low nibble first, as ONNX INT4/UINT4 storage).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -111,7 +112,9 @@ def f32_scale(*factors, divide_by=None) -> np.ndarray:
 def dequantize_f32(q, scale, zero_point) -> np.ndarray:
     """ONNX DequantizeLinear as ONNX Runtime computes it: float32(q − z) · s."""
     q = np.asarray(q, dtype=np.int64)
-    return (q - np.asarray(zero_point, dtype=np.int64)).astype(np.float32) * np.asarray(scale, dtype=np.float32)
+    return (q - np.asarray(zero_point, dtype=np.int64)).astype(np.float32) * np.asarray(
+        scale, dtype=np.float32
+    )
 
 
 def quantize_f32(x, scale, zero_point, lo: int, hi: int) -> np.ndarray:
@@ -122,8 +125,9 @@ def quantize_f32(x, scale, zero_point, lo: int, hi: int) -> np.ndarray:
     return np.rint(v).astype(np.int64) + z
 
 
-def requant_qdq(q, s_in, z_in, s_out, z_out, lo: int, hi: int, mode: str = "float",
-                fixed: tuple | None = None) -> np.ndarray:
+def requant_qdq(
+    q, s_in, z_in, s_out, z_out, lo: int, hi: int, mode: str = "float", fixed: tuple | None = None
+) -> np.ndarray:
     """Re-express codes under new (scale, zero point): QuantizeLinear(DequantizeLinear(q)) or fixed point.
 
     ``fixed`` is ``quantize_multiplier(s_in / s_out)``; computed when not given.

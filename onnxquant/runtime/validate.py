@@ -12,6 +12,7 @@ bit-exact, other float outputs within ``1e-5 + 1e-5·|ref|``; ``fixed`` requant 
 1 LSB (outputs are reported: fixed-point rounding differences propagate through later layers).
 In fixed mode each node is also compared with the float-requant result on the same inputs (``vs_float``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -74,8 +75,15 @@ class Comparison:
         self.max_lsb = max(self.max_lsb, int(lsb.max(initial=0)))
 
     def to_json(self) -> dict:
-        out = {"name": self.name, "op": self.op, "tensor": self.tensor, "kind": self.kind, "unit": self.unit,
-               "elements": self.count, "differ": self.differ}
+        out = {
+            "name": self.name,
+            "op": self.op,
+            "tensor": self.tensor,
+            "kind": self.kind,
+            "unit": self.unit,
+            "elements": self.count,
+            "differ": self.differ,
+        }
         if self.unit == "lsb":
             out.update(max_lsb=self.max_lsb, histogram={str(k): v for k, v in sorted(self.hist.items())})
         if self.unit == "abs" or self.max_abs:
@@ -86,11 +94,15 @@ class Comparison:
 
     def line(self) -> str:
         if self.unit == "abs":
-            return (f"  {self.kind:<8} {self.name} ({self.op} -> {self.tensor}): {self.count} elements, "
-                    f"{self.differ} differ, max |diff| {self.max_abs:.3g}")
+            return (
+                f"  {self.kind:<8} {self.name} ({self.op} -> {self.tensor}): {self.count} elements, "
+                f"{self.differ} differ, max |diff| {self.max_abs:.3g}"
+            )
         hist = ", ".join(f"{k}:{v}" for k, v in sorted(self.hist.items()) if k)
-        text = (f"  {self.kind:<8} {self.name} ({self.op} -> {self.tensor}): {self.count} elements, "
-                f"{self.differ} differ, max {self.max_lsb} LSB" + (f" [{hist}]" if hist else ""))
+        text = (
+            f"  {self.kind:<8} {self.name} ({self.op} -> {self.tensor}): {self.count} elements, "
+            f"{self.differ} differ, max {self.max_lsb} LSB" + (f" [{hist}]" if hist else "")
+        )
         if self.vs_float is not None:
             text += f"; vs float requant: {self.vs_float.differ} differ, max {self.vs_float.max_lsb} LSB"
         return text
@@ -111,35 +123,50 @@ class ValidationResult:
     def passed(self) -> bool:
         if self.requant == "fixed":
             return all(c.max_lsb <= (1 if c.kind == P.KIND_INTEGER else 0) for c in self.nodes)
-        return (all(c.differ == 0 for c in self.nodes)
-                and all(c.max_lsb == 0 for c in self.outputs))
+        return all(c.differ == 0 for c in self.nodes) and all(c.max_lsb == 0 for c in self.outputs)
 
     def to_json(self) -> dict:
-        return {"backend": self.backend, "requant": self.requant, "samples": self.samples,
-                "passed": self.passed, "nodes": [c.to_json() for c in self.nodes],
-                "outputs": [c.to_json() for c in self.outputs],
-                "plan": [s.to_json() for s in self.plan]}
+        return {
+            "backend": self.backend,
+            "requant": self.requant,
+            "samples": self.samples,
+            "passed": self.passed,
+            "nodes": [c.to_json() for c in self.nodes],
+            "outputs": [c.to_json() for c in self.outputs],
+            "plan": [s.to_json() for s in self.plan],
+        }
 
     def summary_lines(self) -> list[str]:
         kinds: dict[str, int] = {}
         for s in self.plan:
             kinds[s.kind] = kinds.get(s.kind, 0) + 1
-        lines = [f"validate: backend {self.backend}, requant {self.requant}, {self.samples} samples",
-                 (f"plan: {kinds.get(P.KIND_INTEGER, 0)} nodes in {len(self.nodes)} integer/quantize steps, "
-                  f"{kinds.get(P.KIND_FLOAT, 0)} float fallback nodes")]
+        lines = [
+            f"validate: backend {self.backend}, requant {self.requant}, {self.samples} samples",
+            (
+                f"plan: {kinds.get(P.KIND_INTEGER, 0)} nodes in {len(self.nodes)} integer/quantize steps, "
+                f"{kinds.get(P.KIND_FLOAT, 0)} float fallback nodes"
+            ),
+        ]
         lines += [f"  float    {s.op} {s.node!r}: {s.reason}" for s in self.plan if s.kind == P.KIND_FLOAT]
         lines.append("nodes (fed ONNX Runtime's inputs):")
         lines += [c.line() for c in self.nodes]
         lines.append("outputs (end to end):")
         lines += [c.line() for c in self.outputs]
-        crit = ("bit-exact at every integer node and output" if self.requant == "float"
-                else "every integer node within 1 LSB")
+        crit = (
+            "bit-exact at every integer node and output"
+            if self.requant == "float"
+            else "every integer node within 1 LSB"
+        )
         lines.append(f"{'PASSED' if self.passed else 'FAILED'} ({self.requant} requant: {crit})")
         return lines
 
 
-def validate(model: onnx.ModelProto, data: Iterable[Mapping[str, np.ndarray]], backend: str = "numpy",
-             requant: str = "float") -> ValidationResult:
+def validate(
+    model: onnx.ModelProto,
+    data: Iterable[Mapping[str, np.ndarray]],
+    backend: str = "numpy",
+    requant: str = "float",
+) -> ValidationResult:
     """Run the integer plan and ONNX Runtime on the same batches and compare them (see module docstring)."""
     if requant not in REQUANT_MODES:
         raise BadOptionError(f"requant mode {requant!r} is unknown; accepted: {', '.join(REQUANT_MODES)}")
@@ -149,10 +176,20 @@ def validate(model: onnx.ModelProto, data: Iterable[Mapping[str, np.ndarray]], b
     plan = lower(work)
     be = get_backend(backend)
     checked = [s for s in plan.steps if s.kind in (P.KIND_INTEGER, P.KIND_QUANTIZE)]
-    exposed = sorted({n for s in checked for n in [*s.inputs, *s.outputs]
-                      if n and n not in plan.constants and n not in plan.inputs
-                      and not (isinstance(s, P.AddStep) and n in s.const)})
-    sess = make_session(with_outputs(_widen_sub_byte(work, exposed, plan), [_alias(n, plan) for n in exposed]))
+    exposed = sorted(
+        {
+            n
+            for s in checked
+            for n in [*s.inputs, *s.outputs]
+            if n
+            and n not in plan.constants
+            and n not in plan.inputs
+            and not (isinstance(s, P.AddStep) and n in s.const)
+        }
+    )
+    sess = make_session(
+        with_outputs(_widen_sub_byte(work, exposed, plan), [_alias(n, plan) for n in exposed])
+    )
     out_names = [_unalias(o.name) for o in sess.get_outputs()]
     producers = {o: s for s in plan.steps for o in s.outputs}
     nodes = [Comparison(s.name, s.op, s.outputs[0], s.kind) for s in checked]
@@ -164,7 +201,9 @@ def validate(model: onnx.ModelProto, data: Iterable[Mapping[str, np.ndarray]], b
     for name in plan.outputs:
         prod = producers.get(name)
         lsb = name in plan.int_dtypes or (isinstance(prod, P.DequantizeStep) and np.size(prod.scale) == 1)
-        outputs.append(Comparison(name, prod.op if prod else "input", name, "output", "lsb" if lsb else "abs"))
+        outputs.append(
+            Comparison(name, prod.op if prod else "input", name, "output", "lsb" if lsb else "abs")
+        )
     samples = 0
     for batch in data:
         feeds = _feeds(batch, sess.get_inputs())
@@ -183,7 +222,9 @@ def validate(model: onnx.ModelProto, data: Iterable[Mapping[str, np.ndarray]], b
         env = be.run(plan, feeds, requant)
         for comp in outputs:
             prod = producers.get(comp.tensor)
-            scale = float(np.asarray(prod.scale).reshape(-1)[0]) if isinstance(prod, P.DequantizeStep) else None
+            scale = (
+                float(np.asarray(prod.scale).reshape(-1)[0]) if isinstance(prod, P.DequantizeStep) else None
+            )
             comp.add(env[comp.tensor], ref[comp.tensor], scale if comp.unit == "lsb" else None)
     if samples == 0:
         raise BadDataError("the data holds no samples; accepted: at least one batch of model inputs")
@@ -192,8 +233,12 @@ def validate(model: onnx.ModelProto, data: Iterable[Mapping[str, np.ndarray]], b
     return result
 
 
-SUB_BYTE = {"int4": onnx.TensorProto.INT8, "uint4": onnx.TensorProto.UINT8, "int2": onnx.TensorProto.INT8,
-            "uint2": onnx.TensorProto.UINT8}
+SUB_BYTE = {
+    "int4": onnx.TensorProto.INT8,
+    "uint4": onnx.TensorProto.UINT8,
+    "int2": onnx.TensorProto.INT8,
+    "uint2": onnx.TensorProto.UINT8,
+}
 ALIAS = "__oq_widened"
 
 
@@ -213,32 +258,48 @@ def _widen_sub_byte(model: onnx.ModelProto, names: list[str], plan: P.Plan) -> o
     out = onnx.ModelProto()
     out.CopyFrom(model)
     for name in wide:
-        out.graph.node.append(onnx.helper.make_node("Cast", [name], [name + ALIAS], to=SUB_BYTE[plan.int_dtypes[name]],
-                                                    name=name + ALIAS))
+        out.graph.node.append(
+            onnx.helper.make_node(
+                "Cast", [name], [name + ALIAS], to=SUB_BYTE[plan.int_dtypes[name]], name=name + ALIAS
+            )
+        )
     return out
 
 
 def _feeds(batch, inputs) -> dict[str, np.ndarray]:
     if not isinstance(batch, Mapping):
-        raise BadDataError(f"a data batch is a {type(batch).__name__}; accepted: a mapping input name -> array")
+        raise BadDataError(
+            f"a data batch is a {type(batch).__name__}; accepted: a mapping input name -> array"
+        )
     expected = {i.name: i for i in inputs}
     missing = sorted(set(expected) - set(batch))
     extra = sorted(set(batch) - set(expected))
     if missing or extra:
-        raise BadDataError(f"data keys {sorted(batch)} do not match the model inputs {sorted(expected)}"
-                           + (f" (missing {missing})" if missing else "") + (f" (unknown {extra})" if extra else ""))
+        raise BadDataError(
+            f"data keys {sorted(batch)} do not match the model inputs {sorted(expected)}"
+            + (f" (missing {missing})" if missing else "")
+            + (f" (unknown {extra})" if extra else "")
+        )
     feeds = {}
     for name, info in expected.items():
         arr = np.asarray(batch[name])
-        want = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64,
-                "tensor(uint8)": np.uint8, "tensor(int8)": np.int8, "tensor(int32)": np.int32}.get(info.type)
+        want = {
+            "tensor(float)": np.float32,
+            "tensor(double)": np.float64,
+            "tensor(int64)": np.int64,
+            "tensor(uint8)": np.uint8,
+            "tensor(int8)": np.int8,
+            "tensor(int32)": np.int32,
+        }.get(info.type)
         if want is not None and arr.dtype != want:
             if not np.can_cast(arr.dtype, np.float64, "same_kind") and arr.dtype.kind not in "iuf":
                 raise BadDataError(f"input {name!r}: dtype {arr.dtype} is not numeric; accepted: {info.type}")
             arr = arr.astype(want)
         if len(info.shape) != arr.ndim:
-            raise BadDataError(f"input {name!r}: array has shape {arr.shape}, the model expects rank "
-                               f"{len(info.shape)} {list(info.shape)}")
+            raise BadDataError(
+                f"input {name!r}: array has shape {arr.shape}, the model expects rank "
+                f"{len(info.shape)} {list(info.shape)}"
+            )
         for axis, (dim, have) in enumerate(zip(info.shape, arr.shape)):
             if isinstance(dim, int) and dim != have:
                 raise BadDataError(f"input {name!r}: axis {axis} has size {have}, the model expects {dim}")

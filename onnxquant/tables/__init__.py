@@ -1,16 +1,19 @@
 """Calibration tables: the canonical JSON (DESIGN.md, version 1) and formats derived from it.
 
-A `CalibrationTable` maps activation tensor names to `TensorRange`s. Per-tensor entries carry scalars;
-per-channel entries carry lists (`scale`, `zero_point`, `bits`, and `min`/`max`/`amax`) and an `axis`.
+A `CalibrationTable` maps tensor names to `TensorRange`s and describes the whole model: activations
+(`kind` "activation", the default) and every quantized weight (`kind` "weight", per output channel, with the
+bias-correction data `bias_shift` and `spread_ratio` where it was applied), so a table written by onnxquant
+reproduces its model. Per-tensor entries carry scalars; per-channel entries carry lists (`scale`,
+`zero_point`, `bits`, and `min`/`max`/`amax`) and an `axis`.
 
 Formats (the `FORMATS` registry, used by `save_table` and by `load_table`, which sniffs the format):
 
 - json: canonical and deterministic: ASCII, keys sorted, one tensor per line, floats in Python's shortest
   round-trip repr (−0.0 written as 0.0), so reading and rewriting gives the same bytes.
-- tensorrt: TensorRT calibration cache: `TRT-<version>-EntropyCalibration2`, then `name: <8 hex>` per tensor
-  (sorted), the hex being the big-endian IEEE-754 float32 of amax/127 (TensorRT is 8-bit symmetric; other
-  widths and per-channel entries are written as their overall amax, with a warning). Read back as 8-bit
-  symmetric entries with amax = scale·127.
+- tensorrt: TensorRT calibration cache: `TRT-<version>-EntropyCalibration2`, then `name: <8 hex>` per
+  activation (sorted; TensorRT quantizes weights itself), the hex being the big-endian IEEE-754 float32 of
+  amax/127 (TensorRT is 8-bit symmetric; other widths and per-channel entries are written as their overall
+  amax, with a warning). Read back as 8-bit symmetric entries with amax = scale·127.
 - ort: the JSON ONNX Runtime writes with `onnxruntime.quantization.calibrate.save_tensors_data` and reads
   with `load_tensors_data` (a serialized `TensorsData`: per tensor `lowest`/`highest` float32 arrays), plus an
   extra top-level `onnxquant` key holding the canonical table so the round trip is lossless (ONNX Runtime
@@ -18,6 +21,7 @@ Formats (the `FORMATS` registry, used by `save_table` and by `load_table`, which
   ({tensor: [min, max]}); entries without the canonical copy get `bits` and `symmetric` from the caller.
   ONNX Runtime's flatbuffers and `.cache` variants are not handled.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,11 +37,33 @@ from onnxquant.tables.entries import FORMAT_NAME, FORMAT_VERSION, TENSOR_KINDS, 
 from onnxquant.tables.ort import dumps_ort, loads_ort
 from onnxquant.tables.tensorrt import TRT_CALIBRATOR, TRT_VERSION, dumps_tensorrt_cache, loads_tensorrt_cache
 
-__all__ = ["FORMATS", "FORMAT_NAME", "FORMAT_VERSION", "TABLE_FORMATS", "TENSOR_KINDS", "TRT_CALIBRATOR",
-           "TRT_VERSION", "CalibrationTable", "TableFormat", "TensorRange", "dumps_json", "dumps_ort",
-           "dumps_tensorrt_cache", "load_table", "loads_json", "loads_ort", "loads_tensorrt_cache", "read_json",
-           "read_ort", "read_tensorrt_cache", "save_table", "sniff_format", "write_json", "write_ort",
-           "write_tensorrt_cache"]
+__all__ = [
+    "FORMATS",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "TABLE_FORMATS",
+    "TENSOR_KINDS",
+    "TRT_CALIBRATOR",
+    "TRT_VERSION",
+    "CalibrationTable",
+    "TableFormat",
+    "TensorRange",
+    "dumps_json",
+    "dumps_ort",
+    "dumps_tensorrt_cache",
+    "load_table",
+    "loads_json",
+    "loads_ort",
+    "loads_tensorrt_cache",
+    "read_json",
+    "read_ort",
+    "read_tensorrt_cache",
+    "save_table",
+    "sniff_format",
+    "write_json",
+    "write_ort",
+    "write_tensorrt_cache",
+]
 
 
 def _write_text(path: str | os.PathLike, text: str) -> None:
@@ -66,8 +92,9 @@ def read_json(path: str | os.PathLike) -> CalibrationTable:
     return loads_json(_read_text(path), str(path))
 
 
-def write_tensorrt_cache(table: CalibrationTable, path: str | os.PathLike,
-                         version: str = TRT_VERSION) -> None:
+def write_tensorrt_cache(
+    table: CalibrationTable, path: str | os.PathLike, version: str = TRT_VERSION
+) -> None:
     _write_text(path, dumps_tensorrt_cache(table, version))
 
 
@@ -93,12 +120,16 @@ class TableFormat:
     loads: Callable[..., CalibrationTable]  # (text, where, bits, symmetric); the last two if not in the file
 
 
-FORMATS: dict[str, TableFormat] = {f.name: f for f in (
-    TableFormat("json", "onnxquant JSON", dumps_json, loads_json),
-    TableFormat("tensorrt", "TensorRT cache (first line 'TRT-...')", dumps_tensorrt_cache,
-                loads_tensorrt_cache),
-    TableFormat("ort", "ONNX Runtime calibration JSON", dumps_ort, loads_ort),
-)}
+FORMATS: dict[str, TableFormat] = {
+    f.name: f
+    for f in (
+        TableFormat("json", "onnxquant JSON", dumps_json, loads_json),
+        TableFormat(
+            "tensorrt", "TensorRT cache (first line 'TRT-...')", dumps_tensorrt_cache, loads_tensorrt_cache
+        ),
+        TableFormat("ort", "ONNX Runtime calibration JSON", dumps_ort, loads_ort),
+    )
+}
 TABLE_FORMATS = tuple(FORMATS)
 _ACCEPTED = ", ".join(f.description for f in FORMATS.values())
 

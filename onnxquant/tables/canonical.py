@@ -1,4 +1,5 @@
 """Canonical JSON text of a table: ASCII, keys sorted, one tensor per line, shortest round-trip floats."""
+
 from __future__ import annotations
 
 import json
@@ -41,7 +42,10 @@ def dumps_json(table: CalibrationTable) -> str:
         lines.append(f" {dumps_canonical(key)}: {{")
         names = sorted(obj[key])
         for m, name in enumerate(names):
-            lines.append(f"  {dumps_canonical(name)}: {dumps_canonical(obj[key][name])}" + ("," if m < len(names) - 1 else ""))
+            lines.append(
+                f"  {dumps_canonical(name)}: {dumps_canonical(obj[key][name])}"
+                + ("," if m < len(names) - 1 else "")
+            )
         lines.append(f" }}{comma}")
     lines.append("}")
     return "\n".join(lines) + "\n"

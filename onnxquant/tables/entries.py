@@ -1,5 +1,6 @@
 """The canonical table's records: `TensorRange` (one tensor's range and quantization parameters) and
 `CalibrationTable`, with their validation from JSON objects."""
+
 from __future__ import annotations
 
 import json
@@ -35,7 +36,9 @@ class TensorRange:
     note: str | None = None
     kind: str = "activation"  # or "weight": a quantized initializer (per output channel along `axis`)
     bias_shift: list[float] | None = None  # weights: per-channel shift of the layer's bias (bias correction)
-    spread_ratio: list[float] | None = None  # weights: ξ_c, DequantizeLinear scale = scale·ξ_c (bias correction)
+    spread_ratio: list[float] | None = (
+        None  # weights: ξ_c, DequantizeLinear scale = scale·ξ_c (bias correction)
+    )
 
     @classmethod
     def from_range(cls, lo, hi, bits, symmetric: bool, method: str, axis: int | None = None) -> TensorRange:
@@ -47,18 +50,39 @@ class TensorRange:
             a = np.asarray(a)
             return kind(a) if a.ndim == 0 else [kind(v) for v in a.ravel()]
 
-        return cls(min=plain(lo64), max=plain(hi64), amax=plain(np.maximum(-lo64, hi64)),
-                   scale=plain(p.scale), zero_point=plain(p.zero_point, int), bits=plain(p.bits, int),
-                   signed=symmetric, method=method, axis=axis)
+        return cls(
+            min=plain(lo64),
+            max=plain(hi64),
+            amax=plain(np.maximum(-lo64, hi64)),
+            scale=plain(p.scale),
+            zero_point=plain(p.zero_point, int),
+            bits=plain(p.bits, int),
+            signed=symmetric,
+            method=method,
+            axis=axis,
+        )
 
     def qparams(self) -> QParams:
         bits = self.bits if isinstance(self.bits, int) else np.asarray(self.bits, np.int64)
-        return QParams(scale=np.asarray(self.scale, np.float32), zero_point=np.asarray(self.zero_point, np.int64),
-                       bits=bits, signed=self.signed, axis=self.axis)
+        return QParams(
+            scale=np.asarray(self.scale, np.float32),
+            zero_point=np.asarray(self.zero_point, np.int64),
+            bits=bits,
+            signed=self.signed,
+            axis=self.axis,
+        )
 
     def to_json(self) -> dict:
-        entry = {"min": self.min, "max": self.max, "amax": self.amax, "scale": self.scale,
-                 "zero_point": self.zero_point, "bits": self.bits, "signed": self.signed, "method": self.method}
+        entry = {
+            "min": self.min,
+            "max": self.max,
+            "amax": self.amax,
+            "scale": self.scale,
+            "zero_point": self.zero_point,
+            "bits": self.bits,
+            "signed": self.signed,
+            "method": self.method,
+        }
         if self.axis is not None:
             entry["axis"] = self.axis
         if self.note:
@@ -88,11 +112,14 @@ class TensorRange:
         missing = [k for k in required if k not in entry]
         unknown = sorted(set(entry) - set(required) - {"axis", "note", *OPTIONAL_KEYS})
         if missing or unknown:
-            parts = ([f"missing {', '.join(missing)}"] if missing else []) + \
-                    ([f"unknown key(s) {', '.join(unknown)}"] if unknown else [])
+            parts = ([f"missing {', '.join(missing)}"] if missing else []) + (
+                [f"unknown key(s) {', '.join(unknown)}"] if unknown else []
+            )
             what = "; ".join(parts)
-            raise BadDataError(f"{where}: {what}; accepted keys: {', '.join(required)}, axis, note, "
-                               f"{', '.join(OPTIONAL_KEYS)}")
+            raise BadDataError(
+                f"{where}: {what}; accepted keys: {', '.join(required)}, axis, note, "
+                f"{', '.join(OPTIONAL_KEYS)}"
+            )
         axis = entry.get("axis")
         if axis is not None and (not isinstance(axis, int) or isinstance(axis, bool)):
             raise BadDataError(f"{where}: axis must be an integer")
@@ -126,8 +153,15 @@ class TensorRange:
         for sc in np.atleast_1d(values["scale"]):
             if not sc > 0:
                 raise BadDataError(f"{where}.scale: {sc} is not positive")
-        return cls(**values, signed=entry["signed"], method=entry["method"], axis=axis, note=note, kind=kind,
-                   **channel_lists)
+        return cls(
+            **values,
+            signed=entry["signed"],
+            method=entry["method"],
+            axis=axis,
+            note=note,
+            kind=kind,
+            **channel_lists,
+        )
 
 
 @dataclass(frozen=True)
@@ -141,27 +175,37 @@ class CalibrationTable:
         return {name: e for name, e in self.tensors.items() if e.kind == "activation"}
 
     def to_json(self) -> dict:
-        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "method": self.method, "bits": self.bits,
-                "tensors": {name: self.tensors[name].to_json() for name in sorted(self.tensors)}}
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "method": self.method,
+            "bits": self.bits,
+            "tensors": {name: self.tensors[name].to_json() for name in sorted(self.tensors)},
+        }
 
     @classmethod
     def from_json(cls, obj: Any, where: str = "table") -> CalibrationTable:
         """Validate and build a table from its canonical JSON form."""
         if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
-            raise BadDataError(f"{where}: not an onnxquant calibration table "
-                               f"(no \"format\": \"{FORMAT_NAME}\")")
+            raise BadDataError(f'{where}: not an onnxquant calibration table (no "format": "{FORMAT_NAME}")')
         if obj.get("version") != FORMAT_VERSION:
-            raise BadDataError(f"{where}: version {obj.get('version')!r} not supported; "
-                               f"accepted: {FORMAT_VERSION}")
+            raise BadDataError(
+                f"{where}: version {obj.get('version')!r} not supported; accepted: {FORMAT_VERSION}"
+            )
         unknown = sorted(set(obj) - {"format", "version", "method", "bits", "tensors"})
         if unknown:
             raise BadDataError(f"{where}: unknown key(s) {', '.join(unknown)}")
-        if not isinstance(obj.get("method"), str) or not isinstance(obj.get("bits"), int) or \
-                isinstance(obj.get("bits"), bool) or not isinstance(obj.get("tensors"), dict):
-            raise BadDataError(f"{where}: needs \"method\" (string), \"bits\" (integer), "
-                               "\"tensors\" (object)")
-        tensors = {name: TensorRange.from_json(entry, f"{where}: tensor {name!r}")
-                   for name, entry in obj["tensors"].items()}
+        if (
+            not isinstance(obj.get("method"), str)
+            or not isinstance(obj.get("bits"), int)
+            or isinstance(obj.get("bits"), bool)
+            or not isinstance(obj.get("tensors"), dict)
+        ):
+            raise BadDataError(f'{where}: needs "method" (string), "bits" (integer), "tensors" (object)')
+        tensors = {
+            name: TensorRange.from_json(entry, f"{where}: tensor {name!r}")
+            for name, entry in obj["tensors"].items()
+        }
         return cls(method=obj["method"], bits=obj["bits"], tensors=tensors)
 
     def check_tensors(self, known: Collection[str], required: Collection[str] = ()) -> None:
@@ -184,6 +228,7 @@ def _listing(names: list[str], limit: int = 10) -> str:
 
 def plain_values(value: Any, kind: type, length: int | None, where: str):
     """A JSON scalar/list as float/int (list when `length` is set), validated."""
+
     def one(v):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise BadDataError(f"{where}: expected a number, got {json.dumps(v)[:40]}")

@@ -1,4 +1,5 @@
 """ONNX Runtime's calibration JSON (`TensorsData`), with the canonical table embedded for a lossless round trip."""
+
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ _ORT_METHODS = {"minmax": "MinMax", "kl": "Entropy", "percentile": "Percentile"}
 
 def dumps_ort(table: CalibrationTable) -> str:
     """ONNX Runtime `TensorsData` JSON (lowest/highest as float32), with the canonical table embedded."""
+
     def arr(v):
         return {"CLS": "numpy.array", "data": v, "dtype": "float32"}
 
@@ -25,9 +27,15 @@ def dumps_ort(table: CalibrationTable) -> str:
         lo = [float(np.float32(v)) for v in e.min] if isinstance(e.min, list) else float(np.float32(e.min))
         hi = [float(np.float32(v)) for v in e.max] if isinstance(e.max, list) else float(np.float32(e.max))
         data[name] = {"CLS": "TensorData", "highest": arr(hi), "lowest": arr(lo)}
-    obj = {"CLS": "TensorsData", "calibration_method": {"CLS": "CalibrationMethod", "value":
-           f"CalibrationMethod.{_ORT_METHODS.get(table.method, 'MinMax')}"}, "data": data,
-           "onnxquant": table.to_json()}
+    obj = {
+        "CLS": "TensorsData",
+        "calibration_method": {
+            "CLS": "CalibrationMethod",
+            "value": f"CalibrationMethod.{_ORT_METHODS.get(table.method, 'MinMax')}",
+        },
+        "data": data,
+        "onnxquant": table.to_json(),
+    }
     return dumps_canonical(obj) + "\n"
 
 
@@ -41,20 +49,28 @@ def loads_ort(text: str, where: str = "table", bits: int = 8, symmetric: bool = 
         raise BadDataError(f"{where}: not an ONNX Runtime calibration table (expected a JSON object)")
     if obj.get("CLS") == "TensorsData":
         if not isinstance(obj.get("data"), dict):
-            raise BadDataError(f"{where}: TensorsData without a \"data\" object")
-        ranges = {name: (_ort_value(d, "lowest", f"{where}: tensor {name!r}"),
-                         _ort_value(d, "highest", f"{where}: tensor {name!r}"))
-                  for name, d in obj["data"].items()}
+            raise BadDataError(f'{where}: TensorsData without a "data" object')
+        ranges = {
+            name: (
+                _ort_value(d, "lowest", f"{where}: tensor {name!r}"),
+                _ort_value(d, "highest", f"{where}: tensor {name!r}"),
+            )
+            for name, d in obj["data"].items()
+        }
         method_value = obj.get("calibration_method")
         method_name = method_value.get("value", "") if isinstance(method_value, dict) else str(method_value)
     else:
         ranges = {}
         for name, v in obj.items():
             if not (isinstance(v, list) and len(v) == 2):
-                raise BadDataError(f"{where}: tensor {name!r}: expected [min, max]; accepted: ONNX Runtime "
-                                   "TensorsData JSON or {tensor: [min, max]}")
-            ranges[name] = (plain_values(v[0], float, None, f"{where}: {name}"),
-                            plain_values(v[1], float, None, f"{where}: {name}"))
+                raise BadDataError(
+                    f"{where}: tensor {name!r}: expected [min, max]; accepted: ONNX Runtime "
+                    "TensorsData JSON or {tensor: [min, max]}"
+                )
+            ranges[name] = (
+                plain_values(v[0], float, None, f"{where}: {name}"),
+                plain_values(v[1], float, None, f"{where}: {name}"),
+            )
         method_name = ""
     embedded = None
     if "onnxquant" in obj:
@@ -68,8 +84,9 @@ def loads_ort(text: str, where: str = "table", bits: int = 8, symmetric: bool = 
         else:
             if np.ndim(lo) != np.ndim(hi) or np.shape(lo) != np.shape(hi):
                 raise BadDataError(f"{where}: tensor {name!r}: lowest and highest differ in shape")
-            tensors[name] = TensorRange.from_range(lo, hi, bits, symmetric, method,
-                                                   axis=1 if np.ndim(lo) else None)
+            tensors[name] = TensorRange.from_range(
+                lo, hi, bits, symmetric, method, axis=1 if np.ndim(lo) else None
+            )
     if embedded is not None:
         return CalibrationTable(method=embedded.method, bits=embedded.bits, tensors=tensors)
     return CalibrationTable(method=method, bits=bits, tensors=tensors)

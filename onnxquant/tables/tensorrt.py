@@ -1,5 +1,6 @@
 """TensorRT calibration cache: `TRT-<version>-<calibrator>`, then `name: <8 hex>` per activation (float32
 amax/127, big-endian). TensorRT quantizes weights itself, so weight entries are not written."""
+
 from __future__ import annotations
 
 import logging
@@ -19,8 +20,9 @@ TRT_CALIBRATOR = "EntropyCalibration2"
 _HEX = re.compile(r"^[0-9a-fA-F]{1,8}$")
 
 
-def dumps_tensorrt_cache(table: CalibrationTable, version: str = TRT_VERSION,
-                         calibrator: str = TRT_CALIBRATOR) -> str:
+def dumps_tensorrt_cache(
+    table: CalibrationTable, version: str = TRT_VERSION, calibrator: str = TRT_CALIBRATOR
+) -> str:
     """TensorRT cache text: header, then `name: hex(float32 amax/127, big-endian)` per tensor, sorted."""
     lines = [f"TRT-{version}-{calibrator}"]
     lossy = []
@@ -34,13 +36,17 @@ def dumps_tensorrt_cache(table: CalibrationTable, version: str = TRT_VERSION,
         scale = np.float32(entry.amax_max / 127.0)
         lines.append(f"{name}: {struct.pack('>f', scale).hex()}")
     if lossy:
-        log.warning("TensorRT cache: %d tensor(s) are not 8-bit per-tensor (e.g. %r): written as their amax",
-                    len(lossy), lossy[0])
+        log.warning(
+            "TensorRT cache: %d tensor(s) are not 8-bit per-tensor (e.g. %r): written as their amax",
+            len(lossy),
+            lossy[0],
+        )
     return "\n".join(lines) + "\n"
 
 
-def loads_tensorrt_cache(text: str, where: str = "cache", bits: int = 8,
-                         symmetric: bool = True) -> CalibrationTable:
+def loads_tensorrt_cache(
+    text: str, where: str = "cache", bits: int = 8, symmetric: bool = True
+) -> CalibrationTable:
     """Parse a TensorRT calibration cache into symmetric entries with amax = scale·127 (always symmetric)."""
     lines = text.splitlines()
     if not lines or not lines[0].startswith("TRT-"):
@@ -55,8 +61,9 @@ def loads_tensorrt_cache(text: str, where: str = "cache", bits: int = 8,
         name, sep, value = line.rpartition(":")
         value = value.strip()
         if not sep or not name or not _HEX.match(value):
-            raise BadDataError(f"{where}: line {n}: expected 'tensor_name: <8 hex digits>', "
-                               f"got {line[:60]!r}")
+            raise BadDataError(
+                f"{where}: line {n}: expected 'tensor_name: <8 hex digits>', got {line[:60]!r}"
+            )
         scale = struct.unpack(">f", bytes.fromhex(value.zfill(8)))[0]
         if not (math.isfinite(scale) and scale >= 0):
             raise BadDataError(f"{where}: line {n}: scale {scale} of {name!r} is not finite and >= 0")

@@ -1,4 +1,5 @@
 """ACIQ: optimal clipping values against DESIGN.md's table, and ranges on sampled data."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,12 +30,17 @@ def test_alpha_tables(bits):
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_alphas_minimize_the_objectives(bits):
     for objective, alpha in ((laplace_objective, laplace_alpha), (gauss_objective, gauss_alpha)):
-        res = optimize.minimize_scalar(lambda a, f=objective: f(a, bits), bounds=(0.05, 20), method="bounded",
-                                       options={"xatol": 1e-9})
+        res = optimize.minimize_scalar(
+            lambda a, f=objective: f(a, bits), bounds=(0.05, 20), method="bounded", options={"xatol": 1e-9}
+        )
         assert alpha(bits) == pytest.approx(res.x, abs=1e-5)
     # scale equivariance: α*(b) = b·α*(1)
-    res = optimize.minimize_scalar(lambda a: laplace_objective(a, bits, b=2.5), bounds=(0.05, 60),
-                                   method="bounded", options={"xatol": 1e-9})
+    res = optimize.minimize_scalar(
+        lambda a: laplace_objective(a, bits, b=2.5),
+        bounds=(0.05, 60),
+        method="bounded",
+        options={"xatol": 1e-9},
+    )
     assert res.x == pytest.approx(2.5 * laplace_alpha(bits), rel=1e-5)
 
 

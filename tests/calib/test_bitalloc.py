@@ -1,4 +1,5 @@
 """Per-channel bit allocation (ACIQ eq. 10-11)."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """KL (TensorRT entropy) calibration against an independent per-candidate reference."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -49,7 +50,7 @@ def test_kl_matches_reference_index_for_index(dist, bits, one_sided):
     counts = st.abs_hist
     assert REFERENCE_BINS <= len(counts) <= 2 * REFERENCE_BINS
     nq = levels(bits, symmetric=not one_sided, one_sided=one_sided)  # one-sided tensors with unsigned codes
-    assert nq == (2 ** bits if one_sided else 2 ** (bits - 1))
+    assert nq == (2**bits if one_sided else 2 ** (bits - 1))
     ref_index, ref_div = reference_kl(counts, nq)
     div = kl_divergences(counts, nq)
     finite = np.isfinite(ref_div)

@@ -1,4 +1,5 @@
 """Percentile, MSE, minmax and the method registry / compute_table."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -79,7 +80,7 @@ def _reference_mse_affine(counts, first, width, lo, hi, bits):
     best, best_range = np.inf, None
     nz = np.nonzero(counts)[0]
     centres, n = first + (nz + 0.5) * width, counts[nz]
-    qmax = 2 ** bits - 1
+    qmax = 2**bits - 1
     half = len(counts) // 2
     for i in range(1, half + 1):
         clo, chi = lo * i / half, hi * i / half
@@ -104,7 +105,7 @@ def test_mse_matches_brute_force(bits):
     sr = stats_of(xr, bins=128)
     wr = sr.bin_width
     _, hi = mse(sr, bits, False)  # one-sided, unsigned codes: 2^b - 1 levels
-    assert hi == pytest.approx(min(sr.max, _reference_mse_symmetric(sr.abs_hist, wr, 2 ** bits - 1)))
+    assert hi == pytest.approx(min(sr.max, _reference_mse_symmetric(sr.abs_hist, wr, 2**bits - 1)))
     lo, hi = mse(st, bits, False)  # two-sided, unsigned codes
     ref = _reference_mse_affine(st.hist, -st.hist_range, w, st.min, st.max, bits)
     assert (lo, hi) == pytest.approx(ref)

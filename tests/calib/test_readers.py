@@ -1,4 +1,5 @@
 """Calibration data readers: exact values out, one-line BadDataError for every bad input."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -41,8 +42,13 @@ def test_input_specs_skips_initializers_and_keeps_dynamic_dims():
     w = helper.make_tensor_value_info("w", TensorProto.FLOAT, [3])
     ids = helper.make_tensor_value_info("ids", TensorProto.INT64, None)
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
-    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g", [x, w, ids], [y],
-                              initializer=[helper.make_tensor("w", TensorProto.FLOAT, [3], [1, 2, 3])])
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [x, w, ids],
+        [y],
+        initializer=[helper.make_tensor("w", TensorProto.FLOAT, [3], [1, 2, 3])],
+    )
     specs = input_specs(helper.make_model(graph))
     assert specs == [InputSpec("x", F32, ("batch", 3, None)), InputSpec("ids", I64, None)]
 
@@ -139,6 +145,7 @@ def test_fixed_batch_dimension_sets_the_batch_size(tmp_path):
 
 # ------------------------------------------------------------------------------------------------- images
 
+
 def _pngs(tmp_path, pixels: list[np.ndarray]) -> None:
     from PIL import Image
 
@@ -146,8 +153,10 @@ def _pngs(tmp_path, pixels: list[np.ndarray]) -> None:
         Image.fromarray(p).save(tmp_path / f"img{i}.png")
 
 
-RGB = [np.array([[[0, 51, 102], [255, 0, 10]], [[20, 40, 60], [1, 2, 3]]], np.uint8),
-       np.array([[[9, 8, 7], [6, 5, 4]], [[100, 110, 120], [130, 140, 150]]], np.uint8)]
+RGB = [
+    np.array([[[0, 51, 102], [255, 0, 10]], [[20, 40, 60], [1, 2, 3]]], np.uint8),
+    np.array([[[9, 8, 7], [6, 5, 4]], [[100, 110, 120], [130, 140, 150]]], np.uint8),
+]
 MEAN, STD = (0.5, 0.25, 0.125), (0.5, 2.0, 0.25)
 
 
@@ -189,10 +198,18 @@ def test_grayscale_inferred_from_channel_dim(tmp_path):
 
 def test_image_errors(tmp_path):
     _pngs(tmp_path, RGB)
-    _raises("dim 1 must be 1", tmp_path, [InputSpec("g", F32, (None, 1, 2, 2))],
-            image_options=ImageOptions(grayscale=False))
-    _raises("dim 2 must be 5", tmp_path, [InputSpec("g", F32, (None, 3, 5, 5))],
-            image_options=ImageOptions(size=(2, 2)))
+    _raises(
+        "dim 1 must be 1",
+        tmp_path,
+        [InputSpec("g", F32, (None, 1, 2, 2))],
+        image_options=ImageOptions(grayscale=False),
+    )
+    _raises(
+        "dim 2 must be 5",
+        tmp_path,
+        [InputSpec("g", F32, (None, 3, 5, 5))],
+        image_options=ImageOptions(size=(2, 2)),
+    )
     _raises("mean", tmp_path, [InputSpec("g", F32, (None, 1, 2, 2))], image_options=ImageOptions(mean=(1, 2)))
     _raises("inputs (a, b)", tmp_path, TWO)
     (tmp_path / "img9.png").write_bytes(b"not a png")
@@ -201,7 +218,7 @@ def test_image_errors(tmp_path):
 
 # ------------------------------------------------------------------------------------------ reader function
 
-READER = '''
+READER = """
 import numpy as np
 
 def batches(path=None):
@@ -219,7 +236,7 @@ def nothing():
 
 def wrong_key():
     yield {"y": np.zeros((2, 3), np.float32)}
-'''
+"""
 
 
 @pytest.fixture
@@ -252,6 +269,7 @@ def test_reader_errors(reader_module):
 
 # ------------------------------------------------------------------------------------------------- errors
 
+
 def test_path_and_option_errors(tmp_path):
     _raises("nope.npz", tmp_path / "nope.npz", TWO)
     (tmp_path / "d.txt").write_text("1 2 3")
@@ -278,7 +296,9 @@ def test_directory_content_errors(tmp_path):
 
 def test_npy_errors(tmp_path):
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
-    _raises("obj.npy: the array is an object array; object arrays are not accepted", tmp_path / "obj.npy", ONE)
+    _raises(
+        "obj.npy: the array is an object array; object arrays are not accepted", tmp_path / "obj.npy", ONE
+    )
     np.save(tmp_path / "x.npy", np.zeros((4, 3), np.float32))
     msg = _raises("x.npy", tmp_path / "x.npy", TWO)
     assert "a, b" in msg
@@ -309,7 +329,11 @@ def test_npz_content_errors(tmp_path):
     bad("counts.npz", "a=6, b=5", b=good["b"][:5])
     bad("empty.npz", "no usable samples", a=good["a"][:0], b=good["b"][:0])
     bad("obj.npz", "object arrays", b=np.array([None] * 6, dtype=object))
-    bad("range.npz", "'b' sample 2", b=np.where(np.arange(30).reshape(6, 5) == 12, 2**63 + 5, 0).astype(np.uint64))
+    bad(
+        "range.npz",
+        "'b' sample 2",
+        b=np.where(np.arange(30).reshape(6, 5) == 12, 2**63 + 5, 0).astype(np.uint64),
+    )
     (tmp_path / "junk.npz").write_bytes(b"junk")
     _raises("junk.npz", tmp_path / "junk.npz", TWO)
 

@@ -1,4 +1,5 @@
 """Streaming statistics through ONNX Runtime: exactness, batch invariance, determinism, sharding."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -34,7 +35,7 @@ def _samples(n=64, seed=0):
 
 
 def _batches(x, size):
-    return [{"x": x[i:i + size]} for i in range(0, len(x), size)]
+    return [{"x": x[i : i + size]} for i in range(0, len(x), size)]
 
 
 def _tables(stats):
@@ -43,16 +44,18 @@ def _tables(stats):
 
 def test_statistics_are_exact():
     x = _samples()
-    stats = collect_stats(MODEL, TENSORS, _batches(x, 10), per_channel=["t1"], channel_mad=["t1"], bins=BINS,
-                          moments=True)
+    stats = collect_stats(
+        MODEL, TENSORS, _batches(x, 10), per_channel=["t1"], channel_mad=["t1"], bins=BINS, moments=True
+    )
     t1 = (x - np.float32(0.25)).astype(np.float64)
     st = stats["t1"]
     assert st.count == t1.size and st.min == t1.min() and st.max == t1.max()
     assert st.mean == pytest.approx(t1.mean(), rel=1e-6)  # float32 partial sums, float64 across batches
     assert st.mad == pytest.approx(np.abs(t1 - t1.mean()).mean(), rel=MAD_TOLERANCE)
     assert st.std == pytest.approx(t1.std(), rel=1e-6)
-    np.testing.assert_allclose(st.ch_mad, np.abs(t1 - t1.mean(axis=(0, 2))[:, None]).mean(axis=(0, 2)),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        st.ch_mad, np.abs(t1 - t1.mean(axis=(0, 2))[:, None]).mean(axis=(0, 2)), rtol=1e-6
+    )
     np.testing.assert_array_equal(st.ch_min, t1.min(axis=(0, 2)))
     np.testing.assert_allclose(st.ch_mean, t1.mean(axis=(0, 2)), rtol=1e-12)
     np.testing.assert_allclose(st.ch_std, t1.std(axis=(0, 2)), rtol=1e-5)
@@ -82,14 +85,23 @@ def test_minmax_needs_one_pass():
     stats = collect_stats(MODEL, TENSORS, Counting(_batches(_samples(), 8)), histograms=False, moments=True)
     assert len(calls) == 2 and all(st.pass2 is None for st in stats.values())  # b from the per-bin sums
     compute_table(stats, SPECS, "laplace")
-    collect_stats(MODEL, TENSORS, Counting(_batches(_samples(), 8)), histograms=False, moments=True,
-                  per_channel=["t1"], channel_mad=["t1"])
+    collect_stats(
+        MODEL,
+        TENSORS,
+        Counting(_batches(_samples(), 8)),
+        histograms=False,
+        moments=True,
+        per_channel=["t1"],
+        channel_mad=["t1"],
+    )
     assert len(calls) == 4  # the per-channel b needs a second pass
 
 
 def test_batch_invariance_and_determinism():
     x = _samples()
-    runs = {size: collect_stats(MODEL, TENSORS, _batches(x, size), bins=BINS, moments=True) for size in (1, 7, 32)}
+    runs = {
+        size: collect_stats(MODEL, TENSORS, _batches(x, size), bins=BINS, moments=True) for size in (1, 7, 32)
+    }
     tables = {size: _tables(stats) for size, stats in runs.items()}
     for size in (7, 32):
         for name in TENSORS:
@@ -140,8 +152,15 @@ def test_shards_merge_to_one_run(tmp_path):
 
 
 def test_save_load_stats_round_trip(tmp_path):
-    stats = collect_stats(MODEL, TENSORS, _batches(_samples(), 16), per_channel=["t1"], channel_mad=["t1"],
-                          bins=BINS, moments=True)
+    stats = collect_stats(
+        MODEL,
+        TENSORS,
+        _batches(_samples(), 16),
+        per_channel=["t1"],
+        channel_mad=["t1"],
+        bins=BINS,
+        moments=True,
+    )
     save_stats(stats, tmp_path / "s.npz")
     back = load_stats(tmp_path / "s.npz")
     for m in METHODS:
@@ -195,15 +214,28 @@ def test_histogram_regrid_equals_binning_on_the_final_grid(bins):
     for p in parts:  # the grid grows from 2^-4 to 2^9 on the way
         grown.update_pass1(p)
     x, side = np.concatenate(parts), 2 * bins
-    direct = Histogram(bins, 512.0, np.bincount(side + np.sign(x).astype(int) * np.ceil(
-        np.abs(x) * np.float32(side / 512.0)).astype(int), minlength=2 * side + 1))
+    direct = Histogram(
+        bins,
+        512.0,
+        np.bincount(
+            side + np.sign(x).astype(int) * np.ceil(np.abs(x) * np.float32(side / 512.0)).astype(int),
+            minlength=2 * side + 1,
+        ),
+    )
     np.testing.assert_array_equal(grown.histogram.counts, direct.counts)
     assert grown.histogram.grid == 512.0 and 256 <= grown.amax < 512
     one_batch = Histogram(bins)  # one batch whose chunks grow the grid from the smallest part's
     scan(np.concatenate([np.repeat(parts[0], 70), *parts[1:]]), one_batch)
-    np.testing.assert_array_equal(one_batch.counts - direct.counts, np.bincount(
-        side + np.sign(parts[0]).astype(int) * np.ceil(np.abs(parts[0]) * np.float32(side / 512.0)).astype(int),
-        minlength=2 * side + 1) * 69)
+    np.testing.assert_array_equal(
+        one_batch.counts - direct.counts,
+        np.bincount(
+            side
+            + np.sign(parts[0]).astype(int)
+            * np.ceil(np.abs(parts[0]) * np.float32(side / 512.0)).astype(int),
+            minlength=2 * side + 1,
+        )
+        * 69,
+    )
     reverse = TensorStats(histogram=Histogram(bins))
     for p in parts[::-1]:
         reverse.update_pass1(p)
@@ -217,8 +249,11 @@ def test_histogram_regrid_equals_binning_on_the_final_grid(bins):
 @pytest.mark.parametrize("kind", ["laplace", "relu", "offset"])
 def test_laplace_b_from_the_histogram_sums_is_within_its_bound(kind):
     rng = np.random.default_rng(11)
-    x = {"laplace": rng.laplace(0.3, 1.0, 300_000), "relu": np.maximum(rng.normal(0, 1, 300_000), 0),
-         "offset": rng.normal(1000.0, 1.0, 300_000)}[kind].astype(np.float32)
+    x = {
+        "laplace": rng.laplace(0.3, 1.0, 300_000),
+        "relu": np.maximum(rng.normal(0, 1, 300_000), 0),
+        "offset": rng.normal(1000.0, 1.0, 300_000),
+    }[kind].astype(np.float32)
     exact = np.abs(x - x.mean(dtype=np.float64)).mean(dtype=np.float64)
     one_pass = TensorStats()
     one_pass.histogram = Histogram.empty(DEFAULT_BINS, sums=True)

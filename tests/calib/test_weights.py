@@ -1,4 +1,5 @@
 """Weight ranges from the weights themselves, and ACIQ bias correction."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -52,9 +53,9 @@ def _reference_mse(w, axis, bits, symmetric):
                 q = np.clip(np.rint(row / s), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
                 err = np.sum((row - s * q) ** 2)
             else:
-                s = (hi - lo) / (2 ** bits - 1)
-                z = np.clip(np.rint(-lo / s), 0, 2 ** bits - 1)
-                q = np.clip(np.rint(row / s) + z, 0, 2 ** bits - 1)
+                s = (hi - lo) / (2**bits - 1)
+                z = np.clip(np.rint(-lo / s), 0, 2**bits - 1)
+                q = np.clip(np.rint(row / s) + z, 0, 2**bits - 1)
                 err = np.sum((row - s * (q - z)) ** 2)
             if err < best:
                 best, best_range = err, (row.min() * k / 100, row.max() * k / 100)
@@ -81,8 +82,9 @@ def test_bias_correction_restores_mean_and_spread():
     np.testing.assert_allclose(shift, rows.mean(axis=1) - qrows.mean(axis=1), rtol=1e-9, atol=1e-12)
     np.testing.assert_array_equal(ratio, np.ones(8))
     shift, ratio = bias_correction(w, w_deq, 0, full=True)
-    xi = np.linalg.norm(rows - rows.mean(1, keepdims=True), axis=1) / \
-        np.linalg.norm(qrows - qrows.mean(1, keepdims=True), axis=1)
+    xi = np.linalg.norm(rows - rows.mean(1, keepdims=True), axis=1) / np.linalg.norm(
+        qrows - qrows.mean(1, keepdims=True), axis=1
+    )
     np.testing.assert_allclose(ratio, xi, rtol=1e-9)
     fixed = apply_bias_correction(w_deq, shift, ratio, 0).reshape(8, -1).astype(np.float64)
     np.testing.assert_allclose(fixed.mean(axis=1), rows.mean(axis=1), atol=1e-6)

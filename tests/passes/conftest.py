@@ -1,4 +1,5 @@
 """Helpers for pass tests: tiny models from ONNX text plus numpy weights, and a numeric equivalence check."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -46,8 +47,9 @@ def random_feeds(model: onnx.ModelProto, seed: int = 0, batch: int = 2) -> dict[
     return feeds
 
 
-def assert_equivalent(original: onnx.ModelProto, rewritten: onnx.ModelProto, tol: float = 1e-5,
-                      batch: int = 2) -> None:
+def assert_equivalent(
+    original: onnx.ModelProto, rewritten: onnx.ModelProto, tol: float = 1e-5, batch: int = 2
+) -> None:
     """Same outputs (names and values, max error relative to max |output|), valid and tidy model."""
     onnx.checker.check_model(rewritten, full_check=True)
     assert [o.name for o in rewritten.graph.output] == [o.name for o in original.graph.output]
@@ -70,5 +72,11 @@ def tools():
     """The helpers above, for test modules (pytest does not make conftest importable by name)."""
     import types
 
-    return types.SimpleNamespace(build=build, bn_weights=bn_weights, run=run, random_feeds=random_feeds,
-                                 assert_equivalent=assert_equivalent, op_types=op_types)
+    return types.SimpleNamespace(
+        build=build,
+        bn_weights=bn_weights,
+        run=run,
+        random_feeds=random_feeds,
+        assert_equivalent=assert_equivalent,
+        op_types=op_types,
+    )

@@ -1,4 +1,5 @@
 """Q/DQ insertion: checker-clean models that ONNX Runtime runs, exact b-bit codes, int32 bias, placement."""
+
 from __future__ import annotations
 
 import itertools
@@ -33,6 +34,7 @@ def load_rules(source=None):
 def parse_rules(text, where):
     return loader.parse_rules(text, where, **NAMES)
 
+
 RESIDUAL = """
 <ir_version: 7, opset_import: ["" : 13]>
 g (float[N, 4, 6, 6] x) => (float[N, 10] y) {
@@ -51,10 +53,17 @@ g (float[N, 4, 6, 6] x) => (float[N, 10] y) {
 def residual_model(seed: int = 0) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     model = onnx.parser.parse_model(RESIDUAL)
-    for name, shape in (("w1", (4, 4, 3, 3)), ("b1", (4,)), ("w2", (4, 4, 3, 3)), ("b2", (4,)),
-                        ("wf", (10, 4)), ("bf", (10,))):
-        model.graph.initializer.append(numpy_helper.from_array(
-            (rng.standard_normal(shape) * 0.3).astype(np.float32), name))
+    for name, shape in (
+        ("w1", (4, 4, 3, 3)),
+        ("b1", (4,)),
+        ("w2", (4, 4, 3, 3)),
+        ("b2", (4,)),
+        ("wf", (10, 4)),
+        ("bf", (10,)),
+    ):
+        model.graph.initializer.append(
+            numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+        )
     return onnx.shape_inference.infer_shapes(model)
 
 
@@ -66,8 +75,12 @@ def minmax_table(model: onnx.ModelProto, plan, x: np.ndarray) -> CalibrationTabl
     """An independent min/max calibration: run the float model with every planned tensor exposed."""
     names = sorted(plan.activations)
     values = make_session(with_outputs(model, names)).run(names, {model.graph.input[0].name: x})
-    entries = {n: TensorRange.from_range(v.min(), v.max(), plan.activations[n].bits,
-                                         plan.activations[n].symmetric, "minmax") for n, v in zip(names, values)}
+    entries = {
+        n: TensorRange.from_range(
+            v.min(), v.max(), plan.activations[n].bits, plan.activations[n].symmetric, "minmax"
+        )
+        for n, v in zip(names, values)
+    }
     return CalibrationTable(method="minmax", bits=8, tensors=entries)
 
 
@@ -91,8 +104,12 @@ def test_codes_stay_in_the_b_bit_range_and_model_runs_both_ways(bits):
     onnx.checker.check_model(q, full_check=True)
     inits = {t.name: t for t in q.graph.initializer}
     for node in q.graph.node:
-        if node.op_type == "DequantizeLinear" and node.input[0] in inits and "bias" not in node.input[0] \
-                and inits[node.input[0]].data_type != TensorProto.INT32:
+        if (
+            node.op_type == "DequantizeLinear"
+            and node.input[0] in inits
+            and "bias" not in node.input[0]
+            and inits[node.input[0]].data_type != TensorProto.INT32
+        ):
             codes = numpy_helper.to_array(inits[node.input[0]]).astype(np.int64)
             lo, hi = qrange(bits, True)
             assert lo <= codes.min() and codes.max() <= hi
@@ -131,8 +148,9 @@ def test_bias_is_int32_with_scale_sx_times_sw():
     x_scale = inits[x_dq.input[1]]
     np.testing.assert_allclose(inits[bias_dq.input[1]], x_scale * inits[w_dq.input[1]], rtol=1e-6)
     b1 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "b1"))
-    np.testing.assert_allclose(inits[bias_dq.input[0]] * inits[bias_dq.input[1]], b1,
-                               atol=float(inits[bias_dq.input[1]].max()))
+    np.testing.assert_allclose(
+        inits[bias_dq.input[0]] * inits[bias_dq.input[1]], b1, atol=float(inits[bias_dq.input[1]].max())
+    )
 
 
 def test_w8a8_lets_onnxruntime_fuse_to_integer_kernels(tmp_path):
@@ -165,7 +183,7 @@ def test_skip_override_leaves_the_node_float():
     result = quantize(model, rules, x)
     gemm = next(n for n in result.model.graph.node if n.op_type == "Gemm")
     assert gemm.input[1] == "wf" and gemm.input[0] == "f"
-    assert ("Gemm" in {op for _, op, _ in result.summary.float_nodes})
+    assert "Gemm" in {op for _, op, _ in result.summary.float_nodes}
     assert any("skipped by skip.yaml override 1" in reason for _, _, reason in result.summary.float_nodes)
 
 
@@ -184,8 +202,11 @@ def test_maxpool_input_takes_the_output_range():
     assert own.max < 0.7 * table.tensors["pool_out"].max  # its own Laplace fit would clip the maxima
     q = insert(folded, plan, table).model
     inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
-    params = {n.input[0].removesuffix("_clipped"): (inits[n.input[1]], inits[n.input[2]])
-              for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    params = {
+        n.input[0].removesuffix("_clipped"): (inits[n.input[1]], inits[n.input[2]])
+        for n in q.graph.node
+        if n.op_type == "QuantizeLinear"
+    }
     assert params["relu2_out"] == params["pool_out"]
 
 
@@ -203,7 +224,7 @@ def _fake_quant(x: np.ndarray, scale, zero, bits, signed: bool) -> np.ndarray:
     shape = (1, -1) + (1,) * (x.ndim - 2)
     s, z = np.asarray(scale, np.float32).reshape(shape), np.asarray(zero, np.float32).reshape(shape)
     b = np.asarray(bits).reshape(shape)
-    lo, hi = (-(2 ** (b - 1)), 2 ** (b - 1) - 1) if signed else (0, 2 ** b - 1)
+    lo, hi = (-(2 ** (b - 1)), 2 ** (b - 1) - 1) if signed else (0, 2**b - 1)
     return (np.clip(np.rint(x / s) + z, lo, hi) - z) * s
 
 
@@ -218,14 +239,20 @@ def test_activation_bit_allocation_per_channel():
     assert entry.bits[0] < entry.bits[-1]  # the widest channel gets the most bits
     exposed = ["r1", "r1_dequantized", "r1_quantized"]  # r1: the Relu output before its Q/DQ
     r1, deq, codes = make_session(with_outputs(result.model, exposed)).run(exposed, {"x": x})
-    np.testing.assert_allclose(deq, _fake_quant(r1, entry.scale, entry.zero_point, entry.bits, entry.signed),
-                               rtol=1e-6, atol=1e-6 * np.abs(r1).max())
+    np.testing.assert_allclose(
+        deq,
+        _fake_quant(r1, entry.scale, entry.zero_point, entry.bits, entry.signed),
+        rtol=1e-6,
+        atol=1e-6 * np.abs(r1).max(),
+    )
     for c, b in enumerate(entry.bits):  # codes stay in each channel's own width
-        assert codes[:, c].min() >= 0 and codes[:, c].max() <= 2 ** b - 1
+        assert codes[:, c].min() >= 0 and codes[:, c].max() <= 2**b - 1
     assert len(np.unique(codes[:, 0])) <= 2 ** entry.bits[0] < len(np.unique(codes[:, -1]))
     even = compute_table(stats, {"r1": (4, False)}, "minmax", per_channel=["r1"]).tensors["r1"]
-    error = {name: np.mean((_fake_quant(r1, e.scale, e.zero_point, e.bits, False) - r1) ** 2)
-             for name, e in (("allocated", entry), ("even", even))}
+    error = {
+        name: np.mean((_fake_quant(r1, e.scale, e.zero_point, e.bits, False) - r1) ** 2)
+        for name, e in (("allocated", entry), ("even", even))
+    }
     assert error["allocated"] < 0.5 * error["even"], error  # same average width, less total noise
     y_ref = make_session(model).run(None, {"x": x})[0]
     y = make_session(result.model).run(None, {"x": x})[0]

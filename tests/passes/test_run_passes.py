@@ -1,4 +1,5 @@
 """The pass driver: registry, unknown names, dry runs, reasons for BNs left alone, bn_to_affine."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,13 +12,16 @@ from onnxquant.passes import PASS_NAMES, PASSES, UNFOLDED, run_passes
 
 HEAD = '<ir_version: 8, opset_import: ["" : 13]>\n'
 
-RELU_BN = HEAD + """
+RELU_BN = (
+    HEAD
+    + """
 g (float[N, 3, 5, 5] x) => (float[N, 4, 5, 5] y) {
     c = Conv <pads = [1, 1, 1, 1]> (x, w)
     r = Relu (c)
     z = BatchNormalization (r, bn_g, bn_b, bn_m, bn_v)
     y = Relu (z)
 }"""
+)
 
 
 def relu_bn(tools):
@@ -26,8 +30,13 @@ def relu_bn(tools):
 
 
 def test_registry():
-    assert PASS_NAMES == ("fold_conv_bn", "fold_convtranspose_bn", "fold_gemm_bn", "fold_bn_conv",
-                          "bn_to_affine")
+    assert PASS_NAMES == (
+        "fold_conv_bn",
+        "fold_convtranspose_bn",
+        "fold_gemm_bn",
+        "fold_bn_conv",
+        "bn_to_affine",
+    )
     assert all(p.description for p in PASSES)
 
 
@@ -58,11 +67,14 @@ def test_bn_to_affine_lowers_bn_after_relu(tools):
 
 
 def test_bn_to_affine_on_2d_input(tools):
-    text = HEAD + """
+    text = (
+        HEAD
+        + """
     g (float[N, 6] x) => (float[N, 6] y) {
         r = Relu (x)
         y = BatchNormalization (r, bn_g, bn_b, bn_m, bn_v)
     }"""
+    )
     model = tools.build(text, tools.bn_weights("bn", 6, 2))
     folded, _ = run_passes(model, ["bn_to_affine"])
     assert tools.op_types(folded) == ["Relu", "Mul", "Add"]
@@ -70,12 +82,15 @@ def test_bn_to_affine_on_2d_input(tools):
 
 
 def test_bn_to_affine_after_refused_fold(tools):
-    text = HEAD + """
+    text = (
+        HEAD
+        + """
     g (float[N, 3, 5, 5] x) => (float[N, 4, 5, 5] y, float[N, 4, 5, 5] r) {
         c = Conv <pads = [1, 1, 1, 1]> (x, w)
         y = BatchNormalization (c, bn_g, bn_b, bn_m, bn_v)
         r = Relu (c)
     }"""
+    )
     w = np.random.default_rng(1).normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32)
     model = tools.build(text, {"w": w, **tools.bn_weights("bn", 4, 2)})
     folded, outcomes = run_passes(model, ["fold_conv_bn", "bn_to_affine"])
@@ -85,11 +100,14 @@ def test_bn_to_affine_after_refused_fold(tools):
 
 
 def test_disabled_pass_is_named(tools):
-    text = HEAD + """
+    text = (
+        HEAD
+        + """
     g (float[N, 3, 5, 5] x) => (float[N, 4, 5, 5] y) {
         c = Conv <pads = [1, 1, 1, 1]> (x, w)
         y = BatchNormalization (c, bn_g, bn_b, bn_m, bn_v)
     }"""
+    )
     w = np.zeros((4, 3, 3, 3), np.float32)
     model = tools.build(text, {"w": w, **tools.bn_weights("bn", 4, 2)})
     _, outcomes = run_passes(model, ["fold_gemm_bn"])
@@ -106,10 +124,13 @@ def test_dry_run_reports_without_rewriting(tools):
 
 
 def test_training_mode_bn_refused(tools):
-    text = HEAD.replace("13", "15") + """
+    text = (
+        HEAD.replace("13", "15")
+        + """
     g (float[N, 4] x) => (float[N, 4] y) {
         y, rm, rv = BatchNormalization <training_mode = 1> (x, bn_g, bn_b, bn_m, bn_v)
     }"""
+    )
     model = tools.build(text, tools.bn_weights("bn", 4, 2))
     folded, outcomes = run_passes(model, ["bn_to_affine"])
     assert [o.reason for o in outcomes] == ["BN is in training mode (training_mode=1)"]
@@ -117,12 +138,15 @@ def test_training_mode_bn_refused(tools):
 
 
 def test_metadata_and_value_info_kept(tools):
-    text = HEAD + """
+    text = (
+        HEAD
+        + """
     g (float[N, 3, 5, 5] x) => (float[N, 4, 5, 5] y) {
         c = Conv <pads = [1, 1, 1, 1]> (x, w)
         z = BatchNormalization (c, bn_g, bn_b, bn_m, bn_v)
         y = Relu (z)
     }"""
+    )
     w = np.random.default_rng(1).normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32)
     model = infer_shapes(tools.build(text, {"w": w, **tools.bn_weights("bn", 4, 2)}))
     model.producer_name, model.doc_string = "pytorch", "a doc"
@@ -137,16 +161,23 @@ def test_metadata_and_value_info_kept(tools):
 
 
 def test_node_naming_never_renames_a_uniquely_named_user_node(tools):
-    text = HEAD + """
+    text = (
+        HEAD
+        + """
     g (float[N, 4] x) => (float[N, 4] y) {
         r = Relu (x)
         z = BatchNormalization (r, bn_g, bn_b, bn_m, bn_v)
         y = Relu (z)
     }"""
+    )
     model = tools.build(text, tools.bn_weights("bn", 4, 2))
     model.graph.node[2].name = "Relu_0"  # the name the unnamed first Relu would get by default
     folded, outcomes = run_passes(model, ["bn_to_affine"])
-    assert [n.name for n in folded.graph.node] == ["Relu_0_1", "BatchNormalization_1_mul",
-                                                   "BatchNormalization_1_add", "Relu_0"]
+    assert [n.name for n in folded.graph.node] == [
+        "Relu_0_1",
+        "BatchNormalization_1_mul",
+        "BatchNormalization_1_add",
+        "Relu_0",
+    ]
     assert outcomes[0].nodes == ("BatchNormalization_1",)
     tools.assert_equivalent(model, folded)

@@ -1,5 +1,6 @@
 """Weight entries of the calibration table (calib.weight_table) as Q/DQ insertion writes them: bias correction
 against a hand computation of ACIQ eq. 12–13, and a table read back from JSON reproducing the model bytes."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -64,14 +65,19 @@ def test_bias_correction_matches_eq_12_13(mode):
     assert np.abs(mean - mean_hat).max() > 1e-3  # clipping moved the means: there is something to correct
     xi = np.ones(4)
     if mode == "full":
-        xi = np.linalg.norm(flat - mean[:, None], axis=1) / np.linalg.norm(flat_hat - mean_hat[:, None], axis=1)
+        xi = np.linalg.norm(flat - mean[:, None], axis=1) / np.linalg.norm(
+            flat_hat - mean_hat[:, None], axis=1
+        )
         assert np.abs(xi - 1).max() > 1e-3
     offset = mean - xi * mean_hat  # ŵ' = ξ·ŵ + o has the float mean (and, with "full", the float spread)
     corrected = xi[:, None] * flat_hat + offset[:, None]
     np.testing.assert_allclose(corrected.mean(axis=1), mean, atol=1e-12)
     if mode == "full":
-        np.testing.assert_allclose(np.linalg.norm(corrected - mean[:, None], axis=1),
-                                   np.linalg.norm(flat - mean[:, None], axis=1), rtol=1e-9)
+        np.testing.assert_allclose(
+            np.linalg.norm(corrected - mean[:, None], axis=1),
+            np.linalg.norm(flat - mean[:, None], axis=1),
+            rtol=1e-9,
+        )
 
     # the model: the same codes, DQ scale s·ξ, and the offset's response Σ E[x]·o folded into the int32 bias
     np.testing.assert_array_equal(q["w_quantized"], codes)
@@ -84,7 +90,9 @@ def test_bias_correction_matches_eq_12_13(mode):
     # and the graph computes Conv(x, ŵ') + b: the corrected mean error of the output vanishes
     y_ref = make_session(folded).run(None, {"x": x})[0]
     y_q = make_session(insert_qdq(folded, plan, table)[0], optimize=False).run(None, {"x": x})[0]
-    plain = insert_qdq(folded, plan, CalibrationTable("minmax", 8, {"x": x_range, **weight_entries(folded, plan)}))
+    plain = insert_qdq(
+        folded, plan, CalibrationTable("minmax", 8, {"x": x_range, **weight_entries(folded, plan)})
+    )
     y_plain = make_session(plain[0], optimize=False).run(None, {"x": x})[0]
     bias_error = np.abs((y_q - y_ref).mean(axis=(0, 2, 3)))
     assert bias_error.max() < 0.25 * np.abs((y_plain - y_ref).mean(axis=(0, 2, 3))).max()

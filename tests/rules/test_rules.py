@@ -1,4 +1,5 @@
 """Rule files: presets, validation errors naming file and key, override order, CLI precedence."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,6 +19,7 @@ def load_rules(source=None):
 def parse_rules(text, where):
     return loader.parse_rules(text, where, **NAMES)
 
+
 FIRST_LAST_8 = """
 weights: {bits: 4}
 activations: {bits: 4, method: laplace}
@@ -36,8 +38,11 @@ overrides:
 
 def test_presets_load_with_their_placements():
     default, trt = load_rules("default"), load_rules("tensorrt")
-    assert (default.placement, default.activations.symmetric, default.weights.granularity) == \
-        ("ort", False, "per_channel")
+    assert (default.placement, default.activations.symmetric, default.weights.granularity) == (
+        "ort",
+        False,
+        "per_channel",
+    )
     assert (trt.placement, trt.activations.symmetric, trt.activations.bits) == ("tensorrt", True, 8)
     assert "fold_conv_bn" in default.passes and "Add" in trt.quantize_ops
 
@@ -65,25 +70,28 @@ def test_op_types_outside_quantize_ops_stay_float_with_reason():
     assert not decision.quantize and decision.reason == "op type Softmax not in quantize_ops"
 
 
-@pytest.mark.parametrize("text, key, accepted", [
-    ("wieghts: {bits: 4}", "wieghts", "placement, passes"),
-    ("weights: {bits: 9}", "weights.bits", "2..8"),
-    ("weights: {bits: 0}", "weights.bits", "2..8"),
-    ("weights: {bits: four}", "weights.bits", "2..8"),
-    ("weights: {symmetric: maybe}", "weights.symmetric", "true, false"),
-    ("weights: {granularity: per_row}", "weights.granularity", "per_channel, per_tensor"),
-    ("weights: {method: kl}", "weights.method", "minmax, laplace, gauss, mse"),
-    ("activations: {method: magic}", "activations.method", "minmax"),
-    ("activations: {granularity: per_channel}", "activations.granularity", "per_tensor"),
-    ("placement: onnx", "placement", "ort, tensorrt"),
-    ("passes: [fold_everything]", "passes", "fold_conv_bn"),
-    ("passes: fold_conv_bn", "passes", "list of strings"),
-    ("overrides: [{skip: true}]", "overrides[0].match", "name, op_type, position"),
-    ("overrides: [{match: {position: middle}}]", "overrides[0].match.position", "first, last"),
-    ("overrides: [{match: {nmae: x}}]", "overrides[0].match.nmae", "name, op_type, position"),
-    ("overrides: [{match: {name: x}, skip: yes please}]", "overrides[0].skip", "true, false"),
-    ("overrides: [{match: {name: x}, weights: {bits: 1}}]", "overrides[0].weights.bits", "2..8"),
-])
+@pytest.mark.parametrize(
+    "text, key, accepted",
+    [
+        ("wieghts: {bits: 4}", "wieghts", "placement, passes"),
+        ("weights: {bits: 9}", "weights.bits", "2..8"),
+        ("weights: {bits: 0}", "weights.bits", "2..8"),
+        ("weights: {bits: four}", "weights.bits", "2..8"),
+        ("weights: {symmetric: maybe}", "weights.symmetric", "true, false"),
+        ("weights: {granularity: per_row}", "weights.granularity", "per_channel, per_tensor"),
+        ("weights: {method: kl}", "weights.method", "minmax, laplace, gauss, mse"),
+        ("activations: {method: magic}", "activations.method", "minmax"),
+        ("activations: {granularity: per_channel}", "activations.granularity", "per_tensor"),
+        ("placement: onnx", "placement", "ort, tensorrt"),
+        ("passes: [fold_everything]", "passes", "fold_conv_bn"),
+        ("passes: fold_conv_bn", "passes", "list of strings"),
+        ("overrides: [{skip: true}]", "overrides[0].match", "name, op_type, position"),
+        ("overrides: [{match: {position: middle}}]", "overrides[0].match.position", "first, last"),
+        ("overrides: [{match: {nmae: x}}]", "overrides[0].match.nmae", "name, op_type, position"),
+        ("overrides: [{match: {name: x}, skip: yes please}]", "overrides[0].skip", "true, false"),
+        ("overrides: [{match: {name: x}, weights: {bits: 1}}]", "overrides[0].weights.bits", "2..8"),
+    ],
+)
 def test_bad_rule_files_name_file_key_and_choices(tmp_path, text, key, accepted):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -104,9 +112,15 @@ def test_invalid_yaml_and_missing_file(tmp_path):
 
 def test_accepted_names_come_from_the_caller():
     text = "passes: [fold_x]\nactivations: {method: mine}\nweights: {method: theirs}"
-    rules = loader.parse_rules(text, "r.yaml", pass_names=("fold_x",), method_names=("mine",),
-                               weight_method_names=("theirs",))
+    rules = loader.parse_rules(
+        text, "r.yaml", pass_names=("fold_x",), method_names=("mine",), weight_method_names=("theirs",)
+    )
     assert (rules.passes, rules.activations.method, rules.weights.method) == (("fold_x",), "mine", "theirs")
     with pytest.raises(BadRulesError, match="key 'passes' is 'fold_conv_bn'; accepted: fold_x"):
-        loader.parse_rules("passes: [fold_conv_bn]", "r.yaml", pass_names=("fold_x",), method_names=(),
-                           weight_method_names=())
+        loader.parse_rules(
+            "passes: [fold_conv_bn]",
+            "r.yaml",
+            pass_names=("fold_x",),
+            method_names=(),
+            weight_method_names=(),
+        )

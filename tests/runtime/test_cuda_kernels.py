@@ -1,5 +1,6 @@
 """CUDA kernels: compiled to PTX for sm_80 and sm_90 wherever nvcc exists (no GPU needed); built to cubins,
 executed and compared bit for bit with the NumPy backend only on a GPU host with PyCUDA (marker `cuda`)."""
+
 from __future__ import annotations
 
 import importlib
@@ -48,14 +49,34 @@ def test_kernels_compile_to_ptx_for_sm80_and_sm90(source: str, arch: str, tmp_pa
 @pytest.mark.parametrize("source", KERNEL_FILES)
 def test_kernels_build_cubins_for_sm80_and_sm90(source: str, tmp_path: Path) -> None:
     _cuda_backend()  # the full build (ptxas for two architectures) runs on GPU hosts only
-    _nvcc(source, tmp_path / "k.o", "-c", "-gencode", "arch=compute_80,code=sm_80",
-          "-gencode", "arch=compute_90,code=sm_90")
+    _nvcc(
+        source,
+        tmp_path / "k.o",
+        "-c",
+        "-gencode",
+        "arch=compute_80,code=sm_80",
+        "-gencode",
+        "arch=compute_90,code=sm_90",
+    )
     assert (tmp_path / "k.o").stat().st_size > 0
 
 
 def test_runtime_modules_import_without_pycuda() -> None:
-    for mod in ("requant", "plan", "lower", "lower.base", "lower.gemm", "lower.add", "lower.pool", "lower.move",
-                "numpy_backend", "float_ops", "validate", "cuda_backend", "backends"):
+    for mod in (
+        "requant",
+        "plan",
+        "lower",
+        "lower.base",
+        "lower.gemm",
+        "lower.add",
+        "lower.pool",
+        "lower.move",
+        "numpy_backend",
+        "float_ops",
+        "validate",
+        "cuda_backend",
+        "backends",
+    ):
         importlib.import_module(f"onnxquant.runtime.{mod}")
     if importlib.util.find_spec("pycuda") is None:
         assert "pycuda" not in sys.modules

@@ -1,4 +1,5 @@
 """Lowering: patterns, constant folding of weights, activation clamps, fallbacks and overflow refusal."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,14 +36,23 @@ def test_float_fallback_is_reported_and_still_exact() -> None:
 
 def test_accumulator_overflow_is_refused() -> None:
     nodes, inits = qdq_input(zp=0)
-    inits += [_c("w", np.full((4, 2, 3, 3), 127, np.int8)), _c("sw", np.float32(0.01)), _c("zw", np.int8(0)),
-              _c("b", np.full(4, (1 << 31) - 1000, np.int32)), _c("sb", np.float32(0.02 * 0.01)),
-              _c("zb", np.int32(0)), _c("sy", np.float32(1.0)), _c("zy", np.uint8(0))]
-    nodes += [helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"]),
-              helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bd"]),
-              helper.make_node("Conv", ["xd", "wd", "bd"], ["c"], name="conv"),
-              helper.make_node("QuantizeLinear", ["c", "sy", "zy"], ["cq"]),
-              helper.make_node("DequantizeLinear", ["cq", "sy", "zy"], ["y"])]
+    inits += [
+        _c("w", np.full((4, 2, 3, 3), 127, np.int8)),
+        _c("sw", np.float32(0.01)),
+        _c("zw", np.int8(0)),
+        _c("b", np.full(4, (1 << 31) - 1000, np.int32)),
+        _c("sb", np.float32(0.02 * 0.01)),
+        _c("zb", np.int32(0)),
+        _c("sy", np.float32(1.0)),
+        _c("zy", np.uint8(0)),
+    ]
+    nodes += [
+        helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"]),
+        helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bd"]),
+        helper.make_node("Conv", ["xd", "wd", "bd"], ["c"], name="conv"),
+        helper.make_node("QuantizeLinear", ["c", "sy", "zy"], ["cq"]),
+        helper.make_node("DequantizeLinear", ["cq", "sy", "zy"], ["y"]),
+    ]
     plan = lower(single_input_model(nodes, inits, [1, 4, 4, 4]))
     conv = next(s for s in plan.status if s.node == "conv")
     assert conv.kind == "float"
@@ -55,19 +65,26 @@ def test_clip_chain_float_weights_and_bias_int4_weights() -> None:
     sy = np.float32(0.05)
     inits_x = qdq_input(scale=0.01)
     nodes, inits = inits_x
-    inits += [_c("w", rng.standard_normal((3, 2, 3, 3)).astype(np.float32) * 0.3),
-              _c("sw", np.array([0.05, 0.04, 0.06], np.float32)),
-              _c("bias", rng.standard_normal(3).astype(np.float32) * 0.1),
-              _c("lo", np.float32(0.0)), _c("hi", np.float32(15 * sy)), _c("sy", sy), _c("zy", np.uint8(0))]
+    inits += [
+        _c("w", rng.standard_normal((3, 2, 3, 3)).astype(np.float32) * 0.3),
+        _c("sw", np.array([0.05, 0.04, 0.06], np.float32)),
+        _c("bias", rng.standard_normal(3).astype(np.float32) * 0.1),
+        _c("lo", np.float32(0.0)),
+        _c("hi", np.float32(15 * sy)),
+        _c("sy", sy),
+        _c("zy", np.uint8(0)),
+    ]
     zw4 = helper.make_tensor("zw4", TensorProto.INT4, [3], [0, 0, 0])
     inits.append(zw4)
-    nodes += [helper.make_node("QuantizeLinear", ["w", "sw", "zw4"], ["wq"], axis=0),
-              helper.make_node("DequantizeLinear", ["wq", "sw", "zw4"], ["wd"], axis=0),
-              helper.make_node("Conv", ["xd", "wd", "bias"], ["c"], pads=[1, 1, 1, 1], name="conv"),
-              helper.make_node("Relu", ["c"], ["r"], name="relu"),
-              helper.make_node("Clip", ["r", "lo", "hi"], ["cl"], name="clip"),
-              helper.make_node("QuantizeLinear", ["cl", "sy", "zy"], ["cq"], name="q"),
-              helper.make_node("DequantizeLinear", ["cq", "sy", "zy"], ["y"])]
+    nodes += [
+        helper.make_node("QuantizeLinear", ["w", "sw", "zw4"], ["wq"], axis=0),
+        helper.make_node("DequantizeLinear", ["wq", "sw", "zw4"], ["wd"], axis=0),
+        helper.make_node("Conv", ["xd", "wd", "bias"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("Clip", ["r", "lo", "hi"], ["cl"], name="clip"),
+        helper.make_node("QuantizeLinear", ["cl", "sy", "zy"], ["cq"], name="q"),
+        helper.make_node("DequantizeLinear", ["cq", "sy", "zy"], ["y"]),
+    ]
     model = single_input_model(nodes, inits, [1, 3, 6, 6], opset=21)
     plan = lower(model)
     step = next(s for s in plan.steps if s.name == "conv")
@@ -85,14 +102,27 @@ def test_clip_chain_float_weights_and_bias_int4_weights() -> None:
 def test_conv_transpose_matches_float_semantics_within_one_lsb() -> None:
     rng = np.random.default_rng(2)
     nodes, inits = qdq_input(scale=0.01, zp=10)
-    inits += [_c("w", rng.integers(-100, 100, (2, 3, 3, 3)).astype(np.int8)),
-              _c("sw", np.float32(0.003)), _c("zw", np.int8(0)), _c("sy", np.float32(0.02)),
-              _c("zy", np.uint8(128))]
-    nodes += [helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"]),
-              helper.make_node("ConvTranspose", ["xd", "wd"], ["c"], strides=[2, 2], pads=[1, 1, 0, 0],
-                               output_padding=[1, 1], name="deconv"),
-              helper.make_node("QuantizeLinear", ["c", "sy", "zy"], ["cq"]),
-              helper.make_node("DequantizeLinear", ["cq", "sy", "zy"], ["y"])]
+    inits += [
+        _c("w", rng.integers(-100, 100, (2, 3, 3, 3)).astype(np.int8)),
+        _c("sw", np.float32(0.003)),
+        _c("zw", np.int8(0)),
+        _c("sy", np.float32(0.02)),
+        _c("zy", np.uint8(128)),
+    ]
+    nodes += [
+        helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wd"]),
+        helper.make_node(
+            "ConvTranspose",
+            ["xd", "wd"],
+            ["c"],
+            strides=[2, 2],
+            pads=[1, 1, 0, 0],
+            output_padding=[1, 1],
+            name="deconv",
+        ),
+        helper.make_node("QuantizeLinear", ["c", "sy", "zy"], ["cq"]),
+        helper.make_node("DequantizeLinear", ["cq", "sy", "zy"], ["y"]),
+    ]
     model = single_input_model(nodes, inits, [1, 3, 13, 13])
     plan = lower(model)
     assert next(s for s in plan.status if s.node == "deconv").kind == "integer"
@@ -106,15 +136,22 @@ def test_constant_weights_are_folded_and_plan_serializes() -> None:
     q = quantize(conv_net(channels=4, size=8), rng.random((8, 3, 8, 8)).astype(np.float32))
     plan = lower(q)
     kinds = {s.node: s.kind for s in plan.status}
-    weight_dq = [n.name for n in q.graph.node if n.op_type == "DequantizeLinear"
-                 and n.input[0] in {i.name for i in q.graph.initializer}]
+    weight_dq = [
+        n.name
+        for n in q.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in {i.name for i in q.graph.initializer}
+    ]
     assert weight_dq and all(kinds[n] == "constant" for n in weight_dq)
     assert all(set(d) == {"node", "op", "kind", "step", "reason"} for d in plan.to_json())
     inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
     conv1 = next(s for s in plan.integer_steps() if s.name == "conv1")
     conv1_node = next(n for n in q.graph.node if n.name == "conv1")
-    w1 = next(n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == conv1_node.input[1])
-    assert np.array_equal(conv1.w, inits[w1.input[0]]) and conv1.w.dtype == np.int64  # the int8 codes, as int64
+    w1 = next(
+        n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == conv1_node.input[1]
+    )
+    assert (
+        np.array_equal(conv1.w, inits[w1.input[0]]) and conv1.w.dtype == np.int64
+    )  # the int8 codes, as int64
     assert not set(plan.constants) & {n.output[0] for n in q.graph.node if n.name in weight_dq}
 
 

@@ -9,6 +9,7 @@ The emulation has two independent halves:
 The kernel source is checked to still contain the mirrored expressions, so the two cannot drift apart silently.
 Not covered: timing/ordering of cp.async and barriers (the stages are emulated sequentially).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -126,8 +127,8 @@ def emulate_block(A: np.ndarray, B: np.ndarray, by: int, bx: int) -> np.ndarray:
             assert ((stage * BM * LD + row * LD + col) % 16 == 0).all() and (col + 16 <= BK).all()
             assert (((r0 + row) * Kp + k0 + col) % 16 == 0).all()
             for t in range(256):
-                As[stage, row[t], col[t]:col[t] + 16] = A[r0 + row[t], k0 + col[t]:k0 + col[t] + 16]
-                Bs[stage, row[t], col[t]:col[t] + 16] = B[c0 + row[t], k0 + col[t]:k0 + col[t] + 16]
+                As[stage, row[t], col[t] : col[t] + 16] = A[r0 + row[t], k0 + col[t] : k0 + col[t] + 16]
+                Bs[stage, row[t], col[t] : col[t] + 16] = B[c0 + row[t], k0 + col[t] : k0 + col[t] + 16]
 
     acc = np.zeros((8, 4, 4, 32, 4), np.int32)  # warp, mi, ni, lane, h
     kt_count = Kp // BK
@@ -177,5 +178,5 @@ def test_emulated_kernel_block_equals_matmul(by: int, bx: int) -> None:
     B = rng.integers(-128, 128, (Np, Kp), dtype=np.int8)
     A[0, :], B[0, :] = -128, -128  # the extreme product
     out = emulate_block(A, B, by, bx)
-    ref = A[by * BM:(by + 1) * BM].astype(np.int64) @ B[bx * BN:(bx + 1) * BN].astype(np.int64).T
+    ref = A[by * BM : (by + 1) * BM].astype(np.int64) @ B[bx * BN : (bx + 1) * BN].astype(np.int64).T
     assert (out == ref).all()

@@ -1,4 +1,5 @@
 """gemmlowp/TFLite fixed-point requantization, ONNX Runtime float requantization, int4 packing."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +8,10 @@ import pytest
 from onnxquant.runtime import requant as R
 
 
-@pytest.mark.parametrize("d, expected", [(0.5, (1073741824, 0)), (1 / 3, (1431655765, -1)),
-                                         (0.001, (1099511628, -9)), (2.5, (1342177280, 2))])
+@pytest.mark.parametrize(
+    "d, expected",
+    [(0.5, (1073741824, 0)), (1 / 3, (1431655765, -1)), (0.001, (1099511628, -9)), (2.5, (1342177280, 2))],
+)
 def test_quantize_multiplier_vectors(d: float, expected: tuple[int, int]) -> None:
     m, s = R.quantize_multiplier(d)
     assert (int(m), int(s)) == expected
@@ -61,7 +64,10 @@ def test_requant_float_is_float32_multiply_round_half_even() -> None:
     got = R.requant_float(acc, np.float32(0.5), 10, 0, 255)
     assert got.tolist() == [10, 12, 12, 10, 8, 255, 0]
     # int32 -> float32 rounds: 2^24 + 1 is not representable
-    assert R.requant_float(np.array([(1 << 24) + 1]), np.float32(1.0), 0, -(1 << 31), (1 << 31) - 1)[0] == 1 << 24
+    assert (
+        R.requant_float(np.array([(1 << 24) + 1]), np.float32(1.0), 0, -(1 << 31), (1 << 31) - 1)[0]
+        == 1 << 24
+    )
 
 
 def test_quantize_dequantize_f32_round_trip() -> None:

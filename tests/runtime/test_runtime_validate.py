@@ -1,4 +1,5 @@
 """The integer plan against ONNX Runtime: bit-exact with float requant, within 1 LSB with fixed requant."""
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,9 @@ def test_conv_net_fixed_requant_within_one_lsb(qconv: onnx.ModelProto) -> None:
 
 def test_per_tensor_weights_bit_exact() -> None:
     rng = np.random.default_rng(3)
-    q = quantize(conv_net(seed=1, channels=4, size=8), rng.random((8, 3, 8, 8)).astype(np.float32),
-                 per_channel=False)
+    q = quantize(
+        conv_net(seed=1, channels=4, size=8), rng.random((8, 3, 8, 8)).astype(np.float32), per_channel=False
+    )
     result = validate(q, _data(rng, shape=(3, 8, 8)), requant="float")
     assert result.passed, "\n".join(result.summary_lines())
 
@@ -94,7 +96,7 @@ def test_digits_demo_bit_exact() -> None:
         quant_pre_process(str(DIGITS / "model.onnx"), f"{tmp}/p.onnx", skip_symbolic_shape=True)
         model = onnx.load(f"{tmp}/p.onnx")
     q = quantize(model, x[:64], input_name="input")
-    data = [{"input": x[i:i + 32]} for i in range(64, 160, 32)]
+    data = [{"input": x[i : i + 32]} for i in range(64, 160, 32)]
     result = validate(q, data, requant="float")
     assert result.passed, "\n".join(result.summary_lines())
     assert sum(c.kind == KIND_INTEGER for c in result.nodes) >= 7

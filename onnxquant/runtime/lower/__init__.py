@@ -15,6 +15,7 @@ Every intermediate tensor of a pattern must have exactly one consumer and must n
 raises `Refused` with the reason when its pattern does not apply; the node then runs in float between a
 DequantizeLinear and a QuantizeLinear, and the plan records why.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,21 +35,32 @@ __all__ = ["LOWERINGS", "Context", "QInfo", "Refused", "lower"]
 log = logging.getLogger(__name__)
 
 LOWERINGS: dict[str, Callable[[Context, gs.Node], P.Step]] = {
-    "Conv": gemm.lower, "ConvTranspose": gemm.lower, "Gemm": gemm.lower, "MatMul": gemm.lower,
+    "Conv": gemm.lower,
+    "ConvTranspose": gemm.lower,
+    "Gemm": gemm.lower,
+    "MatMul": gemm.lower,
     "Add": add.lower,
-    "MaxPool": pool.lower, "AveragePool": pool.lower, "GlobalAveragePool": pool.lower,
+    "MaxPool": pool.lower,
+    "AveragePool": pool.lower,
+    "GlobalAveragePool": pool.lower,
     "GlobalMaxPool": pool.lower,
-    "Concat": move.lower, "Reshape": move.lower, "Flatten": move.lower, "Transpose": move.lower,
-    "Squeeze": move.lower, "Unsqueeze": move.lower,
+    "Concat": move.lower,
+    "Reshape": move.lower,
+    "Flatten": move.lower,
+    "Transpose": move.lower,
+    "Squeeze": move.lower,
+    "Unsqueeze": move.lower,
 }
 
 
 def lower(model: onnx.ModelProto) -> P.Plan:
     """Lower a QDQ model to an integer plan; a BadModelError when the model has no Q/DQ nodes."""
     if not {n.op_type for n in model.graph.node} & set(QDQ_OPS):
-        raise BadModelError(f"{model.graph.name or 'model'}: has no QuantizeLinear/DequantizeLinear nodes; "
-                            "accepted: a QDQ model (onnxquant convert, or onnxruntime quantize_static with "
-                            "QuantFormat.QDQ)")
+        raise BadModelError(
+            f"{model.graph.name or 'model'}: has no QuantizeLinear/DequantizeLinear nodes; "
+            "accepted: a QDQ model (onnxquant convert, or onnxruntime quantize_static with "
+            "QuantFormat.QDQ)"
+        )
     ctx = Context(model)
     ctx.fold_constants()
     matched: dict[str, P.Step] = {}
@@ -75,8 +87,16 @@ def lower(model: onnx.ModelProto) -> P.Plan:
     status = [ctx.status[n.name] for n in ctx.graph.nodes]
     used = {i for s in steps for i in s.inputs} | set(ctx.graph_outputs)
     consts = {k: v for k, v in ctx.consts.items() if k in used}
-    plan = P.Plan(steps, consts, ctx.inputs, ctx.graph_outputs, ctx.int_dtypes, status,
-                  list(ctx.model.opset_import), ctx.model.ir_version)
+    plan = P.Plan(
+        steps,
+        consts,
+        ctx.inputs,
+        ctx.graph_outputs,
+        ctx.int_dtypes,
+        status,
+        list(ctx.model.opset_import),
+        ctx.model.ir_version,
+    )
     log.info("%s", plan.report_lines()[0])
     return plan
 
@@ -90,18 +110,46 @@ def _boundary(ctx: Context, node: gs.Node, reason: str | None) -> P.Step | None:
         if out in ctx.graph_outputs or any(u.name not in ctx.status for u in users):
             src, qi = ctx.dq[out]
             ctx.set(node, P.KIND_DEQUANTIZE, name)
-            return P.DequantizeStep(name, op, [src], [out], [name], kind=P.KIND_DEQUANTIZE, scale=qi.scale,
-                                    zero_point=qi.zero_point, axis=qi.axis)
+            return P.DequantizeStep(
+                name,
+                op,
+                [src],
+                [out],
+                [name],
+                kind=P.KIND_DEQUANTIZE,
+                scale=qi.scale,
+                zero_point=qi.zero_point,
+                axis=qi.axis,
+            )
         ctx.set(node, P.KIND_INTEGER, ",".join(ctx.status[u.name].step for u in users))
         return None
     if op == "QuantizeLinear" and out in ctx.ranges:
         qi = ctx.qinfo(node)
         ctx.set(node, P.KIND_QUANTIZE, name)
-        return P.QuantizeStep(name, op, [node.inputs[0].name], [out], [name], kind=P.KIND_QUANTIZE,
-                              scale=qi.scale, zero_point=qi.zero_point, axis=qi.axis, lo=qi.range[0],
-                              hi=qi.range[1])
-    reason = reason or (f"{op} parameters are not constant" if op.endswith("Linear")
-                        else f"no integer kernel for {op}")
+        return P.QuantizeStep(
+            name,
+            op,
+            [node.inputs[0].name],
+            [out],
+            [name],
+            kind=P.KIND_QUANTIZE,
+            scale=qi.scale,
+            zero_point=qi.zero_point,
+            axis=qi.axis,
+            lo=qi.range[0],
+            hi=qi.range[1],
+        )
+    reason = reason or (
+        f"{op} parameters are not constant" if op.endswith("Linear") else f"no integer kernel for {op}"
+    )
     ctx.set(node, P.KIND_FLOAT, name, reason)
-    return P.FloatStep(name, op, [t.name for t in node.inputs], [t.name for t in node.outputs], [name],
-                       kind=P.KIND_FLOAT, info=reason, node=ctx.protos[name])
+    return P.FloatStep(
+        name,
+        op,
+        [t.name for t in node.inputs],
+        [t.name for t in node.outputs],
+        [name],
+        kind=P.KIND_FLOAT,
+        info=reason,
+        node=ctx.protos[name],
+    )

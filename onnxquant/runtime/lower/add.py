@@ -4,6 +4,7 @@
 output's scale (the backends reproduce ONNX Runtime's QLinearAdd arithmetic, see `numpy_backend`). Either
 operand may be a per-tensor quantized constant; its codes travel with the step.
 """
+
 from __future__ import annotations
 
 import onnx_graphsurgeon as gs
@@ -31,6 +32,7 @@ def lower(ctx: Context, node: gs.Node) -> P.AddStep:
         params.append(qi.scalar())
     chain = ctx.chain(node.outputs[0], allow_bias=False)
     yq, lo, hi = ctx.out(chain)
-    step = P.AddStep(node.name, "Add", srcs, [], [], a=params[0], b=params[1], out=yq.scalar(), lo=lo, hi=hi,
-                     const=const)
+    step = P.AddStep(
+        node.name, "Add", srcs, [], [], a=params[0], b=params[1], out=yq.scalar(), lo=lo, hi=hi, const=const
+    )
     return ctx.finish(step, node, chain, lo, hi, yq.dtype)

@@ -9,6 +9,7 @@ Output side of a pattern: from a step's float output, ``[Add(const)] [Relu | Cli
 single-consumer tensors. Q is monotone, so ``Q(clip(v, a, b)) = clip(Q(v), Q(a), Q(b))`` and
 ``Q(relu(v)) = max(Q(v), Q(0))``: the activations become a narrower code range ``[lo, hi]``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,9 +25,17 @@ from onnxquant.model import infer_shapes
 from onnxquant.runtime import plan as P
 from onnxquant.runtime.requant import INT32_MAX, quantize_f32
 
-DTYPE_RANGE = {"uint8": (0, 255), "int8": (-128, 127), "uint4": (0, 15), "int4": (-8, 7),
-               "uint2": (0, 3), "int2": (-2, 1), "uint16": (0, 65535), "int16": (-32768, 32767),
-               "int32": (-(1 << 31), INT32_MAX)}
+DTYPE_RANGE = {
+    "uint8": (0, 255),
+    "int8": (-128, 127),
+    "uint4": (0, 15),
+    "int4": (-8, 7),
+    "uint2": (0, 3),
+    "int2": (-2, 1),
+    "uint16": (0, 65535),
+    "int16": (-32768, 32767),
+    "int32": (-(1 << 31), INT32_MAX),
+}
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
@@ -92,8 +101,9 @@ class Context:
         # float fallback steps run the source node itself (graph-surgeon keeps node order)
         self.protos = {n.name: p for n, p in zip(self.graph.nodes, self.model.graph.node)}
         tensors = self.graph.tensors()
-        self.consts: dict[str, np.ndarray] = {k: ir.constant(t) for k, t in tensors.items()
-                                              if isinstance(t, gs.Constant)}
+        self.consts: dict[str, np.ndarray] = {
+            k: ir.constant(t) for k, t in tensors.items() if isinstance(t, gs.Constant)
+        }
         self.graph_outputs = [t.name for t in self.graph.outputs]
         self.inputs = [t.name for t in self.graph.inputs if isinstance(t, gs.Variable)]
         self.status: dict[str, P.NodeStatus] = {}
@@ -136,9 +146,14 @@ class Context:
             raise Refused(f"quantized type {dtype}/{scale.dtype} is not lowered")
         scale = np.asarray(scale, dtype=np.float32)
         axis = int(node.attrs.get("axis", 1)) if scale.size > 1 else None
-        return QInfo(scale.reshape(-1) if scale.size > 1 else scale.reshape(()),
-                     np.asarray(zp).astype(np.int64).reshape(-1) if np.size(zp) > 1
-                     else np.asarray(zp).astype(np.int64).reshape(()), axis, dtype)
+        return QInfo(
+            scale.reshape(-1) if scale.size > 1 else scale.reshape(()),
+            np.asarray(zp).astype(np.int64).reshape(-1)
+            if np.size(zp) > 1
+            else np.asarray(zp).astype(np.int64).reshape(()),
+            axis,
+            dtype,
+        )
 
     def fold_constants(self) -> None:
         """Fold Constant nodes and Q/DQ of constants; record the DQ of activations and the Q code ranges."""

@@ -8,6 +8,7 @@ The node is refused (runs in float) unless ``max|x − z_x| · Σ_k |w_k − z_w
 channel, a proof that the int32 accumulator cannot overflow; for a MatMul of two activations the bound is
 ``K · max|a − z_a| · max|b − z_b|``.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -73,12 +74,25 @@ def lower(ctx: Context, node: gs.Node) -> P.GemmStep:
     if bound > INT32_MAX:
         raise Refused(f"int32 accumulator could overflow: bound {bound} >= 2^31 (K={k})")
     inputs = [x_src] + ([b_src] if b_src else [])
-    step = P.GemmStep(node.name, op, inputs, [], [], x_zp=zx, x_range=(xlo, xhi),
-                      w=w, w_zp=wzp, w_bits=8 if wq is None or wq.dtype.endswith("8") else 4,
-                      b_zp=bq.scalar()[1] if bq else 0,
-                      b_range=ctx.range_of(b_src, bq) if bq else (0, 0), bias=bias, attrs=attrs,
-                      requant=P.Requant(scale, mult, shift, zy, lo, hi), bound=bound,
-                      info=f"K={k}, accumulator bound {bound} < 2^31")
+    step = P.GemmStep(
+        node.name,
+        op,
+        inputs,
+        [],
+        [],
+        x_zp=zx,
+        x_range=(xlo, xhi),
+        w=w,
+        w_zp=wzp,
+        w_bits=8 if wq is None or wq.dtype.endswith("8") else 4,
+        b_zp=bq.scalar()[1] if bq else 0,
+        b_range=ctx.range_of(b_src, bq) if bq else (0, 0),
+        bias=bias,
+        attrs=attrs,
+        requant=P.Requant(scale, mult, shift, zy, lo, hi),
+        bound=bound,
+        info=f"K={k}, accumulator bound {bound} < 2^31",
+    )
     return ctx.finish(step, node, chain, lo, hi, yq.dtype)
 
 
@@ -91,11 +105,14 @@ def _layout(node: gs.Node, w: np.ndarray | None):
             raise Refused(f"{w.ndim - 2}-D {op} is not lowered")
         group = int(node.attrs.get("group", 1))
         nk = w.ndim - 2
-        attrs = {"group": group, "kernel": list(w.shape[2:]),
-                 "strides": list(node.attrs.get("strides", [1] * nk)),
-                 "dilations": list(node.attrs.get("dilations", [1] * nk)),
-                 "pads": list(node.attrs.get("pads", [0] * 2 * nk)),
-                 "auto_pad": node.attrs.get("auto_pad", "NOTSET")}
+        attrs = {
+            "group": group,
+            "kernel": list(w.shape[2:]),
+            "strides": list(node.attrs.get("strides", [1] * nk)),
+            "dilations": list(node.attrs.get("dilations", [1] * nk)),
+            "pads": list(node.attrs.get("pads", [0] * 2 * nk)),
+            "auto_pad": node.attrs.get("auto_pad", "NOTSET"),
+        }
         if op == "Conv":
             return w, 0, w.shape[0], attrs, alpha, beta
         if node.attrs.get("output_shape") is not None or attrs["auto_pad"] != "NOTSET":
@@ -130,14 +147,21 @@ def _per_channel(wq: QInfo, axis: int, out_ch: int, group: int, op: str) -> tupl
     return scale, zp
 
 
-def _bias(ctx: Context, tensor: gs.Tensor, sx, wscale, s_acc, beta: float, alpha: float,
-          out_ch: int) -> np.ndarray:
+def _bias(
+    ctx: Context, tensor: gs.Tensor, sx, wscale, s_acc, beta: float, alpha: float, out_ch: int
+) -> np.ndarray:
     """int64 bias per output channel at the accumulator scale ``s_acc``."""
     if tensor.name in ctx.weights:
         codes, bq = ctx.weights[tensor.name]
         expect = f32_scale(sx, wscale)
-        same = (bq.dtype == "int32" and np.all(bq.zero_point == 0) and alpha == 1.0 and beta == 1.0
-                and np.all(np.broadcast_to(bq.scale, expect.shape) == expect) and codes.size == out_ch)
+        same = (
+            bq.dtype == "int32"
+            and np.all(bq.zero_point == 0)
+            and alpha == 1.0
+            and beta == 1.0
+            and np.all(np.broadcast_to(bq.scale, expect.shape) == expect)
+            and codes.size == out_ch
+        )
         if same:
             return codes.reshape(-1).astype(np.int64)
     value = ctx.const(tensor)

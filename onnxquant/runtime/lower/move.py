@@ -4,6 +4,7 @@
 The op moves codes unchanged; an input whose (scale, zero point) differs from the output Q's is re-coded
 ``q' = clip(round(s (q − z) / s') + z', lo, hi)``. The output must feed the Q directly (no activation).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -47,8 +48,10 @@ def _attrs(ctx: Context, node: gs.Node) -> dict:
         shape = ctx.const(node.inputs[1])
         if shape is None:
             raise Refused("Reshape shape is not constant")
-        return {"shape": [int(v) for v in np.asarray(shape).reshape(-1)],
-                "allowzero": int(node.attrs.get("allowzero", 0))}
+        return {
+            "shape": [int(v) for v in np.asarray(shape).reshape(-1)],
+            "allowzero": int(node.attrs.get("allowzero", 0)),
+        }
     # Squeeze / Unsqueeze: axes attribute (opset < 13) or constant input
     axes = node.attrs.get("axes")
     if axes is None and len(node.inputs) > 1 and node.inputs[1].name:

@@ -5,6 +5,7 @@ Max pooling commutes with the monotone dequantization, so it runs on codes and o
 (scale, zero point) differs. Average pooling sums ``x − z_x`` in integers and requantizes by
 ``s_x / (s_y · n)`` for a window of ``n`` elements (ONNX Runtime's float arithmetic in float mode).
 """
+
 from __future__ import annotations
 
 import onnx_graphsurgeon as gs
@@ -28,16 +29,20 @@ def lower(ctx: Context, node: gs.Node) -> P.PoolStep:
         nk = len(kernel)
         if nk not in (1, 2):
             raise Refused(f"{nk}-D pooling is not lowered")
-        attrs = {"kernel": kernel, "strides": list(node.attrs.get("strides", [1] * nk)),
-                 "pads": list(node.attrs.get("pads", [0] * 2 * nk)),
-                 "dilations": list(node.attrs.get("dilations", [1] * nk)),
-                 "ceil_mode": int(node.attrs.get("ceil_mode", 0)),
-                 "count_include_pad": int(node.attrs.get("count_include_pad", 0)),
-                 "auto_pad": node.attrs.get("auto_pad", "NOTSET")}
+        attrs = {
+            "kernel": kernel,
+            "strides": list(node.attrs.get("strides", [1] * nk)),
+            "pads": list(node.attrs.get("pads", [0] * 2 * nk)),
+            "dilations": list(node.attrs.get("dilations", [1] * nk)),
+            "ceil_mode": int(node.attrs.get("ceil_mode", 0)),
+            "count_include_pad": int(node.attrs.get("count_include_pad", 0)),
+            "auto_pad": node.attrs.get("auto_pad", "NOTSET"),
+        }
         if node.op == "AveragePool" and any(d != 1 for d in attrs["dilations"]):
             raise Refused("dilated AveragePool is not lowered")
     chain = ctx.chain(node.outputs[0], allow_bias=False)
     yq, lo, hi = ctx.out(chain)
-    step = P.PoolStep(node.name, node.op, [src], [], [], src=xq.scalar(), out=yq.scalar(), lo=lo, hi=hi,
-                      attrs=attrs)
+    step = P.PoolStep(
+        node.name, node.op, [src], [], [], src=xq.scalar(), out=yq.scalar(), lo=lo, hi=hi, attrs=attrs
+    )
     return ctx.finish(step, node, chain, lo, hi, yq.dtype)
