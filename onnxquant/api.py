@@ -284,6 +284,19 @@ def convert(
     )
 
 
+def _warn_width_mismatch(plan: QuantPlan, table: CalibrationTable) -> None:
+    """A table's weight entries win over the rules; say so where their (mean) width differs from the plan's."""
+    differ = [
+        d.weight
+        for d in plan.nodes
+        if d.quantize and d.weight and round(float(np.mean(table.tensors[d.weight].bits))) != d.weights.bits
+    ]
+    if differ:
+        log.warning(
+            "table: %d weight(s) keep the table's width, not the rules' (e.g. %s)", len(differ), differ[0]
+        )
+
+
 def complete_table(
     model: onnx.ModelProto,
     plan: QuantPlan,
@@ -298,6 +311,7 @@ def complete_table(
     already (a table written by onnxquant); entries in `table` win. Bias correction takes the per-channel
     means of the corrected layers' inputs from `stats`, collected on `data` when there are no stats."""
     if all(d.weight in table.tensors for d in plan.nodes if d.quantize and d.weight):
+        _warn_width_mismatch(plan, table)
         return table, stats
     corrected_inputs = _compute_inputs(model, plan) if bias_correction else ()
     if corrected_inputs and stats is None:

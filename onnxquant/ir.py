@@ -7,9 +7,9 @@ consumers, `node.i(k)` / `node.o(k)` the neighbours; `producer`, `consumers` and
 None/empty cases graph-surgeon raises on.
 
 Node naming keeps every name a user gave once; an unnamed node becomes `<op_type>_<index>`, and a repeated
-name gets `_<k>`, always avoiding names that are taken, so a rule written for a user's node never hits another.
-Constants are read without replacing graph-surgeon's stored TensorProto (`Constant.values` would), so an
-untouched constant is exported as it was read: raw or typed data, INT4 packing.
+name gets `_<k>`, always avoiding names that are taken, so a rule written for a user's node never hits
+another. Constants are read without replacing graph-surgeon's stored TensorProto (`Constant.values` would), so
+an untouched constant is exported as it was read: raw or typed data, INT4 packing.
 """
 
 from __future__ import annotations

@@ -177,7 +177,8 @@ def _markdown(results: dict, command: str) -> str:
 
 
 def _summary(runs: list[dict | None]) -> dict | None:
-    """Median wall time, all wall times and the largest peak RSS of one configuration's runs (None if any failed)."""
+    """Median wall time, all wall times and the largest peak RSS of one configuration's runs (None if any
+    failed)."""
     if not runs or any(r is None for r in runs):
         return None
     walls = [r["wall_s"] for r in runs]

@@ -1,10 +1,10 @@
 """Benchmark onnxquant's CUDA int8 GEMM against cuBLASLt int8 (torch._int_mm, or CuPy when torch is absent).
 
-C[M, N] = A[M, K] · B[N, K]ᵀ with int8 operands and int32 results, at M = N = K ∈ {1024, 2048, 4096, 8192} and at
-the implicit-GEMM shapes of the ResNet-18-shaped model (M = batch·OH·OW, N = output channels, K = Cin·kh·kw).
-Every shape is checked bit for bit against the peer (or NumPy when no peer is installed); the table reports
-TOPS (2·M·N·K / time) of both and the ratio ours / peer. Needs an NVIDIA GPU and PyCUDA; exits with a one-line
-message (code 2) without them.
+C[M, N] = A[M, K] · B[N, K]ᵀ with int8 operands and int32 results, at M = N = K ∈ {1024, 2048, 4096, 8192} and
+at the implicit-GEMM shapes of the ResNet-18-shaped model (M = batch·OH·OW, N = output channels, K =
+Cin·kh·kw). Every shape is checked bit for bit against the peer (or NumPy when no peer is installed); the
+table reports TOPS (2·M·N·K / time) of both and the ratio ours / peer. Needs an NVIDIA GPU and PyCUDA; exits
+with a one-line message (code 2) without them.
 
     python tools/bench_gemm.py [--sizes 1024 2048 4096 8192] [--batch 8] [--kernel mma|dp4a] [--repeat 20]
                                [--json results.json]

@@ -238,8 +238,8 @@ def _run(
 ) -> int:
     """Run `session` on each batch and call update(name, array) per tensor; returns the samples seen.
 
-    A worker thread reads the next batch and runs ONNX Runtime on it (which releases the GIL) while this thread
-    computes the statistics of the current one: two batches of activations are alive at a time.
+    A worker thread reads the next batch and runs ONNX Runtime on it (which releases the GIL) while this
+    thread computes the statistics of the current one: two batches of activations are alive at a time.
     """
     batches = iter(progress_iter(data, progress, label))
 

@@ -130,7 +130,8 @@ class Histogram:
 
 
 class Binner:
-    """Bins chunks into a Histogram: element i counts into lane i mod LANES, lanes fold in on a regrid or flush."""
+    """Bins chunks into a Histogram: element i counts into lane i mod LANES, lanes fold in on a regrid or
+    flush."""
 
     def __init__(self, hist: Histogram) -> None:
         self.hist = hist

@@ -8,8 +8,8 @@ with Ŵ the dequantized weights, μ_c = E[W_c] − E[Ŵ_c] and ξ_c = ‖W_c −
 1 for "mean"), the corrected weights ŵ' = ξ_c·(ŵ − E[Ŵ_c]) + E[W_c] = ξ_c·ŵ + o_c, o_c = E[W_c] − ξ_c·E[Ŵ_c],
 have the float mean (and spread). The codes stay those of scale s_c; the entry's `spread_ratio` ξ_c makes the
 DequantizeLinear scale s_c·ξ_c, and the offset o_c reaches the output through the bias:
-`bias_shift_c = o_c · Σ E[x]` over the receptive field of channel c (Conv: the input channel means of c's group
-times the kernel size; Gemm: all input feature means).
+`bias_shift_c = o_c · Σ E[x]` over the receptive field of channel c (Conv: the input channel means of c's
+group times the kernel size; Gemm: all input feature means).
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def weight_entry(w: np.ndarray, axis: int | None, spec: QuantSpec, bit_alloc: bo
 def _corrected(
     entry: TensorRange, w: np.ndarray, node: gs.Node, x_mean: np.ndarray | None, full: bool
 ) -> TensorRange:
-    """`entry` with the spread ratios ξ_c ("full") and the bias shift o_c·Σ E[x] (see the module docstring)."""
+    """`entry` with the spread ratios ξ_c ("full") and the bias shift o_c·Σ E[x] (see the module
+    docstring)."""
     params = entry.qparams()
     w_deq = dequantize(quantize(w, params), params)
     mu, ratio = correction_terms(w, w_deq, entry.axis, full)

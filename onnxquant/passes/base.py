@@ -226,7 +226,8 @@ class Graph:
 
     # -- export ----------------------------------------------------------------------------------------
     def export(self) -> onnx.ModelProto:
-        """The graph as a model with the source model's header and initializer order (see `ir.export_model`)."""
+        """The graph as a model with the source model's header and initializer order (see
+        `ir.export_model`)."""
         return export_model(self.gs, self.model, self.order)
 
 

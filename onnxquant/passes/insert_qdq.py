@@ -4,12 +4,12 @@ calibrated here.
 
 Weights are stored quantized — `q = clip(round_half_even(W / s) + z)` per output channel, with the entry's
 scales and widths — as INT8, or as INT4/UINT4 (two per byte) from opset 21, followed by a DequantizeLinear.
-A bias becomes int32 with scale `s_x · s_w` (zero point 0), the form ONNX Runtime fuses into QLinearConv/QGemm;
-a weight entry's `bias_shift` (bias correction) is added to it first, and its `spread_ratio` ξ_c scales the
-DequantizeLinear scale (the codes stay those of the entry's scale). Activations get Q→DQ with the table's
-scale and zero point (per tensor, or per channel on axis 1 with per-channel widths from activation bit
-allocation, the bias then staying float). Weight widths without an ONNX type (2, 3, 5–7 bits) live in an
-8-bit container.
+A bias becomes int32 with scale `s_x · s_w` (zero point 0), the form ONNX Runtime fuses into
+QLinearConv/QGemm; a weight entry's `bias_shift` (bias correction) is added to it first, and its
+`spread_ratio` ξ_c scales the DequantizeLinear scale (the codes stay those of the entry's scale). Activations
+get Q→DQ with the table's scale and zero point (per tensor, or per channel on axis 1 with per-channel widths
+from activation bit allocation, the bias then staying float). Weight widths without an ONNX type (2, 3, 5–7
+bits) live in an 8-bit container.
 Activations below 8 bits always use an 8-bit container (ONNX Runtime moves DequantizeLinear past MaxPool and
 then has no uint4 MaxPool; TensorRT has no 4-bit activations); such an activation is first clipped to
 `[s (q_min − z), s (q_max − z)]`, so its codes stay in the b-bit range and the float simulation is exact.
@@ -152,7 +152,7 @@ def insert_qdq(
             dequantized[decision.weight] = _insert_weight(
                 build, decision.weight, quantize(w, codes_params), w_params, opset
             )
-            summary.weights[decision.weights.bits] += 1
+            summary.weights[round(float(np.mean(entry.bits)))] += 1  # the table's width (mean if per channel)
         _rewire(node, node.inputs[1], dequantized[decision.weight], only_index=1)
         bias_tensor = input_at(node, 2)
         bias = _float_bias(bias_tensor)

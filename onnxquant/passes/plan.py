@@ -2,8 +2,8 @@
 
 Placement `ort` quantizes the float inputs and outputs of every quantized node; an output whose sole consumer
 is a Relu or Clip is quantized after that activation instead, so ONNX Runtime fuses DQ→Conv→Relu→Q into
-QLinearConv. Placement `tensorrt` quantizes only the inputs of quantized nodes (compute ops and residual Adds).
-Graph outputs stay float. A tensor requested at several widths gets the widest.
+QLinearConv. Placement `tensorrt` quantizes only the inputs of quantized nodes (compute ops and residual
+Adds). Graph outputs stay float. A tensor requested at several widths gets the widest.
 
 A MaxPool's input is calibrated on its output's statistics (`QuantPlan.shared`), at its own width, when the
 MaxPool is its only consumer: max commutes with clipping, so at equal widths both Q/DQ pairs act as one and
@@ -89,7 +89,8 @@ def _is_float(tensor: gs.Tensor) -> bool:
 
 
 def compute_positions(graph: gs.Graph) -> dict[str, frozenset[str]]:
-    """`first`/`last` for the first and last compute node (Conv, ConvTranspose, Gemm, MatMul) with a weight."""
+    """`first`/`last` for the first and last compute node (Conv, ConvTranspose, Gemm, MatMul) with a
+    weight."""
     compute = [
         n.name
         for n in graph.nodes

@@ -1,7 +1,8 @@
 """The accuracy diff report: per-layer error, sensitivity, output agreement, calibration histograms.
 
-`build_report(float_model, quant_model, data)` computes an immutable `Report` (with `suggest=SuggestOptions(...)`
-also its rule suggestion); `render_html`, `render_text` and `Report.to_json` present it.
+`build_report(float_model, quant_model, data)` computes an immutable `Report` (with
+`suggest=SuggestOptions(...)` also its rule suggestion); `render_html`, `render_text` and `Report.to_json`
+present it.
 """
 
 from __future__ import annotations

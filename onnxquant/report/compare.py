@@ -1,10 +1,10 @@
 """The streaming (accumulated) comparison of a Q/DQ model with its float model, and the ONNX Runtime sessions.
 
-Whole model quantized: both models run on every batch; per quantized activation T (see `qdq.analyze`) the float
-T is compared with the quantized model's DequantizeLinear output, per layer the float and quantized values of
-its output tensor (or of the quantized tensor it feeds, see `qdq._measure_point`), per model output the two
-outputs. Only running sums are kept (`metrics.ErrorAccumulator`), so memory is one batch of activations
-whatever the number of samples.
+Whole model quantized: both models run on every batch; per quantized activation T (see `qdq.analyze`) the
+float T is compared with the quantized model's DequantizeLinear output, per layer the float and quantized
+values of its output tensor (or of the quantized tensor it feeds, see `qdq._measure_point`), per model output
+the two outputs. Only running sums are kept (`metrics.ErrorAccumulator`), so memory is one batch of
+activations whatever the number of samples.
 """
 
 from __future__ import annotations

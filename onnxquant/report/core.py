@@ -153,7 +153,8 @@ class Report:
     suggestion: Suggestion | None = None
 
     def with_measured(self, sqnr: dict[str, float]) -> Report:
-        """This report with its suggestion's output SQNR measured after converting with the suggested rules."""
+        """This report with its suggestion's output SQNR measured after converting with the suggested
+        rules."""
         if self.suggestion is None:
             raise InternalError("with_measured: the report has no suggestion; build it with suggest=")
         return replace(self, suggestion=replace(self.suggestion, measured=dict(sqnr)))

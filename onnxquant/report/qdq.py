@@ -298,8 +298,8 @@ def _pattern(
 
 
 def _clip_of(tensor: gs.Tensor, float_tensors: set[str]):
-    """(lo, hi, node names, clipped input) when `tensor` is our clip to the codes' range: a Clip, or a Min of a
-    Max with per-channel bounds, each node used only by the next and not a tensor of the float model."""
+    """(lo, hi, node names, clipped input) when `tensor` is our clip to the codes' range: a Clip, or a Min of
+    a Max with per-channel bounds, each node used only by the next and not a tensor of the float model."""
 
     def private(t: gs.Tensor) -> bool:
         return len(t.outputs) == 1 and t.name not in float_tensors

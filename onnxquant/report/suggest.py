@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SuggestOptions:
-    """What to suggest: keep `k` layers (or the fewest meeting `target_sqnr` dB) at `high_bits`, as overrides of
-    `rules`, the rules the model was converted with."""
+    """What to suggest: keep `k` layers (or the fewest meeting `target_sqnr` dB) at `high_bits`, as overrides
+    of `rules`, the rules the model was converted with."""
 
     rules: Rules
     k: int | None = None

@@ -1,9 +1,9 @@
 """The rule file, validated into frozen dataclasses.
 
 A rule file decides which rewrite passes run, where Q/DQ goes (`placement`: `ort` puts Q/DQ around every
-quantized op, moving the output Q/DQ past a sole Relu/Clip; `tensorrt` puts it on the inputs of compute ops and
-residual Adds only), which op types are quantized, weight and activation specs, and ordered per-node overrides
-matched by name glob, op type or position (`first`/`last` compute layer). Later overrides win.
+quantized op, moving the output Q/DQ past a sole Relu/Clip; `tensorrt` puts it on the inputs of compute ops
+and residual Adds only), which op types are quantized, weight and activation specs, and ordered per-node
+overrides matched by name glob, op type or position (`first`/`last` compute layer). Later overrides win.
 """
 
 from __future__ import annotations

@@ -34,7 +34,8 @@ MODE_CODE = {"float": 0, "fixed": 1, "raw": 2}
 
 
 def kernel_dir() -> Path:
-    """Directory of the shipped CUDA sources (the checkout's `cuda/` when run from an uninstalled source tree)."""
+    """Directory of the shipped CUDA sources (the checkout's `cuda/` when run from an uninstalled source
+    tree)."""
     try:
         return Path(str(importlib.resources.files("onnxquant.kernels")))
     except ModuleNotFoundError:

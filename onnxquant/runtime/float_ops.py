@@ -1,4 +1,5 @@
-"""Float fallback: one ONNX node run by ONNX Runtime in a single-node model (sessions cached per dtype set)."""
+"""Float fallback: one ONNX node run by ONNX Runtime in a single-node model (sessions cached per dtype
+set)."""
 
 from __future__ import annotations
 

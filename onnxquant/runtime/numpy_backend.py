@@ -6,10 +6,11 @@ otherwise. Convolution is im2col + GEMM with the input padded by its zero point 
 ConvTranspose is GEMM + col2im. Requantization follows `requant.py` in the chosen mode.
 
 Quantized Add in float mode reproduces ONNX Runtime's AVX2 QLinearAdd kernel: with ``r_a = s_a/s_c``,
-``r_b = s_b/s_c`` and ``k = z_c − fma(r_a, z_a, r_b z_b)`` in float32, ``c = round(fma(a, r_a, fma(b, r_b, k)))``.
-AveragePool in float mode reproduces ONNX Runtime's QLinearAveragePool: dequantize, float32 sum in window
-order, divide by the count, ``round(y / s_y + z_y)``. GlobalAveragePool uses the integer sum and float32
-scale ``s_x / (s_y · n)`` as MLAS does. In fixed mode every multiplier is a `quantize_multiplier` pair.
+``r_b = s_b/s_c`` and ``k = z_c − fma(r_a, z_a, r_b z_b)`` in float32, ``c = round(fma(a, r_a, fma(b, r_b,
+k)))``. AveragePool in float mode reproduces ONNX Runtime's QLinearAveragePool: dequantize, float32 sum in
+window order, divide by the count, ``round(y / s_y + z_y)``. GlobalAveragePool uses the integer sum and
+float32 scale ``s_x / (s_y · n)`` as MLAS does. In fixed mode every multiplier is a `quantize_multiplier`
+pair.
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 Per integer step the comparison is *isolated*: the step is fed ONNX Runtime's values of its integer inputs
 (the Q outputs exposed as extra graph outputs; those are node boundaries, so ORT's QDQ fusion into
-QLinearConv / QGemm / QLinearAdd / … is unaffected) and its codes are compared with ORT's at the step's Q output.
-Per graph output the comparison is end to end. Differences are counted in steps of the quantized tensor (LSB):
-integer outputs directly, float outputs of a per-tensor DequantizeLinear as ``|Δ| / s``; other float outputs
-by absolute difference.
+QLinearConv / QGemm / QLinearAdd / … is unaffected) and its codes are compared with ORT's at the step's Q
+output. Per graph output the comparison is end to end. Differences are counted in steps of the quantized
+tensor (LSB): integer outputs directly, float outputs of a per-tensor DequantizeLinear as ``|Δ| / s``; other
+float outputs by absolute difference.
 
 Criteria (`ValidationResult.passed`): ``float`` requant — every integer node and every LSB-measured output
 bit-exact, other float outputs within ``1e-5 + 1e-5·|ref|``; ``fixed`` requant — every integer node within

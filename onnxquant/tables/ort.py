@@ -1,4 +1,5 @@
-"""ONNX Runtime's calibration JSON (`TensorsData`), with the canonical table embedded for a lossless round trip."""
+"""ONNX Runtime's calibration JSON (`TensorsData`), with the canonical table embedded for a lossless round
+trip."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Criterion of the integer runtime: W8A8 ResNet-18-shaped model bit-exact with ONNX Runtime (float requant)."""
+"""Criterion of the integer runtime: W8A8 ResNet-18-shaped model bit-exact with ONNX Runtime (float
+requant)."""
 
 from __future__ import annotations
 

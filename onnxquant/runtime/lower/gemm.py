@@ -22,7 +22,8 @@ OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def lower(ctx: Context, node: gs.Node) -> P.GemmStep:
-    """Lower one Conv / ConvTranspose / Gemm / MatMul with its output chain; Refused when it does not apply."""
+    """Lower one Conv / ConvTranspose / Gemm / MatMul with its output chain; Refused when it does not
+    apply."""
     op = node.op
     x_src, xq = ctx.act(node.inputs[0], "input")
     sx, zx = xq.scalar()
