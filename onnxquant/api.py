@@ -197,7 +197,8 @@ def _allocated_range(stats: dict, tensor: str, spec, method_options: dict):
     if not METHODS[spec.method].per_channel:
         raise BadRulesError(
             f"tensor {tensor}: per-channel bit allocation needs a per-channel method; "
-            f"accepted: {', '.join(sorted(n for n, m in METHODS.items() if m.per_channel))} (got {spec.method})"
+            f"accepted: {', '.join(sorted(n for n, m in METHODS.items() if m.per_channel))} "
+            f"(got {spec.method})"
         )
     try:
         lo, hi = clip_range(
@@ -285,7 +286,8 @@ def convert(
 
 
 def _warn_width_mismatch(plan: QuantPlan, table: CalibrationTable) -> None:
-    """A table's weight entries win over the rules; say so where their (mean) width differs from the plan's."""
+    """A table's weight entries win over the rules; say so where their (mean) width differs from the
+    plan's."""
     differ = [
         d.weight
         for d in plan.nodes
@@ -356,7 +358,8 @@ def report(
 def measure_suggestion(
     report_result: Report, model: onnx.ModelProto, data: Batches, **convert_options
 ) -> Report:
-    """`report_result` with its suggestion's output SQNR measured by converting `model` with the suggested rules."""
+    """`report_result` with its suggestion's output SQNR measured by converting `model` with the suggested
+    rules."""
     improved = convert(model, report_result.suggestion.rules, data=data, **convert_options)
     after = build_report(improved.float_model, improved.model, data, sensitivity_samples=0)
     return report_result.with_measured(after.output_sqnr())

@@ -136,12 +136,16 @@ def test_ort_legacy_and_plain_ranges(tmp_path):
             "version",
         ),
         (
-            '{"format": "onnxquant-calibration", "version": 1, "method": "kl", "bits": 8, "tensors": {"a": {}}}',
+            (
+                '{"format": "onnxquant-calibration", "version": 1, "method": "kl", "bits": 8, '
+                '"tensors": {"a": {}}}'
+            ),
             "tensor 'a': missing",
         ),
         (
             (
-                '{"format": "onnxquant-calibration", "version": 1, "method": "kl", "bits": 8, "tensors": {"a": '
+                '{"format": "onnxquant-calibration", "version": 1, "method": "kl", "bits": 8, '
+                '"tensors": {"a": '
                 '{"min": 0, "max": 1, "amax": 1, "scale": -1, "zero_point": 0, "bits": 8, "signed": true, '
                 '"method": "kl"}}}'
             ),

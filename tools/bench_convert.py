@@ -101,7 +101,8 @@ def main() -> None:
                 )
                 size = out.stat().st_size / model.stat().st_size
                 print(
-                    f"| {label} | onnxquant convert W{bits}A{bits} minmax | {wall:.2f} | {rss:.0f} | {size:.3f}x |"
+                    f"| {label} | onnxquant convert W{bits}A{bits} minmax "
+                    f"| {wall:.2f} | {rss:.0f} | {size:.3f}x |"
                 )
             out = tmp / "ort.onnx"
             wall, rss = run(
@@ -109,7 +110,8 @@ def main() -> None:
             )
             size = out.stat().st_size / model.stat().st_size
             print(
-                f"| {label} | ORT quantize_static W8A8 MinMax QDQ per-channel | {wall:.2f} | {rss:.0f} | {size:.3f}x |"
+                f"| {label} | ORT quantize_static W8A8 MinMax QDQ per-channel "
+                f"| {wall:.2f} | {rss:.0f} | {size:.3f}x |"
             )
 
 

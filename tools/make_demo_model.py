@@ -180,7 +180,8 @@ def main() -> None:
     np.savez_compressed(args.out_dir / "calib.npz", input=x_tr[calib_idx])
     np.savez_compressed(args.out_dir / "eval.npz", input=x_te, labels=y_te)
     print(
-        f"trained {EPOCHS} epochs in {elapsed:.1f} s; held-out top-1: torch {acc:.4f}, onnxruntime {ort_acc:.4f} "
+        f"trained {EPOCHS} epochs in {elapsed:.1f} s; held-out top-1: torch {acc:.4f}, "
+        f"onnxruntime {ort_acc:.4f} "
         f"({len(y_te)} samples); wrote {args.out_dir}"
     )
 

@@ -7,10 +7,10 @@ or the histogram does not give b within `stats.MAD_TOLERANCE` (pass 2: Σ|x − 
 `onnxquant.calib.stats`). Memory is the model, two batches of activations (inference runs one batch ahead)
 and the statistics, whatever the number of samples.
 
-Sharding (same table as one run): `merged = merge_stats(*[collect_stats(..., shard_i, first_pass_only=True)])`.
-When that leaves a pass 2 to do (`channel_mad`, or `TensorStats.mad_needs_pass2` on the merged statistics), run
-it on each shard against the merged pass 1, `s_i = collect_stats(..., shard_i, pass1=merged)`, and take
-`stats = merge_stats(*s_i)`.
+Sharding (same table as one run):
+`merged = merge_stats(*[collect_stats(..., shard_i, first_pass_only=True)])`. When that leaves a pass 2 to do
+(`channel_mad`, or `TensorStats.mad_needs_pass2` on the merged statistics), run it on each shard against the
+merged pass 1, `s_i = collect_stats(..., shard_i, pass1=merged)`, and take `stats = merge_stats(*s_i)`.
 """
 
 from __future__ import annotations

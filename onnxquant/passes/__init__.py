@@ -113,7 +113,10 @@ def _unfolded(graph: Graph, outcomes: list[Outcome], wanted: set[str]) -> list[O
         elif any(is_op(c, "Conv") for c in bn.outputs[0].outputs) and "fold_bn_conv" not in wanted:
             reason = f"BN after {after}, before Conv: fold_bn_conv is not enabled"
         else:
-            reason = f"BN after {after}: no preceding Conv/ConvTranspose/Gemm/MatMul or following Conv to fold into"
+            reason = (
+                f"BN after {after}: no preceding Conv/ConvTranspose/Gemm/MatMul "
+                "or following Conv to fold into"
+            )
             if "bn_to_affine" not in wanted:
                 reason += "; enable bn_to_affine to lower it to Mul+Add"
         extra.append(Outcome(UNFOLDED, (bn.name,), False, reason))

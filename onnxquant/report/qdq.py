@@ -1,10 +1,10 @@
 """Matching a Q/DQ model to its float model, on the graph-surgeon IR (`onnxquant.ir`).
 
 Quantized tensors are found from the Q/DQ pattern, not from names: an activation T is quantized as
-`[Clip →] QuantizeLinear → DequantizeLinear` (a Clip, or a Max → Min with per-channel bounds, counts as part of
-the pattern when each node's only consumer is the next and its output is not a tensor of the float model); with
-per-channel widths (`--bit-alloc activations`) the code statistics pool the channels at the widest channel's
-range, so a narrower channel's saturation is not counted. A weight is an integer constant feeding a
+`[Clip →] QuantizeLinear → DequantizeLinear` (a Clip, or a Max → Min with per-channel bounds, counts as part
+of the pattern when each node's only consumer is the next and its output is not a tensor of the float model);
+with per-channel widths (`--bit-alloc activations`) the code statistics pool the channels at the widest
+channel's range, so a narrower channel's saturation is not counted. A weight is an integer constant feeding a
 DequantizeLinear. The float reference of an activation is the tensor of the same name in the float model; of a
 weight, the float model's input at the same position of the same-named node.
 

@@ -2,11 +2,12 @@
 `cuda/` (package `onnxquant.kernels`), compiled with PyCUDA for the device's architecture and cached; every
 other step runs as in the NumPy backend, so results are bit-identical to it.
 
-Operands are shifted into int8 (``x' = x − o_x``, ``w' = w − o_w`` with o = 128 for codes above 127, 8 for 4-bit
-codes above 7), so ``Σ (x − z_x)(w − z_w) = Σ x'w' − z_x'·Σw' − z_w'·Σx' + K z_x' z_w'``. The constant terms fold
-into the bias on the host (modulo 2^32, exact because the true sum fits in int32); ``z_w'·Σx'`` is applied in the
-epilogue from per-row sums when a weight zero point is non-zero. Kernels: tensor-core ``mma.sync`` m16n8k32 on
-sm_80+, ``__dp4a`` otherwise, and a packed-int4 kernel when both operands fit in 4 bits.
+Operands are shifted into int8 (``x' = x − o_x``, ``w' = w − o_w`` with o = 128 for codes above 127, 8 for
+4-bit codes above 7), so ``Σ (x − z_x)(w − z_w) = Σ x'w' − z_x'·Σw' − z_w'·Σx' + K z_x' z_w'``. The constant
+terms fold into the bias on the host (modulo 2^32, exact because the true sum fits in int32); ``z_w'·Σx'`` is
+applied in the epilogue from per-row sums when a weight zero point is non-zero. Kernels: tensor-core
+``mma.sync`` m16n8k32 on sm_80+, ``__dp4a`` otherwise, and a packed-int4 kernel when both operands fit in 4
+bits.
 
 PyCUDA is an optional extra, imported only when this backend is created.
 """
@@ -161,7 +162,7 @@ class CudaBackend(NumpyBackend):
         self.dev = device()
         self._prepared: dict[int, dict] = {}
 
-    # ------------------------------------------------------------------ weights and epilogue (cached per step)
+    # ----------------------------------------------------------------- weights and epilogue (cached per step)
     def _prepare(self, step: P.GemmStep, w: np.ndarray, groups: int) -> dict:
         """`w` is (G, N, K) codes; returns device operands and epilogue arrays."""
         key = id(step)

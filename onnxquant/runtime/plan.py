@@ -176,7 +176,8 @@ class Plan:
         counts = self.counts()
         lines = [
             (
-                f"plan: {len(self.integer_steps())} integer steps covering {counts.get(KIND_INTEGER, 0)} nodes, "
+                f"plan: {len(self.integer_steps())} integer steps covering "
+                f"{counts.get(KIND_INTEGER, 0)} nodes, "
                 f"{counts.get(KIND_FLOAT, 0)} float fallback nodes, {counts.get(KIND_QUANTIZE, 0)} quantize, "
                 f"{counts.get(KIND_DEQUANTIZE, 0)} dequantize, {counts.get(KIND_CONSTANT, 0)} constant"
             )

@@ -6,8 +6,8 @@ The emulation has two independent halves:
     the elements go from low byte to high byte), and
   * the kernel's own index math (cp.async tile copy into the padded shared tiles, the per-lane 32-bit
     fragment loads, the epilogue's (row, col) of each accumulator), mirrored line by line.
-The kernel source is checked to still contain the mirrored expressions, so the two cannot drift apart silently.
-Not covered: timing/ordering of cp.async and barriers (the stages are emulated sequentially).
+The kernel source is checked to still contain the mirrored expressions, so the two cannot drift apart
+silently. Not covered: timing/ordering of cp.async and barriers (the stages are emulated sequentially).
 """
 
 from __future__ import annotations
