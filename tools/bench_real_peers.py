@@ -9,6 +9,7 @@
 Each peer script is written to ``DIR/peers/`` and run as ``VENV/bin/python SCRIPT MODEL CALIB.npz OUT BATCH``.
 The weight-only ceiling (``weight_only_int8``) runs in the benchmark's own environment.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -19,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-ORT_SCRIPT = '''
+ORT_SCRIPT = """
 import sys
 import numpy as np
 import onnx
@@ -55,9 +56,9 @@ except Exception as exc:  # symbolic shape inference fails on some graphs: retry
     quant_pre_process(model, pre, skip_symbolic_shape=True)
 quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-'''
+"""
 
-NNCF_SCRIPT = '''
+NNCF_SCRIPT = """
 import sys
 import numpy as np
 import onnx
@@ -69,13 +70,21 @@ n = len(next(iter(arrays.values())))
 items = [{k: v[i:i + batch] for k, v in arrays.items()} for i in range(0, n, batch)]
 quantized = nncf.quantize(onnx.load(model), nncf.Dataset(items), subset_size=n)
 onnx.save(quantized, out)
-'''
+"""
 
 PEERS = {
-    "ort": {"label": "ORT quantize_static W8A8", "packages": ["onnxruntime", "onnx", "numpy", "sympy"],
-            "check": "import onnxruntime.quantization, sympy", "script": ORT_SCRIPT},
-    "nncf": {"label": "NNCF quantize W8A8", "packages": ["nncf", "onnx", "onnxruntime"],
-             "check": "import nncf, onnxruntime", "script": NNCF_SCRIPT},
+    "ort": {
+        "label": "ORT quantize_static W8A8",
+        "packages": ["onnxruntime", "onnx", "numpy", "sympy"],
+        "check": "import onnxruntime.quantization, sympy",
+        "script": ORT_SCRIPT,
+    },
+    "nncf": {
+        "label": "NNCF quantize W8A8",
+        "packages": ["nncf", "onnx", "onnxruntime"],
+        "check": "import nncf, onnxruntime",
+        "script": NNCF_SCRIPT,
+    },
 }
 
 
@@ -87,8 +96,11 @@ def ensure_peer(cache: Path, peer: str, log) -> tuple[Path, Path]:
     """Create the peer's venv if it cannot import its packages; write its script. Returns (python, script)."""
     spec = PEERS[peer]
     python = venv_python(cache, peer)
-    ok = python.exists() and subprocess.run([str(python), "-c", spec["check"]],
-                                            check=False, capture_output=True).returncode == 0
+    ok = (
+        python.exists()
+        and subprocess.run([str(python), "-c", spec["check"]], check=False, capture_output=True).returncode
+        == 0
+    )
     if not ok:
         log(f"creating {python.parent.parent} ({' '.join(spec['packages'])})")
         subprocess.run(["python3", "-m", "venv", str(python.parent.parent)], check=True)
@@ -101,8 +113,10 @@ def ensure_peer(cache: Path, peer: str, log) -> tuple[Path, Path]:
 
 def peer_versions(cache: Path, peer: str) -> str:
     python = venv_python(cache, peer)
-    code = {"ort": "import onnxruntime as m; print('onnxruntime', m.__version__)",
-            "nncf": "import nncf as m; print('nncf', m.__version__)"}[peer]
+    code = {
+        "ort": "import onnxruntime as m; print('onnxruntime', m.__version__)",
+        "nncf": "import nncf as m; print('nncf', m.__version__)",
+    }[peer]
     res = subprocess.run([str(python), "-c", code], check=False, capture_output=True, text=True)
     return res.stdout.strip() or "unknown"
 
@@ -131,9 +145,15 @@ def fake_quant_per_channel(w: np.ndarray, axis: int, bits: int = 8) -> np.ndarra
 
 
 def weight_only_int8(model_path: Path, out_path: Path) -> int:
-    """Fake-quantize each Conv/ConvTranspose/Gemm/MatMul float weight initializer per output channel."""
+    """Fake-quantize each Conv/ConvTranspose/Gemm/MatMul float weight per output channel.
+
+    Weights are initializers or outputs of Constant nodes (Paddle exports, e.g. the PP-OCR classifier).
+    """
     model = onnx.load(str(model_path))
     inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            inits.setdefault(node.output[0], node.attribute[0].t)
     done: set[str] = set()
     for node in model.graph.node:
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.input) < 2:
@@ -145,7 +165,7 @@ def weight_only_int8(model_path: Path, out_path: Path) -> int:
         axis = weight_axis(node, w.ndim)
         if axis is None or w.dtype.kind != "f" or w.ndim < 2:
             continue
-        inits[name].CopyFrom(numpy_helper.from_array(fake_quant_per_channel(w, axis), name))
+        inits[name].CopyFrom(numpy_helper.from_array(fake_quant_per_channel(w, axis), inits[name].name))
         done.add(name)
     onnx.save(model, str(out_path))
     return len(done)
