@@ -296,7 +296,7 @@ class CudaBackend(NumpyBackend):
     # ------------------------------------------------------------------ steps
     def conv(self, step: P.GemmStep, args, mode: str) -> np.ndarray:
         if mode not in REQUANT_MODES:
-            raise ValueError(mode)
+            raise InternalError(f"requant mode {mode!r} reached the backend")
         x = args[0]
         one_d = x.ndim == 3
         x, attrs = as_2d(step.attrs, x)

@@ -167,7 +167,9 @@ class NumpyBackend:
 
     def run_step(self, plan: P.Plan, step: P.Step, args: list, mode: str) -> list[np.ndarray]:
         if mode not in R.REQUANT_MODES:
-            raise ValueError(f"requant mode {mode!r}; accepted: {', '.join(R.REQUANT_MODES)}")
+            raise InternalError(
+                f"requant mode {mode!r} reached the backend; accepted: {', '.join(R.REQUANT_MODES)}"
+            )
         if isinstance(step, P.FloatStep):
             return self.nodes.run(
                 plan, step, [self._float_arg(plan, n, a) for n, a in zip(step.inputs, args)]

@@ -331,3 +331,34 @@ def test_unnamed_nodes_and_stale_value_info(tools):
     out, outcomes = canon(model, tools)
     assert [n.name for n in out.graph.node] == ["Conv_0"] and not out.graph.value_info
     assert outcomes[1].nodes == ("Conv_0", "Add_2")
+
+
+def test_constant_nodes_as_operands(tools):
+    """PyTorch writes scalar operands as Constant nodes; they match like initializers and are then dropped."""
+    text = """
+    g (float[N, 16] x) => (float[N, 16] y) {
+        root2 = Constant <value = float {1.4142135}> ()
+        one = Constant <value = float {1.0}> ()
+        half = Constant <value = float {0.5}> ()
+        d = Div (x, root2)
+        e = Erf (d)
+        p = Add (e, one)
+        m = Mul (x, p)
+        y = Mul (m, half)
+    }"""
+    out, outcomes = canon(tools.build(head(20) + text, {}), tools)
+    assert tools.op_types(out) == ["Gelu"] and outcomes[0].nodes[0] == "Div_3"
+
+
+def test_library_failure_returns_the_model_with_a_refusal(tools, monkeypatch):
+    import onnxquant.passes.canonicalize as module
+
+    def broken(opset):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(module, "_rules", broken)
+    model = tools.build(head() + HARDSWISH, HS)
+    out, outcomes = canonicalize(model)
+    assert out is model and [(o.applied, o.reason) for o in outcomes] == [
+        (False, "skipped: onnxscript failed (RuntimeError: boom)")
+    ]
