@@ -27,6 +27,7 @@ from onnxquant.errors import (
 )
 from onnxquant.model import INT4_OPSET, opset_of, upgrade_opset
 from onnxquant.passes import PASS_NAMES, Outcome, run_passes
+from onnxquant.passes.canonicalize import NAME as CANONICALIZE
 from onnxquant.passes.insert_qdq import PER_CHANNEL_OPSET, QdqSummary, insert_qdq
 from onnxquant.passes.plan import QuantPlan, plan_quantization, tensor_shapes
 from onnxquant.quant import MAX_BITS, MIN_BITS
@@ -54,7 +55,13 @@ class ConvertResult:
 
     @property
     def folded(self) -> list[Outcome]:
-        return [o for o in self.outcomes if o.applied]
+        """Applied BatchNorm folds and lowerings."""
+        return [o for o in self.outcomes if o.applied and o.pass_name != CANONICALIZE]
+
+    @property
+    def canonicalized(self) -> list[Outcome]:
+        """Applied canonicalizations (constant folding, bias and activation fusions)."""
+        return [o for o in self.outcomes if o.applied and o.pass_name == CANONICALIZE]
 
 
 _RULE_NAMES = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -237,6 +238,12 @@ def convert(
     _print_convert_summary(result, file_size(model), file_size(out), out)
 
 
+def _rewrite_kind(reason: str) -> str:
+    """A canonicalization's kind, from its reason: 'fused Add 'a' (bias) into Conv 'c'' -> 'fused Add'."""
+    words = reason.split()
+    return " ".join(words[:2]) if words and not words[0].isdigit() else reason
+
+
 def _print_convert_summary(result, size_in: int, size_out: int, out: Path) -> None:
     s = result.summary
     folded = (
@@ -245,6 +252,9 @@ def _print_convert_summary(result, size_in: int, size_out: int, out: Path) -> No
         )
         or "none"
     )
+    if result.canonicalized:
+        kinds = Counter(_rewrite_kind(o.reason) for o in result.canonicalized)
+        click.echo("canonicalized: " + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())))
     click.echo(f"folded {len(result.folded)} nodes: {folded}")
     click.echo(
         "weights quantized: "

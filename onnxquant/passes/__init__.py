@@ -1,7 +1,9 @@
 """Graph rewrites that run before quantization, and `run_passes`, which applies a chosen subset.
 
-`PASSES` is the explicit registry, in the order the passes run: folds into a preceding layer first, then
-BN into a following Conv, then lowering of any BN left over. Each pass reports an `Outcome` per match
+`PASS_NAMES` lists every pass a rule file may name, in the order they run: `canonicalize` first (constant
+folding and the bias/activation fusions real exports leave undone, through onnxscript: see canonicalize.py),
+then the `PASSES` registry: folds into a preceding layer, then BN into a following Conv, then lowering of any
+BN left over. Each pass reports an `Outcome` per match
 (done, or the reason it refused); a BatchNormalization that no enabled pass matched gets an outcome
 under the name `UNFOLDED` saying why, so `inspect` can show every BN.
 """
@@ -18,6 +20,8 @@ from onnxquant.errors import BadRulesError
 from onnxquant.model import infer_shapes
 from onnxquant.passes.base import Graph, Match, Outcome, Pass, is_op, producer, stable_toposort
 from onnxquant.passes.bn_to_affine import BNToAffine
+from onnxquant.passes.canonicalize import NAME as CANONICALIZE
+from onnxquant.passes.canonicalize import canonicalize as canonicalize_model
 from onnxquant.passes.fold_bn import FoldBNConv, FoldConvBN, FoldConvTransposeBN, FoldGemmBN
 
 __all__ = ["PASSES", "PASS_NAMES", "UNFOLDED", "Graph", "Match", "Outcome", "Pass", "run_passes"]
@@ -25,7 +29,7 @@ __all__ = ["PASSES", "PASS_NAMES", "UNFOLDED", "Graph", "Match", "Outcome", "Pas
 log = logging.getLogger(__name__)
 
 PASSES: list[Pass] = [FoldConvBN(), FoldConvTransposeBN(), FoldGemmBN(), FoldBNConv(), BNToAffine()]
-PASS_NAMES: tuple[str, ...] = tuple(p.name for p in PASSES)
+PASS_NAMES: tuple[str, ...] = (CANONICALIZE, *(p.name for p in PASSES))
 UNFOLDED = "unfolded"
 
 _FOLD_AFTER = {
@@ -48,8 +52,11 @@ def run_passes(
     duplicate-named) nodes are given unique names (`ir.import_graph`) so outcomes can refer to them.
     """
     wanted = _validate(names)
-    graph = Graph(model, _infer_types(model))
     outcomes: list[Outcome] = []
+    source = model
+    if CANONICALIZE in wanted:
+        model, outcomes = canonicalize_model(model)
+    graph = Graph(model, _infer_types(model))
     for p in PASSES:
         if p.name in wanted:
             outcomes += _run_pass(p, graph)
@@ -57,7 +64,7 @@ def run_passes(
     for o in outcomes:
         log.info("%s %s: %s", o.pass_name, ",".join(o.nodes), o.reason)
     if dry_run:
-        return model, outcomes
+        return source, outcomes
     stable_toposort(graph.gs)
     return graph.export(), outcomes
 
@@ -101,7 +108,7 @@ def _done(p: Pass, match: Match) -> str:
 
 def _unfolded(graph: Graph, outcomes: list[Outcome], wanted: set[str]) -> list[Outcome]:
     """An outcome for each BN still in the graph that no enabled pass matched."""
-    reported = {o.nodes[0] for o in outcomes}
+    reported = {o.nodes[0] for o in outcomes if o.nodes}
     extra = []
     for bn in graph.nodes("BatchNormalization"):
         if bn.name in reported:

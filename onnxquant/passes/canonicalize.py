@@ -38,6 +38,7 @@ from onnxscript import optimizer as ox_optimizer
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules import common as ox_rules
 
+from onnxquant.errors import first_line
 from onnxquant.ir import name_nodes
 from onnxquant.passes.base import Outcome
 
@@ -320,9 +321,7 @@ def canonicalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Outcome]
     try:
         return _canonicalize(model)
     except Exception as e:  # noqa: BLE001 - a library failure must not stop quantization
-        reason = (
-            f"skipped: onnxscript failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        )
+        reason = f"skipped: onnxscript failed ({type(e).__name__}: {first_line(e)})"
         log.warning("%s: %s", NAME, reason)
         return model, [Outcome(NAME, (), False, reason)]
 
@@ -338,6 +337,24 @@ def _canonicalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Outcome
     graph_model = ir.serde.deserialize_model(work)
     outcomes: list[Outcome] = []
 
+    _fold(graph_model, outcomes)
+    fusions, divisions = _rules(opset)
+    applied = _apply(graph_model, fusions, outcomes)
+    if _apply(graph_model, divisions, outcomes):
+        applied += 1 + _apply(graph_model, fusions, outcomes)
+    if not outcomes:
+        return model, []
+    if applied:  # the Identity nodes that no-op rules leave go here, already reported
+        _fold(graph_model, outcomes, reported={o.nodes[0] for o in outcomes if "no-op" in o.reason})
+    result = _export(graph_model, work)
+    for o in outcomes:
+        log.info("%s %s: %s", o.pass_name, ",".join(o.nodes), o.reason)
+    return result, outcomes
+
+
+def _fold(graph_model: ir.Model, outcomes: list[Outcome], reported: set[str] | None = None) -> None:
+    """Fold constants and drop unused nodes and initializers; report the removed nodes not yet `reported`
+    (after the fusions: the Identity nodes no-op rules leave, and operands nothing reads any more)."""
     nodes_before = list(graph_model.graph)
     folded = ox_optimizer.fold_constants(
         graph_model,
@@ -345,24 +362,13 @@ def _canonicalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Outcome
         input_size_limit=sys.maxsize,  # weights behind Reshape/Transpose/Cast must become initializers
     ).modified
     ir_passes.RemoveUnusedNodesPass()(graph_model)
-    gone = [n.name for n in nodes_before if n.graph is None]
+    gone = [n.name for n in nodes_before if n.graph is None and n.name not in (reported or ())]
     if gone:
-        outcomes.append(Outcome(NAME, tuple(gone), True, f"folded {len(gone)} constant or no-op nodes"))
-    elif folded:
+        first = reported is None
+        what = "folded {} constant or no-op nodes" if first else "removed {} nodes left unused by the fusions"
+        outcomes.append(Outcome(NAME, tuple(gone), True, what.format(len(gone))))
+    elif folded and reported is None:
         outcomes.append(Outcome(NAME, (), True, "replaced uses of constant or no-op results"))
-
-    fusions, divisions = _rules(opset)
-    applied = _apply(graph_model, fusions, outcomes)
-    if _apply(graph_model, divisions, outcomes):
-        applied += 1 + _apply(graph_model, fusions, outcomes)
-    if not outcomes:
-        return model, []
-    if applied:
-        ir_passes.RemoveUnusedNodesPass()(graph_model)
-    result = _export(graph_model, work)
-    for o in outcomes:
-        log.info("%s %s: %s", o.pass_name, ",".join(o.nodes), o.reason)
-    return result, outcomes
 
 
 def _apply(model: ir.Model, rules: Sequence[pattern.RewriteRule], outcomes: list[Outcome]) -> int:
@@ -370,14 +376,17 @@ def _apply(model: ir.Model, rules: Sequence[pattern.RewriteRule], outcomes: list
     match's nodes can be named and reported); return how many rewrites were made."""
     graph = model.graph
     ox_optimizer.basic_constant_propagation(graph)
-    count = 0
+    count, taken = 0, None
     for node in graph:
         for rule in rules:
             delta = rule.try_rewrite(model, graph, node)
             if delta is None or _overridable(delta.match.nodes):
                 continue
+            if taken is None:
+                taken = {v.name for n in graph for v in n.outputs} | {v.name for v in graph.inputs}
+                taken |= set(graph.initializers)
             for init in delta.new_initializers:
-                init.name = _fresh(init.name or "const", graph)
+                init.name = _fresh(init.name or "const", taken)
                 graph.register_initializer(init)
             ox_optimizer.basic_constant_propagation(delta.new_nodes)
             matched = _in_order(delta.match.nodes)
@@ -413,10 +422,12 @@ def _overridable(nodes: Sequence[ir.Node]) -> bool:
     )
 
 
-def _fresh(base: str, graph: ir.Graph) -> str:
+def _fresh(base: str, taken: set[str]) -> str:
+    """A name not in `taken` (reserved on return)."""
     name, k = base, 1
-    while name in graph.initializers:
+    while name in taken:
         name, k = f"{base}_{k}", k + 1
+    taken.add(name)
     return name
 
 
@@ -434,7 +445,7 @@ def _outcome(matched: list[ir.Node], new: Sequence[ir.Node], root: ir.Node) -> O
     elif root.op_type == "Div" and main.op_type == "Mul" and len(matched) == 1:
         reason = f"replaced Div '{root.name}' by a constant with a Mul by its reciprocal"
     elif main.op_type == "Identity":
-        reason = f"replaced no-op {ops} '{root.name}' with Identity"
+        reason = f"removed no-op {ops} '{root.name}'"
     else:
         reason = f"fused {ops} into {main.op_type} '{main.name}'"
     return Outcome(NAME, names, True, reason)

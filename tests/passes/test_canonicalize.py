@@ -362,3 +362,28 @@ def test_library_failure_returns_the_model_with_a_refusal(tools, monkeypatch):
     assert out is model and [(o.applied, o.reason) for o in outcomes] == [
         (False, "skipped: onnxscript failed (RuntimeError: boom)")
     ]
+
+
+def test_no_ops_are_removed_but_graph_outputs_kept(tools):
+    text = """
+    g (float[N, 4] x) => (float[N, 4] y, float[N, 4] b) {
+        a = Add (x, zero)
+        b = Mul (one, a)
+        c = Dropout (b)
+        y = Relu (c)
+    }"""
+    out, outcomes = canon(tools.build(head() + text, scalars(zero=0.0, one=1.0)), tools)
+    assert tools.op_types(out) == ["Identity", "Relu"] and node(out, "Relu").input == ["x"]
+    assert "removed no-op Add 'Add_0'" in [o.reason for o in outcomes]
+
+
+def test_new_bias_name_avoids_existing_tensor_names(tools):
+    text = """
+    g (float[N, 2, 5, 5] x) => (float[N, 4, 3, 3] y) {
+        c = Conv (x, w)
+        a = Add (c, v)
+        Conv_0_bias = Relu (a)
+        y = Sigmoid (Conv_0_bias)
+    }"""
+    out, _ = canon(tools.build(head() + text, {"w": rand((4, 2, 3, 3)), "v": rand((4, 1, 1))}), tools)
+    assert node(out, "Conv").input[2] == "Conv_0_bias_1"

@@ -31,6 +31,7 @@ def relu_bn(tools):
 
 def test_registry():
     assert PASS_NAMES == (
+        "canonicalize",
         "fold_conv_bn",
         "fold_convtranspose_bn",
         "fold_gemm_bn",
@@ -41,7 +42,9 @@ def test_registry():
 
 
 def test_unknown_pass_name(tools):
-    with pytest.raises(BadRulesError, match=r"'fold_everything'.*accepted: fold_conv_bn, .*bn_to_affine"):
+    with pytest.raises(
+        BadRulesError, match=r"'fold_everything'.*accepted: canonicalize, fold_conv_bn, .*affine"
+    ):
         run_passes(relu_bn(tools), ["fold_conv_bn", "fold_everything"])
 
 
