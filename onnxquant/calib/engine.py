@@ -26,6 +26,7 @@ import onnx
 
 from onnxquant.calib.histogram import Histogram
 from onnxquant.calib.methods import METHODS, check_options
+from onnxquant.calib.mse import range_error
 from onnxquant.calib.stats import DEFAULT_BINS, NonFiniteError, TensorStats, merge_all, update_pass2
 from onnxquant.errors import BadDataError, BadModelError, BadRulesError, InternalError, OnnxQuantError
 from onnxquant.model import graph_inputs, make_session, with_outputs
@@ -183,18 +184,42 @@ def compute_table(
             lo, hi = fn(stats[name], bits, bool(symmetric), per_channel=pc, **opts)
         except OnnxQuantError as exc:
             raise type(exc)(f"tensor {name}: {exc}") from exc
+        clip_note = None
+        if not pc and method != "minmax" and stats[name].has_hist and stats[name].count:
+            lo, hi, clip_note = _no_worse_than_full_range(stats[name], float(lo), float(hi), bits, symmetric)
         lo, hi, note = _nonzero_range(np.asarray(lo, np.float64), np.asarray(hi, np.float64), symmetric)
         out = TensorRange.from_range(lo, hi, bits, bool(symmetric), method, axis=1 if pc else None)
         if note:
             log.warning("tensor %s: %s", name, note)
-            out = out.with_note(note)
-        return out
+        if clip_note:
+            log.info("tensor %s: %s", name, clip_note)
+        note = "; ".join(n for n in (clip_note, note) if n)
+        return out.with_note(note) if note else out
 
     names = sorted(specs)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # the searches release the GIL
         entries = dict(zip(names, pool.map(entry, names)))
     table_bits = max((int(np.max(specs[n][0])) for n in names), default=0)
     return CalibrationTable(method=method, bits=table_bits or 8, tensors=entries)
+
+
+def _no_worse_than_full_range(
+    st: TensorStats, lo: float, hi: float, bits: int, symmetric: bool
+) -> tuple[float, float, str | None]:
+    """The clipping range, or the full [min, max] when clipping would add quantization error on the tensor's
+    own histogram (`range_error`): a clip is meant to trade outlier error for finer steps, and one that loses
+    that trade (a softmax- or sigmoid-like tensor whose few large values carry the signal) is a defect."""
+    if (lo, hi) == (st.min, st.max):
+        return lo, hi, None
+    clipped, full = range_error(st, lo, hi, bits, symmetric), range_error(st, st.min, st.max, bits, symmetric)
+    if clipped <= full:
+        return lo, hi, None
+    ratio = clipped / full
+    return (
+        st.min,
+        st.max,
+        f"{ratio:.3g}x the full range's error when clipped to [{lo:.4g}, {hi:.4g}]: not clipped",
+    )
 
 
 def _nonzero_range(

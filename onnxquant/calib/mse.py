@@ -14,6 +14,7 @@ import numpy as np
 
 from onnxquant.calib.stats import TensorStats
 from onnxquant.errors import BadRulesError
+from onnxquant.quant import fake_quantize, qparams_from_range
 
 _CHUNK = 256
 
@@ -51,6 +52,18 @@ def mse_costs_affine(
         q = np.clip(np.rint(c[None, :] / s) + z, 0, qmax)
         costs[s0 : s0 + _CHUNK] = ((c[None, :] - s * (q - z)) ** 2 * n[None, :]).sum(axis=1)
     return costs
+
+
+def range_error(st: TensorStats, lo: float, hi: float, bits: int, symmetric: bool) -> float:
+    """Σ n·(c − x̂(c))² over the signed histogram's bin centres c, x̂ quantized with the range [lo, hi]
+    exactly as the quantizer will (`qparams_from_range`, round half to even, saturate); exact zeros cost
+    nothing."""
+    counts = st.hist.astype(np.float64)
+    counts[counts.size // 2] -= st.zeros  # bin [0, w) holds the exact zeros, which every range represents
+    nz = np.nonzero(counts)[0]
+    c = -st.hist_range + (nz + 0.5) * st.bin_width
+    xq = fake_quantize(c, qparams_from_range(lo, hi, bits, symmetric))
+    return float(((c - xq.astype(np.float64)) ** 2 * counts[nz]).sum())
 
 
 def mse(st: TensorStats, bits, symmetric: bool, *, per_channel: bool = False):
