@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from onnxquant import rules as rule_files
 from onnxquant.calib.bitalloc import allocate_bits
@@ -34,7 +35,7 @@ from onnxquant.quant import MAX_BITS, MIN_BITS
 from onnxquant.report import Report, SuggestOptions, build_report
 from onnxquant.rules import Rules
 from onnxquant.runtime.validate import validate as run_validation
-from onnxquant.tables import CalibrationTable
+from onnxquant.tables import CalibrationTable, TensorRange
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,8 @@ def calibrate(
 
     Tensors are grouped by their calibration method; `stats` (e.g. loaded with --load-stats) skips collection.
     A tensor calibrated on another's statistics (`plan.shared`) is not collected: its entry is the other's.
-    `per_channel` tensors also get per-channel (axis 1) statistics, which bias correction needs. `allocate`:
+    `per_channel` tensors also get per-channel (axis 1) statistics, which bias correction needs. Depthwise
+    inputs to equalize (`plan.equalized`) get per-channel symmetric ranges. `allocate`:
     every activation with a channel axis gets per-channel ranges and widths (ACIQ eq. 10–11) at its width on
     average.
     """
@@ -150,11 +152,14 @@ def calibrate(
         return CalibrationTable(method="none", bits=0), {}
     methods = {spec.method for spec in plan.activations.values()}
     allocated = _channel_tensors(model, plan) if allocate else ()
+    equalized = tuple(sorted(set(plan.equalized) - set(allocated)))
     if stats is None:
         sources = {plan.range_source(t) for t in plan.activations}
-        channels = set(per_channel) | {plan.range_source(t) for t in allocated}
+        channels = set(per_channel) | {plan.range_source(t) for t in (*allocated, *equalized)}
         channel_mad = {
-            plan.range_source(t) for t in allocated if METHODS[plan.activations[t].method].needs_moments
+            plan.range_source(t)
+            for t in (*allocated, *equalized)
+            if METHODS[plan.activations[t].method].needs_moments
         }
         stats = collect_stats(
             model,
@@ -173,14 +178,42 @@ def calibrate(
         specs = {
             t: (s.bits, s.symmetric)
             for t, s in plan.activations.items()
-            if s.method == method and t not in allocated
+            if s.method == method and t not in allocated and t not in equalized
         }
         tensors.update(compute_table(sources, specs, method, **method_options).tensors)
+    for t in equalized:
+        tensors[t] = _depthwise_input_range(model, plan, t, sources[t], method_options)
     for t in allocated:
         tensors[t] = _allocated_range(sources, t, plan.activations[t], method_options)
     main = max(methods, key=lambda m: sum(s.method == m for s in plan.activations.values()))
     bits = max(s.bits for s in plan.activations.values())
     return CalibrationTable(method=main, bits=bits, tensors=tensors), stats
+
+
+def _depthwise_input_range(
+    model: onnx.ModelProto, plan: QuantPlan, tensor: str, stats, method_options: dict
+) -> TensorRange:
+    """A depthwise input's entry: per-channel min/max (to be equalized; symmetric, or unsigned with zero
+    point 0 when the tensor is one-sided) when that gives the Conv's output less rounding error,
+    Σ_c s_c²·‖w_c‖², than the tensor's per-tensor entry by its method, s²·Σ_c ‖w_c‖²; per tensor otherwise
+    (per-channel codes cost a bit for the sign, which channels spread less than 2× do not repay). Per channel
+    there is no histogram to judge a clip by, so channels are not clipped."""
+    spec = plan.activations[tensor]
+    per_tensor = compute_table(
+        {tensor: stats}, {tensor: (spec.bits, spec.symmetric)}, spec.method, **method_options
+    )
+    symmetric = not stats.one_sided
+    per_channel = compute_table(
+        {tensor: stats}, {tensor: (spec.bits, symmetric)}, "minmax", per_channel=[tensor]
+    )
+    conv = next(d for d in plan.nodes if d.name == plan.equalized[tensor])
+    weight = next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == conv.weight)
+    norms = (weight.astype(np.float64) ** 2).reshape(weight.shape[0], -1).sum(axis=1)
+    s_c = np.asarray(per_channel.tensors[tensor].scale, np.float64)
+    s = float(per_tensor.tensors[tensor].scale)
+    return (per_channel if float((s_c**2 * norms).sum()) < s**2 * float(norms.sum()) else per_tensor).tensors[
+        tensor
+    ]
 
 
 def _channel_tensors(model: onnx.ModelProto, plan: QuantPlan) -> tuple[str, ...]:

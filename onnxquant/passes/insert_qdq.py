@@ -38,6 +38,7 @@ from onnxquant.tables import CalibrationTable
 log = logging.getLogger(__name__)
 
 PER_CHANNEL_OPSET = 13
+K_MAX = 2**16  # largest equalization factor of a depthwise input channel (see passes/plan.py)
 
 
 @dataclass
@@ -110,6 +111,7 @@ def insert_qdq(
     skipped = {d.name for d in plan.nodes if not d.quantize and d.reason.startswith("skipped")}
 
     act_params: dict[str, QParams] = {}
+    equalizers: dict[str, np.ndarray] = {}  # depthwise Conv -> k, its input's per-channel equalization
     for name in sorted(plan.activations):
         entry = table.tensors.get(name)
         if entry is None:
@@ -118,7 +120,15 @@ def insert_qdq(
         tensor = tensors[name]
         readers = [n for n in tensor.outputs if id(n) in listed and n.name not in skipped]
         params = entry.qparams()
-        dq = _insert_activation_qdq(build, tensor, params)
+        source = tensor
+        if name in plan.equalized and params.axis == 1 and _equalizable(params):
+            params, k = _equalized(params)
+            equalizers[plan.equalized[name]] = k
+            k_shape = (1, -1) + (1,) * (len(tensor.shape) - 2 if tensor.shape is not None else 2)
+            source = build.node(
+                "Mul", [tensor, build.constant(f"{name}_k", k.reshape(k_shape))], f"{name}_eq"
+            )
+        dq = _insert_activation_qdq(build, source, params)
         act_params[name] = params
         summary.activations[int(np.max(params.bits))] += 1
         for node in readers:
@@ -140,13 +150,12 @@ def insert_qdq(
                 "the calibration table (calib.weight_table.weight_entries makes them)"
             )
         codes_params = entry.qparams()
-        w_params = (
-            codes_params
-            if entry.spread_ratio is None
-            else replace(
-                codes_params, scale=(codes_params.scale * np.asarray(entry.spread_ratio)).astype(np.float32)
-            )
-        )
+        w_scale = codes_params.scale.astype(np.float32)
+        if entry.spread_ratio is not None:
+            w_scale = (w_scale * np.asarray(entry.spread_ratio)).astype(np.float32)
+        if node.name in equalizers:  # the Conv reads x·k: dividing its weights' scales by k restores x
+            w_scale = (w_scale / equalizers[node.name]).astype(np.float32)
+        w_params = replace(codes_params, scale=w_scale)
         if decision.weight not in dequantized:
             w = constant_value(node.inputs[1]).astype(np.float32)
             dequantized[decision.weight] = _insert_weight(
@@ -175,6 +184,24 @@ def insert_qdq(
 def _float_bias(tensor: gs.Tensor | None) -> np.ndarray | None:
     bias = constant_value(tensor)
     return bias.astype(np.float64) if bias is not None and bias.ndim == 1 else None
+
+
+def _equalized(params: QParams) -> tuple[QParams, np.ndarray]:
+    """Per-tensor parameters of x·k for per-channel `params` (scales s_c): scale s = max_c s_c and
+    k_c = s / s_c, so round(x_c·k_c / s) = round(x_c / s_c), x's per-channel codes. Symmetric codes are stored
+    unsigned with zero point 2^(b−1) (the same values shifted): ONNX Runtime's fast x86 kernels take uint8
+    activations. One-sided channels (unsigned, zero point 0) stay so."""
+    scales = np.asarray(params.scale, np.float32)
+    s = np.float32(scales.max())
+    k = np.minimum(s / scales, np.float32(K_MAX)).astype(np.float32)
+    bits = int(np.max(params.bits))
+    zero = 1 << (bits - 1) if params.signed else 0
+    return QParams(scale=s, zero_point=np.int64(zero), bits=bits, signed=False), k
+
+
+def _equalizable(params: QParams) -> bool:
+    """One width, and symmetric codes or unsigned codes with zero point 0: one zero point serves all."""
+    return np.ptp(params.bits) == 0 and (params.signed or not np.any(params.zero_point))
 
 
 def _rewire(node: gs.Node, old: gs.Tensor, new: gs.Tensor, only_index: int | None = None) -> None:

@@ -1,9 +1,23 @@
 """Quantization planning: which nodes are quantized at which widths, and which tensors carry Q/DQ.
 
-Placement `ort` quantizes the float inputs and outputs of every quantized node; an output whose sole consumer
-is a Relu or Clip is quantized after that activation instead, so ONNX Runtime fuses DQ→Conv→Relu→Q into
-QLinearConv. Placement `tensorrt` quantizes only the inputs of quantized nodes (compute ops and residual
-Adds). Graph outputs stay float. A tensor requested at several widths gets the widest.
+A tensor gets Q/DQ only where the target runtime computes on its codes: as a float input of a quantized node
+(both placements). Placement `ort` quantizes the nodes of `quantize_ops` (ONNX Runtime's QDQ transformer fuses
+DQ→op→Q groups into QLinear kernels); a Relu/Clip after a quantized node is fused with it (its output is the
+next node's quantized input, and Q saturates as the activation would). A quantized node's output that only a
+float op reads (Conv → HardSwish, a squeeze-excite gate) gets no Q/DQ: the runtime would dequantize it at once
+and compute in float, so a Q/DQ there only adds error. Placement `tensorrt` quantizes the inputs of compute
+ops and residual Adds. Graph outputs stay float. A tensor requested at several widths gets the widest.
+
+With `depthwise_inputs: per_channel`, the input x of a depthwise Conv (group = channels, the Conv its only
+reader) is quantized per channel and equalized into the Conv (`QuantPlan.equalized`): with per-channel scales
+s_c and s = max_c s_c, Q/DQ inserts `x·k` with k_c = s/s_c, quantizes that per tensor at scale s (its codes
+equal x's per-channel codes), and divides the Conv's per-channel weight scales by k_c, which is exact because
+each output channel of a depthwise Conv reads one input channel. Runtimes see a per-tensor input scale (ONNX
+Runtime's QLinearConv, TensorRT) and the channels keep their own resolution: real depthwise inputs spread
+their channel ranges 10-100× (after HardSwish in MobileNetV3-style nets), which one scale wipes out.
+Equalized codes are symmetric, or unsigned with zero point 0 for one-sided tensors (one zero point cannot
+serve channels of different offsets); calibration keeps the per-tensor range instead where that gives the
+Conv's output less rounding error (api.calibrate). k is capped at 2^16, below which a channel is dead.
 
 A MaxPool's input is calibrated on its output's statistics (`QuantPlan.shared`), at its own width, when the
 MaxPool is its only consumer: max commutes with clipping, so at equal widths both Q/DQ pairs act as one and
@@ -52,6 +66,7 @@ class QuantPlan:
     nodes: list[NodeDecision] = field(default_factory=list)
     activations: dict[str, ActivationSpec] = field(default_factory=dict)
     shared: dict[str, str] = field(default_factory=dict)  # tensor -> tensor whose statistics calibrate it
+    equalized: dict[str, str] = field(default_factory=dict)  # depthwise input -> the Conv that absorbs k
 
     def range_source(self, tensor: str) -> str:
         """The tensor whose statistics calibrate `tensor` (itself unless shared)."""
@@ -139,12 +154,25 @@ def plan_quantization(model: onnx.ModelProto, rules: Rules) -> QuantPlan:
         for i, tensor in variables:
             if not (node.op in COMPUTE_OPS and i == 2):
                 request(tensor, rule.activations)
-        if rules.placement == "ort":
-            for tensor in node.outputs:
-                request(_fused_output(tensor, graph_outputs), rule.activations)
     _mark_fused(plan, graph)
     _share_ranges(plan, graph)
+    if rules.depthwise_inputs == "per_channel":
+        _equalize_depthwise(plan, graph)
     return plan
+
+
+def _equalize_depthwise(plan: QuantPlan, graph: gs.Graph) -> None:
+    """Record depthwise Convs whose sole input x is planned, for per-channel equalized quantization."""
+    quantized = {d.name: d for d in plan.nodes if d.quantize and d.weight}
+    for node in graph.nodes:
+        decision = quantized.get(node.name)
+        if decision is None or node.op != "Conv":
+            continue
+        x, w = node.inputs[0], node.inputs[1]
+        channels = w.shape[0] if isinstance(w, gs.Constant) and len(w.shape) == 4 else 0
+        depthwise = channels > 1 and w.shape[1] == 1 and node.attrs.get("group", 1) == channels
+        if depthwise and x.name in plan.activations and len(x.outputs) == 1 and x.name not in plan.shared:
+            plan.equalized[x.name] = node.name
 
 
 def _share_ranges(plan: QuantPlan, graph: gs.Graph) -> None:
@@ -165,10 +193,3 @@ def _mark_fused(plan: QuantPlan, graph: gs.Graph) -> None:
             plan.nodes[i] = NodeDecision(
                 d.name, d.op_type, True, "fused into the quantized node before it", d.weights, d.activations
             )
-
-
-def _fused_output(tensor: gs.Tensor, graph_outputs: set[str]) -> gs.Tensor:
-    after = tensor.outputs
-    if len(after) == 1 and after[0].op in FUSED_ACTIVATIONS and tensor.name not in graph_outputs:
-        return after[0].outputs[0]
-    return tensor

@@ -123,7 +123,7 @@ def accumulate(
             if is_classifier_output(np.shape(f[o])):
                 acc.agreement.setdefault(o, ClassAgreement()).update(f[o], q[o], batch_labels)
         for t in acts:
-            acc.tensors[t.dequantized].update(f[t.name], q[t.dequantized])
+            acc.tensors[t.dequantized].update(f[t.name], t.restore(q[t.dequantized]))
         for t in graph.activations:
             acc.codes[t.dequantized].update(q[t.codes])
         for la in own:

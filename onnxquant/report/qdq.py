@@ -1,8 +1,10 @@
 """Matching a Q/DQ model to its float model, on the graph-surgeon IR (`onnxquant.ir`).
 
 Quantized tensors are found from the Q/DQ pattern, not from names: an activation T is quantized as
-`[Clip →] QuantizeLinear → DequantizeLinear` (a Clip, or a Max → Min with per-channel bounds, counts as part
-of the pattern when each node's only consumer is the next and its output is not a tensor of the float model);
+`[Mul(k) →] [Clip →] QuantizeLinear → DequantizeLinear` (a Clip, or a Max → Min with per-channel bounds,
+and the equalizer x·k of a depthwise input, count as part of the pattern when each node's only consumer is
+the next and its output is not a tensor of the float model; an equalized tensor's values are divided by k
+to compare);
 with per-channel widths (`--bit-alloc activations`) the code statistics pool the channels at the widest
 channel's range, so a narrower channel's saturation is not counted. A weight is an integer constant feeding a
 DequantizeLinear. The float reference of an activation is the tensor of the same name in the float model; of a
@@ -57,6 +59,13 @@ class QTensor:
     chain: tuple[str, ...]  # names of the pattern's nodes in the quantized model: DQ[, Q[, Clip]]
     matched: bool  # the float model has the reference tensor
     is_input: bool = False  # a graph input (matches any model with the same interface)
+    gain: np.ndarray | None = None  # k of a depthwise input's equalizer x·k (per channel, axis 1)
+
+    def restore(self, dequantized: np.ndarray) -> np.ndarray:
+        """The dequantized values in the float tensor's units (undoing an equalizer's x·k)."""
+        if self.gain is None:
+            return dequantized
+        return dequantized / self.gain.reshape((1, -1) + (1,) * (np.ndim(dequantized) - 2))
 
 
 @dataclass(frozen=True)
@@ -280,6 +289,11 @@ def _pattern(
             widths = np.ceil(np.log2(np.maximum(codes_hi - codes_lo + 1, 2)))
             bits = max(1, round(float(widths.mean())))
             chain.extend(nodes)
+    gain = None
+    equalizer = _equalizer_of(root, float_tensors)
+    if equalizer is not None:
+        gain, mul, root = equalizer
+        chain.append(mul)
     return QTensor(
         name=root.name,
         kind="activation",
@@ -294,7 +308,20 @@ def _pattern(
         chain=tuple(chain),
         matched=root.name in float_tensors,
         is_input=root.name in inputs,
+        gain=gain,
     )
+
+
+def _equalizer_of(tensor: gs.Tensor, float_tensors: set[str]):
+    """(k, Mul name, x) when `tensor` is a depthwise input's equalizer `x·k` (a Mul by a per-channel constant,
+    used only by the Q/DQ pattern and not a tensor of the float model)."""
+    node = producer(tensor)
+    if node is None or node.op != "Mul" or len(tensor.outputs) != 1 or tensor.name in float_tensors:
+        return None
+    k = constant(node.inputs[1])
+    if k is None or k.ndim < 2 or k.size != k.shape[1]:
+        return None
+    return k.astype(np.float32).ravel(), node.name, node.inputs[0]
 
 
 def _clip_of(tensor: gs.Tensor, float_tensors: set[str]):

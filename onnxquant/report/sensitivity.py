@@ -188,6 +188,7 @@ def run_isolated(
         out_acc = {o: ErrorAccumulator() for o in outputs}
         local = ErrorAccumulator()
         in_acc = {t: ErrorAccumulator() for t in iso.inputs}
+        gains = {t.name: t for t in graph.activations if t.name in iso.inputs}
         for feed, ref_outputs in subset:
             fetch_now = [n for n in fetch if n not in feed]
             got = dict(zip(fetch_now, sess.run(fetch_now, dict(feed))))
@@ -196,7 +197,7 @@ def run_isolated(
                 out_acc[o].update(ref_outputs[o], got[o])
             local.update(got[iso.reference], got[iso.output])
             for t, dq in iso.inputs.items():
-                in_acc[t].update(got[t], got[dq])
+                in_acc[t].update(got[t], gains[t].restore(got[dq]))
         results[layer.name] = Isolated(
             layer=layer.name,
             outputs={o: a.result() for o, a in out_acc.items()},

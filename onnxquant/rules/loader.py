@@ -28,7 +28,7 @@ from onnxquant.rules.schema import (
 )
 
 PRESETS = ("default", "tensorrt")
-TOP_KEYS = ("placement", "passes", "quantize_ops", "weights", "activations", "overrides")
+TOP_KEYS = ("placement", "depthwise_inputs", "passes", "quantize_ops", "weights", "activations", "overrides")
 SPEC_KEYS = ("bits", "symmetric", "granularity", "method")
 OVERRIDE_KEYS = ("match", "skip", "weights", "activations")
 MATCH_KEYS = ("name", "op_type", "position")
@@ -88,6 +88,7 @@ def dump_rules(rules: Rules) -> str:
     del acts["granularity"]
     doc = {
         "placement": rules.placement,
+        "depthwise_inputs": rules.depthwise_inputs,
         "passes": list(rules.passes),
         "quantize_ops": list(rules.quantize_ops),
         "weights": spec(rules.weights),
@@ -129,6 +130,9 @@ def parse_rules(
     passes = tuple(_str_list(doc.get("passes", []), where, "passes", names.passes))
     ops = tuple(_str_list(doc.get("quantize_ops", list(defaults.quantize_ops)), where, "quantize_ops", None))
     placement = _choice(doc.get("placement", "ort"), where, "placement", PLACEMENTS)
+    depthwise = _choice(
+        doc.get("depthwise_inputs", defaults.depthwise_inputs), where, "depthwise_inputs", GRANULARITIES
+    )
     raw_overrides = doc.get("overrides") or []
     if not isinstance(raw_overrides, list):
         raise BadRulesError(
@@ -137,6 +141,7 @@ def parse_rules(
     overrides = tuple(_override(ov, where, f"overrides[{i}]", names) for i, ov in enumerate(raw_overrides))
     return Rules(
         placement=placement,
+        depthwise_inputs=depthwise,
         passes=passes,
         quantize_ops=ops,
         weights=weights,

@@ -1,8 +1,8 @@
 """The rule file, validated into frozen dataclasses.
 
-A rule file decides which rewrite passes run, where Q/DQ goes (`placement`: `ort` puts Q/DQ around every
-quantized op, moving the output Q/DQ past a sole Relu/Clip; `tensorrt` puts it on the inputs of compute ops
-and residual Adds only), which op types are quantized, weight and activation specs, and ordered per-node
+A rule file decides which rewrite passes run, where Q/DQ goes (`placement`, see passes/plan.py; and
+`depthwise_inputs: per_channel`, per-channel scales at depthwise-conv inputs folded into their weights), which
+op types are quantized, weight and activation specs, and ordered per-node
 overrides matched by name glob, op type or position (`first`/`last` compute layer). Later overrides win.
 """
 
@@ -58,6 +58,7 @@ class Override:
 @dataclass(frozen=True)
 class Rules:
     placement: str = "ort"
+    depthwise_inputs: str = "per_tensor"  # per_channel: equalized into the depthwise weights (plan.py)
     passes: tuple[str, ...] = ()
     quantize_ops: tuple[str, ...] = COMPUTE_OPS
     weights: QuantSpec = QuantSpec(bits=8, symmetric=True, granularity="per_channel")

@@ -56,7 +56,7 @@ class TensorRange:
             amax=plain(np.maximum(-lo64, hi64)),
             scale=plain(p.scale),
             zero_point=plain(p.zero_point, int),
-            bits=plain(p.bits, int),
+            bits=plain(p.bits if axis is None else np.broadcast_to(p.bits, np.shape(p.scale)), int),
             signed=symmetric,
             method=method,
             axis=axis,

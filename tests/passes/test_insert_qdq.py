@@ -190,9 +190,11 @@ def test_skip_override_leaves_the_node_float():
 def test_maxpool_input_takes_the_output_range():
     model = load_model(DEMO)
     x = np.load("calib_data/digits/calib.npz")["input"]
-    rules = load_rules("default").with_cli(method="laplace", wbits=4, abits=4)
+    rules = replace(
+        load_rules("default").with_cli(method="laplace", wbits=4, abits=4), depthwise_inputs="per_tensor"
+    )
     folded, _, plan, _ = api.prepare(model, rules)
-    assert plan.shared == {"relu2_out": "pool_out"}
+    assert plan.shared == {"relu2_out": "pool_out"} and not plan.equalized
     table, stats = api.calibrate(folded, plan, [{"input": x}])
     assert stats["relu2_out"] is stats["pool_out"]  # not collected: it is calibrated on the pool's statistics
     assert table.tensors["relu2_out"] == table.tensors["pool_out"]

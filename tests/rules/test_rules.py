@@ -73,7 +73,7 @@ def test_op_types_outside_quantize_ops_stay_float_with_reason():
 @pytest.mark.parametrize(
     "text, key, accepted",
     [
-        ("wieghts: {bits: 4}", "wieghts", "placement, passes"),
+        ("wieghts: {bits: 4}", "wieghts", "placement, depthwise_inputs, passes"),
         ("weights: {bits: 9}", "weights.bits", "2..8"),
         ("weights: {bits: 0}", "weights.bits", "2..8"),
         ("weights: {bits: four}", "weights.bits", "2..8"),
