@@ -24,7 +24,7 @@ def test_registry_is_explicit_and_ordered():
     assert list(METHODS) == ["minmax", "percentile", "mse", "laplace", "gauss", "kl"]
     assert collect_options(["minmax"]) == {"histograms": False, "moments": False}
     assert collect_options(["laplace"]) == {"histograms": False, "moments": True}  # moments: per-bin sums
-    assert collect_options(["gauss"]) == {"histograms": False, "moments": False}  # σ comes from pass 1
+    assert collect_options(["gauss"]) == {"histograms": True, "moments": False}  # σ: pass 1; clip check
     assert collect_options(["kl"]) == {"histograms": True, "moments": False}
     assert collect_options(["laplace", "kl"]) == {"histograms": True, "moments": True}
     with pytest.raises(BadRulesError, match="accepted: minmax, percentile, mse, laplace, gauss, kl"):
@@ -151,3 +151,36 @@ def test_compute_table_entries_and_errors():
     compute_table(no_moments, {"b": (8, True)}, "kl")
     with pytest.raises(BadDataError, match="moments"):
         compute_table(no_moments, {"b": (8, True)}, "laplace")
+
+
+def _direct_error(x: np.ndarray, lo: float, hi: float, bits: int, symmetric: bool) -> float:
+    """Σ (x − Q(x))² over the raw values, an independent check of the histogram estimate."""
+    from onnxquant.quant import fake_quantize, qparams_from_range
+
+    return float(((x - fake_quantize(x, qparams_from_range(lo, hi, bits, symmetric))) ** 2).sum())
+
+
+def test_range_error_tracks_the_error_on_the_raw_values():
+    from onnxquant.calib.mse import range_error
+
+    x = _x()
+    st = stats_of(x, bins=2048)
+    for lo, hi in ((st.min, st.max), (-2.0, 2.0), (-0.5, 0.5)):
+        estimate, direct = range_error(st, lo, hi, 8, True), _direct_error(x, lo, hi, 8, True)
+        assert estimate == pytest.approx(direct, rel=0.05), (lo, hi)
+
+
+def test_a_clip_that_adds_error_is_refused_and_one_that_helps_is_kept():  # engine._no_worse_than_full_range
+    rng = np.random.default_rng(0)
+    # a Gaussian bulk with a few large values that carry the signal: the 99th percentile cuts them off
+    x = np.concatenate([rng.normal(0, 1, 200_000), rng.choice([-50.0, 50.0], 1000)]).astype(np.float32)
+    st = {"x": stats_of(x, bins=2048)}
+    _, hi = percentile(st["x"], 8, True, percentile=99.0)
+    assert hi < 10  # the percentile alone clips every large value
+    entry = compute_table(st, {"x": (8, True)}, "percentile", percentile=99.0).tensors["x"]
+    assert entry.amax == pytest.approx(50.0, rel=1e-3)
+    assert "not clipped" in entry.note
+    # a Laplace tensor at 4 bits: ACIQ's clip lowers the error, and stays
+    lap = {"l": stats_of(rng.laplace(0, 1, 200_000).astype(np.float32), bins=2048)}
+    entry = compute_table(lap, {"l": (4, True)}, "laplace").tensors["l"]
+    assert entry.amax < 0.5 * lap["l"].amax and entry.note is None
