@@ -42,7 +42,7 @@ METHODS: dict[str, Method] = {
         Method("percentile", percentile, needs_histogram=True, options=("percentile",)),
         Method("mse", mse, needs_histogram=True),
         Method("laplace", laplace, needs_moments=True, per_channel=True),
-        # σ comes from pass 1; the histogram lets calibration check the clip (engine._no_worse_than_full_range)
+        # σ comes from pass 1; the histogram is for the clip check (engine._no_worse_than_full_range)
         Method("gauss", gauss, needs_histogram=True, per_channel=True),
         Method("kl", kl, needs_histogram=True),
     )
