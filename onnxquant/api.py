@@ -16,6 +16,7 @@ from onnx import numpy_helper
 from onnxquant import rules as rule_files
 from onnxquant.calib.bitalloc import allocate_bits
 from onnxquant.calib.engine import collect_stats, compute_table
+from onnxquant.calib.equalize import depthwise_input_range
 from onnxquant.calib.methods import METHODS, WEIGHT_METHODS, clip_range, collect_options
 from onnxquant.calib.weight_table import BIAS_CORRECTION, weight_entries
 from onnxquant.errors import (
@@ -35,7 +36,7 @@ from onnxquant.quant import MAX_BITS, MIN_BITS
 from onnxquant.report import Report, SuggestOptions, build_report
 from onnxquant.rules import Rules
 from onnxquant.runtime.validate import validate as run_validation
-from onnxquant.tables import CalibrationTable, TensorRange
+from onnxquant.tables import CalibrationTable
 
 log = logging.getLogger(__name__)
 
@@ -181,39 +182,18 @@ def calibrate(
             if s.method == method and t not in allocated and t not in equalized
         }
         tensors.update(compute_table(sources, specs, method, **method_options).tensors)
+    weights = {t.name: t for t in model.graph.initializer}
     for t in equalized:
-        tensors[t] = _depthwise_input_range(model, plan, t, sources[t], method_options)
+        spec, conv = plan.activations[t], next(d for d in plan.nodes if d.name == plan.equalized[t])
+        weight = numpy_helper.to_array(weights[conv.weight])
+        tensors[t] = depthwise_input_range(
+            sources[t], spec.bits, spec.symmetric, spec.method, weight, **method_options
+        )
     for t in allocated:
         tensors[t] = _allocated_range(sources, t, plan.activations[t], method_options)
     main = max(methods, key=lambda m: sum(s.method == m for s in plan.activations.values()))
     bits = max(s.bits for s in plan.activations.values())
     return CalibrationTable(method=main, bits=bits, tensors=tensors), stats
-
-
-def _depthwise_input_range(
-    model: onnx.ModelProto, plan: QuantPlan, tensor: str, stats, method_options: dict
-) -> TensorRange:
-    """A depthwise input's entry: per-channel min/max (to be equalized; symmetric, or unsigned with zero
-    point 0 when the tensor is one-sided) when that gives the Conv's output less rounding error,
-    Σ_c s_c²·‖w_c‖², than the tensor's per-tensor entry by its method, s²·Σ_c ‖w_c‖²; per tensor otherwise
-    (per-channel codes cost a bit for the sign, which channels spread less than 2× do not repay). Per channel
-    there is no histogram to judge a clip by, so channels are not clipped."""
-    spec = plan.activations[tensor]
-    per_tensor = compute_table(
-        {tensor: stats}, {tensor: (spec.bits, spec.symmetric)}, spec.method, **method_options
-    )
-    symmetric = not stats.one_sided
-    per_channel = compute_table(
-        {tensor: stats}, {tensor: (spec.bits, symmetric)}, "minmax", per_channel=[tensor]
-    )
-    conv = next(d for d in plan.nodes if d.name == plan.equalized[tensor])
-    weight = next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == conv.weight)
-    norms = (weight.astype(np.float64) ** 2).reshape(weight.shape[0], -1).sum(axis=1)
-    s_c = np.asarray(per_channel.tensors[tensor].scale, np.float64)
-    s = float(per_tensor.tensors[tensor].scale)
-    return (per_channel if float((s_c**2 * norms).sum()) < s**2 * float(norms.sum()) else per_tensor).tensors[
-        tensor
-    ]
 
 
 def _channel_tensors(model: onnx.ModelProto, plan: QuantPlan) -> tuple[str, ...]:

@@ -187,7 +187,7 @@ def compute_table(
         clip_note = None
         if not pc and method != "minmax" and stats[name].has_hist and stats[name].count:
             lo, hi, clip_note = _no_worse_than_full_range(stats[name], float(lo), float(hi), bits, symmetric)
-        lo, hi, note = _nonzero_range(np.asarray(lo, np.float64), np.asarray(hi, np.float64), symmetric)
+        lo, hi, note = nonzero_range(np.asarray(lo, np.float64), np.asarray(hi, np.float64), symmetric)
         out = TensorRange.from_range(lo, hi, bits, bool(symmetric), method, axis=1 if pc else None)
         if note:
             log.warning("tensor %s: %s", name, note)
@@ -222,7 +222,7 @@ def _no_worse_than_full_range(
     )
 
 
-def _nonzero_range(
+def nonzero_range(
     lo: np.ndarray, hi: np.ndarray, symmetric: bool
 ) -> tuple[np.ndarray, np.ndarray, str | None]:
     """Give all-zero (constant 0) ranges the range [-1, 1] (or [0, 1] unsigned) so the scale is valid."""
