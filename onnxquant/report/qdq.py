@@ -94,6 +94,7 @@ class QdqGraph:
     layers: list[Layer] = field(default_factory=list)
     float_tensors: set[str] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)
+    weight_gains: dict[str, np.ndarray] = field(default_factory=dict)  # equalized depthwise weight -> k
     quant_graph: gs.Graph | None = field(default=None, repr=False, compare=False)
     float_graph: gs.Graph | None = field(default=None, repr=False, compare=False)
 
@@ -125,7 +126,8 @@ class QdqGraph:
         return constant(self._float_map.get(qt.name)) if qt.matched else None
 
     def dequantize_weight(self, qt: QTensor) -> tuple[np.ndarray, np.ndarray]:
-        """(integer codes, dequantized values) of a weight stored as codes → DequantizeLinear."""
+        """(integer codes, dequantized values) of a weight stored as codes → DequantizeLinear, in the float
+        weight's units (an equalized depthwise weight, stored as W/k, is multiplied back by k)."""
         dq = producer(self._quant_map[qt.dequantized])
         codes = constant(dq.inputs[0]).astype(np.int64)
         scale = constant(dq.inputs[1]).astype(np.float32)
@@ -135,7 +137,11 @@ class QdqGraph:
             shape = [1] * codes.ndim
             shape[dq.attrs.get("axis", 1)] = -1
             scale, zp = scale.reshape(shape), zp.reshape(shape)
-        return codes, ((codes - zp) * scale).astype(np.float32)
+        values = ((codes - zp) * scale).astype(np.float32)
+        gain = self.weight_gains.get(qt.dequantized)
+        if gain is not None:  # the Conv reads x·k, so its weights are stored as W/k
+            values = values * gain.reshape((-1,) + (1,) * (values.ndim - 1))
+        return codes, values
 
 
 def _elem_type(values: np.ndarray) -> int:
@@ -167,6 +173,9 @@ def analyze(quant_model: onnx.ModelProto, float_model: onnx.ModelProto) -> QdqGr
             continue
         acts = [q for q in quantized if q.kind == "activation"]
         weights = [q for q in quantized if q.kind == "weight"]
+        gains = [q.gain for q in acts if q.gain is not None]
+        if gains and weights and node.op == "Conv":
+            out.weight_gains[weights[0].dequantized] = gains[0]
         owners = [node.name]
         for q in acts:  # producers set an input's width too (output Q/DQ), through a fused Relu/Clip
             p = producer(out._quant_map[q.name])

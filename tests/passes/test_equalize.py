@@ -98,3 +98,13 @@ def test_onnx_runtime_runs_it_at_every_optimization_level(level):
         None, {"x": x}
     )[0]
     np.testing.assert_allclose(got, plain, rtol=1e-4, atol=1e-4 * np.abs(plain).max())
+
+
+def test_the_report_compares_equalized_tensors_in_float_units():
+    from onnxquant.report import build_report
+
+    result = convert("per_channel")
+    report = build_report(result.float_model, result.model, [{"x": data(4)}], sensitivity_samples=0)
+    by_name = {t.name: t for t in report.tensors}
+    assert by_name["x"].accumulated.sqnr_db > 35  # x·k/k: 8-bit per channel, not the ×k mismatch (~0 dB)
+    assert by_name["w"].accumulated.sqnr_db > 35  # stored as W/k, compared as W
