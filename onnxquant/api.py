@@ -172,24 +172,24 @@ def calibrate(
             channel_mad=sorted(channel_mad),
             **collect_options(methods),
         )
-        stats.update({t: stats[plan.range_source(t)] for t in plan.shared})
+        stats.update({t: stats[plan.range_source(t)] for t in plan.shared if plan.range_source(t) in stats})
     tensors = {}
     sources = {t: stats[plan.range_source(t)] for t in plan.activations if plan.range_source(t) in stats}
     for method in sorted(methods):
         specs = {
             t: (s.bits, s.symmetric)
             for t, s in plan.activations.items()
-            if s.method == method and t not in allocated and t not in equalized
+            if s.method == method and t not in allocated and t not in equalized and t in sources
         }
         tensors.update(compute_table(sources, specs, method, **method_options).tensors)
     weights = {t.name: t for t in model.graph.initializer}
-    for t in equalized:
+    for t in (t for t in equalized if t in sources):
         spec, conv = plan.activations[t], next(d for d in plan.nodes if d.name == plan.equalized[t])
         weight = numpy_helper.to_array(weights[conv.weight])
         tensors[t] = depthwise_input_range(
             sources[t], spec.bits, spec.symmetric, spec.method, weight, **method_options
         )
-    for t in allocated:
+    for t in (t for t in allocated if t in sources):
         tensors[t] = _allocated_range(sources, t, plan.activations[t], method_options)
     main = max(methods, key=lambda m: sum(s.method == m for s in plan.activations.values()))
     bits = max(s.bits for s in plan.activations.values())

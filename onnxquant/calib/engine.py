@@ -27,7 +27,7 @@ import onnx
 from onnxquant.calib.histogram import Histogram
 from onnxquant.calib.methods import METHODS, check_options
 from onnxquant.calib.mse import range_error
-from onnxquant.calib.stats import DEFAULT_BINS, NonFiniteError, TensorStats, merge_all, update_pass2
+from onnxquant.calib.stats import DEFAULT_BINS, HUGE, NonFiniteError, TensorStats, merge_all, update_pass2
 from onnxquant.errors import BadDataError, BadModelError, BadRulesError, InternalError, OnnxQuantError
 from onnxquant.model import graph_inputs, make_session, with_outputs
 from onnxquant.progress import progress_iter
@@ -63,6 +63,7 @@ def collect_stats(
     values are recomputed on the way).
     """
     tensors = list(dict.fromkeys(tensors))
+    unusable: set[str] = set()
     if bins < 8:
         raise BadRulesError(f"bins={bins}: too few histogram bins; accepted: 8 or more (default 2048)")
     channels = set(per_channel) | set(channel_mad)
@@ -89,10 +90,13 @@ def collect_stats(
         def pass1_update(name: str, x: np.ndarray) -> None:
             stats[name].update_pass1(x, name in channels)
 
-        n1 = _run(session, inputs, fetch, tensors, data, pass1_update, progress, "calibration pass 1")
+        n1 = _run(
+            session, inputs, fetch, tensors, data, pass1_update, progress, "calibration pass 1", unusable
+        )
         if n1 == 0:
             raise BadDataError("calibration data is empty; accepted: at least one sample")
         log.info("pass 1: %d samples, %d tensors", n1, len(tensors))
+        tensors = _usable(tensors, unusable, stats)
         second = second_pass(stats)
         if not second or first_pass_only:
             return stats
@@ -126,7 +130,7 @@ def collect_stats(
         if name in accs:
             update_pass2(accs[name], x)
 
-    n2 = _run(session, inputs, fetch, tensors, data, pass2_update, progress, "calibration pass 2")
+    n2 = _run(session, inputs, fetch, tensors, data, pass2_update, progress, "calibration pass 2", unusable)
     log.info("pass 2: %d samples, %d tensors", n2, len(second))
     for t in tensors:
         ref = reference[t]
@@ -147,6 +151,15 @@ def collect_stats(
             )
         st.pass2 = accs.get(t)
     return local if local is not None else reference
+
+
+def _usable(tensors: list[str], unusable: set[str], stats: dict[str, TensorStats]) -> list[str]:
+    """Drop tensors no range can represent (NaN/Inf, or |x| ≥ HUGE: masks of −inf or −3.4e38): they stay in
+    float, with a warning naming them."""
+    for t in sorted(unusable & set(tensors)):
+        log.warning("tensor %s: holds NaN, Inf or magnitudes of 1e30 or more (a mask?): left in float", t)
+        stats.pop(t, None)
+    return [t for t in tensors if t not in unusable]
 
 
 def merge_stats(*parts: Mapping[str, TensorStats]) -> dict[str, TensorStats]:
@@ -260,6 +273,7 @@ def _run(
     update,
     progress: bool,
     label: str,
+    unusable: set[str],
 ) -> int:
     """Run `session` on each batch and call update(name, array) per tensor; returns the samples seen.
 
@@ -286,29 +300,43 @@ def _run(
         ahead = worker.submit(read_and_infer)
         while (current := ahead.result()) is not None:
             ahead = worker.submit(read_and_infer)
-            samples += _update(*current, fetch, tensors, update, samples)
+            samples += _update(*current, fetch, tensors, update, samples, unusable)
     return samples
 
 
 def _update(
-    feed: Batch, outputs: list, fetch: Sequence[str], tensors: Sequence[str], update, first: int
+    feed: Batch,
+    outputs: list,
+    fetch: Sequence[str],
+    tensors: Sequence[str],
+    update,
+    first: int,
+    unusable: set[str],
 ) -> int:
-    """Feed one batch's tensors to `update`; returns the batch's sample count."""
+    """Feed one batch's tensors to `update`; returns the batch's sample count. NaN or Inf in the data is the
+    data's fault (one line); in an intermediate tensor (an attention mask's −inf) the tensor joins
+    `unusable` and is not fed again."""
     outs = dict(zip(fetch, outputs))
     outs.update({i: np.asarray(v) for i, v in feed.items() if i in tensors})
     for name in tensors:
+        if name in unusable:
+            continue
         x = np.asarray(outs[name])
         if x.dtype.kind != "f":
             raise BadModelError(f"tensor {name} has dtype {x.dtype}; accepted: float tensors only")
         try:
             update(name, x)
         except NonFiniteError:
-            _reject_nonfinite(name, x, first)
+            if name in feed:
+                _reject_nonfinite(name, x, first)
+            unusable.add(name)
     x0 = np.asarray(next(iter(feed.values()))) if feed else None
     return int(x0.shape[0]) if x0 is not None and x0.ndim else 1
 
 
 def _reject_nonfinite(name: str, x: np.ndarray, first_sample: int) -> None:
-    bad = np.argwhere(~np.isfinite(x))[0]
+    bad = np.argwhere(~(np.abs(x) < HUGE))[0]
     sample = first_sample + (int(bad[0]) if x.ndim else 0)
-    raise BadDataError(f"tensor {name}: NaN or Inf at sample {sample}; accepted: data giving finite values")
+    raise BadDataError(
+        f"tensor {name}: NaN or Inf at sample {sample}; accepted: finite data of magnitude below 1e30"
+    )

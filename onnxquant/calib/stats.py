@@ -42,6 +42,9 @@ DEFAULT_BINS = 2048
 MAD_TOLERANCE = 1e-4  # largest error bound of a Laplace b taken from the histogram, relative to b
 
 
+HUGE = 1e30  # a tensor reaching this magnitude holds a mask or a sentinel, not a range to quantize
+
+
 class NonFiniteError(BadDataError):
     """A batch holds NaN or Inf."""
 
@@ -59,8 +62,8 @@ def scan(x: np.ndarray, hist: Histogram | None = None) -> tuple[float, float, fl
     lo, hi, n, total, m2 = np.float32(np.inf), np.float32(-np.inf), 0, 0.0, 0.0
     for c in chunks(flat):
         c_lo, c_hi = c.min(), c.max()
-        if not (np.isfinite(c_lo) and np.isfinite(c_hi)):
-            raise NonFiniteError("NaN or Inf value")
+        if not (np.isfinite(c_lo) and np.isfinite(c_hi)) or max(-c_lo, c_hi) >= HUGE:
+            raise NonFiniteError("NaN, Inf or a magnitude of 1e30 or more")
         lo, hi = min(lo, c_lo), max(hi, c_hi)
         c_sum = float(np.sum(c))
         centre = np.float32(c_sum / c.size)

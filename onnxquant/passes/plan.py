@@ -6,7 +6,9 @@ DQ→op→Q groups into QLinear kernels); a Relu/Clip after a quantized node is 
 next node's quantized input, and Q saturates as the activation would). A quantized node's output that only a
 float op reads (Conv → HardSwish, a squeeze-excite gate) gets no Q/DQ: the runtime would dequantize it at once
 and compute in float, so a Q/DQ there only adds error. Placement `tensorrt` quantizes the inputs of compute
-ops and residual Adds. Graph outputs stay float. A tensor requested at several widths gets the widest.
+ops and residual Adds. An element-wise op with a constant operand (an Add of a bias or a +3, a Mul by a
+scale) stays float under both: no runtime fuses it into integer work. Graph outputs stay float. A tensor
+requested at several widths gets the widest.
 
 With `depthwise_inputs: per_channel`, the input x of a depthwise Conv (group = channels, the Conv its only
 reader) is quantized per channel and equalized into the Conv (`QuantPlan.equalized`): with per-channel scales
@@ -39,6 +41,7 @@ from onnxquant.rules import COMPUTE_OPS, QuantSpec, Rules
 FUSED_ACTIVATIONS = ("Relu", "Clip")
 ORDER_PRESERVING = ("MaxPool",)
 FLOAT_TYPES = (np.dtype(np.float32),)
+ELEMENTWISE = ("Add", "Sub", "Mul", "Div")  # quantized only between two activations (residual Adds)
 WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 
 
@@ -146,6 +149,8 @@ def plan_quantization(model: onnx.ModelProto, rules: Rules) -> QuantPlan:
         ]
         if quantize and not any(_is_float(t) for _, t in variables):
             quantize, reason = False, "no float activation input"
+        elif quantize and node.op in ELEMENTWISE and len(variables) < len(node.inputs):
+            quantize, reason = False, f"{node.op} of a constant: nothing to fuse, it stays float"
         plan.nodes.append(
             NodeDecision(node.name, node.op, quantize, reason, rule.weights, rule.activations, weight)
         )
