@@ -84,8 +84,49 @@ def parse_rules(text: str, where: str) -> Rules:
     return rule_files.parse_rules(text, where, **_RULE_NAMES)
 
 
+QUANTIZED_OPS = (
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "ConvInteger",
+    "MatMulInteger",
+    "DynamicQuantizeMatMul",
+    "QLinearAdd",
+    "QLinearMul",
+)
+
+
+def refuse_quantized(model: onnx.ModelProto) -> None:
+    """One line when `model` is already quantized (static, dynamic or integer-op form): a float model is
+    needed, and quantizing codes a second time only adds error."""
+    node = next((n for n in model.graph.node if n.op_type in QUANTIZED_OPS), None)
+    if node is not None:
+        raise BadModelError(
+            f"model: already quantized (node {node.name!r} is a {node.op_type}); accepted: a float model"
+        )
+
+
+def subgraph_notes(model: onnx.ModelProto) -> list[str]:
+    """A note for every control-flow node whose subgraphs hold nodes: those are left in float."""
+    notes = []
+    for node in model.graph.node:
+        inner = sum(
+            len(g.node)
+            for a in node.attribute
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)
+        )
+        if inner:
+            notes.append(
+                f"node {node.name!r} ({node.op_type}): {inner} nodes in its subgraphs are not quantized"
+            )
+    return notes
+
+
 def fold(model: onnx.ModelProto, rules: Rules) -> tuple[onnx.ModelProto, list[Outcome]]:
     """Run the rule file's rewrite passes; the returned outcomes say what was folded and what was refused."""
+    refuse_quantized(model)
     return run_passes(model, rules.passes)
 
 
@@ -103,7 +144,7 @@ class Inspection:
 
 def inspect(model: onnx.ModelProto, rules: Rules) -> Inspection:
     """What would be folded and quantized, at which widths, and why not."""
-    folded, outcomes = run_passes(model, rules.passes)
+    folded, outcomes = fold(model, rules)
     return Inspection(outcomes=outcomes, plan=plan_quantization(folded, rules))
 
 
@@ -111,9 +152,11 @@ def prepare(
     model: onnx.ModelProto, rules: Rules
 ) -> tuple[onnx.ModelProto, list[Outcome], QuantPlan, list[str]]:
     """Fold, upgrade the opset as the widths need (13 for per-channel, 21 for INT4), and plan."""
-    folded, outcomes = run_passes(model, rules.passes)
+    folded, outcomes = fold(model, rules)
     plan = plan_quantization(folded, rules)
-    notes = []
+    notes = subgraph_notes(folded)
+    for note in notes:
+        log.warning("%s", note)
     target = INT4_OPSET if 4 in plan.weight_bits else PER_CHANNEL_OPSET
     if opset_of(folded) < target:
         try:

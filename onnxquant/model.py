@@ -27,6 +27,7 @@ from onnxquant.ir import name_nodes
 log = logging.getLogger(__name__)
 
 MIN_OPSET = 11
+LIFT_OPSET = 13  # older models are converted to this opset on load
 INT4_OPSET = 21
 TWO_GIB = 2**31
 
@@ -55,10 +56,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     _load_external_data(model, path.parent)
     opset = opset_of(model)
     if opset < MIN_OPSET:
-        raise BadModelError(
-            f"{path}: opset {opset} is not supported; accepted: opset {MIN_OPSET} or newer "
-            "(convert with onnx.version_converter)"
-        )
+        model = _lift_old_opset(model, path)
     if opset > onnx.defs.onnx_opset_version():
         raise BadModelError(
             f"{path}: opset {opset} is newer than this onnx package knows "
@@ -72,6 +70,23 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     drop_initializer_inputs(model)
     name_nodes(model.graph)
     return infer_shapes(model)
+
+
+def _lift_old_opset(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
+    """An opset below MIN_OPSET (and an IR version below 4, whose initializers must be graph inputs) lifted to
+    opset 13 by onnx.version_converter; one line naming the file when the converter cannot."""
+    old = opset_of(model)
+    try:
+        lifted = version_converter.convert_version(model, LIFT_OPSET)
+        lifted.ir_version = max(lifted.ir_version, onnx.helper.find_min_ir_version_for(lifted.opset_import))
+        onnx.checker.check_model(lifted)
+    except Exception as exc:  # the converter raises bare RuntimeErrors with C++ messages
+        raise BadModelError(
+            f"{path}: opset {old} could not be converted to {LIFT_OPSET} ({first_line(exc)}); accepted: "
+            f"opset {MIN_OPSET} or newer"
+        ) from exc
+    log.warning("%s: opset %d lifted to %d by onnx.version_converter", path, old, LIFT_OPSET)
+    return lifted
 
 
 def drop_initializer_inputs(model: onnx.ModelProto) -> None:

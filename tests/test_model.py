@@ -120,12 +120,23 @@ def test_bad_files_are_one_line_errors(tmp_path, content, message):
     assert "\n" not in str(err.value) and str(path) in str(err.value)
 
 
-def test_directory_and_old_opset_are_refused(tmp_path):
+def test_a_directory_is_refused(tmp_path):
     with pytest.raises(BadModelError, match="is a directory"):
         load_model(tmp_path)
-    onnx.save(conv_model(opset=9), tmp_path / "old.onnx")
-    with pytest.raises(BadModelError, match="opset 9 is not supported"):
-        load_model(tmp_path / "old.onnx")
+
+
+def test_old_opset_and_ir3_are_lifted_with_the_same_numbers(tmp_path):
+    old = conv_model(opset=9)
+    old.ir_version = 3  # initializers must also be graph inputs
+    old.graph.input.extend(
+        [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in old.graph.initializer]
+    )
+    onnx.save(old, tmp_path / "old.onnx")
+    lifted = load_model(tmp_path / "old.onnx")
+    assert opset_of(lifted) == 13 and lifted.ir_version >= 7
+    assert [i.name for i in lifted.graph.input] == ["x"]  # the weights are constants now
+    x = RNG.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(run(lifted, x), run(conv_model(13), x), rtol=1e-6)
 
 
 def test_upgrade_to_opset_21_keeps_numbers():
