@@ -381,6 +381,7 @@ def inspect(model, rules_path, bits):
     for o in result.outcomes:
         click.echo(f"  {'fold' if o.applied else 'keep'} [{o.pass_name}] {o.reason}")
     click.echo("nodes:")
+    equalized = {conv: tensor for tensor, conv in result.plan.equalized.items()}
     for d in result.plan.nodes:
         if d.quantize and d.weight:
             what = f"W{d.weights.bits} {d.weights.granularity} {d.weights.method}, A{d.activations.bits}"
@@ -388,6 +389,8 @@ def inspect(model, rules_path, bits):
             what = d.reason or f"A{d.activations.bits}"
         else:
             what = f"float: {d.reason}"
+        if d.name in equalized:
+            what += f"; input {equalized[d.name]!r} per channel, equalized into the weights where it pays"
         click.echo(f"  {d.name} ({d.op_type}): {what}")
     click.echo(f"activation tensors with Q/DQ: {len(result.plan.activations)}")
 
