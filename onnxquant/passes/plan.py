@@ -5,10 +5,12 @@ A tensor gets Q/DQ only where the target runtime computes on its codes: as a flo
 DQ→op→Q groups into QLinear kernels); a Relu/Clip after a quantized node is fused with it (its output is the
 next node's quantized input, and Q saturates as the activation would). A quantized node's output that only a
 float op reads (Conv → HardSwish, a squeeze-excite gate) gets no Q/DQ: the runtime would dequantize it at once
-and compute in float, so a Q/DQ there only adds error. Placement `tensorrt` quantizes the inputs of compute
-ops and residual Adds. An element-wise op with a constant operand (an Add of a bias or a +3, a Mul by a
-scale) stays float under both: no runtime fuses it into integer work. Graph outputs stay float. A tensor
-requested at several widths gets the widest.
+and compute in float, so a Q/DQ there only adds error. Under `ort`, a quantized non-compute op (Add, Concat,
+pooling) whose output no quantized node reads, directly or across data movement, is left float too: ONNX
+Runtime computes it in integer only with its output quantized (a transformer's residual Add before its
+LayerNorm). Placement `tensorrt` quantizes the inputs of compute ops and residual Adds. An element-wise op
+with a constant operand (an Add of a bias or a +3, a Mul by a scale) stays float under both: no runtime fuses
+it into integer work. Graph outputs stay float. A tensor requested at several widths gets the widest.
 
 With `depthwise_inputs: per_channel`, the input x of a depthwise Conv (group = channels, the Conv its only
 reader) is quantized per channel and equalized into the Conv (`QuantPlan.equalized`): with per-channel scales
@@ -29,7 +31,7 @@ rather than the mostly discarded rest (a Laplace fit to a post-Relu tensor would
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -41,6 +43,7 @@ from onnxquant.rules import COMPUTE_OPS, QuantSpec, Rules
 FUSED_ACTIVATIONS = ("Relu", "Clip")
 ORDER_PRESERVING = ("MaxPool",)
 FLOAT_TYPES = (np.dtype(np.float32),)
+DATA_MOVEMENT = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze")
 ELEMENTWISE = ("Add", "Sub", "Mul", "Div")  # quantized only between two activations (residual Adds)
 WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 
@@ -128,12 +131,12 @@ def plan_quantization(model: onnx.ModelProto, rules: Rules) -> QuantPlan:
     positions = compute_positions(graph)
     plan = QuantPlan(placement=rules.placement)
 
-    def request(tensor: gs.Tensor, spec: QuantSpec) -> None:
+    requests: dict[str, dict[str, QuantSpec]] = {}  # tensor -> {requesting node: its activation spec}
+
+    def request(tensor: gs.Tensor, node: str, spec: QuantSpec) -> None:
         if tensor.name in graph_outputs or isinstance(tensor, gs.Constant) or not _is_float(tensor):
             return
-        old = plan.activations.get(tensor.name)
-        if old is None or spec.bits > old.bits:
-            plan.activations[tensor.name] = ActivationSpec(spec.bits, spec.symmetric, spec.method)
+        requests.setdefault(tensor.name, {})[node] = spec
 
     for node in graph.nodes:
         rule = rules.for_node(node.name, node.op, positions.get(node.name, frozenset()))
@@ -158,12 +161,43 @@ def plan_quantization(model: onnx.ModelProto, rules: Rules) -> QuantPlan:
             continue
         for i, tensor in variables:
             if not (node.op in COMPUTE_OPS and i == 2):
-                request(tensor, rule.activations)
+                request(tensor, node.name, rule.activations)
+    if rules.placement == "ort":
+        _demote_float_read(plan, graph, requests)
+    for name, specs in requests.items():
+        if specs:
+            widest = max(specs.values(), key=lambda spec: spec.bits)
+            plan.activations[name] = ActivationSpec(widest.bits, widest.symmetric, widest.method)
     _mark_fused(plan, graph)
     _share_ranges(plan, graph)
     if rules.depthwise_inputs == "per_channel":
         _equalize_depthwise(plan, graph)
     return plan
+
+
+def _demote_float_read(plan: QuantPlan, graph: gs.Graph, requests: dict[str, dict[str, QuantSpec]]) -> None:
+    """Leave float each quantized non-compute node (Add, Concat, pooling) whose output no quantized node
+    reads:
+    ONNX Runtime fuses such a node into integer work only with its output quantized, so Q/DQ on its inputs
+    would be dequantized at once (a transformer's residual Add before LayerNorm). Repeats until stable."""
+    index = {d.name: i for i, d in enumerate(plan.nodes)}
+    changed = True
+    while changed:
+        changed = False
+        for node in graph.nodes:
+            d = plan.nodes[index[node.name]]
+            if not d.quantize or d.op_type in COMPUTE_OPS or not node.outputs:
+                continue
+            out = node.outputs[0]
+            while len(out.outputs) == 1 and out.outputs[0].op in (*FUSED_ACTIVATIONS, *DATA_MOVEMENT):
+                out = out.outputs[0].outputs[0]  # ONNX Runtime moves Q/DQ across these
+            if requests.get(out.name):
+                continue
+            plan.nodes[index[node.name]] = replace(d, quantize=False, reason="its output is read in float")
+            for tensor in node.inputs:
+                if node.name in requests.get(tensor.name, {}):
+                    del requests[tensor.name][node.name]
+            changed = True
 
 
 def _equalize_depthwise(plan: QuantPlan, graph: gs.Graph) -> None:
