@@ -8,7 +8,8 @@ float op reads (Conv → HardSwish, a squeeze-excite gate) gets no Q/DQ: the run
 and compute in float, so a Q/DQ there only adds error. Under `ort`, a quantized non-compute op (Add, Concat,
 pooling) whose output no quantized node reads, directly or across data movement, is left float too: ONNX
 Runtime computes it in integer only with its output quantized (a transformer's residual Add before its
-LayerNorm). Placement `tensorrt` quantizes the inputs of compute ops and residual Adds. An element-wise op
+LayerNorm). Placement `tensorrt` quantizes the inputs of compute ops and of residual Adds that a Conv feeds
+(TensorRT fuses those into the Conv's epilogue; a transformer's residual Add stays float). An element-wise op
 with a constant operand (an Add of a bias or a +3, a Mul by a scale) stays float under both: no runtime fuses
 it into integer work. Graph outputs stay float. A tensor requested at several widths gets the widest.
 
@@ -154,6 +155,11 @@ def plan_quantization(model: onnx.ModelProto, rules: Rules) -> QuantPlan:
             quantize, reason = False, "no float activation input"
         elif quantize and node.op in ELEMENTWISE and len(variables) < len(node.inputs):
             quantize, reason = False, f"{node.op} of a constant: nothing to fuse, it stays float"
+        elif quantize and rules.placement == "tensorrt" and node.op == "Add" and not _after_conv(node):
+            quantize, reason = (
+                False,
+                "TensorRT fuses a residual Add into a Conv's epilogue only; none feeds it",
+            )
         plan.nodes.append(
             NodeDecision(node.name, node.op, quantize, reason, rule.weights, rule.activations, weight)
         )
@@ -173,6 +179,17 @@ def plan_quantization(model: onnx.ModelProto, rules: Rules) -> QuantPlan:
     if rules.depthwise_inputs == "per_channel":
         _equalize_depthwise(plan, graph)
     return plan
+
+
+def _after_conv(node: gs.Node) -> bool:
+    """Whether an input of `node` is a Conv's output (through a Relu/Clip at most)."""
+    for tensor in node.inputs:
+        p = tensor.inputs[0] if tensor.inputs else None
+        if p is not None and p.op in FUSED_ACTIVATIONS and p.inputs[0].inputs:
+            p = p.inputs[0].inputs[0]
+        if p is not None and p.op in ("Conv", "ConvTranspose"):
+            return True
+    return False
 
 
 def _demote_float_read(plan: QuantPlan, graph: gs.Graph, requests: dict[str, dict[str, QuantSpec]]) -> None:

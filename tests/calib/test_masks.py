@@ -13,11 +13,11 @@ from onnxquant.model import infer_shapes, make_session
 
 MASKED = """
 <ir_version: 8, opset_import: ["" : 13]>
-g (float[N, 8] x, float[N, 8] m) => (float[N, 8] y) {
-  scores = MatMul (x, w)
+g (float[N, 8, 1, 1] x, float[N, 8, 1, 1] m) => (float[N, 8, 1, 1] y) {
+  scores = Conv (x, w)
   mask = {mask}
   s = Add (scores, mask)
-  y = Softmax <axis = -1> (s)
+  y = Softmax <axis = 1> (s)
 }
 """
 MASKS = {"-inf": "Log (m)", "-3.4e38": "Mul (m, big)"}
@@ -28,7 +28,7 @@ def masked_model(mask: str) -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     model.graph.initializer.extend(
         [
-            onnx.numpy_helper.from_array(rng.normal(0, 1, (8, 8)).astype(np.float32), "w"),
+            onnx.numpy_helper.from_array(rng.normal(0, 1, (8, 8, 1, 1)).astype(np.float32), "w"),
             onnx.numpy_helper.from_array(np.array(-3.4e38, np.float32), "big"),
         ]
     )
@@ -37,16 +37,18 @@ def masked_model(mask: str) -> onnx.ModelProto:
 
 def feeds(mask: str, n: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    keep = (rng.uniform(size=(n, 8)) > 0.3).astype(np.float32)
+    keep = (rng.uniform(size=(n, 8, 1, 1)) > 0.3).astype(np.float32)
     keep[:, 0] = 1  # every row keeps one position
     m = keep if mask == "-inf" else 1 - keep
-    return {"x": rng.normal(0, 1, (n, 8)).astype(np.float32), "m": m}
+    return {"x": rng.normal(0, 1, (n, 8, 1, 1)).astype(np.float32), "m": m}
 
 
 @pytest.mark.parametrize("mask", sorted(MASKS))
 def test_a_mask_stays_float_and_the_rest_is_quantized(mask, caplog):
     model = masked_model(mask)
-    result = api.convert(model, api.load_rules("tensorrt"), data=[feeds(mask)])  # quantizes the Add's inputs
+    result = api.convert(
+        model, api.load_rules("tensorrt"), data=[feeds(mask)]
+    )  # a Conv feeds the Add: its inputs are quantized
     assert "mask" not in result.table.tensors and {"x", "scores"} <= set(result.table.tensors)
     assert any("mask" in r.message and "left in float" in r.message for r in caplog.records)
     f = feeds(mask, seed=1)
