@@ -389,7 +389,7 @@ def test_calibrate_writes_the_whole_model_and_tensorrt_keeps_activations(demo):
     assert result.exit_code == 0, result.output
     kinds = [e.get("kind", "activation") for e in json.loads(table.read_text())["tensors"].values()]
     assert kinds.count("weight") == 5 and kinds.count("activation") == 7
-    assert "calibrated 7 activations with minmax and 5 weights" in result.output
+    assert "calibrated 7 activations with kl and 5 weights" in result.output
     result = invoke("table", table, "--format", "tensorrt", "-o", cache)
     assert result.exit_code == 0 and "wrote 7 activations as tensorrt" in result.output
     assert len(cache.read_text().splitlines()) == 1 + 7
