@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections import Counter
 from pathlib import Path
 
 import click
@@ -23,15 +22,15 @@ from onnxquant.cli_options import (
     cli_rules,
     common,
     data_options,
-    human_size,
     open_cli_data,
     rules_option,
     split_bits,
     suggest_options,
 )
+from onnxquant.cli_output import fail_under, print_convert_summary, write_report, write_suggestion
 from onnxquant.errors import CheckFailed
 from onnxquant.model import atomic_write, check_output_path, file_size, save_model
-from onnxquant.report import SuggestOptions, render_html, render_text
+from onnxquant.report import SuggestOptions
 from onnxquant.runtime import BACKENDS, REQUANT_MODES
 
 log = logging.getLogger("onnxquant")
@@ -232,49 +231,10 @@ def convert(
     if save_stats is not None and result.stats:
         stats_io.save_stats(result.stats, save_stats)
     if report is not None:
-        _write_report(report, report_path, None)
+        write_report(report, report_path, None)
     if report is not None and report.suggestion is not None:
-        _write_suggestion(report.suggestion, suggest_rules)
-    _print_convert_summary(result, file_size(model), file_size(out), out)
-
-
-def _rewrite_kind(reason: str) -> str:
-    """A canonicalization's kind, from its reason: 'fused Add 'a' (bias) into Conv 'c'' -> 'fused Add'."""
-    words = reason.split()
-    return " ".join(words[:2]) if words and not words[0].isdigit() else reason
-
-
-def _print_convert_summary(result, size_in: int, size_out: int, out: Path) -> None:
-    s = result.summary
-    folded = (
-        ", ".join(
-            f"{o.nodes[0]} into {o.nodes[1]}" if len(o.nodes) > 1 else o.nodes[0] for o in result.folded
-        )
-        or "none"
-    )
-    if result.canonicalized:
-        kinds = Counter(_rewrite_kind(o.reason) for o in result.canonicalized)
-        click.echo("canonicalized: " + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())))
-    click.echo(f"folded {len(result.folded)} nodes: {folded}")
-    click.echo(
-        "weights quantized: "
-        + (", ".join(f"{n} at {b} bits" for b, n in sorted(s.weights.items())) or "none")
-    )
-    click.echo(
-        "activations quantized: "
-        + (", ".join(f"{n} at {b} bits" for b, n in sorted(s.activations.items())) or "none")
-    )
-    if s.float_nodes:
-        click.echo(f"left in float: {len(s.float_nodes)} nodes")
-        for name, op, reason in s.float_nodes[:12]:
-            click.echo(f"  {name} ({op}): {reason}")
-        if len(s.float_nodes) > 12:
-            click.echo(f"  ... and {len(s.float_nodes) - 12} more (see `onnxquant inspect`)")
-    for note in result.notes:
-        click.echo(f"note: {note}")
-    click.echo(
-        f"size: {human_size(size_in)} -> {human_size(size_out)} ({size_out / size_in:.3f}x); wrote {out}"
-    )
+        write_suggestion(report.suggestion, suggest_rules)
+    print_convert_summary(result, file_size(model), file_size(out), out)
 
 
 @main.command()
@@ -480,43 +440,10 @@ def report(
         suggest=suggest,
         progress=sys.stderr.isatty(),
     )
-    _write_report(result, output, json_path)
+    write_report(result, output, json_path)
     if result.suggestion is not None:
-        _write_suggestion(result.suggestion, suggest_rules)
-    _fail_under(result, fail_under_sqnr)
-
-
-def _write_suggestion(suggestion, path: Path) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_text(suggestion.rules_text(), encoding="utf-8")
-    gain = suggestion.measured or suggestion.predicted or {}
-    kind = "measured" if suggestion.measured else "predicted"
-    change = ", ".join(
-        f"{name} {suggestion.before[name]:.1f} -> {db:.1f} dB"
-        for name, db in gain.items()
-        if name in suggestion.before
-    )
-    click.echo(
-        f"wrote {path}: {suggestion.k} layers at {suggestion.high_bits} bits; {kind} output SQNR {change}"
-    )
-
-
-def _write_report(result, html_path: Path, json_path: Path | None) -> None:
-    with atomic_write(html_path) as tmp:
-        tmp.write_text(render_html(result), encoding="utf-8")
-    if json_path is not None:
-        with atomic_write(json_path) as tmp:
-            tmp.write_text(json.dumps(result.to_json(), indent=1, sort_keys=True), encoding="utf-8")
-    click.echo(render_text(result))
-    click.echo(f"wrote {html_path}" + (f" and {json_path}" if json_path else ""))
-
-
-def _fail_under(result, threshold: float | None) -> None:
-    if threshold is None:
-        return
-    failing = result.fails_under(threshold)
-    if failing:
-        raise CheckFailed(f"output SQNR below {threshold} dB: {', '.join(failing)}")
+        write_suggestion(result.suggestion, suggest_rules)
+    fail_under(result, fail_under_sqnr)
 
 
 @main.command()
