@@ -54,8 +54,13 @@ try:
 except Exception as exc:  # symbolic shape inference fails on some graphs: retry without it
     print(f"quant_pre_process with symbolic shapes failed ({exc!r}); retrying without", file=sys.stderr)
     quant_pre_process(model, pre, skip_symbolic_shape=True)
-quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+try:
+    quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+except Exception as exc:  # ORT's per-channel bias-scale adjustment fails on some graphs: retry per tensor
+    print(f"per-channel quantize_static failed ({exc!r}); retrying with per_channel=False", file=sys.stderr)
+    quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=False,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 """
 
 NNCF_SCRIPT = """
