@@ -240,6 +240,60 @@ class ErfGeluFusion(pattern.RewriteRuleClassBase):
         return op.Gelu(x)
 
 
+class ConvScaleFusion(pattern.RewriteRuleClassBase):
+    """`Mul(Conv(x, W, b), c)` → `Conv(x, W·c, b·c)` for a float constant `c` per output channel (axis 1, or a
+    scalar): each output channel o is `Σ W_o·x + b_o`, so scaling it scales W_o and b_o. This is the affine
+    half of a BatchNorm that Caffe-style exports write as Mul/Add after the Conv."""
+
+    def pattern(self, op, x, w, c):
+        y = op.Conv(x, w, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["y"])
+        return op.Mul(y, c)
+
+    def check(self, context, x, w, c, y) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        node = y.producer()
+        channels, rank = _channels(node, w)
+        weight, scale = _const(w), _const(c)
+        if channels is None or weight is None or weight.dtype.type not in _FLOATS:
+            return result.fail("the Conv weight is not a static float constant")
+        if scale is None or scale.dtype.type not in _FLOATS or _per_channel(scale, channels, rank) is None:
+            return result.fail("the factor is not a per-channel float constant")
+        if _bias(node, channels) is None:
+            return result.fail("the Conv bias is not a per-channel constant")
+        return result
+
+    def rewrite(self, op, x, w, c, y):
+        node = y.producer()
+        channels, rank = _channels(node, w)
+        weight, scale = _const(w), _per_channel(_const(c), channels, rank).astype(np.float64)
+        scaled = (weight.astype(np.float64) * scale.reshape((-1,) + (1,) * (weight.ndim - 1))).astype(
+            weight.dtype
+        )
+        bias = (_bias(node, channels) * scale).astype(weight.dtype)
+        name = node.name or "conv"
+        inputs = [x, op.initializer(ir.tensor(scaled), f"{name}_w_scaled")]
+        inputs.append(op.initializer(ir.tensor(bias), f"{name}_bias_scaled"))
+        return op.Conv(*inputs, **dict(node.attributes.items()))
+
+
+class SubByConstant(pattern.RewriteRuleClassBase):
+    """`x − c` → `x + (−c)` for a float constant `c`, so a constant subtracted after a Conv (a BatchNorm's
+    mean in Caffe-style exports) folds into its bias like an added one."""
+
+    def pattern(self, op, x, c):
+        return op.Sub(x, c)
+
+    def check(self, context, x, c) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        value = _const(c)
+        if x.const_value is not None or value is None or value.dtype.type not in _FLOATS:
+            return result.fail("the subtrahend is not a float constant (or the minuend is constant)")
+        return result
+
+    def rewrite(self, op, x, c):
+        return op.Add(x, op.initializer(ir.tensor(-_const(c)), f"{c.name or 'subtrahend'}_negated"))
+
+
 class DivByConstant(pattern.RewriteRuleClassBase):
     """`x / d` → `x · (1/d)` for a float constant `d` with no zero (the reciprocal computed in float64; the
     result differs from the Div by at most an ulp). Quantizers and runtimes treat a Mul by a constant as a
@@ -283,7 +337,7 @@ def _rules(opset: int) -> tuple[list[pattern.RewriteRule], list[pattern.RewriteR
         ox_rules.dropout_inference_rule,
         ox_rules.dropout_zero_rule,
     ]
-    return _commuted(ours) + library, [DivByConstant.rule()]
+    return _commuted([*ours, ConvScaleFusion.rule()]) + library, [DivByConstant.rule(), SubByConstant.rule()]
 
 
 def _commuted(rules: Sequence[pattern.RewriteRule]) -> list[pattern.RewriteRule]:
@@ -440,10 +494,15 @@ def _outcome(matched: list[ir.Node], new: Sequence[ir.Node], root: ir.Node) -> O
     ops = "/".join(n.op_type for n in matched)
     names = tuple(n.name for n in matched)
     if compute is not None and main.op_type == compute.op_type:
-        adds = ", ".join(f"'{n.name}'" for n in matched if n is not compute)
-        reason = f"fused Add {adds} (bias) into {compute.op_type} '{main.name}'"
+        others = [n for n in matched if n is not compute]
+        op = others[0].op_type if others else "Add"
+        named = ", ".join(f"'{n.name}'" for n in others)
+        kind = "(scale)" if op == "Mul" else "(bias)"
+        reason = f"fused {op} {named} {kind} into {compute.op_type} '{main.name}'"
     elif root.op_type == "Div" and main.op_type == "Mul" and len(matched) == 1:
         reason = f"replaced Div '{root.name}' by a constant with a Mul by its reciprocal"
+    elif root.op_type == "Sub" and main.op_type == "Add" and len(matched) == 1:
+        reason = f"replaced Sub '{root.name}' of a constant with an Add of its negation"
     elif main.op_type == "Identity":
         reason = f"removed no-op {ops} '{root.name}'"
     else:

@@ -387,3 +387,33 @@ def test_new_bias_name_avoids_existing_tensor_names(tools):
     }"""
     out, _ = canon(tools.build(head() + text, {"w": rand((4, 2, 3, 3)), "v": rand((4, 1, 1))}), tools)
     assert node(out, "Conv").input[2] == "Conv_0_bias_1"
+
+
+CAFFE_BN = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[N, 3, 6, 6] x) => (float[N, 4, 6, 6] y) {
+  c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+  s = Sub (c, mean)
+  m = Mul (s, scale)
+  a = Add (m, shift)
+  y = Relu (a)
+}
+"""
+
+
+def test_a_batchnorm_written_as_sub_mul_add_folds_into_the_conv(tools):
+    rng = np.random.default_rng(0)
+    model = tools.build(
+        CAFFE_BN,
+        {
+            "w": rng.normal(0, 1, (4, 3, 3, 3)).astype(np.float32),
+            "b": rng.normal(0, 1, 4).astype(np.float32),
+            "mean": rng.normal(0, 1, (1, 4, 1, 1)).astype(np.float32),
+            "scale": rng.uniform(0.5, 2, (1, 4, 1, 1)).astype(np.float32),
+            "shift": rng.normal(0, 1, (1, 4, 1, 1)).astype(np.float32),
+        },
+    )
+    out, outcomes = canonicalize(model)
+    tools.assert_equivalent(model, out)
+    assert [n.op_type for n in out.graph.node] == ["Conv", "Relu"]
+    assert any("(scale) into Conv" in o.reason for o in outcomes)
