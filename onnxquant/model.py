@@ -196,6 +196,7 @@ def upgrade_opset(model: onnx.ModelProto, target: int = INT4_OPSET) -> onnx.Mode
         return model
     try:
         converted = version_converter.convert_version(model, target)
+        del converted.graph.value_info[:]  # shapes recorded for the old opset may contradict the new ops
         onnx.checker.check_model(converted)
     except Exception as exc:
         raise BadModelError(
