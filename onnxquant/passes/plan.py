@@ -193,9 +193,8 @@ def _after_conv(node: gs.Node) -> bool:
 
 
 def _demote_float_read(plan: QuantPlan, graph: gs.Graph, requests: dict[str, dict[str, QuantSpec]]) -> None:
-    """Leave float each quantized non-compute node (Add, Concat, pooling) whose output no quantized node
-    reads:
-    ONNX Runtime fuses such a node into integer work only with its output quantized, so Q/DQ on its inputs
+    """Leave float each quantized non-compute node (Add, Concat, pooling) that no quantized node reads: ONNX
+    Runtime fuses such a node into integer work only with its output quantized, so Q/DQ on its inputs
     would be dequantized at once (a transformer's residual Add before LayerNorm). Repeats until stable."""
     index = {d.name: i for i, d in enumerate(plan.nodes)}
     changed = True
@@ -227,6 +226,7 @@ def _equalize_depthwise(plan: QuantPlan, graph: gs.Graph) -> None:
         x, w = node.inputs[0], node.inputs[1]
         channels = w.shape[0] if isinstance(w, gs.Constant) and len(w.shape) == 4 else 0
         depthwise = channels > 1 and w.shape[1] == 1 and node.attrs.get("group", 1) == channels
+        depthwise = depthwise and len(w.outputs) == 1  # the weight's scales change for this Conv alone
         if depthwise and x.name in plan.activations and len(x.outputs) == 1 and x.name not in plan.shared:
             plan.equalized[x.name] = node.name
 
