@@ -203,7 +203,21 @@ def upgrade_opset(model: onnx.ModelProto, target: int = INT4_OPSET) -> onnx.Mode
             f"model: cannot upgrade opset {opset_of(model)} to {target} for INT4 storage "
             f"({first_line(exc)}); accepted: --bits 5..8, or a model that converts"
         ) from exc
+    _clear_contradicted_output_shapes(converted)
     return infer_shapes(converted)
+
+
+def _clear_contradicted_output_shapes(model: onnx.ModelProto) -> None:
+    """Exporters sometimes declare output shapes that newer opsets' shape inference contradicts (rank 2 for a
+    Reshape whose target shape propagates to rank 3); keep the outputs' types, drop their shapes."""
+    if model.ByteSize() >= TWO_GIB:
+        return
+    try:
+        shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    except shape_inference.InferenceError as exc:
+        log.warning("declared output shapes contradict shape inference (%s): dropped", first_line(exc))
+        for output in model.graph.output:
+            output.type.tensor_type.ClearField("shape")
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:

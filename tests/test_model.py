@@ -180,3 +180,22 @@ def test_save_is_atomic_and_output_checks(tmp_path):
         check_output_path(tmp_path / "missing" / "x.onnx")
     with pytest.raises(OnnxQuantError, match="is a directory"):
         check_output_path(tmp_path)
+
+
+def test_upgrade_drops_declared_output_shapes_that_inference_contradicts():
+    text = """
+    <ir_version: 7, opset_import: ["" : 13]>
+    g (float[2, 12] x) => (float[2, 12] y) {
+      a = Constant <value = int64[1] {2}> ()
+      b = Constant <value = int64[2] {3, 4}> ()
+      s = Concat <axis = 0> (a, b)
+      y = Reshape (x, s)
+    }
+    """
+    model = onnx.parser.parse_model(text)  # declares y as rank 2; the Reshape makes it [2, 3, 4]
+    upgraded = upgrade_opset(model, 21)
+    dims = upgraded.graph.output[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [2, 3, 4]  # the contradicted declaration gave way to inference
+    onnx.checker.check_model(upgraded, full_check=True)
+    x = RNG.standard_normal((2, 12)).astype(np.float32)
+    assert make_session(upgraded).run(None, {"x": x})[0].shape == (2, 3, 4)
