@@ -200,10 +200,8 @@ def calibrate(
     if stats is None:
         sources = {plan.range_source(t) for t in plan.activations}
         channels = set(per_channel) | {plan.range_source(t) for t in (*allocated, *equalized)}
-        channel_mad = {
-            plan.range_source(t)
-            for t in (*allocated, *equalized)
-            if METHODS[plan.activations[t].method].needs_moments
+        channel_mad = {  # equalized inputs use per-channel min/max only
+            plan.range_source(t) for t in allocated if METHODS[plan.activations[t].method].needs_moments
         }
         stats = collect_stats(
             model,

@@ -28,6 +28,8 @@ def depthwise_input_range(
 ) -> TensorRange:
     """The entry of a depthwise Conv's input: per channel (axis 1) or per tensor, whichever rounds less."""
     per_tensor = compute_table({"x": stats}, {"x": (bits, symmetric)}, method, **method_options).tensors["x"]
+    if not stats.per_channel:  # statistics saved without per-channel values (--load-stats)
+        return per_tensor
     signed = not stats.one_sided
     lo = np.maximum(HEADROOM * np.asarray(stats.ch_min, np.float64), stats.min)
     hi = np.minimum(HEADROOM * np.asarray(stats.ch_max, np.float64), stats.max)
