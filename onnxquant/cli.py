@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -27,9 +26,9 @@ from onnxquant.cli_options import (
     split_bits,
     suggest_options,
 )
-from onnxquant.cli_output import fail_under, print_convert_summary, write_report, write_suggestion
+from onnxquant.cli_output import fail_under, print_convert_summary, write_json, write_report, write_suggestion
 from onnxquant.errors import CheckFailed
-from onnxquant.model import atomic_write, check_output_path, file_size, save_model
+from onnxquant.model import check_output_path, file_size, save_model
 from onnxquant.report import SuggestOptions
 from onnxquant.runtime import BACKENDS, REQUANT_MODES
 
@@ -481,8 +480,7 @@ def validate(quant_model, data_path, backend, requant, json_path, **data_opts):
     data = open_cli_data(model, data_path, extra_keys=("labels",), **data_opts)
     result = api.validate(model, data, backend=backend, requant=requant)
     if json_path is not None:
-        with atomic_write(json_path) as tmp:
-            tmp.write_text(json.dumps(result.to_json(), indent=1, sort_keys=True), encoding="utf-8")
+        write_json(result, json_path)
     for line in result.summary_lines():
         click.echo(line)
     if not result.passed:

@@ -69,12 +69,17 @@ def write_suggestion(suggestion, path: Path) -> None:
     )
 
 
+def write_json(result, path: Path) -> None:
+    """`result.to_json()` as indented, key-sorted JSON, written atomically."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(result.to_json(), indent=1, sort_keys=True), encoding="utf-8")
+
+
 def write_report(result, html_path: Path, json_path: Path | None) -> None:
     with atomic_write(html_path) as tmp:
         tmp.write_text(render_html(result), encoding="utf-8")
     if json_path is not None:
-        with atomic_write(json_path) as tmp:
-            tmp.write_text(json.dumps(result.to_json(), indent=1, sort_keys=True), encoding="utf-8")
+        write_json(result, json_path)
     click.echo(render_text(result))
     click.echo(f"wrote {html_path}" + (f" and {json_path}" if json_path else ""))
 
