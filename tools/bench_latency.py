@@ -9,11 +9,10 @@ peers' models, each at batch 1 with 2 intra-op threads, the median of `--runs` r
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
+from bench_real import median_latency_ms, session
 
 CANDIDATES = {
     "onnxquant default": "oq_kl_w8a8_default.onnx",
@@ -24,19 +23,8 @@ CANDIDATES = {
 
 
 def median_ms(path: Path, feeds: dict[str, np.ndarray], runs: int) -> float:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feeds = {i.name: feeds[i.name] for i in session.get_inputs()}
-    for _ in range(5):
-        session.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
+    sess = session(str(path))
+    return median_latency_ms(sess, {i.name: feeds[i.name] for i in sess.get_inputs()}, runs, warmup=5)
 
 
 def main() -> None:
