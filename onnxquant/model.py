@@ -291,15 +291,24 @@ def _cuda_loads() -> bool:
     return True
 
 
+# x86 CPUs without VNNI (AVX2, AVX-512 before Cascade Lake, SSE4.1) multiply uint8 by int8 with VPMADDUBSW,
+# which saturates pairs of products at int16: ONNX Runtime's fused QLinearConv/MatMul then differ from the QDQ
+# model by up to tens of steps. This option makes ONNX Runtime use exact u8u8 kernels there (no effect
+# elsewhere).
+X64_QUANT_PRECISION = "session.x64quantprecision"
+
+
 def make_session(
     model: onnx.ModelProto | bytes, optimize: bool = True, use_gpu: bool = False, spin: bool = False
 ):
     """An ONNX Runtime session; `optimize=False` disables all graph optimizations. `spin=False` stops idle
-    worker threads from spinning, which leaves the CPU to Python work that runs alongside inference."""
+    worker threads from spinning, which leaves the CPU to Python work that runs alongside inference. Integer
+    kernels are exact on every x86 CPU (`X64_QUANT_PRECISION`), so results do not depend on the machine."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if not spin:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry(X64_QUANT_PRECISION, "1")
     opts.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )

@@ -199,3 +199,38 @@ def test_upgrade_drops_declared_output_shapes_that_inference_contradicts():
     onnx.checker.check_model(upgraded, full_check=True)
     x = RNG.standard_normal((2, 12)).astype(np.float32)
     assert make_session(upgraded).run(None, {"x": x})[0].shape == (2, 3, 4)
+
+
+def test_sessions_are_exact_where_int8_kernels_saturate():
+    """uint8 activations at 255 times int8 weights at ±127: pairs of products exceed int16, which x86 CPUs
+    without VNNI saturate in ONNX Runtime's fused QLinearConv unless the session asks for exact kernels."""
+    rng = np.random.default_rng(0)
+    w = rng.choice([-127, 127], size=(4, 16, 3, 3)).astype(np.int8)
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["w", "sw"], ["wd"]),
+        helper.make_node("Conv", ["xd", "wd"], ["y"]),
+        helper.make_node("QuantizeLinear", ["y", "sy", "zy"], ["yq"]),
+        helper.make_node("DequantizeLinear", ["yq", "sy", "zy"], ["out"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array(1 / 255, np.float32), "sx"),
+        numpy_helper.from_array(np.array(0, np.uint8), "zx"),
+        numpy_helper.from_array(w, "w"),
+        numpy_helper.from_array(np.array(0.01, np.float32), "sw"),
+        numpy_helper.from_array(np.array(0.2, np.float32), "sy"),
+        numpy_helper.from_array(np.array(128, np.uint8), "zy"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "sat",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 8, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    x = {"x": np.where(rng.uniform(size=(1, 16, 8, 8)) > 0.5, 1.0, 0.0).astype(np.float32)}
+    fused = make_session(model, optimize=True).run(None, x)[0]
+    reference = make_session(model, optimize=False).run(None, x)[0]
+    np.testing.assert_allclose(fused, reference, atol=0.2 + 1e-6)

@@ -361,6 +361,9 @@ def check_loads(model: Path, data: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
+X64_QUANT_PRECISION = "session.x64quantprecision"  # exact u8s8 kernels on x86 without VNNI (onnxquant.model)
+
+
 def session(path: str, threads: int = 2):
     import onnxruntime as ort
 
@@ -368,6 +371,7 @@ def session(path: str, threads: int = 2):
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    opts.add_session_config_entry(X64_QUANT_PRECISION, "1")  # every model exact, whatever the CPU
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 

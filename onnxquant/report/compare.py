@@ -1,4 +1,4 @@
-"""The streaming (accumulated) comparison of a Q/DQ model with its float model, and the ONNX Runtime sessions.
+"""The streaming (accumulated) comparison of a Q/DQ model with its float model.
 
 Whole model quantized: both models run on every batch; per quantized activation T (see `qdq.analyze`) the
 float T is compared with the quantized model's DequantizeLinear output, per layer the float and quantized
@@ -14,25 +14,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
-from onnxquant.errors import BadDataError, BadModelError, first_line
-from onnxquant.model import graph_inputs, with_outputs
+from onnxquant.errors import BadDataError
+from onnxquant.model import graph_inputs, make_session, with_outputs
 from onnxquant.progress import progress_iter
 from onnxquant.report.metrics import ClassAgreement, CodeHistogram, ErrorAccumulator, is_classifier_output
 from onnxquant.report.qdq import QdqGraph
-
-
-def session(model: onnx.ModelProto):
-    """An ONNX Runtime CPU session whose idle threads sleep instead of spinning: between runs the report does
-    numpy work on the same cores, which spinning threads would slow down."""
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own exception types; the message says what
-        raise BadModelError(f"ONNX Runtime cannot load the model ({first_line(exc)})") from exc
 
 
 @dataclass
@@ -85,8 +72,8 @@ def accumulate(
             ]
         )
     )
-    f_sess = session(with_outputs(float_model, f_fetch))
-    q_sess = session(with_outputs(quant_model, q_fetch))
+    f_sess = make_session(with_outputs(float_model, f_fetch))
+    q_sess = make_session(with_outputs(quant_model, q_fetch))
     acc = Accumulated()
     acc.outputs = {o: ErrorAccumulator() for o in outputs}
     acc.tensors = {t.dequantized: ErrorAccumulator() for t in acts}

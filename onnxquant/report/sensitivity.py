@@ -23,9 +23,8 @@ import numpy as np
 import onnx
 
 from onnxquant.errors import BadModelError
-from onnxquant.model import graph_inputs, opset_of
+from onnxquant.model import graph_inputs, make_session, opset_of
 from onnxquant.progress import progress_iter
-from onnxquant.report.compare import session
 from onnxquant.report.metrics import ErrorAccumulator, Metrics
 from onnxquant.report.qdq import Layer, QdqGraph
 
@@ -180,7 +179,7 @@ def run_isolated(
             continue
         fetch = list(dict.fromkeys([*outputs, iso.output, iso.reference, *iso.inputs.values(), *iso.inputs]))
         try:
-            sess = session(iso.model)
+            sess = make_session(iso.model)
         except BadModelError as exc:  # an isolated graph ORT refuses: report it, keep the rest of the report
             log.warning("layer %s: isolated model does not run (%s)", layer.name, exc)
             skipped.append(layer.name)
