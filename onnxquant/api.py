@@ -1,11 +1,17 @@
 """The library entry points the CLI calls: fold, inspect, calibrate, convert (and report/validate).
 
 Each takes and returns objects; files are read and written only by `model.py`, `tables.py` and the CLI.
+The public functions also take what a notebook has at hand (see `api_inputs`): a model path or ModelProto,
+a preset name, rule-file path or `Rules`, and data as a path, a `{input: array}` mapping, a bare array
+(single-input models) or an iterable of batches. They check their arguments as the CLI checks its options and
+raise the same `onnxquant.errors` exceptions with the same one-line messages.
 """
 
 from __future__ import annotations
 
 import logging
+import numbers
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
@@ -14,6 +20,8 @@ import onnx
 from onnx import numpy_helper
 
 from onnxquant import rules as rule_files
+from onnxquant import tables as table_files
+from onnxquant.api_inputs import DataLike, ModelLike, RulesLike, as_data, as_model, as_rules
 from onnxquant.calib.bitalloc import allocate_bits
 from onnxquant.calib.engine import collect_stats, compute_table
 from onnxquant.calib.equalize import depthwise_input_range
@@ -31,10 +39,10 @@ from onnxquant.model import INT4_OPSET, opset_of, upgrade_opset
 from onnxquant.passes import PASS_NAMES, Outcome, run_passes
 from onnxquant.passes.canonicalize import NAME as CANONICALIZE
 from onnxquant.passes.insert_qdq import PER_CHANNEL_OPSET, QdqSummary, insert_qdq
-from onnxquant.passes.plan import QuantPlan, plan_quantization, tensor_shapes
+from onnxquant.passes.plan import FUSED_ACTIVATIONS, QuantPlan, plan_quantization, tensor_shapes
 from onnxquant.quant import MAX_BITS, MIN_BITS
 from onnxquant.report import Report, SuggestOptions, build_report
-from onnxquant.rules import Rules
+from onnxquant.rules import COMPUTE_OPS, Rules
 from onnxquant.runtime.validate import validate as run_validation
 from onnxquant.tables import CalibrationTable
 
@@ -42,6 +50,7 @@ log = logging.getLogger(__name__)
 
 Batches = Iterable[dict[str, np.ndarray]]
 BIT_ALLOC = (None, "weights", "activations", "both")
+DATA_HELP = "data=PATH (.npz, .npy, a directory), {input_name: array}, an array, or an iterable of those"
 
 
 @dataclass
@@ -73,15 +82,48 @@ _RULE_NAMES = {
 }
 
 
-def load_rules(source=None) -> Rules:
+def load_rules(source: str | os.PathLike | None = None) -> Rules:
     """The rule file or preset `source` (None: the default preset), checked against this package's passes and
     calibration methods."""
     return rule_files.load_rules(source, **_RULE_NAMES)
 
 
-def parse_rules(text: str, where: str) -> Rules:
-    """Rules from YAML `text` (`where` names it in errors), checked as `load_rules` checks a file."""
-    return rule_files.parse_rules(text, where, **_RULE_NAMES)
+def parse_rules(text: str, where: str, base_dir: str | os.PathLike | None = None) -> Rules:
+    """Rules from YAML `text` (`where` names it in errors), checked as `load_rules` checks a file; an
+    `extends: FILE` is relative to `base_dir` (default: the current directory)."""
+    return rule_files.parse_rules(text, where, base_dir=base_dir, **_RULE_NAMES)
+
+
+def resolve_rules(
+    rules: RulesLike = None,
+    *,
+    bits: int | None = None,
+    wbits: int | None = None,
+    abits: int | None = None,
+    method: str | None = None,
+    wmethod: str | None = None,
+) -> Rules:
+    """`rules` (preset name, rule-file path, Rules or None for the default preset) with the global widths
+    and methods replaced as the CLI's --bits/--wbits/--abits/--calib/--wcalib replace them."""
+    if bits is not None and (wbits is not None or abits is not None):
+        raise BadOptionError("use bits=N, or wbits=N and abits=N, not both")
+    wbits, abits = (bits, bits) if bits is not None else (wbits, abits)
+    for name, value, accepted in (("method", method, METHODS), ("wmethod", wmethod, WEIGHT_METHODS)):
+        if value is not None and value not in accepted:
+            raise BadOptionError(f"{name}={value!r}; accepted: {', '.join(accepted)}")
+    return as_rules(rules, load_rules).with_cli(wbits=wbits, abits=abits, method=method, wmethod=wmethod)
+
+
+def _check_method_options(options: dict) -> None:
+    """The CLI's ranges for --percentile (50..100) and --bins (8 or more)."""
+    percentile = options.get("percentile")
+    if percentile is not None and not (
+        isinstance(percentile, numbers.Real) and not isinstance(percentile, bool) and 50 <= percentile <= 100
+    ):
+        raise BadOptionError(f"percentile={percentile!r}; accepted: a number 50..100")
+    bins = options.get("bins")
+    if bins is not None and (isinstance(bins, bool) or not isinstance(bins, numbers.Integral) or bins < 8):
+        raise BadOptionError(f"bins={bins!r}; accepted: an integer >= 8")
 
 
 QUANTIZED_OPS = (
@@ -124,8 +166,9 @@ def subgraph_notes(model: onnx.ModelProto) -> list[str]:
     return notes
 
 
-def fold(model: onnx.ModelProto, rules: Rules) -> tuple[onnx.ModelProto, list[Outcome]]:
+def fold(model: ModelLike, rules: RulesLike = None) -> tuple[onnx.ModelProto, list[Outcome]]:
     """Run the rule file's rewrite passes; the returned outcomes say what was folded and what was refused."""
+    model, rules = as_model(model), as_rules(rules, load_rules)
     refuse_quantized(model)
     return run_passes(model, rules.passes)
 
@@ -142,16 +185,26 @@ class Inspection:
     plan: QuantPlan
 
 
-def inspect(model: onnx.ModelProto, rules: Rules) -> Inspection:
+def inspect(model: ModelLike, rules: RulesLike = None) -> Inspection:
     """What would be folded and quantized, at which widths, and why not."""
+    rules = as_rules(rules, load_rules)
     folded, outcomes = fold(model, rules)
-    return Inspection(outcomes=outcomes, plan=plan_quantization(folded, rules))
+    plan = plan_quantization(folded, rules)
+    _warn_unmatched(plan)
+    return Inspection(outcomes=outcomes, plan=plan)
+
+
+def _warn_unmatched(plan: QuantPlan) -> None:
+    """An override that matches no node is most likely a typo in a name glob: say which."""
+    for override in plan.unmatched_overrides:
+        log.warning("%s matches no node of the model", override)
 
 
 def prepare(
-    model: onnx.ModelProto, rules: Rules
+    model: ModelLike, rules: RulesLike = None
 ) -> tuple[onnx.ModelProto, list[Outcome], QuantPlan, list[str]]:
     """Fold, upgrade the opset as the widths need (13 for per-channel, 21 for INT4), and plan."""
+    rules = as_rules(rules, load_rules)
     folded, outcomes = fold(model, rules)
     plan = plan_quantization(folded, rules)
     notes = subgraph_notes(folded)
@@ -168,22 +221,29 @@ def prepare(
             folded = upgrade_opset(folded, PER_CHANNEL_OPSET)
             notes.append(f"opset {INT4_OPSET} conversion failed: 4-bit values stored in 8-bit containers")
         plan = plan_quantization(folded, rules)
+    _warn_unmatched(plan)
     return folded, outcomes, plan, notes
 
 
 def calibrate(
-    model: onnx.ModelProto,
-    plan: QuantPlan,
-    data: Batches,
+    model: ModelLike,
+    plan: QuantPlan | RulesLike = None,
+    data: DataLike = None,
     *,
     progress: bool = False,
     bins: int = 2048,
     stats: dict | None = None,
     per_channel: tuple[str, ...] = (),
     allocate: bool = False,
+    batch_size: int = 32,
+    max_samples: int | None = None,
     **method_options,
 ) -> tuple[CalibrationTable, dict]:
     """Collect streaming statistics of the planned activations on `data` and turn them into a table.
+
+    With rules (a preset name, a rule-file path, a Rules or None) instead of a `QuantPlan`, `model` is folded
+    and planned first and the table also holds every quantized weight: what `onnxquant calibrate` writes.
+    With a plan, `model` is the folded model it was made for (`prepare`).
 
     Tensors are grouped by their calibration method; `stats` (e.g. loaded with --load-stats) skips collection.
     A tensor calibrated on another's statistics (`plan.shared`) is not collected: its entry is the other's.
@@ -192,6 +252,17 @@ def calibrate(
     every activation with a channel axis gets per-channel ranges and widths (ACIQ eq. 10–11) at its width on
     average.
     """
+    _check_method_options({"bins": bins, **method_options})
+    if not isinstance(plan, QuantPlan):
+        folded, _, planned, _ = prepare(model, plan)
+        source = as_data(data, folded, batch_size=batch_size, max_samples=max_samples)
+        if source is None and stats is None:
+            raise BadDataError("calibrate: no data; accepted: " + DATA_HELP)
+        table, stats = calibrate(
+            folded, planned, source, progress=progress, bins=bins, stats=stats, **method_options
+        )
+        return complete_table(folded, planned, table)[0], stats
+    data = as_data(data, model, batch_size=batch_size, max_samples=max_samples)
     if not plan.activations:
         return CalibrationTable(method="none", bits=0), {}
     methods = {spec.method for spec in plan.activations.values()}
@@ -238,19 +309,66 @@ def calibrate(
 
 
 def _channel_tensors(model: onnx.ModelProto, plan: QuantPlan) -> tuple[str, ...]:
-    """Planned activations with a channel axis (rank >= 2 and more than one channel), in name order."""
+    """Planned activations with a channel axis (rank >= 2 and more than one channel) that may carry
+    per-channel scales (`_per_channel_safe`), in name order."""
     shapes = tensor_shapes(model)
-    out, unknown = [], []
+    safe = _per_channel_safe(model, plan)
+    out, unknown, unsafe = [], [], []
     for t in sorted(plan.activations):
         if t not in shapes:
             unknown.append(t)
             continue
         dims = shapes[t].dim
-        if len(dims) >= 2 and not (dims[1].HasField("dim_value") and dims[1].dim_value == 1):
-            out.append(t)
+        if len(dims) < 2 or (dims[1].HasField("dim_value") and dims[1].dim_value == 1):
+            continue
+        (out if t in safe else unsafe).append(t)
     if unknown:
         log.warning("bit allocation: shape unknown, kept per tensor: %s", ", ".join(unknown))
+    if unsafe:
+        log.info(
+            "bit allocation: kept per tensor (a pool, Add or Concat reads or writes it): %s",
+            ", ".join(unsafe),
+        )
     return tuple(out)
+
+
+def _per_channel_safe(model: onnx.ModelProto, plan: QuantPlan) -> set[str]:
+    """Planned activations that may carry per-channel scales without reaching a kernel that takes one scale.
+
+    ONNX Runtime fuses DQ → pool/Add/Concat → Q into QLinear kernels that take one scale and do not check it
+    (QLinearGlobalAveragePool: "x_scale must be a scalar"), so a per-channel scale there gives a model that
+    fails at the default optimization level. The pattern exists only where the Q is not preceded by the
+    sub-8-bit Clip (`insert_qdq`), i.e. at 8 bits; Conv/Gemm/MatMul fusion checks the scales itself and
+    leaves per-channel ones in float. So a tensor is refused when a quantized non-compute op writes it
+    (looking through a Relu/Clip) at 8 bits, or reads it and has an output planned at 8 bits.
+    """
+    quantized = {d.name for d in plan.nodes if d.quantize}
+    writer = {out: node for node in model.graph.node for out in node.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+
+    def unclipped(tensor: str) -> bool:
+        return tensor in plan.activations and plan.activations[tensor].bits >= MAX_BITS
+
+    def fusable(node: onnx.NodeProto | None, outputs: list[str]) -> bool:
+        return (
+            node is not None
+            and node.name in quantized
+            and node.op_type not in COMPUTE_OPS
+            and any(unclipped(t) for t in outputs)
+        )
+
+    safe = set()
+    for tensor in plan.activations:
+        node = writer.get(tensor)
+        if node is not None and node.op_type in FUSED_ACTIVATIONS and node.input and node.input[0] in writer:
+            node = writer[node.input[0]]
+        if fusable(node, [tensor]) or any(fusable(r, list(r.output)) for r in readers.get(tensor, [])):
+            continue
+        safe.add(tensor)
+    return safe
 
 
 def _allocated_range(stats: dict, tensor: str, spec, method_options: dict):
@@ -279,22 +397,38 @@ def _allocated_range(stats: dict, tensor: str, spec, method_options: dict):
 
 
 def convert(
-    model: onnx.ModelProto,
-    rules: Rules,
+    model: ModelLike,
+    rules: RulesLike = None,
     *,
-    data: Batches | None = None,
-    table: CalibrationTable | None = None,
+    data: DataLike = None,
+    bits: int | None = None,
+    wbits: int | None = None,
+    abits: int | None = None,
+    method: str | None = None,
+    wmethod: str | None = None,
+    table: CalibrationTable | str | os.PathLike | None = None,
     stats: dict | None = None,
     progress: bool = False,
     bias_correction: str | None = None,
     bit_alloc: str | None = None,
+    batch_size: int = 32,
+    max_samples: int | None = None,
     **method_options,
 ) -> ConvertResult:
     """Fold, calibrate (or take `table`), and insert Q/DQ. The input model is not modified.
 
+    `bits`/`wbits`/`abits`, `method`/`wmethod` replace the rules' global widths and methods (2..8 bits; the
+    CLI's --bits, --calib, --wcalib); `table` is a CalibrationTable or a table file (JSON or TensorRT cache);
     `bias_correction` is None, "mean" or "full"; `bit_alloc` (None, "weights", "activations" or "both")
-    allocates widths per channel at the same average width (ACIQ eq. 10–11).
+    allocates widths per channel at the same average width (ACIQ eq. 10–11). `method_options`: `percentile`
+    (50..100) and `bins` (>= 8), as the CLI's --percentile and --bins.
     """
+    model = as_model(model)
+    rules = resolve_rules(rules, bits=bits, wbits=wbits, abits=abits, method=method, wmethod=wmethod)
+    _check_method_options(method_options)
+    if isinstance(table, (str, os.PathLike)):
+        table = table_files.load_table(table)
+    data = as_data(data, model, batch_size=batch_size, max_samples=max_samples)
     if bias_correction not in (None, *BIAS_CORRECTION):
         raise BadOptionError(
             f"bias_correction={bias_correction!r}; accepted: None, {', '.join(BIAS_CORRECTION)}"
@@ -326,6 +460,7 @@ def convert(
             | {t.name for t in folded.graph.initializer}
         )
         table.check_tensors(known, required=plan.activations)
+        table.check_shapes(folded)
     table, stats = complete_table(
         folded, plan, table, data=data, stats=stats, bias_correction=bias_correction, bit_alloc=bit_alloc
     )
@@ -396,20 +531,28 @@ def complete_table(
 
 
 def report(
-    float_model: onnx.ModelProto,
-    quant_model: onnx.ModelProto,
-    data: Batches,
+    float_model: ModelLike,
+    quant_model: ModelLike,
+    data: DataLike,
     *,
     stats: dict | None = None,
     table: CalibrationTable | None = None,
     suggest: SuggestOptions | None = None,
+    batch_size: int = 32,
+    max_samples: int | None = None,
     **options,
 ) -> Report:
     """Accuracy-diff report of `quant_model` against `float_model` on `data` (see onnxquant.report).
 
     With a `table` but statistics lacking histograms (minmax calibration), they are collected again so the
     calibration view can compare every method. With `suggest`, the report carries a rule-file suggestion.
+    A float model given as a path is used as it is: fold it first (`fold`) when the quantized model was
+    converted from a folded graph, as `convert` does.
     """
+    float_model, quant_model = as_model(float_model, "float model"), as_model(quant_model, "quantized model")
+    data = as_data(data, float_model, batch_size=batch_size, max_samples=max_samples)
+    if data is None:
+        raise BadDataError("report: no data to compare the models on; accepted: " + DATA_HELP)
     activations = sorted(t for t, e in table.tensors.items() if e.kind == "activation") if table else []
     if activations and (stats is None or not all(t in stats and stats[t].has_hist for t in activations)):
         stats = collect_stats(float_model, activations, data, histograms=True, moments=True)
@@ -426,6 +569,18 @@ def measure_suggestion(
     return report_result.with_measured(after.output_sqnr())
 
 
-def validate(quant_model: onnx.ModelProto, data: Batches, *, backend: str = "numpy", requant: str = "float"):
+def validate(
+    quant_model: ModelLike,
+    data: DataLike,
+    *,
+    backend: str = "numpy",
+    requant: str = "float",
+    batch_size: int = 32,
+    max_samples: int | None = None,
+):
     """Run the integer plan of `quant_model` and ONNX Runtime side by side (see onnxquant.runtime)."""
+    quant_model = as_model(quant_model, "quantized model")
+    data = as_data(data, quant_model, batch_size=batch_size, max_samples=max_samples)
+    if data is None:
+        raise BadDataError("validate: no data to run the models on; accepted: " + DATA_HELP)
     return run_validation(quant_model, data, backend=backend, requant=requant)

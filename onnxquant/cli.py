@@ -15,35 +15,54 @@ from onnxquant.cli_options import (
     BIT_ALLOC_CHOICE,
     BITS,
     CALIB_CHOICE,
+    FINITE_FLOAT,
     MODEL,
+    PERCENTILE,
     WEIGHT_CHOICE,
+    OneLineErrors,
     cli_model,
     cli_rules,
     common,
     data_options,
     open_cli_data,
+    rules_file,
     rules_option,
     split_bits,
     suggest_options,
 )
-from onnxquant.cli_output import fail_under, print_convert_summary, write_json, write_report, write_suggestion
+from onnxquant.cli_output import (
+    fail_under,
+    labels_hint,
+    print_convert_summary,
+    report_about,
+    report_data_options,
+    report_extra_keys,
+    write_json,
+    write_report,
+    write_suggestion,
+)
 from onnxquant.errors import CheckFailed
-from onnxquant.model import check_output_path, file_size, save_model
+from onnxquant.model import file_size, save_model
+from onnxquant.outputs import Inputs, companion, guard_outputs, staged_outputs
 from onnxquant.report import SuggestOptions
 from onnxquant.runtime import BACKENDS, REQUANT_MODES
 
 log = logging.getLogger("onnxquant")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="onnxquant", cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="onnxquant")
-def main() -> None:
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug logging), for every command.")
+@click.option("--debug", is_flag=True, help="Show Python tracebacks, for every command.")
+@click.pass_context
+def main(ctx: click.Context, verbose: int, debug: bool) -> None:
     """onnxquant: fold, calibrate and quantize ONNX models to Q/DQ form (2-8 bits).
 
     \b
     Example:
       onnxquant convert model.onnx --bits 4 --calib laplace --calib-data calib.npz
     """
+    ctx.obj = {"verbose": verbose, "debug": debug}
 
 
 @main.command()
@@ -84,7 +103,7 @@ def main() -> None:
 )
 @click.option(
     "--percentile",
-    type=click.FloatRange(50, 100),
+    type=PERCENTILE,
     default=99.99,
     show_default=True,
     help="Percentile for --calib percentile.",
@@ -173,9 +192,20 @@ def convert(
     """
     wbits, abits = split_bits(bits, wbits, abits)
     out = output or model.with_name(f"{model.stem}.int{abits or wbits or 8}.onnx")
-    for path in (out, table_out, save_stats, report_path, suggest_rules):
-        if path is not None:
-            check_output_path(path, model)
+    outputs = {"-o": out, "--table-out": table_out, "--save-stats": save_stats, "--report": report_path}
+    guard_outputs(
+        {**outputs, "--suggest-rules": suggest_rules, **companion("-o", out)},
+        Inputs(
+            paths={
+                "--calib-data": calib_data,
+                "--table": table_in,
+                "--load-stats": load_stats,
+                "--rules": rules_file(rules_path),
+            },
+            models={"MODEL": model},
+            reader=data_opts["calib_reader"],
+        ),
+    )
     if suggest_rules is not None and report_path is None:
         raise click.UsageError(
             "--suggest-rules needs --report: the suggestion comes from the sensitivity ranking"
@@ -213,6 +243,7 @@ def convert(
             table=result.table,
             suggest=suggest,
             progress=sys.stderr.isatty(),
+            about=report_about(model, out, calib_data or data_opts.get("calib_reader"), rules_path),
         )
         if suggest is not None:
             report = api.measure_suggestion(
@@ -224,15 +255,16 @@ def convert(
                 bins=bins,
                 percentile=percentile,
             )
-    save_model(result.model, out)
-    if table_out is not None:
-        tables.save_table(result.table, table_out)
-    if save_stats is not None and result.stats:
-        stats_io.save_stats(result.stats, save_stats)
-    if report is not None:
-        write_report(report, report_path, None)
-    if report is not None and report.suggestion is not None:
-        write_suggestion(report.suggestion, suggest_rules)
+    with staged_outputs():
+        save_model(result.model, out)
+        if table_out is not None:
+            tables.save_table(result.table, table_out)
+        if save_stats is not None and result.stats:
+            stats_io.save_stats(result.stats, save_stats)
+        if report is not None:
+            write_report(report, report_path, None)
+        if report is not None and report.suggestion is not None:
+            write_suggestion(report.suggestion, suggest_rules)
     print_convert_summary(result, file_size(model), file_size(out), out)
 
 
@@ -253,7 +285,7 @@ def convert(
 )
 @click.option("--bits", type=BITS, default=None, help="Activation width.")
 @rules_option
-@click.option("--percentile", type=click.FloatRange(50, 100), default=99.99, show_default=True)
+@click.option("--percentile", type=PERCENTILE, default=99.99, show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Table path (.json).")
 @data_options
 @common
@@ -265,7 +297,14 @@ def calibrate(model, calib_data, method, bits, rules_path, percentile, output, *
       onnxquant calibrate calib_data/digits/model.onnx --calib-data calib_data/digits/calib.npz \\
           --calib kl -o table.json
     """
-    check_output_path(output, model)
+    guard_outputs(
+        {"-o": output},
+        Inputs(
+            paths={"--calib-data": calib_data, "--rules": rules_file(rules_path)},
+            models={"MODEL": model},
+            reader=data_opts["calib_reader"],
+        ),
+    )
     rules = cli_rules(rules_path, abits=bits, method=method)
     float_model = cli_model(model)
     folded, _, plan, _ = api.prepare(float_model, rules)
@@ -294,7 +333,7 @@ def table(table, fmt, output):
     Example:
       onnxquant table table.json --format tensorrt -o calibration.cache
     """
-    check_output_path(output, table)
+    guard_outputs({"-o": output}, Inputs(paths={"TABLE": table}))
     loaded = tables.load_table(table)
     tables.save_table(loaded, output, fmt)
     acts, weights = len(loaded.activations()), len(loaded.tensors) - len(loaded.activations())
@@ -314,7 +353,7 @@ def fold(model, output, rules_path):
     Example:
       onnxquant fold calib_data/digits/model.onnx -o folded.onnx
     """
-    check_output_path(output, model)
+    guard_outputs({"-o": output}, Inputs(paths={"--rules": rules_file(rules_path)}, models={"MODEL": model}))
     folded, outcomes = api.fold(cli_model(model), cli_rules(rules_path))
     save_model(folded, output)
     applied = [o for o in outcomes if o.applied]
@@ -389,7 +428,7 @@ def inspect(model, rules_path, bits):
 )
 @suggest_options
 @click.option(
-    "--fail-under-sqnr", type=float, default=None, help="Exit 1 when any output's SQNR is below DB."
+    "--fail-under-sqnr", type=FINITE_FLOAT, default=None, help="Exit 1 when any output's SQNR is below DB."
 )
 @data_options
 @common
@@ -417,13 +456,17 @@ def report(
       onnxquant report calib_data/digits/model.onnx digits.int4.onnx \\
           --data calib_data/digits/eval.npz --labels labels -o report.html
     """
-    for path in (output, json_path, suggest_rules):
-        if path is not None:
-            check_output_path(path, float_model, quant_model)
+    guard_outputs(
+        {"-o": output, "--json": json_path, "--suggest-rules": suggest_rules},
+        Inputs(
+            paths={"--data": data_path, "--stats": stats_path, "--rules": rules_file(rules_path)},
+            models={"FLOAT_MODEL": float_model, "QUANT_MODEL": quant_model},
+        ),
+    )
     rules = cli_rules(rules_path)
     float_m, quant_m = api.fold(cli_model(float_model), rules)[0], cli_model(quant_model)
-    extra = (labels_key,) if labels_key else ()
-    data = open_cli_data(float_m, data_path, extra_keys=extra, **{**data_opts, "calib_reader": None})
+    extra = report_extra_keys(labels_key)
+    data = open_cli_data(float_m, data_path, extra_keys=extra, **report_data_options(data_opts))
     labels = data.extra(labels_key) if labels_key else None
     stats = stats_io.load_stats(stats_path) if stats_path else None
     suggest = None
@@ -438,10 +481,13 @@ def report(
         stats=stats,
         suggest=suggest,
         progress=sys.stderr.isatty(),
+        about=report_about(float_model, quant_model, data_path, rules_path),
+        notes=labels_hint(data, labels_key),
     )
-    write_report(result, output, json_path)
-    if result.suggestion is not None:
-        write_suggestion(result.suggestion, suggest_rules)
+    with staged_outputs():
+        write_report(result, output, json_path)
+        if result.suggestion is not None:
+            write_suggestion(result.suggestion, suggest_rules)
     fail_under(result, fail_under_sqnr)
 
 
@@ -474,8 +520,12 @@ def validate(quant_model, data_path, backend, requant, json_path, **data_opts):
     Example:
       onnxquant validate digits.int8.onnx --data calib_data/digits/eval.npz --requant float
     """
-    if json_path is not None:
-        check_output_path(json_path, quant_model)
+    guard_outputs(
+        {"--json": json_path},
+        Inputs(
+            paths={"--data": data_path}, models={"QUANT_MODEL": quant_model}, reader=data_opts["calib_reader"]
+        ),
+    )
     model = cli_model(quant_model)
     data = open_cli_data(model, data_path, extra_keys=("labels",), **data_opts)
     result = api.validate(model, data, backend=backend, requant=requant)

@@ -6,10 +6,15 @@ backends, requantization modes), so a new entry there is a new choice here.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import math
+import signal
 import sys
+import threading
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -19,6 +24,7 @@ from onnxquant.calib.methods import METHODS, WEIGHT_METHODS
 from onnxquant.calib.readers import ImageOptions, input_specs, open_data
 from onnxquant.errors import InternalError, OnnxQuantError, first_line
 from onnxquant.model import load_model
+from onnxquant.progress import close_bars
 from onnxquant.quant import MAX_BITS, MIN_BITS
 
 BITS = click.IntRange(MIN_BITS, MAX_BITS)
@@ -31,12 +37,14 @@ IMAGE_LAYOUTS = ("NCHW", "NHWC")
 
 
 def common(fn):
-    """-v and --debug; a user error becomes one line on stderr and its exit code, a bug of ours exit 70."""
+    """-v and --debug (also accepted before the command); a user error becomes one line on stderr and its exit
+    code, an interrupt "interrupted" and 128 + the signal, a bug of ours exit 70."""
 
     @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug logging).")
     @click.option("--debug", is_flag=True, help="Show Python tracebacks.")
     @functools.wraps(fn)
     def wrapper(*args, verbose: int = 0, debug: bool = False, **kwargs):
+        verbose, debug = with_global_options(verbose, debug)
         level = logging.WARNING - 10 * min(verbose, 2)
         logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
         logging.getLogger("onnxquant").setLevel(level)
@@ -47,9 +55,9 @@ def common(fn):
                 raise
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted: nothing written", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:
+            close_bars()
+            exit_interrupted(exc)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except Exception as exc:  # noqa: BLE001  (a bug of ours, InternalError or unforeseen: keep the traceback)
@@ -62,6 +70,84 @@ def common(fn):
             sys.exit(InternalError.exit_code)
 
     return wrapper
+
+
+def with_global_options(verbose: int, debug: bool) -> tuple[int, bool]:
+    """The command's -v/--debug combined with those given before the command (`onnxquant --debug inspect`)."""
+    ctx = click.get_current_context(silent=True)
+    root = (ctx.find_root().obj if ctx is not None else None) or {}
+    return verbose + root.get("verbose", 0), debug or root.get("debug", False)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised like SIGINT's KeyboardInterrupt so staged outputs are removed on the way out."""
+
+    signum = signal.SIGTERM
+
+
+def raise_interrupted(signum, _frame) -> None:
+    raise Interrupted()
+
+
+def exit_interrupted(exc: BaseException) -> None:
+    """One line, "interrupted", and the shell's code for the signal: 130 for SIGINT, 143 for SIGTERM."""
+    click.echo("interrupted", err=True)
+    sys.exit(128 + getattr(exc, "signum", signal.SIGINT))
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While a command runs, SIGTERM unwinds like Ctrl-C (temps removed) instead of killing at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, raise_interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def usage_error_line(exc: click.ClickException) -> str:
+    """Click's usage error as the one line DESIGN.md asks for: the error, then where help is."""
+    message = " ".join(line.strip() for line in exc.format_message().splitlines() if line.strip())
+    ctx = getattr(exc, "ctx", None)
+    where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    return f"error: {message}{where}"
+
+
+class OneLineErrors(click.Group):
+    """A group whose usage errors are one line (click prints "Usage:", "Try ..." and only then "Error:"),
+    and where SIGTERM and an interrupt during parsing end like one during the command."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            with sigterm_interrupts():
+                rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(usage_error_line(exc), err=True)
+            sys.exit(exc.exit_code)
+        except (click.Abort, KeyboardInterrupt) as exc:
+            exit_interrupted(exc.__context__ or exc)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A float range that also refuses nan (which no comparison rejects) and infinities."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+FINITE_FLOAT = FiniteFloatRange()
+PERCENTILE = FiniteFloatRange(50, 100)
 
 
 def _options(*options):
@@ -112,7 +198,7 @@ suggest_options = _options(
     ),
     click.option(
         "--target-sqnr",
-        type=float,
+        type=FINITE_FLOAT,
         default=None,
         help="Keep the fewest layers predicted to reach this output SQNR (dB).",
     ),
@@ -172,6 +258,11 @@ def parse_numbers(text: str, flag: str, sep: str = ",", kind=float) -> tuple:
 def cli_rules(rules_path, **cli):
     """The rule file (or preset) with the command line's overrides applied."""
     return load_rules(rules_path).with_cli(**cli)
+
+
+def rules_file(rules_path: str | None) -> Path | None:
+    """The rule file a --rules value names, or None for a preset name."""
+    return Path(rules_path) if rules_path and Path(rules_path).is_file() else None
 
 
 def cli_model(path: Path):

@@ -11,18 +11,26 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import tempfile
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import numpy_helper, shape_inference, version_converter
 
 from onnxquant.errors import BadModelError, BadPathError, first_line
 from onnxquant.ir import name_nodes
+from onnxquant.model_checks import (
+    check_structure,
+    check_tensor_sizes,
+    check_weights,
+    external_span,
+    external_target,
+    regular_file_size,
+)
+from onnxquant.ort import ort
+from onnxquant.outputs import atomic_write, check_writable, identity, staged_folder
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +51,7 @@ def opset_of(model: onnx.ModelProto) -> int:
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Load, validate and normalise a model: Constant weights become initializers, shapes are inferred."""
     path = Path(path)
-    if path.is_dir():
-        raise BadModelError(f"{path}: is a directory, expected an .onnx model file")
-    if not path.exists():
-        raise BadModelError(f"{path}: no such file")
+    regular_file_size(path, "model", "an .onnx model file", BadModelError)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError or a bare message
@@ -62,13 +67,12 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
             f"{path}: opset {opset} is newer than this onnx package knows "
             f"({onnx.defs.onnx_opset_version()}); upgrade onnx"
         )
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        raise BadModelError(f"{path}: invalid ONNX model ({first_line(exc)})") from exc
+    check_structure(model, path)
+    check_tensor_sizes(model, path, _all_tensors)
     constants_to_initializers(model)
     drop_initializer_inputs(model)
     name_nodes(model.graph)
+    check_weights(model, path)
     return infer_shapes(model)
 
 
@@ -101,32 +105,19 @@ def drop_initializer_inputs(model: onnx.ModelProto) -> None:
 
 
 def _load_external_data(model: onnx.ModelProto, base: Path) -> None:
-    """Read external tensors, refusing locations that point outside the model's directory."""
+    """Read external tensors, refusing locations outside the model's directory, files that are not regular
+    files, and offsets/lengths that do not fit the file or the tensor's dims."""
     base = base.resolve()
     for tensor in _all_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {e.key: e.value for e in tensor.external_data}
-        location = info.get("location", "")
-        target = (base / location).resolve()
-        if Path(location).is_absolute() or base not in target.parents:
-            raise BadModelError(
-                f"tensor {tensor.name!r}: external data location {location!r} points outside "
-                f"the model's directory {base}; accepted: a relative path inside it"
-            )
-        if not target.is_file():
-            raise BadModelError(f"tensor {tensor.name!r}: external data file {target} not found")
-        offset, length = int(info.get("offset", 0)), info.get("length")
+        target = external_target(tensor.name, info.get("location", ""), base)
+        size = regular_file_size(target, "external data", "a regular file beside the model", BadModelError)
+        offset, length = external_span(tensor, info, target, size)
         with open(target, "rb") as f:
             f.seek(offset)
-            data = f.read(int(length)) if length is not None else f.read()
-        expected = int(np.prod(tensor.dims)) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-        if tensor.data_type != onnx.TensorProto.STRING and len(data) < expected:
-            raise BadModelError(
-                f"tensor {tensor.name!r}: external data file {target} is truncated "
-                f"({len(data)} of {expected} bytes)"
-            )
-        tensor.raw_data = data
+            tensor.raw_data = f.read(length)
         del tensor.external_data[:]
         tensor.data_location = onnx.TensorProto.DEFAULT
 
@@ -221,55 +212,26 @@ def _clear_contradicted_output_shapes(model: onnx.ModelProto) -> None:
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
-    """Write `model` atomically; models over 2 GiB get one external data file beside them."""
-    path = Path(path)
-    with atomic_write(path) as tmp:
-        if model.ByteSize() >= TWO_GIB:
-            onnx.save_model(model, str(tmp), save_as_external_data=True, location=path.name + ".data")
-        else:
+    """Write `model` atomically (see `onnxquant.outputs`); a model over 2 GiB gets one external data file
+    beside it, staged with the model so neither appears without the other."""
+    if model.ByteSize() < TWO_GIB:
+        with atomic_write(path) as tmp:
             tmp.write_bytes(model.SerializeToString(deterministic=True))
-
-
-class atomic_write:
-    """Context manager yielding a temp path in the target's directory, renamed onto the target on success."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    def __enter__(self) -> Path:
-        directory = self.path.parent if str(self.path.parent) else Path(".")
-        if self.path.is_dir():
-            raise BadPathError(f"{self.path}: is a directory; accepted: a file path")
-        if not directory.is_dir():
-            raise BadPathError(f"{self.path}: directory {directory} does not exist")
-        try:
-            fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=directory)
-        except OSError as exc:
-            raise BadPathError(f"{self.path}: cannot write ({exc.strerror})") from exc
-        os.close(fd)
-        self.tmp = Path(name)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
+        return
+    with staged_folder(path) as (folder, target):
+        onnx.save_model(
+            model, str(folder / target.name), save_as_external_data=True, location=target.name + ".data"
+        )
 
 
 def check_output_path(out: str | os.PathLike, *inputs: str | os.PathLike) -> Path:
-    """Refuse an output that would overwrite an input or cannot be written."""
+    """Refuse an output that would overwrite one of `inputs` (path, symlink or hard link) or cannot be
+    written. Commands use `onnxquant.outputs.guard_outputs`, which knows every input and output."""
     out = Path(out)
+    check_writable(out)
     for inp in inputs:
-        if inp is not None and Path(inp).exists() and out.exists() and out.resolve() == Path(inp).resolve():
-            raise BadPathError(f"{out}: output path equals the input; accepted: a different file")
-    if out.is_dir():
-        raise BadPathError(f"{out}: is a directory; accepted: a file path")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise BadPathError(f"{out}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise BadPathError(f"{out}: directory {parent} is not writable")
+        if inp is not None and identity(out) is not None and identity(out) == identity(Path(inp)):
+            raise BadPathError(f"{out}: output path equals the input {inp}; accepted: a different file")
     return out
 
 
@@ -299,16 +261,22 @@ X64_QUANT_PRECISION = "session.x64quantprecision"
 
 
 def make_session(
-    model: onnx.ModelProto | bytes, optimize: bool = True, use_gpu: bool = False, spin: bool = False
+    model: onnx.ModelProto | bytes,
+    optimize: bool = True,
+    use_gpu: bool = False,
+    spin: bool = False,
+    arena: bool = True,
 ):
     """An ONNX Runtime session; `optimize=False` disables all graph optimizations. `spin=False` stops idle
     worker threads from spinning, which leaves the CPU to Python work that runs alongside inference. Integer
-    kernels are exact on every x86 CPU (`X64_QUANT_PRECISION`), so results do not depend on the machine."""
+    kernels are exact on every x86 CPU (`X64_QUANT_PRECISION`), so results do not depend on the machine.
+    `arena=False` returns a run's memory when it ends instead of keeping it for the next run."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if not spin:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.add_session_config_entry(X64_QUANT_PRECISION, "1")
+    opts.enable_cpu_mem_arena = arena
     opts.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )

@@ -20,6 +20,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import reduce
+from itertools import chain
 
 import numpy as np
 import onnx
@@ -27,9 +28,10 @@ import onnx
 from onnxquant.calib.histogram import Histogram
 from onnxquant.calib.methods import METHODS, check_options
 from onnxquant.calib.mse import range_error
+from onnxquant.calib.segments import DEFAULT_BUDGET, SegmentedModel
 from onnxquant.calib.stats import DEFAULT_BINS, HUGE, NonFiniteError, TensorStats, merge_all, update_pass2
 from onnxquant.errors import BadDataError, BadModelError, BadRulesError, InternalError, OnnxQuantError
-from onnxquant.model import graph_inputs, make_session, with_outputs
+from onnxquant.model import graph_inputs
 from onnxquant.progress import progress_iter
 from onnxquant.tables import CalibrationTable, TensorRange
 
@@ -51,6 +53,7 @@ def collect_stats(
     progress: bool = False,
     first_pass_only: bool = False,
     pass1: Mapping[str, TensorStats] | None = None,
+    budget: int = DEFAULT_BUDGET,
 ) -> dict[str, TensorStats]:
     """Statistics of `tensors` over `data` ({input_name: array} batches; re-iterable when pass 2 runs).
 
@@ -60,7 +63,8 @@ def collect_stats(
     per-channel (axis 1) min, max, mean and σ; `channel_mad`: tensors that also get the per-channel b, in a
     second pass. Sharding protocol: `first_pass_only` stops after pass 1 (step 1); `pass1`, the merged pass-1
     statistics of all shards, runs only the second pass, referenced to them (step 3; the shard's own pass-1
-    values are recomputed on the way).
+    values are recomputed on the way). `budget`: bytes of calibrated activations per model segment
+    (`onnxquant.calib.segments`); two segments' worth are alive at a time.
     """
     tensors = list(dict.fromkeys(tensors))
     unusable: set[str] = set()
@@ -72,8 +76,7 @@ def collect_stats(
         raise InternalError(f"per-channel tensors not among the calibrated tensors: {', '.join(unknown_pc)}")
     inputs = [i.name for i in graph_inputs(model)]
     _check_tensor_names(model, tensors, inputs)
-    fetch = [t for t in tensors if t not in inputs]
-    session = make_session(with_outputs(model, fetch), spin=False) if fetch else None
+    runner = _SegmentRunner(model, [t for t in tensors if t not in inputs], budget)
 
     def fresh() -> dict[str, TensorStats]:
         return {
@@ -90,9 +93,7 @@ def collect_stats(
         def pass1_update(name: str, x: np.ndarray) -> None:
             stats[name].update_pass1(x, name in channels)
 
-        n1 = _run(
-            session, inputs, fetch, tensors, data, pass1_update, progress, "calibration pass 1", unusable
-        )
+        n1 = _run(runner, inputs, tensors, data, pass1_update, progress, "calibration pass 1", unusable)
         if n1 == 0:
             raise BadDataError("calibration data is empty; accepted: at least one sample")
         log.info("pass 1: %d samples, %d tensors", n1, len(tensors))
@@ -130,7 +131,10 @@ def collect_stats(
         if name in accs:
             update_pass2(accs[name], x)
 
-    n2 = _run(session, inputs, fetch, tensors, data, pass2_update, progress, "calibration pass 2", unusable)
+    only = None if local is not None else set(accs)
+    n2 = _run(
+        runner, inputs, tensors, data, pass2_update, progress, "calibration pass 2", unusable, only=only
+    )
     log.info("pass 2: %d samples, %d tensors", n2, len(second))
     for t in tensors:
         ref = reference[t]
@@ -264,64 +268,85 @@ def _check_tensor_names(model: onnx.ModelProto, tensors: Sequence[str], inputs: 
         )
 
 
+class _SegmentRunner:
+    """The model's segments, built at the first batch (their sizes are estimated at its shape)."""
+
+    def __init__(self, model: onnx.ModelProto, fetch: Sequence[str], budget: int) -> None:
+        self.model, self.fetch, self.budget = model, list(fetch), budget
+        self.segments: SegmentedModel | None = None
+
+    def __call__(self, feed: Batch, only: set[str] | None) -> Iterator[dict[str, np.ndarray]]:
+        if not self.fetch:
+            return iter(())
+        if self.segments is None:
+            self.segments = SegmentedModel(self.model, self.fetch, feed, self.budget)
+        return self.segments.run(feed, only)
+
+
 def _run(
-    session,
+    runner: _SegmentRunner,
     inputs: Sequence[str],
-    fetch: Sequence[str],
     tensors: Sequence[str],
     data: Iterable[Batch],
     update,
     progress: bool,
     label: str,
     unusable: set[str],
+    only: set[str] | None = None,
 ) -> int:
-    """Run `session` on each batch and call update(name, array) per tensor; returns the samples seen.
+    """Run the model's segments on each batch and call update(name, array) per tensor; returns the samples
+    seen. `only`: the tensors wanted (None: all); segments past the last one computing them do not run.
 
-    A worker thread reads the next batch and runs ONNX Runtime on it (which releases the GIL) while this
-    thread computes the statistics of the current one: two batches of activations are alive at a time.
+    One worker thread reads the next batch while another runs the next segment, both releasing the GIL,
+    while this thread computes the statistics of the current segment's tensors.
     """
-    batches = iter(progress_iter(data, progress, label))
-
-    def read_and_infer() -> tuple[Batch, list] | None:
-        batch = next(batches, None)
-        if batch is None:
-            return None
-        missing = [i for i in inputs if i not in batch]
-        if missing:
-            raise BadDataError(
-                f"calibration batch lacks model input(s) {', '.join(missing)}; "
-                f"accepted: batches with keys {', '.join(inputs)}"
-            )
-        feed = {i: batch[i] for i in inputs}
-        return feed, session.run(list(fetch), feed) if fetch else []
-
+    wanted = set(tensors)
     samples = 0
-    with ThreadPoolExecutor(max_workers=1) as worker:
-        ahead = worker.submit(read_and_infer)
-        while (current := ahead.result()) is not None:
-            ahead = worker.submit(read_and_infer)
-            samples += _update(*current, fetch, tensors, update, samples, unusable)
+    batches = iter(progress_iter(data, progress, label))
+    with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as worker:
+        ahead = reader.submit(next, batches, None)
+        while (batch := ahead.result()) is not None:
+            ahead = reader.submit(next, batches, None)
+            feed = _feed(batch, inputs)
+            own = {i: np.asarray(v) for i, v in feed.items() if i in wanted}
+            for outs in chain([own], _prefetched(worker, runner(feed, only))):
+                _update(feed, outs, wanted, update, samples, unusable)
+            samples += _samples(feed)
     return samples
 
 
+def _feed(batch: Batch, inputs: Sequence[str]) -> dict[str, np.ndarray]:
+    missing = [i for i in inputs if i not in batch]
+    if missing:
+        raise BadDataError(
+            f"calibration batch lacks model input(s) {', '.join(missing)}; "
+            f"accepted: batches with keys {', '.join(inputs)}"
+        )
+    return {i: batch[i] for i in inputs}
+
+
+def _prefetched(worker: ThreadPoolExecutor, items: Iterator) -> Iterator:
+    """`items`, each computed by `worker` while the caller works on the previous one."""
+    ahead = worker.submit(next, items, None)
+    while (item := ahead.result()) is not None:
+        ahead = worker.submit(next, items, None)
+        yield item
+
+
+def _samples(feed: Batch) -> int:
+    x0 = np.asarray(next(iter(feed.values()))) if feed else None
+    return int(x0.shape[0]) if x0 is not None and x0.ndim else 1
+
+
 def _update(
-    feed: Batch,
-    outputs: list,
-    fetch: Sequence[str],
-    tensors: Sequence[str],
-    update,
-    first: int,
-    unusable: set[str],
-) -> int:
-    """Feed one batch's tensors to `update`; returns the batch's sample count. NaN or Inf in the data is the
-    data's fault (one line); in an intermediate tensor (an attention mask's −inf) the tensor joins
-    `unusable` and is not fed again."""
-    outs = dict(zip(fetch, outputs))
-    outs.update({i: np.asarray(v) for i, v in feed.items() if i in tensors})
-    for name in tensors:
-        if name in unusable:
+    feed: Batch, outs: Mapping[str, np.ndarray], wanted: set[str], update, first: int, unusable: set[str]
+) -> None:
+    """Feed one batch's tensors to `update`. NaN or Inf in the data is the data's fault (one line); in an
+    intermediate tensor (an attention mask's −inf) the tensor joins `unusable` and is not fed again."""
+    for name, x in outs.items():
+        if name not in wanted or name in unusable:
             continue
-        x = np.asarray(outs[name])
+        x = np.asarray(x)
         if x.dtype.kind != "f":
             raise BadModelError(f"tensor {name} has dtype {x.dtype}; accepted: float tensors only")
         try:
@@ -330,8 +355,6 @@ def _update(
             if name in feed:
                 _reject_nonfinite(name, x, first)
             unusable.add(name)
-    x0 = np.asarray(next(iter(feed.values()))) if feed else None
-    return int(x0.shape[0]) if x0 is not None and x0.ndim else 1
 
 
 def _reject_nonfinite(name: str, x: np.ndarray, first_sample: int) -> None:

@@ -7,6 +7,8 @@ input's H×W (or the `size` option; without either, all images must share one si
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +19,12 @@ import numpy as np
 from onnxquant.calib.source import DataSource, InputSpec, Piece, check_array, input_names, shape_text
 from onnxquant.errors import BadDataError, first_line
 
+log = logging.getLogger(__name__)
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+# The most pixels an image may have (about 8k x 8k); larger ones are refused before they are decoded, as
+# Pillow's own guard against decompression bombs would only warn up to twice its default limit.
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,8 @@ class ImageDir(DataSource):
             (shape[1], shape[2], shape[3]) if options.layout == "NCHW" else (shape[3], shape[1], shape[2])
         )
         gray = options.grayscale if options.grayscale is not None else c == 1
+        if gray and options.grayscale is None:
+            log.info("%s: input '%s' has 1 channel: images are converted to grayscale", label, spec.name)
         channels = 1 if gray else 3
         self._mean = _per_channel(label, "mean", options.mean, channels)
         self._std = _per_channel(label, "std", options.std, channels)
@@ -69,7 +78,9 @@ class ImageDir(DataSource):
             raise BadDataError(f"{label}: std {options.std} contains 0; accepted: non-zero values")
         self._files, self._options, self._gray = files, options, gray
         self._image = _pillow(label)
-        size = options.size or ((h, w) if isinstance(h, int) and isinstance(w, int) else None)
+        size = _image_size(label, options.size) or (
+            (h, w) if isinstance(h, int) and isinstance(w, int) else None
+        )
         if size is None:  # no target size: all images must share the first one's size
             sizes = {}
             for f in files:
@@ -91,14 +102,24 @@ class ImageDir(DataSource):
             if options.layout == "NCHW"
             else (len(files), *self._size, channels)
         )
-        check_array(label, "the images", dims, np.dtype(np.float32), spec)
+        check_array(label, "the image batch", dims, np.dtype(np.float32), spec)
         self._set_total(len(files))
 
     def _open(self, path: Path):
+        """The image, header read only; too many pixels (a decompression bomb) is refused here."""
+        image = self._image
         try:
-            return self._image.open(path)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", image.DecompressionBombWarning)
+                im = image.open(path)
+        except (image.DecompressionBombWarning, image.DecompressionBombError) as exc:
+            raise _too_large(path, first_line(exc)) from exc
         except (OSError, ValueError) as exc:
             raise _unreadable(path, exc) from exc
+        if im.size[0] * im.size[1] > MAX_IMAGE_PIXELS:
+            im.close()
+            raise _too_large(path, f"{im.size[0]}x{im.size[1]} pixels")
+        return im
 
     def _load(self, path: Path) -> np.ndarray:
         from PIL import ImageOps
@@ -124,6 +145,20 @@ class ImageDir(DataSource):
             yield self.label, start, {self.specs[0].name: batch}
 
 
+def _image_size(label: str, size: Sequence[int] | None) -> tuple[int, int] | None:
+    """(H, W) from the size option: one number is a square, two are H and W; both positive."""
+    if size is None:
+        return None
+    values = tuple(size)
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or not all(isinstance(v, int) and 0 < v <= 65535 for v in values):
+        raise BadDataError(
+            f"{label}: image size {tuple(size)}; accepted: one or two integers in 1..65535 (S or HxW)"
+        )
+    return values
+
+
 def _per_channel(label: str, what: str, values: Sequence[float], channels: int) -> np.ndarray:
     arr = np.asarray(values, dtype=np.float32).reshape(-1)
     if arr.size == channels or arr.size == 1:
@@ -143,6 +178,12 @@ def _pillow(label: str):
     except ImportError as exc:
         raise BadDataError(f"{label}: reading images needs Pillow; install onnxquant[images]") from exc
     return Image
+
+
+def _too_large(path: Path, what: str) -> BadDataError:
+    return BadDataError(
+        f"{path}: image too large ({what}); accepted: images of at most {MAX_IMAGE_PIXELS} pixels"
+    )
 
 
 def _unreadable(path: Path, exc: Exception) -> BadDataError:

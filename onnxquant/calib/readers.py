@@ -19,8 +19,13 @@ The batching, dtype conversion and `InputSpec` live in `onnxquant.calib.source`,
 from __future__ import annotations
 
 import importlib
+import itertools
 import logging
+import math
+import os
+import stat
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +64,15 @@ class _Header:
     member: str = ""  # the zip member name, for .npz arrays
 
 
-def _read_header(fp: BinaryIO, where: str, member: str = "") -> _Header:
+# Errors reading a damaged zip member: a bad CRC, a corrupt deflate stream, a member ending early.
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError)
+# np.savez stores members, np.savez_compressed deflates them; nothing else is read.
+_ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflated"}
+
+
+def _read_header(fp: BinaryIO, where: str, member: str = "", available: int | None = None) -> _Header:
+    """The .npy header at `fp`; with `available` (bytes from the start of the array), the data size the
+    header claims is checked against it before anything is read, so a lying header never allocates."""
     try:
         version = np.lib.format.read_magic(fp)
         if version == (1, 0):
@@ -68,11 +81,38 @@ def _read_header(fp: BinaryIO, where: str, member: str = "") -> _Header:
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
         else:
             raise ValueError(f"format version {version}")
-    except ValueError as exc:
+        header = _Header(tuple(shape), np.dtype(dtype), bool(fortran), member)
+        start = fp.tell()
+    except _ZIP_ERRORS as exc:
+        raise BadDataError(
+            f"{where}: damaged ({first_line(exc)}); accepted: a complete np.save/np.savez file"
+        ) from exc
+    except Exception as exc:  # numpy's header parser raises ValueError, SyntaxError, TokenError, ...
         raise BadDataError(
             f"{where}: not a readable .npy array ({first_line(exc)}); accepted: np.save/np.savez output"
         ) from exc
-    return _Header(tuple(shape), np.dtype(dtype), bool(fortran), member)
+    if available is not None:
+        need = math.prod(header.shape) * header.dtype.itemsize
+        if start + need > available:
+            raise BadDataError(
+                f"{where}: the header claims {header.dtype} {header.shape} ({need} bytes) but only "
+                f"{max(available - start, 0)} bytes follow it (truncated?); accepted: a complete "
+                "np.save/np.savez array"
+            )
+    return header
+
+
+def _check_member(path: Path, info: zipfile.ZipInfo) -> None:
+    """Refuse what zipfile would fail on mid-read: an encrypted member or an unsupported compression."""
+    if info.flag_bits & 0x1:
+        raise BadDataError(
+            f"{path}: member {info.filename!r} is encrypted; accepted: an unencrypted np.savez file"
+        )
+    if info.compress_type not in _ZIP_METHODS:
+        raise BadDataError(
+            f"{path}: member {info.filename!r} uses zip compression method {info.compress_type}; accepted: "
+            "stored or deflated members (np.savez, np.savez_compressed)"
+        )
 
 
 class _ArrayFiles(DataSource):
@@ -113,7 +153,7 @@ class _ArrayFiles(DataSource):
                     f"({input_names(specs)}); accepted: an .npz with those keys"
                 )
             with open(path, "rb") as fp:
-                header = _read_header(fp, str(path))
+                header = _read_header(fp, str(path), available=os.fstat(fp.fileno()).st_size)
             check_array(str(path), "the array", header.shape, header.dtype, specs[0])
             return {specs[0].name: header}
         try:
@@ -130,9 +170,11 @@ class _ArrayFiles(DataSource):
                     )
                 headers = {}
                 for key, member in members.items():
-                    with zf.open(member) as fp:
-                        headers[key] = _read_header(fp, f"{path}[{key}]", member)
-        except zipfile.BadZipFile as exc:
+                    info = zf.getinfo(member)
+                    _check_member(path, info)
+                    with zf.open(info) as fp:
+                        headers[key] = _read_header(fp, f"{path}[{key}]", member, info.file_size)
+        except _ZIP_ERRORS as exc:
             raise BadDataError(
                 f"{path}: not a readable .npz ({first_line(exc)}); accepted: np.savez output"
             ) from exc
@@ -167,20 +209,35 @@ class _ArrayFiles(DataSource):
                 for start in range(0, n, bs):
                     yield str(path), start, {k: next(s) for k, s in streams.items()}
 
+    def _extra_part(self, path: Path, key: str) -> np.ndarray | None:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return z[key] if key in z.files else None
+        except (ValueError, *_ZIP_ERRORS) as exc:
+            raise BadDataError(
+                f"{path}: key '{key}' is not readable ({first_line(exc)}); accepted: a complete np.savez file"
+            ) from exc
+
     def extra(self, key: str) -> np.ndarray | None:
         if key not in self._extra_keys:
             return None
-        parts = []
-        for path, _, _ in self._files:
-            if path.suffix.lower() == ".npz":
-                with np.load(path, allow_pickle=False) as z:
-                    if key in z.files:
-                        parts.append(z[key])
+        parts = [self._extra_part(path, key) for path, _, _ in self._files if path.suffix.lower() == ".npz"]
+        parts = [p for p in parts if p is not None]
         return np.concatenate(parts)[: self.num_samples] if parts else None
 
 
 def _memberrows(zf: zipfile.ZipFile, key: str, h: _Header, step: int) -> Iterator[np.ndarray]:
-    """Rows of one .npz member, `step` at a time, read sequentially from the zip."""
+    """Rows of one .npz member, `step` at a time; a damaged member (bad CRC, corrupt deflate data) is one
+    line naming the file and key."""
+    try:
+        yield from _read_member(zf, key, h, step)
+    except _ZIP_ERRORS as exc:
+        raise BadDataError(
+            f"{zf.filename}: key '{key}' is damaged ({first_line(exc)}); accepted: a complete np.savez file"
+        ) from exc
+
+
+def _read_member(zf: zipfile.ZipFile, key: str, h: _Header, step: int) -> Iterator[np.ndarray]:
     with zf.open(h.member) as fp:
         _read_header(fp, key)
         if h.fortran and len(h.shape) > 1:  # no row-wise layout on disk: read it whole
@@ -212,14 +269,15 @@ class _ReaderSource(DataSource):
         self._path = path
 
     def _pieces(self) -> Iterator[Piece]:
-        result = self._fn(str(self._path)) if self._path is not None else self._fn()
+        args = (str(self._path),) if self._path is not None else ()
+        result = _user_call(self.label, "call", self._fn, *args)
         if not isinstance(result, Iterable) or isinstance(result, Mapping):
             raise BadDataError(
                 f"{self.label}: returned {type(result).__name__}; accepted: an iterable of "
                 "{input_name: array} batches"
             )
         seen = 0
-        for i, item in enumerate(result):
+        for i, item in enumerate(_user_items(self.label, result)):
             where = f"{self.label} batch {i}"
             if not isinstance(item, Mapping):
                 raise BadDataError(
@@ -232,7 +290,9 @@ class _ReaderSource(DataSource):
                 raise BadDataError(
                     f"{where}: {key_problem(missing, unknown)}; accepted keys: {input_names(self.specs)}"
                 )
-            arrays = {s.name: np.asarray(item[s.name]) for s in self.specs}
+            arrays = {
+                s.name: _user_call(where, f"key '{s.name}'", np.asarray, item[s.name]) for s in self.specs
+            }
             for s in self.specs:
                 check_array(where, f"key '{s.name}'", arrays[s.name].shape, arrays[s.name].dtype, s)
             counts = {k: len(v) for k, v in arrays.items()}
@@ -251,6 +311,39 @@ class _ReaderSource(DataSource):
             seen += n
 
 
+def _user_call(label: str, what: str, fn: Callable[..., object], *args: object) -> object:
+    """`fn(*args)` where `fn` is (or runs) user code: whatever it raises, SystemExit included, becomes one
+    line naming the reader and the exception's first line (Ctrl-C still interrupts)."""
+    try:
+        return fn(*args)
+    except (Exception, SystemExit) as exc:
+        raise _reader_failed(label, what, exc) from exc
+
+
+def _user_items(label: str, batches: Iterable) -> Iterator[object]:
+    """The items of a user iterable, each `next()` guarded like `_user_call`."""
+    it = _user_call(label, "iter()", iter, batches)
+    for i in itertools.count():
+        try:
+            yield next(it)
+        except StopIteration:
+            return
+        except (Exception, SystemExit) as exc:
+            raise _reader_failed(label, f"batch {i}", exc) from exc
+
+
+def _reader_failed(label: str, what: str, exc: BaseException) -> BadDataError:
+    if isinstance(exc, SystemExit):
+        return BadDataError(
+            f"{label}: {what} called sys.exit({exc.code!r}); accepted: a reader that returns or yields "
+            "batches"
+        )
+    return BadDataError(
+        f"{label}: {what} raised {type(exc).__name__}: {first_line(exc)}; accepted: a reader that "
+        "returns or yields {input_name: array} batches"
+    )
+
+
 def _import_reader(spec: str) -> Callable[..., object]:
     module_name, sep, attr = spec.partition(":")
     parts = module_name.split(".")
@@ -258,11 +351,11 @@ def _import_reader(spec: str) -> Callable[..., object]:
         raise BadDataError(f"reader {spec!r}: malformed; accepted: package.module:function")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except (Exception, SystemExit) as exc:  # ImportError, or anything the module's own code raises
+        reason = f"sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else first_line(exc)
         raise BadDataError(
-            f"reader {spec}: module {module_name} cannot be imported ({first_line(exc)}); "
-            "accepted: an "
-            "importable module on PYTHONPATH"
+            f"reader {spec}: module {module_name} cannot be imported ({type(exc).__name__}: {reason}); "
+            "accepted: an importable module on PYTHONPATH"
         ) from exc
     fn = getattr(module, attr, None)
     if not callable(fn):
@@ -273,6 +366,26 @@ def _import_reader(spec: str) -> Callable[..., object]:
 
 
 # ------------------------------------------------------------------------------------------------ open_data
+
+_ACCEPTED_PATHS = ".npz, .npy, a directory of those or of jpg/png images"
+
+
+def _is_regular_file(path: Path) -> bool:
+    """True for a regular file, False for a directory; anything else (missing, a FIFO that would block the
+    read, a device) is refused, by os.stat before any open()."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise BadDataError(f"{path}: no such file or directory; accepted: {_ACCEPTED_PATHS}") from None
+    except (OSError, ValueError) as exc:
+        raise BadDataError(f"{path}: cannot read ({first_line(exc)}); accepted: {_ACCEPTED_PATHS}") from None
+    if stat.S_ISDIR(mode):
+        return False
+    if not stat.S_ISREG(mode):
+        raise BadDataError(
+            f"{path}: not a regular file (a FIFO, socket or device); accepted: {_ACCEPTED_PATHS}"
+        )
+    return True
 
 
 def open_data(
@@ -318,12 +431,7 @@ def open_data(
     if path is None:
         raise BadDataError("no calibration data given; accepted: an .npz/.npy file, a directory, or a reader")
     path = Path(path)
-    if not path.exists():
-        raise BadDataError(
-            f"{path}: no such file or directory; accepted: .npz, .npy, a directory of those "
-            "or of jpg/png images"
-        )
-    if path.is_file():
+    if _is_regular_file(path):
         if path.suffix.lower() not in ARRAY_EXTS:
             raise BadDataError(
                 f"{path}: unsupported file type '{path.suffix}'; accepted: .npz, .npy, or a "

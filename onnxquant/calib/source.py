@@ -89,6 +89,11 @@ class DataSource:
             self._num = sum(len(next(iter(b.values()))) for b in self)
         return self._num
 
+    @property
+    def known_samples(self) -> int | None:
+        """`num_samples` when known without reading (files: at once; a reader function: after one pass)."""
+        return self._num
+
     def extra(self, key: str) -> np.ndarray | None:
         """A stored per-sample array that is not a model input (e.g. "labels"), or None."""
         return None

@@ -9,8 +9,11 @@ names the layout version. Merging statistics read back equals merging those writ
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import fields
+from pathlib import Path
 
 import numpy as np
 
@@ -18,6 +21,7 @@ from onnxquant.calib.histogram import Histogram
 from onnxquant.calib.stats import Pass2, TensorStats
 from onnxquant.errors import BadDataError, first_line
 from onnxquant.model import atomic_write
+from onnxquant.model_checks import regular_file_size
 
 STATS_FORMAT = "onnxquant-stats-3"
 _STATS_PARTS = ("pass2", "histogram")  # nested dataclasses of TensorStats, stored under "<i>.<part>.<field>"
@@ -33,6 +37,24 @@ _STATS_KINDS = {
     "bins": int,
     "grid": float,
 }
+# Fields every saved tensor has (the others are None unless collected), by prefix after "<i>."
+_REQUIRED = {
+    "": ("count", "min", "max", "sum", "m2", "ch_count"),
+    "pass2.": ("ref_mean", "count", "abs_dev"),
+    "histogram.": ("bins", "grid", "counts"),
+}
+_TOGETHER = (("ch_min", "ch_max", "ch_sum", "ch_m2"), ("pass2.ch_ref_mean", "pass2.ch_abs_dev"))
+_ACCEPTED = "accepted: an .npz from --save-stats of this onnxquant"
+# What np.load raises on a damaged, encrypted or oddly compressed .npz
+_NPZ_ERRORS = (
+    OSError,
+    ValueError,
+    EOFError,
+    zipfile.BadZipFile,
+    zlib.error,
+    NotImplementedError,
+    RuntimeError,
+)
 
 
 def save_stats(stats: Mapping[str, TensorStats], path: str | os.PathLike) -> None:
@@ -59,13 +81,13 @@ def save_stats(stats: Mapping[str, TensorStats], path: str | os.PathLike) -> Non
 
 
 def load_stats(path: str | os.PathLike) -> dict[str, TensorStats]:
-    """Read statistics written by `save_stats` (allow_pickle=False)."""
+    """Read statistics written by `save_stats` (allow_pickle=False); every field is checked (present, finite,
+    consistent) before use, so a damaged file is one line, never NaN ranges in a written model."""
+    regular_file_size(Path(path), "statistics", "an .npz from --save-stats", BadDataError)
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise BadDataError(f"{path}: no such file") from None
-    except (OSError, ValueError) as exc:
+    except _NPZ_ERRORS as exc:
         raise BadDataError(
             f"{path}: not a statistics file ({first_line(exc)}); accepted: an .npz from --save-stats"
         ) from None
@@ -86,6 +108,7 @@ def load_stats(path: str | os.PathLike) -> dict[str, TensorStats]:
     out = {}
     try:
         for i, name in enumerate(arrays["__names__"].tolist()):
+            _check_fields(arrays, i, name)
             st = TensorStats(**values(f"{i}.", TensorStats))
             if f"{i}.pass2.ref_mean" in arrays:
                 st.pass2 = Pass2(**values(f"{i}.pass2.", Pass2))
@@ -98,5 +121,36 @@ def load_stats(path: str | os.PathLike) -> dict[str, TensorStats]:
                     raise ValueError(f"histogram of {name} has {st.histogram.counts.size} counts")
             out[name] = st
     except (TypeError, ValueError, KeyError) as exc:
-        raise BadDataError(f"{path}: corrupted statistics file ({first_line(exc)})") from None
+        raise BadDataError(f"{path}: corrupted statistics file ({first_line(exc)}); {_ACCEPTED}") from None
     return out
+
+
+def _check_fields(arrays: Mapping[str, np.ndarray], i: int, name: str) -> None:
+    """Raise ValueError naming the tensor and field when tensor `i`'s fields are missing, not numeric, NaN,
+    infinite (only an empty tensor's min/max may be) or negative counts, or come without their partners."""
+    for prefix, keys in _REQUIRED.items():
+        present = [k for k in keys if f"{i}.{prefix}{k}" in arrays]
+        if (prefix == "" or present) and len(present) != len(keys):
+            missing = next(k for k in keys if f"{i}.{prefix}{k}" not in arrays)
+            raise ValueError(f"tensor {name!r} lacks field {prefix}{missing}")
+    for group in _TOGETHER:
+        present = [k for k in group if f"{i}.{k}" in arrays]
+        if present and len(present) != len(group):
+            missing = next(k for k in group if f"{i}.{k}" not in arrays)
+            raise ValueError(f"tensor {name!r} has {present[0]} but lacks field {missing}")
+    count = arrays[f"{i}.count"]
+    empty = count.size == 1 and count.dtype.kind in "iu" and not count.any()
+    for key, value in arrays.items():
+        if key.startswith(f"{i}."):
+            _check_value(
+                key.removeprefix(f"{i}."), value, name, inf_ok=empty and key in (f"{i}.min", f"{i}.max")
+            )
+
+
+def _check_value(field: str, value: np.ndarray, name: str, inf_ok: bool) -> None:
+    if value.dtype.kind not in "iuf":
+        raise ValueError(f"tensor {name!r} field {field} is {value.dtype}, not a number")
+    if np.isnan(value).any() or (not inf_ok and np.isinf(value).any()):
+        raise ValueError(f"tensor {name!r} field {field} holds NaN or Inf")
+    if field.rsplit(".", 1)[-1] in ("count", "ch_count", "bins", "counts") and (value < 0).any():
+        raise ValueError(f"tensor {name!r} field {field} is negative")

@@ -69,7 +69,7 @@ def weight_entries(
         node = nodes[d.name]
         w = constant(node.inputs[1]).astype(np.float32)
         axis = weight_axis(node, w.ndim) if d.weights.granularity == "per_channel" else None
-        entry = weight_entry(w, axis, d.weights, bit_alloc)
+        entry = weight_entry(w, axis, d.weights, bit_alloc, name=d.weight)
         if bias_correction and axis is not None and node.op in CORRECTED_OPS and users[d.weight] == 1:
             entry = _corrected(
                 entry, w, node, (input_means or {}).get(node.inputs[0].name), full=bias_correction == "full"
@@ -78,14 +78,17 @@ def weight_entries(
     return entries
 
 
-def weight_entry(w: np.ndarray, axis: int | None, spec: QuantSpec, bit_alloc: bool = False) -> TensorRange:
+def weight_entry(
+    w: np.ndarray, axis: int | None, spec: QuantSpec, bit_alloc: bool = False, name: str = "weight"
+) -> TensorRange:
     """The range of `w` per channel along `axis` (one width per channel) by `spec.method`; with `bit_alloc`,
-    widths of mean `spec.bits` allocated from the channels' clipping ranges (ACIQ eq. 10–11)."""
+    widths of mean `spec.bits` allocated from the channels' clipping ranges (ACIQ eq. 10–11). Errors name
+    the initializer `name`."""
     bits = spec.bits if axis is None else np.full(w.shape[axis], spec.bits)
     if bit_alloc and axis is not None:
-        lo, hi = weight_range(w, axis, bits, spec.method, symmetric=spec.symmetric)
+        lo, hi = weight_range(w, axis, bits, spec.method, symmetric=spec.symmetric, name=name)
         bits = allocate_bits(np.maximum(-lo, hi), spec.bits, lo=MIN_BITS, hi=MAX_BITS)
-    lo, hi = weight_range(w, axis, bits, spec.method, symmetric=spec.symmetric)
+    lo, hi = weight_range(w, axis, bits, spec.method, symmetric=spec.symmetric, name=name)
     return replace(TensorRange.from_range(lo, hi, bits, spec.symmetric, spec.method, axis), kind="weight")
 
 

@@ -35,18 +35,27 @@ def _channels(w: np.ndarray, axis: int | None) -> np.ndarray:
 
 
 def weight_range(
-    w: np.ndarray, axis: int | None, bits, method: str = "minmax", *, symmetric: bool = True
+    w: np.ndarray,
+    axis: int | None,
+    bits,
+    method: str = "minmax",
+    *,
+    symmetric: bool = True,
+    name: str = "weight",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel (lo, hi) along `axis` (arrays of one entry per channel; 0-d arrays when axis is None)."""
+    """Per-channel (lo, hi) along `axis` (arrays of one entry per channel; 0-d arrays when axis is None).
+    `name` (the initializer's) is what errors blame."""
     if method not in WEIGHT_METHODS:
         raise BadRulesError(
             f"unknown weight calibration method {method!r}; accepted: {', '.join(WEIGHT_METHODS)}"
         )
     m = _channels(w, axis)
     if m.shape[1] == 0:
-        raise BadModelError("cannot calibrate an empty weight")
+        raise BadModelError(
+            f"tensor {name!r}: zero-size weight of shape {np.shape(w)}; accepted: at least one element"
+        )
     if not np.isfinite(m).all():
-        raise BadModelError("weight holds NaN or Inf")
+        raise BadModelError(f"tensor {name!r}: the weight holds NaN or Inf; accepted: finite weights")
     bits = np.broadcast_to(np.asarray(bits, np.int64), (m.shape[0],))
     lo, hi = m.min(axis=1), m.max(axis=1)
     if method in ("laplace", "gauss"):

@@ -271,5 +271,7 @@ def bn_affine(graph: Graph, bn: gs.Node) -> BNAffine | str:
     if len({v.size for v in values}) != 1:
         return "BN parameters differ in length"
     eps = float(attr(bn, "epsilon", 1e-5))
+    if not all(np.isfinite(v).all() for v in values) or not (var + eps > 0).all():
+        return "BN parameters hold NaN/Inf or var + epsilon <= 0"
     scale = gamma / np.sqrt(var + eps)
     return BNAffine(scale=scale, shift=beta - mean * scale)

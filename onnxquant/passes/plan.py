@@ -74,6 +74,7 @@ class QuantPlan:
     activations: dict[str, ActivationSpec] = field(default_factory=dict)
     shared: dict[str, str] = field(default_factory=dict)  # tensor -> tensor whose statistics calibrate it
     equalized: dict[str, str] = field(default_factory=dict)  # depthwise input -> the Conv that absorbs k
+    unmatched_overrides: list[str] = field(default_factory=list)  # rule overrides matching no node
 
     def range_source(self, tensor: str) -> str:
         """The tensor whose statistics calibrate `tensor` (itself unless shared)."""
@@ -131,6 +132,9 @@ def plan_quantization(model: onnx.ModelProto, rules: Rules) -> QuantPlan:
     graph_outputs = {o.name for o in graph.outputs}
     positions = compute_positions(graph)
     plan = QuantPlan(placement=rules.placement)
+    plan.unmatched_overrides = rules.unmatched_overrides(
+        (n.name, n.op, positions.get(n.name, frozenset())) for n in graph.nodes
+    )
 
     requests: dict[str, dict[str, QuantSpec]] = {}  # tensor -> {requesting node: its activation spec}
 

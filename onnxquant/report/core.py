@@ -12,12 +12,16 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 
 import numpy as np
 import onnx
 
+from onnxquant import __version__
 from onnxquant.errors import BadDataError, InternalError
+from onnxquant.progress import note
 from onnxquant.report.calibview import CalibView, calibration_view
 from onnxquant.report.compare import accumulate
 from onnxquant.report.metrics import CodeHistogram, Metrics, code_entropy, compare
@@ -102,6 +106,7 @@ class LayerResult:
     weight_bits: int | None
     act_bits: int | None
     owners: tuple[str, ...]
+    label: str = ""  # the name the user knows it by (node name, or the exporter's output tensor name)
     measured: str = ""  # tensor of the accumulated metrics: the output, or the quantized tensor it feeds
     accumulated: Metrics | None = None  # at its output, whole model quantized
     isolated: Metrics | None = None  # at its output, only this layer quantized
@@ -118,9 +123,15 @@ class LayerResult:
             return None
         return min(m.sqnr_db for m in self.sensitivity.values())
 
+    @property
+    def shown(self) -> str:
+        """The layer's name for people (see `qdq.layer_label`)."""
+        return self.label or self.name
+
     def to_json(self) -> dict:
         return {
             "name": self.name,
+            "label": self.shown,
             "op_type": self.op_type,
             "index": self.index,
             "output": self.output,
@@ -151,6 +162,7 @@ class Report:
     matched: bool = True
     seconds: dict[str, float] = field(default_factory=dict)
     suggestion: Suggestion | None = None
+    about: dict[str, str] = field(default_factory=dict)  # what was compared: models, settings, date, version
 
     def with_measured(self, sqnr: dict[str, float]) -> Report:
         """This report with its suggestion's output SQNR measured after converting with the suggested
@@ -187,6 +199,7 @@ class Report:
         doc = {
             "format": "onnxquant-report",
             "version": 1,
+            "about": dict(self.about),
             "samples": self.samples,
             "sensitivity_samples": self.sensitivity_samples,
             "matched": self.matched,
@@ -231,12 +244,18 @@ def build_report(
     table: CalibrationTable | None = None,
     suggest: SuggestOptions | None = None,
     progress: bool = False,
+    about: Mapping[str, str] | None = None,
+    notes: Sequence[str] = (),
 ) -> Report:
     """Compare `quant_model` with the `float_model` it was converted from on `data` (re-iterable batches).
 
-    `labels`: one class per sample, for accuracies of classifier-like outputs. `sensitivity_samples`: size of
-    the subset for isolated sensitivity (0 skips it). `stats`/`table`: saved calibration statistics and the
-    table used, for the calibration view. `suggest`: also plan a rule suggestion (`Report.suggestion`).
+    `about`: what the caller knows of the comparison (`float_model`, `quant_model`: paths; `rules`, `data`);
+    the report adds the widths found in the model, the calibration method of `table`, the date and the
+    onnxquant version; `notes`: the caller's notes to show. `labels`: one class per sample, for accuracies
+    of classifier-like outputs.
+    `sensitivity_samples`: size of the subset for isolated sensitivity (0 skips it). `stats`/`table`: saved
+    calibration statistics and the table used, for the calibration view. `suggest`: also plan a rule
+    suggestion (`Report.suggestion`).
     """
     check_compatible(float_model, quant_model)
     labels = _check_labels(labels, data)
@@ -247,7 +266,8 @@ def build_report(
     ):
         raise BadDataError(f"sensitivity samples {sensitivity_samples!r}; accepted: an integer >= 0")
     graph = analyze(quant_model, float_model)
-    notes = list(graph.notes)
+    notes = [*notes, *graph.notes]
+    _announce_cost(graph, data, sensitivity_samples, progress)
     seconds = {}
     t0 = time.perf_counter()
     acc = accumulate(
@@ -297,6 +317,11 @@ def build_report(
                 specs[t.name] = (t.bits, t.signed)
         calibration, cal_notes = calibration_view(stats, specs, table)
         notes += cal_notes
+    elif graph.activations:
+        notes.append(
+            "calibration histograms not shown: no calibration statistics were given (save them with "
+            "`onnxquant convert --save-stats FILE` and pass `onnxquant report --stats FILE`)"
+        )
     report = Report(
         samples=acc.samples,
         sensitivity_samples=subset_n,
@@ -307,11 +332,51 @@ def build_report(
         notes=tuple(notes),
         matched=graph.matched,
         seconds=seconds,
+        about=describe(about, graph, table),
     )
     if suggest is not None:
         report = replace(report, suggestion=plan_suggestion(report, suggest))
     log.info("report: %d samples, %d layers, %d quantized tensors", acc.samples, len(layers), len(tensors))
     return report
+
+
+def _widths(tensors) -> str:
+    """`4 bits ×5, 8 bits ×1` for the widths of `tensors`, or `none`."""
+    counts: dict[int, int] = {}
+    for t in tensors:
+        counts[t.bits] = counts.get(t.bits, 0) + 1
+    return ", ".join(f"{b} bits ×{n}" for b, n in sorted(counts.items())) or "none"
+
+
+def describe(about: Mapping[str, str] | None, graph: QdqGraph, table: CalibrationTable | None) -> dict:
+    """The report's header: the caller's facts (models, rules, data), then what the quantized model and the
+    table say about the settings, the date and the onnxquant version."""
+    out = {"float_model": "in memory", "quant_model": "in memory"}
+    out.update({k: str(v) for k, v in (about or {}).items() if v is not None})
+    out["weights"] = _widths(graph.weights)
+    out["activations"] = _widths(graph.activations)
+    out.setdefault("method", table.method if table is not None else "not recorded in the model")
+    out["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out["onnxquant"] = __version__
+    return out
+
+
+def _announce_cost(graph: QdqGraph, data, sensitivity_samples: int, progress: bool) -> None:
+    """Say what the report costs before running it: one pass over the data through both models, then one
+    pass per layer over the sensitivity subset, and how to make it cheaper."""
+    samples = getattr(data, "known_samples", None)
+    isolated = len(graph.layers) if graph.matched and sensitivity_samples else 0
+    text = (
+        f"report: {1 + isolated} more passes: both models on {samples or 'all'} samples"
+        + (
+            f", then {isolated} isolated-sensitivity passes (one per layer) on {sensitivity_samples}"
+            if isolated
+            else ""
+        )
+        + "; cheaper: --max-samples N, and `onnxquant report --sensitivity-samples N` for the subset"
+    )
+    log.info("%s", text)
+    note(text, progress)
 
 
 def _layer_result(la, acc, isolated) -> LayerResult:
@@ -327,6 +392,7 @@ def _layer_result(la, acc, isolated) -> LayerResult:
         weight_bits=la.weight_bits,
         act_bits=la.act_bits,
         owners=la.owners,
+        label=la.label,
         measured=la.measured,
         accumulated=a.result() if a is not None else None,
         isolated=iso.local if iso else None,

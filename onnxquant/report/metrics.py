@@ -110,8 +110,8 @@ class ErrorAccumulator:
             return Metrics(0, nan, nan, nan, nan, nan)
         if self.see == 0.0:
             sqnr = math.inf
-        elif self.sxx == 0.0:
-            sqnr = -math.inf
+        elif self.sxx == 0.0 or not self.sxx / self.see > 0.0:  # an infinite error: ratio 0 (or NaN)
+            sqnr = -math.inf if not math.isnan(self.see) else math.nan
         else:
             sqnr = 10.0 * math.log10(self.sxx / self.see)
         denom = math.sqrt(self.sxx * self.syy)

@@ -16,6 +16,7 @@ Its quantized inputs and weight are what isolated sensitivity quantizes alone (`
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -84,6 +85,7 @@ class Layer:
     matched: bool  # the float model has this node with the same op type and output
     measured: str = ""  # float tensor where its accumulated error is measured (see `analyze`)
     measured_quant: str = ""  # the quantized model's counterpart of `measured`
+    label: str = ""  # the name shown to people (see `layer_label`)
 
 
 @dataclass
@@ -206,6 +208,7 @@ def analyze(quant_model: onnx.ModelProto, float_model: onnx.ModelProto) -> QdqGr
                 matched=matched,
                 measured=measured,
                 measured_quant=measured_quant,
+                label=layer_label(node.name, node.op, node.outputs[0].name),
             )
         )
         index += 1
@@ -219,6 +222,16 @@ def analyze(quant_model: onnx.ModelProto, float_model: onnx.ModelProto) -> QdqGr
             "the quantized model has no QuantizeLinear/DequantizeLinear pattern; reporting model outputs only"
         )
     return out
+
+
+def layer_label(node: str, op_type: str, output: str) -> str:
+    """The name a user knows a layer by: its node name, unless that name was made up by a tool (ours
+    `Add_162`, onnx-ir's `node_Add_162`, `Add.162`) for an unnamed node; then its output tensor's name, which
+    the exporter wrote (`/layer1/Add_output_0`), unless that is a bare number too."""
+    invented = re.fullmatch(rf"(node_)?{re.escape(op_type)}[._]\d+(_\d+)*", node) is not None
+    if invented and output and not output.isdigit():
+        return output
+    return node
 
 
 def _measure_point(output: gs.Tensor, by_root: dict[str, QTensor], chain_nodes: set[str]) -> tuple[str, str]:
@@ -383,6 +396,7 @@ def check_compatible(float_model: onnx.ModelProto, quant_model: onnx.ModelProto)
             out[vi.name] = (tt.elem_type, dims)
         return out
 
+    _refuse_quantized_reference(float_model, quant_model)
     for what, f, q in (
         ("inputs", sig(graph_inputs(float_model)), sig(graph_inputs(quant_model))),
         ("outputs", sig(float_model.graph.output), sig(quant_model.graph.output)),
@@ -406,6 +420,21 @@ def check_compatible(float_model: onnx.ModelProto, quant_model: onnx.ModelProto)
                     f"quantized model: {what[:-1]} {name!r} is {_describe(qe, qd)} but {_describe(fe, fd)} "
                     "in the float model; accepted: a quantized model converted from the float one"
                 )
+
+
+def _refuse_quantized_reference(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> None:
+    """The reference must be a float model: one holding Q/DQ nodes was quantized already, and the usual cause
+    is the two models given in the wrong order."""
+    qdq = ("QuantizeLinear", "DequantizeLinear")
+    found = next((n for n in float_model.graph.node if n.op_type in qdq), None)
+    if found is None:
+        return
+    swapped = not any(n.op_type in qdq for n in quant_model.graph.node)
+    raise BadModelError(
+        f"float model: holds {found.op_type} node {found.name or found.op_type!r}, so it is already quantized"
+        + ("; the two models look swapped" if swapped else "")
+        + "; accepted: the float model first, then the quantized (Q/DQ) model"
+    )
 
 
 def _describe(elem: int, dims) -> str:

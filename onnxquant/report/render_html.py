@@ -13,6 +13,7 @@ import math
 from functools import cache
 
 from onnxquant.report.markup import esc, fmt
+from onnxquant.report.render_text import ABOUT, sensitivity_header
 from onnxquant.report.svg import METHOD_COLORS, calib_plot, curve_plot, entropy_plot, layers_plot
 
 ASSETS = ("report.css", "report.js", "error-hook.js")
@@ -85,7 +86,7 @@ def _summary(report) -> str:
             else "accumulated SQNR at the layer's output"
         )
         items = "".join(
-            f"<li><b>{esc(la.name)}</b> ({esc(la.op_type)}, W{la.weight_bits or '–'}A{la.act_bits or '–'}): "
+            f"<li><b>{esc(la.shown)}</b> ({esc(la.op_type)}, W{la.weight_bits or '–'}A{la.act_bits or '–'}): "
             f"{fmt(_rank_value(report, la))} dB</li>"
             for la in worst
         )
@@ -99,7 +100,20 @@ def _summary(report) -> str:
     return f'<section id="summary"><div class="cards">{"".join(cards)}{wl}</div>{notes}</section>'
 
 
+def _about(report) -> str:
+    """What was compared (models, data, rules, settings), when, and by which onnxquant."""
+    rows = "".join(
+        f'<tr><td class="lbl">{esc(label)}</td><td class="name">{esc(report.about[key])}</td></tr>'
+        for key, label in ABOUT
+        if key in report.about
+    )
+    made = f"{report.about.get('date', '?')}, onnxquant {report.about.get('onnxquant', '?')}"
+    return f'<table class="about">{rows}<tr><td class="lbl">made</td><td>{esc(made)}</td></tr></table>'
+
+
 def _layers_table(report) -> str:
+    """One row per layer; MSE and relative error stay in the JSON so the table fits the page."""
+    per_output = sensitivity_header(report)
     head = [
         ("#", "num"),
         ("layer", "str"),
@@ -107,50 +121,48 @@ def _layers_table(report) -> str:
         ("W bits", "num"),
         ("A bits", "num"),
         ("sensitivity dB", "num"),
+        *((h, "num") for h in per_output),
         ("isolated SQNR", "num"),
         ("isolated cosine", "num"),
         ("accum. SQNR", "num"),
         ("accum. cosine", "num"),
-        ("accum. MSE", "num"),
         ("accum. max err", "num"),
-        ("accum. rel err", "num"),
     ]
     rows = []
     for la in report.layers:
         a, i = la.accumulated, la.isolated
+        named = f' title="node {esc(la.name)}"' if la.shown != la.name else ""
+        sens = "".join(
+            _cell(la.sensitivity[o.name].sqnr_db if o.name in la.sensitivity else None)
+            for o in (report.outputs if per_output else ())
+        )
         rows.append(
             "<tr>"
             + _cell(la.index, "g")
-            + f"<td>{esc(la.name)}</td><td>{esc(la.op_type)}</td>"
+            + f'<td class="name"{named}>{esc(la.shown)}</td><td>{esc(la.op_type)}</td>'
             + _cell(la.weight_bits, "g")
             + _cell(la.act_bits, "g")
             + _cell(la.sensitivity_db, "db", _sqnr_class(la.sensitivity_db))
+            + sens
             + _cell(i.sqnr_db if i else None)
             + _cell(i.cosine if i else None, "cos")
             + _cell(a.sqnr_db if a else None)
             + _cell(a.cosine if a else None, "cos")
-            + _cell(a.mse if a else None, "g")
             + _cell(a.max_abs_error if a else None, "g")
-            + _cell(a.rel_error if a else None, "g")
             + "</tr>"
         )
     return _table("layers-table", head, rows)
 
 
 def _tensors_table(report) -> str:
+    """One row per quantized tensor; MSE and relative error stay in the JSON so the table fits the page."""
     head = [("tensor", "str"), ("kind", "str"), ("bits", "num"), ("entropy bits", "num"), ("clipped", "num")]
     for pre in ("accum.", "isolated"):
-        head += [
-            (f"{pre} SQNR", "num"),
-            (f"{pre} cosine", "num"),
-            (f"{pre} MSE", "num"),
-            (f"{pre} max err", "num"),
-            (f"{pre} rel err", "num"),
-        ]
+        head += [(f"{pre} SQNR", "num"), (f"{pre} cosine", "num"), (f"{pre} max err", "num")]
     rows = []
     for t in report.tensors:
         cells = [
-            f"<td>{esc(t.name)}</td><td>{esc(t.kind)}</td>",
+            f'<td class="name">{esc(t.name)}</td><td>{esc(t.kind)}</td>',
             _cell(t.bits, "g"),
             _cell(t.entropy, "bits"),
             _cell(t.clip_fraction, "pct"),
@@ -159,9 +171,7 @@ def _tensors_table(report) -> str:
             cells += [
                 _cell(m.sqnr_db if m else None),
                 _cell(m.cosine if m else None, "cos"),
-                _cell(m.mse if m else None, "g"),
                 _cell(m.max_abs_error if m else None, "g"),
-                _cell(m.rel_error if m else None, "g"),
             ]
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return _table("tensors-table", head, rows)
@@ -251,6 +261,7 @@ def render_html(report) -> str:
             "<title>onnxquant report (loading)</title>",
             f"<script>{asset('error-hook.js')}</script><style>{asset('report.css')}</style></head>",
             f'<body data-ready="0"><main><h1>onnxquant accuracy report</h1><p class="sub">{esc(sub)}</p>',
+            _about(report),
             _summary(report),
             layers_fig,
             _suggestion(report),

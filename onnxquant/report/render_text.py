@@ -21,11 +21,41 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)]
 
 
+ABOUT = (
+    ("float_model", "float model"),
+    ("quant_model", "quantized model"),
+    ("data", "data"),
+    ("rules", "rules"),
+    ("weights", "weights"),
+    ("activations", "activations"),
+    ("method", "calibration"),
+)
+
+
+def about_lines(about: dict) -> list[str]:
+    """The report's header: what was compared, with which settings, when and by which version."""
+    lines = [f"  {label}: {about[key]}" for key, label in ABOUT if key in about]
+    if "date" in about or "onnxquant" in about:
+        lines.append(f"  made {about.get('date', '?')} by onnxquant {about.get('onnxquant', '?')}")
+    return lines
+
+
+def sensitivity_header(report) -> list[str]:
+    """One sensitivity column per model output when there are several (the minimum ranks the layers)."""
+    outs = [o.name for o in report.outputs]
+    return [f"sens. {o} dB" for o in outs] if len(outs) > 1 else []
+
+
+def _per_output(report, la) -> list[str]:
+    return [_db(la.sensitivity[o.name].sqnr_db if o.name in la.sensitivity else None) for o in report.outputs]
+
+
 def render_text(report, worst: int = 5) -> str:
     """Outputs (SQNR, max error, top-1 agreement, accuracies) and the `worst` most harmful layers."""
     lines = [
         f"onnxquant report: {report.samples} samples"
-        + (f", isolated sensitivity on {report.sensitivity_samples}" if report.sensitivity_samples else "")
+        + (f", isolated sensitivity on {report.sensitivity_samples}" if report.sensitivity_samples else ""),
+        *about_lines(report.about),
     ]
     rows = [
         [
@@ -48,18 +78,21 @@ def render_text(report, worst: int = 5) -> str:
             else "accumulated SQNR at the layer output"
         )
         lines += ["", f"worst layers (by {by}):"]
+        per_output = sensitivity_header(report)
         rows = [
             [
-                la.name,
+                la.shown,
                 la.op_type,
                 f"W{la.weight_bits or '-'}A{la.act_bits or '-'}",
                 _db(la.sensitivity_db),
+                *(_per_output(report, la) if per_output else ()),
                 _db(la.isolated.sqnr_db if la.isolated else None),
                 _db(la.accumulated.sqnr_db if la.accumulated else None),
             ]
             for la in ranked
         ]
-        lines += _table(["layer", "op", "bits", "sens. dB", "isolated dB", "accum. dB"], rows)
+        header = ["layer", "op", "bits", "sens. dB", *per_output, "isolated dB", "accum. dB"]
+        lines += _table(header, rows)
     sug = report.suggestion
     if sug is not None:
         lines += [

@@ -21,6 +21,7 @@ METHOD_COLORS = {
     "kl": "#d62728",
 }
 BLUE, ORANGE, GREEN, RED, GREY = "#4c78a8", "#f58518", "#54a24b", "#e45756", "#bbbbbb"
+LEGEND_BAND = 30  # px above a plot's data area kept for its legend or labels, so no line runs under text
 
 
 def _axis_label(x: float, y: float, name: str) -> str:
@@ -92,8 +93,8 @@ def layers_plot(report) -> str:
     if not vals:
         return ""
     worst = {la.name for la in report.worst(3)}
-    bottom = _label_room(la.name for la in layers)
-    width, height, left, right, top = 1180, 250 + bottom, 56, 12, 16
+    bottom = _label_room(la.shown for la in layers)
+    width, height, left, right, top = 1180, 264 + bottom, 56, 12, LEGEND_BAND
     lo, hi = min(0.0, min(vals)), max(vals) * 1.15 + 2
     cap = hi
 
@@ -118,11 +119,11 @@ def layers_plot(report) -> str:
             parts.append(
                 f'<rect x="{x + band * 0.15:.1f}" y="{min(y, base):.1f}" width="{band * 0.7:.1f}" '
                 f'height="{max(abs(base - y), 1):.1f}" fill="{color}" opacity="0.85">'
-                f"<title>{esc(la.name)}: {fmt(v)} dB output SQNR with only this layer quantized</title>"
+                f"<title>{esc(la.shown)}: {fmt(v)} dB output SQNR with only this layer quantized</title>"
                 "</rect>"
             )
         if n <= 60 or i % max(1, n // 60) == 0:
-            parts.append(_axis_label(x + band / 2, height - bottom + 12, la.name))
+            parts.append(_axis_label(x + band / 2, height - bottom + 12, la.shown))
     for series, color, name in ((acc, ORANGE, "accumulated"), (iso, GREEN, "isolated")):
         pts = [
             (left + (i + 0.5) * band, y_of(v))
@@ -141,7 +142,7 @@ def layers_plot(report) -> str:
             pts, [la for la, v in zip(layers, series) if v is not None and math.isfinite(v)]
         ):
             parts.append(
-                f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.2" fill="{color}"><title>{esc(la.name)}: '
+                f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.2" fill="{color}"><title>{esc(la.shown)}: '
                 f"{name} SQNR at its output</title></circle>"
             )
     parts.append(f'<line x1="{left}" x2="{width - right}" y1="{base:.1f}" y2="{base:.1f}" stroke="#999"/>')
@@ -154,7 +155,7 @@ def layers_plot(report) -> str:
                 ("dot", GREEN, "isolated SQNR at the layer output"),
             ],
             left + 8,
-            top + 6,
+            LEGEND_BAND - 12,
         )
     )
     parts.append("</svg>")
@@ -205,7 +206,7 @@ def entropy_plot(report) -> str:
 
 def calib_plot(view: CalibView) -> str:
     """Histogram (log counts) with each method's range; the chosen method drawn thick and labelled."""
-    width, height, left, right, top, bottom = 370, 190, 8, 8, 26, 22
+    width, height, left, right, top, bottom = 370, 204, 8, 8, 40, 22
     counts = view.counts
     span = view.hi - view.lo or 1.0
     logc = [math.log10(c + 1) for c in counts.tolist()]
@@ -252,7 +253,7 @@ def calib_plot(view: CalibView) -> str:
         anchor = "end" if x > width / 2 else "start"
         dx = -4 if anchor == "end" else 4
         parts.append(
-            f'<text x="{x + dx:.1f}" y="{top + 12}" text-anchor="{anchor}" font-weight="600" '
+            f'<text x="{x + dx:.1f}" y="{top - 6}" text-anchor="{anchor}" font-weight="600" '
             f'fill="{METHOD_COLORS.get(view.chosen or "", "#000")}">chosen: {esc(view.chosen)} '
             f"{hi:.3g}</text>"
         )

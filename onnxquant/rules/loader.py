@@ -1,5 +1,16 @@
 """Load a YAML rule file (or a shipped preset by name) into `Rules`, naming the file and key of any error.
 
+A rule file extends a preset, so a partial file changes only what it says. `extends: default` is implied;
+`extends: tensorrt` or `extends: other.yaml` (relative to the file) pick another base, and `extends: none`
+starts from the schema's bare defaults (no passes, compute ops only: what `dump_rules` writes, every key
+given). Keys given in the file replace the base's; `weights` and `activations` replace field by field, so
+`activations: {bits: 4}` keeps the base's method; `overrides` are appended to the base's (later ones win).
+A chain that comes back to a file it passed through is an error naming the chain.
+
+The YAML is read by a safe loader with budgets: nesting deeper than `MAX_DEPTH` or a document that expands
+(through anchors and aliases) to more than `MAX_NODES` nodes is refused in one line, so a "billion laughs"
+file cannot hang the loader or fill memory; values echoed in messages are cut to about 80 characters.
+
 The names a rule file may use for passes and calibration methods are given by the caller (the pass and method
 registries live in `onnxquant.passes` and `onnxquant.calib`, which depend on rules, not the other way round).
 """
@@ -8,8 +19,9 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import reprlib
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +40,32 @@ from onnxquant.rules.schema import (
 )
 
 PRESETS = ("default", "tensorrt")
-TOP_KEYS = ("placement", "depthwise_inputs", "passes", "quantize_ops", "weights", "activations", "overrides")
+NO_BASE = "none"  # `extends: none`: the schema's bare defaults
+TOP_KEYS = (
+    "extends",
+    "placement",
+    "depthwise_inputs",
+    "passes",
+    "quantize_ops",
+    "weights",
+    "activations",
+    "overrides",
+)
 SPEC_KEYS = ("bits", "symmetric", "granularity", "method")
 OVERRIDE_KEYS = ("match", "skip", "weights", "activations")
 MATCH_KEYS = ("name", "op_type", "position")
+MAX_DEPTH = 32  # nesting levels of a YAML document; a rule file needs 5
+MAX_NODES = 100_000  # YAML nodes after alias expansion; a rule file with 1000 overrides has ~15000
+MAX_SHOWN = 80  # characters of a value echoed in an error message
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 3, 6, 6, MAX_SHOWN, 40
+
+
+def shown(value: Any) -> str:
+    """`repr(value)` cut to about MAX_SHOWN characters, in bounded time whatever the value's size."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -55,24 +89,28 @@ def load_rules(
     `pass_names`, `method_names`, `weight_method_names`: the accepted values of `passes`,
     `activations.method` and `weights.method` (see `parse_rules`).
     """
+    names = _Names(tuple(pass_names), tuple(method_names), tuple(weight_method_names))
+    return _load(source, names, chain=())
+
+
+def _load(source: str | os.PathLike | None, names: _Names, chain: tuple[str, ...]) -> Rules:
     source = "default" if source is None else source
     if str(source) in PRESETS:
         text = importlib.resources.files("onnxquant.rules").joinpath(f"presets/{source}.yaml").read_text()
-        where = f"preset {source}"
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise BadRulesError(
-                f"{path}: rule file not found; accepted: a YAML file or a preset ({', '.join(PRESETS)})"
-            )
-        text, where = path.read_text(encoding="utf-8", errors="replace"), str(path)
-    return parse_rules(
-        text, where, pass_names=pass_names, method_names=method_names, weight_method_names=weight_method_names
-    )
+        return _parse(text, f"preset {source}", names, base_dir=None, chain=chain)
+    path = Path(source)
+    if not path.is_file():
+        raise BadRulesError(
+            f"{path}: rule file not found; accepted: a YAML file or a preset ({', '.join(PRESETS)})"
+        )
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return _parse(text, str(path), names, base_dir=path.parent, chain=chain)
 
 
 def dump_rules(rules: Rules) -> str:
-    """YAML text that `parse_rules` reads back into the same `Rules` (used to extend effective rules)."""
+    """YAML text that `parse_rules` reads back into the same `Rules` (used to extend effective rules).
+
+    It says `extends: none` and gives every key, so it does not depend on what the presets hold."""
 
     def spec(q) -> dict:
         return {"bits": q.bits, "symmetric": q.symmetric, "granularity": q.granularity, "method": q.method}
@@ -87,6 +125,7 @@ def dump_rules(rules: Rules) -> str:
     acts = spec(rules.activations)
     del acts["granularity"]
     doc = {
+        "extends": NO_BASE,
         "placement": rules.placement,
         "depthwise_inputs": rules.depthwise_inputs,
         "passes": list(rules.passes),
@@ -105,50 +144,152 @@ def parse_rules(
     pass_names: Collection[str],
     method_names: Collection[str],
     weight_method_names: Collection[str],
+    base_dir: str | os.PathLike | None = None,
 ) -> Rules:
     """Validate rule-file YAML `text` (errors name `where` and the key) into `Rules`.
 
     `pass_names`: accepted entries of `passes`; `method_names`, `weight_method_names`: accepted activation and
-    weight calibration methods.
+    weight calibration methods. An `extends: FILE` is resolved against `base_dir` (default: the current
+    directory).
     """
     names = _Names(tuple(pass_names), tuple(method_names), tuple(weight_method_names))
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise BadRulesError(f"{where}: not valid YAML{at}") from exc
+    return _parse(text, where, names, base_dir=Path(base_dir) if base_dir is not None else None, chain=())
+
+
+def _parse(text: str, where: str, names: _Names, base_dir: Path | None, chain: tuple[str, ...]) -> Rules:
+    """Rules of one file: its base (`extends`) with the file's keys applied on top."""
+    doc = safe_yaml(text, where)
     doc = {} if doc is None else doc
     _check_keys(doc, TOP_KEYS, where, "")
-    defaults = Rules()
-    weights = _spec(doc.get("weights", {}), where, "weights", defaults.weights, names.weight_methods)
-    acts = _spec(doc.get("activations", {}), where, "activations", defaults.activations, names.methods)
+    identity = where if base_dir is None else str((base_dir / Path(where).name).resolve())
+    chain = (*chain, identity)
+    base = _base_rules(doc, where, names, base_dir, chain)
+    return _apply(doc, base, where, names)
+
+
+def _base_rules(doc: dict, where: str, names: _Names, base_dir: Path | None, chain: tuple[str, ...]) -> Rules:
+    """The rules `doc` extends: a preset, another file (relative to `base_dir`), or none."""
+    default = NO_BASE if where == "preset default" else "default"
+    extends = doc.get("extends", default)
+    if not isinstance(extends, str) or not extends:
+        raise BadRulesError(
+            f"{where}: key 'extends' is {shown(extends)}; accepted: {', '.join(PRESETS)}, {NO_BASE} "
+            "or a rule-file path"
+        )
+    if extends == NO_BASE:
+        return Rules()
+    if extends in PRESETS:
+        target, identity = extends, f"preset {extends}"
+    else:
+        target = (base_dir or Path.cwd()) / extends
+        identity = str(target.resolve())
+        if not target.is_file():
+            raise BadRulesError(
+                f"{where}: key 'extends' is {shown(extends)}: no such file {target}; accepted: "
+                f"{', '.join(PRESETS)}, {NO_BASE} or a rule-file path relative to this file"
+            )
+    if identity in chain:
+        cycle = " -> ".join((*chain[chain.index(identity) :], identity))
+        raise BadRulesError(
+            f"{where}: key 'extends' makes a cycle: {cycle}; accepted: a chain that ends at a preset or "
+            f"{NO_BASE}"
+        )
+    return _load(target, names, chain)
+
+
+def _apply(doc: dict, base: Rules, where: str, names: _Names) -> Rules:
+    """`base` with the keys `doc` gives: top-level keys replace, spec fields replace, overrides append."""
+    weights = _spec(doc.get("weights", {}), where, "weights", base.weights, names.weight_methods)
+    acts = _spec(doc.get("activations", {}), where, "activations", base.activations, names.methods)
     if acts.granularity != "per_tensor":
         raise BadRulesError(
             f"{where}: key 'activations.granularity' is {acts.granularity!r}; accepted: per_tensor"
         )
-    passes = tuple(_str_list(doc.get("passes", []), where, "passes", names.passes))
-    ops = tuple(_str_list(doc.get("quantize_ops", list(defaults.quantize_ops)), where, "quantize_ops", None))
-    placement = _choice(doc.get("placement", "ort"), where, "placement", PLACEMENTS)
+    passes = base.passes
+    if "passes" in doc:
+        passes = tuple(_str_list(doc["passes"], where, "passes", names.passes))
+    ops = base.quantize_ops
+    if "quantize_ops" in doc:
+        ops = tuple(_str_list(doc["quantize_ops"], where, "quantize_ops", None))
+    placement = _choice(doc.get("placement", base.placement), where, "placement", PLACEMENTS)
     depthwise = _choice(
-        doc.get("depthwise_inputs", defaults.depthwise_inputs), where, "depthwise_inputs", GRANULARITIES
+        doc.get("depthwise_inputs", base.depthwise_inputs), where, "depthwise_inputs", GRANULARITIES
     )
     raw_overrides = doc.get("overrides") or []
     if not isinstance(raw_overrides, list):
         raise BadRulesError(
             f"{where}: key 'overrides' must be a list of {{match, skip, weights, activations}}"
         )
-    overrides = tuple(_override(ov, where, f"overrides[{i}]", names) for i, ov in enumerate(raw_overrides))
-    return Rules(
+    overrides = tuple(_override(ov, where, i, names) for i, ov in enumerate(raw_overrides))
+    return replace(
+        base,
         placement=placement,
         depthwise_inputs=depthwise,
         passes=passes,
         quantize_ops=ops,
         weights=weights,
         activations=acts,
-        overrides=overrides,
+        overrides=base.overrides + overrides,
         source=where,
     )
+
+
+class _Refused(yaml.YAMLError):
+    """A YAML document over the loader's depth or expansion budget."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing documents nested deeper than MAX_DEPTH before the recursive composer
+    reaches Python's recursion limit."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise _Refused(f"nested deeper than {MAX_DEPTH} levels at line {mark.line + 1}")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Nodes of `node` with every alias expanded (memoized by node identity, so linear in the file)."""
+    known = sizes.get(id(node))
+    if known is not None:
+        return known
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(child, sizes) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    sizes[id(node)] = size
+    return size
+
+
+def safe_yaml(text: str, where: str) -> Any:
+    """The YAML document in `text`, with only plain types and within the depth and alias-expansion budgets;
+    any problem is one BadRulesError line naming `where`."""
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_NODES:
+            raise _Refused(f"expands to more than {MAX_NODES} nodes through anchors and aliases")
+        return loader.construct_document(node)
+    except _Refused as exc:
+        raise BadRulesError(f"{where}: refused: {exc}; accepted: a plain rule file") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise BadRulesError(f"{where}: not valid YAML{at}") from exc
+    finally:
+        loader.dispose()
 
 
 def _check_keys(doc: Any, allowed: tuple[str, ...], where: str, prefix: str) -> None:
@@ -159,18 +300,19 @@ def _check_keys(doc: Any, allowed: tuple[str, ...], where: str, prefix: str) -> 
         )
     for key in doc:
         if key not in allowed:
-            raise BadRulesError(f"{where}: unknown key '{prefix}{key}'; accepted: {', '.join(allowed)}")
+            name = key if isinstance(key, str) and len(key) <= MAX_SHOWN else shown(key)
+            raise BadRulesError(f"{where}: unknown key '{prefix}{name}'; accepted: {', '.join(allowed)}")
 
 
 def _choice(value: Any, where: str, key: str, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in choices:
-        raise BadRulesError(f"{where}: key '{key}' is {value!r}; accepted: {', '.join(choices)}")
+        raise BadRulesError(f"{where}: key '{key}' is {shown(value)}; accepted: {', '.join(choices)}")
     return value
 
 
 def _str_list(value: Any, where: str, key: str, choices: tuple[str, ...] | None) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise BadRulesError(f"{where}: key '{key}' must be a list of strings, got {value!r}")
+        raise BadRulesError(f"{where}: key '{key}' must be a list of strings, got {shown(value)}")
     if choices is not None:
         for v in value:
             _choice(v, where, key, choices)
@@ -185,13 +327,13 @@ def _spec_fields(doc: Any, where: str, key: str, methods: tuple[str, ...]) -> di
         bits = doc["bits"]
         if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
             raise BadRulesError(
-                f"{where}: key '{key}.bits' is {bits!r}; accepted: an integer {MIN_BITS}..{MAX_BITS}"
+                f"{where}: key '{key}.bits' is {shown(bits)}; accepted: an integer {MIN_BITS}..{MAX_BITS}"
             )
         fields["bits"] = bits
     if "symmetric" in doc:
         if not isinstance(doc["symmetric"], bool):
             raise BadRulesError(
-                f"{where}: key '{key}.symmetric' is {doc['symmetric']!r}; accepted: true, false"
+                f"{where}: key '{key}.symmetric' is {shown(doc['symmetric'])}; accepted: true, false"
             )
         fields["symmetric"] = doc["symmetric"]
     if "granularity" in doc:
@@ -205,7 +347,8 @@ def _spec(doc: Any, where: str, key: str, base: QuantSpec, methods: tuple[str, .
     return QuantSpec(**{**base.__dict__, **_spec_fields(doc, where, key, methods)})
 
 
-def _override(doc: Any, where: str, key: str, names: _Names) -> Override:
+def _override(doc: Any, where: str, index: int, names: _Names) -> Override:
+    key = f"overrides[{index}]"
     _check_keys(doc, OVERRIDE_KEYS, where, key + ".")
     if "match" not in doc:
         raise BadRulesError(
@@ -219,12 +362,31 @@ def _override(doc: Any, where: str, key: str, names: _Names) -> Override:
         )
     for k in ("name", "op_type"):
         if k in match_doc and not isinstance(match_doc[k], str):
-            raise BadRulesError(f"{where}: key '{key}.match.{k}' must be a string, got {match_doc[k]!r}")
+            raise BadRulesError(f"{where}: key '{key}.match.{k}' must be a string, got {shown(match_doc[k])}")
     if "position" in match_doc:
         _choice(match_doc["position"], where, f"{key}.match.position", POSITIONS)
     skip = doc.get("skip")
     if skip is not None and not isinstance(skip, bool):
-        raise BadRulesError(f"{where}: key '{key}.skip' is {skip!r}; accepted: true, false")
+        raise BadRulesError(f"{where}: key '{key}.skip' is {shown(skip)}; accepted: true, false")
     weights = _spec_fields(doc.get("weights", {}), where, f"{key}.weights", names.weight_methods)
     acts = _spec_fields(doc.get("activations", {}), where, f"{key}.activations", names.methods)
-    return Override(match=Match(**match_doc), skip=skip, weights=weights, activations=acts)
+    _refuse_channel_activations(acts, where, key)
+    return Override(
+        match=Match(**match_doc),
+        skip=skip,
+        weights=weights,
+        activations=acts,
+        origin=f"{where} override {index + 1}",
+    )
+
+
+def _refuse_channel_activations(fields: dict, where: str, key: str) -> None:
+    """Refuse per-channel activations in an override, as at the top level: runtimes fuse a node into integer
+    work only with per-tensor activation scales, so the request could not be honoured; per-channel activation
+    ranges come from bit allocation or depthwise equalization instead."""
+    if fields.get("granularity", "per_tensor") != "per_tensor":
+        raise BadRulesError(
+            f"{where}: key '{key}.activations.granularity' is {fields['granularity']!r}; accepted: "
+            "per_tensor (per-channel activation ranges: --bit-alloc activations, or "
+            "depthwise_inputs: per_channel)"
+        )

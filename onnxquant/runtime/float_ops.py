@@ -28,7 +28,7 @@ class NodeRunner:
             if name and name not in feeds:
                 names.append(name)
                 feeds[name] = np.asarray(value)
-        key = (id(step), tuple((feeds[n].dtype.str, feeds[n].ndim) for n in names))
+        key = (id(step), tuple((feeds[n].dtype.str, tuple(_declared_shape(feeds[n]))) for n in names))
         sess = self._sessions.get(key)
         if sess is None:
             sess = self._sessions[key] = self._build(plan, step, names, feeds)
@@ -46,7 +46,7 @@ class NodeRunner:
     def _build(plan: P.Plan, step: P.FloatStep, names: list[str], feeds: dict):
         inputs = [
             helper.make_tensor_value_info(
-                n, helper.np_dtype_to_tensor_dtype(feeds[n].dtype), [None] * feeds[n].ndim
+                n, helper.np_dtype_to_tensor_dtype(feeds[n].dtype), _declared_shape(feeds[n])
             )
             for n in names
         ]
@@ -54,3 +54,12 @@ class NodeRunner:
         graph = helper.make_graph([step.node], f"fallback_{step.name}", inputs, outputs)
         model = helper.make_model(graph, opset_imports=plan.opsets, ir_version=plan.ir_version)
         return make_session(model, optimize=False)
+
+
+def _declared_shape(value: np.ndarray) -> list[int | None]:
+    """The shape a fallback model declares for an input: dynamic dims, except for the length of a 1-D integer
+    tensor (a shape operand such as Resize `sizes` or Reshape `shape`), which ONNX Runtime's shape inference
+    reads as 0 when it is not given and then rejects the node."""
+    if value.ndim == 1 and value.dtype.kind in "iu":
+        return [int(value.shape[0])]
+    return [None] * value.ndim

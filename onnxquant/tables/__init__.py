@@ -32,7 +32,8 @@ from pathlib import Path
 
 from onnxquant.errors import BadDataError
 from onnxquant.model import atomic_write
-from onnxquant.tables.canonical import dumps_json, loads_json
+from onnxquant.model_checks import regular_file_size
+from onnxquant.tables.canonical import MAX_JSON_DEPTH, dumps_json, json_depth, loads_json
 from onnxquant.tables.entries import FORMAT_NAME, FORMAT_VERSION, TENSOR_KINDS, CalibrationTable, TensorRange
 from onnxquant.tables.ort import dumps_ort, loads_ort
 from onnxquant.tables.tensorrt import TRT_CALIBRATOR, TRT_VERSION, dumps_tensorrt_cache, loads_tensorrt_cache
@@ -72,12 +73,9 @@ def _write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def _read_text(path: str | os.PathLike) -> str:
+    regular_file_size(Path(path), "table", "a table file", BadDataError)  # a FIFO would block the read
     try:
         return Path(path).read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise BadDataError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise BadDataError(f"{path}: is a directory; accepted: a table file") from None
     except UnicodeDecodeError:
         raise BadDataError(f"{path}: not a text file; accepted: {_ACCEPTED}") from None
     except OSError as exc:
@@ -138,6 +136,8 @@ def sniff_format(text: str) -> str:
     """The name of the format of table text `text` (a key of FORMATS), or "unknown"."""
     if text.startswith("TRT-"):
         return "tensorrt"
+    if json_depth(text) > MAX_JSON_DEPTH:
+        return "json"  # its reader refuses the depth in one line naming the file
     try:
         obj = json.loads(text)
     except json.JSONDecodeError:

@@ -3,12 +3,40 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import numpy as np
 
 from onnxquant.errors import BadDataError
 from onnxquant.tables.entries import CalibrationTable
+
+# Tables nest 5 levels at most (ONNX Runtime's TensorsData); deeper text is refused before json.loads, whose
+# recursion would otherwise end in a RecursionError on a file nested 10^5 deep.
+MAX_JSON_DEPTH = 32
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def json_depth(text: str) -> int:
+    """How deep the arrays/objects of JSON `text` nest (strings skipped); no recursion, linear time."""
+    bare = _JSON_STRING.sub("", text)
+    levels = np.frombuffer(bare.encode("utf-8", "replace"), dtype=np.uint8)
+    step = np.isin(levels, (ord("["), ord("{"))).astype(np.int64) - np.isin(levels, (ord("]"), ord("}")))
+    return int(np.cumsum(step).max(initial=0))
+
+
+def parse_json(text: str, where: str) -> Any:
+    """`json.loads(text)`, refusing nesting deeper than MAX_JSON_DEPTH and invalid JSON in one line."""
+    depth = json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise BadDataError(
+            f"{where}: JSON nested {depth} levels deep; accepted: at most {MAX_JSON_DEPTH} levels "
+            "(a calibration table)"
+        )
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadDataError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
 
 
 def _canon(obj: Any) -> Any:
@@ -53,8 +81,4 @@ def dumps_json(table: CalibrationTable) -> str:
 
 def loads_json(text: str, where: str = "table", bits: int = 8, symmetric: bool = False) -> CalibrationTable:
     """Parse canonical JSON (`bits` and `symmetric` are unused: the table carries them)."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BadDataError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-    return CalibrationTable.from_json(obj, where)
+    return CalibrationTable.from_json(parse_json(text, where), where)

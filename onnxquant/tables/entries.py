@@ -10,9 +10,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import onnx
 
 from onnxquant.errors import BadDataError
-from onnxquant.quant import QParams, qparams_from_range
+from onnxquant.quant import MAX_BITS, MIN_BITS, QParams, qparams_from_range
 
 FORMAT_NAME = "onnxquant-calibration"
 FORMAT_VERSION = 1
@@ -95,6 +96,12 @@ class TensorRange:
             entry["spread_ratio"] = self.spread_ratio
         return entry
 
+    def checked(self, where: str) -> TensorRange:
+        """This entry, refused (`check_values`) when no runtime could use its parameters."""
+        values = {k: getattr(self, k) for k in ("min", "max", "amax", "scale", "zero_point", "bits")}
+        check_values(values, self.signed, self.spread_ratio, where)
+        return self
+
     def with_note(self, note: str) -> TensorRange:
         return replace(self, note=note)
 
@@ -121,8 +128,8 @@ class TensorRange:
                 f"{', '.join(OPTIONAL_KEYS)}"
             )
         axis = entry.get("axis")
-        if axis is not None and (not isinstance(axis, int) or isinstance(axis, bool)):
-            raise BadDataError(f"{where}: axis must be an integer")
+        if axis is not None and (not isinstance(axis, int) or isinstance(axis, bool) or axis < 0):
+            raise BadDataError(f"{where}.axis: {axis!r}; accepted: a non-negative integer")
         per_channel = isinstance(entry["scale"], list)
         length = len(entry["scale"]) if per_channel else None
         if per_channel and (axis is None or length == 0):
@@ -147,12 +154,7 @@ class TensorRange:
                 if not per_channel:
                     raise BadDataError(f"{where}.{key}: only per-channel entries carry one")
                 channel_lists[key] = plain_values(entry[key], float, length, f"{where}.{key}")
-        for b in np.atleast_1d(values["bits"]):
-            if not 1 <= b <= 16:
-                raise BadDataError(f"{where}.bits: {b} out of range; accepted: 1..16")
-        for sc in np.atleast_1d(values["scale"]):
-            if not sc > 0:
-                raise BadDataError(f"{where}.scale: {sc} is not positive")
+        check_values(values, entry["signed"], channel_lists.get("spread_ratio"), where)
         return cls(
             **values,
             signed=entry["signed"],
@@ -202,11 +204,36 @@ class CalibrationTable:
             or not isinstance(obj.get("tensors"), dict)
         ):
             raise BadDataError(f'{where}: needs "method" (string), "bits" (integer), "tensors" (object)')
+        if obj["bits"] != 0 and not MIN_BITS <= obj["bits"] <= MAX_BITS:  # 0: a model without activations
+            raise BadDataError(
+                f"{where}: bits {obj['bits']} out of range; accepted: {MIN_BITS}..{MAX_BITS}, or 0 when no "
+                "activation is calibrated"
+            )
         tensors = {
             name: TensorRange.from_json(entry, f"{where}: tensor {name!r}")
             for name, entry in obj["tensors"].items()
         }
         return cls(method=obj["method"], bits=obj["bits"], tensors=tensors)
+
+    def check_shapes(self, model: onnx.ModelProto) -> None:
+        """Refuse per-channel entries whose axis is not a dim of the tensor's shape in `model` (tensors
+        without a known shape are skipped), or whose channel count differs from that dim."""
+        shapes = _model_shapes(model)
+        for name, entry in sorted(self.tensors.items()):
+            shape = shapes.get(name)
+            if entry.axis is None or shape is None:
+                continue
+            if entry.axis >= len(shape):
+                raise BadDataError(
+                    f"calibration table: tensor {name!r}: axis {entry.axis} but the tensor has rank "
+                    f"{len(shape)}; accepted: an axis in 0..{len(shape) - 1}"
+                )
+            dim, count = shape[entry.axis], len(entry.scale)
+            if isinstance(dim, int) and dim > 0 and dim != count:
+                raise BadDataError(
+                    f"calibration table: tensor {name!r}: {count} per-channel values but axis {entry.axis} "
+                    f"has {dim} channels; accepted: one value per channel"
+                )
 
     def check_tensors(self, known: Collection[str], required: Collection[str] = ()) -> None:
         """Refuse a table naming tensors the model lacks, or lacking `required` ones (both are listed)."""
@@ -219,6 +246,53 @@ class CalibrationTable:
             problems.append(f"lacks {len(missing)} tensor(s) the model needs: {_listing(missing)}")
         if problems:
             raise BadDataError("calibration table " + "; and ".join(problems))
+
+
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_values(values: dict, signed: bool, spread_ratio: list[float] | None, where: str) -> None:
+    """Refuse quantization parameters no runtime can use, per channel: a width outside MIN_BITS..MAX_BITS, a
+    scale that is not a positive normal float32 (zero, negative, denormal or overflowing: the model would
+    divide by zero or by Inf), a zero point outside the code range (signed tensors: exactly 0), min > max
+    or a negative amax. `values` holds scalars (per tensor) or lists of one length (per channel)."""
+    bits, scale, zero = (np.atleast_1d(values[k]) for k in ("bits", "scale", "zero_point"))
+    ratio = np.ones(scale.shape) if spread_ratio is None else np.asarray(spread_ratio, np.float64)
+    for c, (b, sc, z, r) in enumerate(zip(bits, scale, zero, ratio)):
+        at = f"[{c}]" if scale.size > 1 else ""
+        if not MIN_BITS <= b <= MAX_BITS:
+            raise BadDataError(f"{where}.bits{at}: {b} out of range; accepted: {MIN_BITS}..{MAX_BITS}")
+        if not (_normal_float32(sc) and _normal_float32(sc * r)):
+            what = "is not positive" if min(sc, sc * r) <= 0 else "is denormal or overflows float32"
+            raise BadDataError(
+                f"{where}.scale{at}: {sc}" + (f" times spread_ratio {r}" if r != 1 else "") + f" {what}; "
+                f"accepted: a float32 in {FLOAT32_TINY:.6g}..{FLOAT32_MAX:.6g}"
+            )
+        hi = 0 if signed else (1 << int(b)) - 1
+        if not 0 <= z <= hi:
+            accepted = (
+                "0 for a signed (symmetric) tensor" if signed else f"0..{hi} for unsigned {b}-bit codes"
+            )
+            raise BadDataError(f"{where}.zero_point{at}: {z}; accepted: {accepted}")
+    lo, hi, amax = (np.atleast_1d(values[k]) for k in ("min", "max", "amax"))
+    if (lo > hi).any() or (amax < 0).any():
+        raise BadDataError(f"{where}: min > max or a negative amax; accepted: min <= max, amax >= 0")
+
+
+def _normal_float32(x: float) -> bool:
+    return FLOAT32_TINY <= x <= FLOAT32_MAX
+
+
+def _model_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
+    """Shapes of the initializers and of the tensors whose rank shape inference recorded (None: unknown)."""
+    shapes: dict[str, tuple[int | None, ...]] = {}
+    for vi in (*model.graph.input, *model.graph.value_info, *model.graph.output):
+        tt = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and tt.HasField("shape"):
+            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+    shapes.update({t.name: tuple(t.dims) for t in model.graph.initializer})
+    return shapes
 
 
 def _listing(names: list[str], limit: int = 10) -> str:

@@ -3,14 +3,13 @@ trip."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 
 from onnxquant.errors import BadDataError
-from onnxquant.tables.canonical import dumps_canonical
-from onnxquant.tables.entries import CalibrationTable, TensorRange, plain_values
+from onnxquant.tables.canonical import dumps_canonical, parse_json
+from onnxquant.tables.entries import FLOAT32_MAX, CalibrationTable, TensorRange
 
 _ORT_METHODS = {"minmax": "MinMax", "kl": "Entropy", "percentile": "Percentile"}
 
@@ -42,10 +41,7 @@ def dumps_ort(table: CalibrationTable) -> str:
 
 def loads_ort(text: str, where: str = "table", bits: int = 8, symmetric: bool = False) -> CalibrationTable:
     """Parse ONNX Runtime calibration JSON (TensorsData, or the older {tensor: [min, max]})."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BadDataError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    obj = parse_json(text, where)
     if not isinstance(obj, dict):
         raise BadDataError(f"{where}: not an ONNX Runtime calibration table (expected a JSON object)")
     if obj.get("CLS") == "TensorsData":
@@ -69,8 +65,8 @@ def loads_ort(text: str, where: str = "table", bits: int = 8, symmetric: bool = 
                     "TensorsData JSON or {tensor: [min, max]}"
                 )
             ranges[name] = (
-                plain_values(v[0], float, None, f"{where}: {name}"),
-                plain_values(v[1], float, None, f"{where}: {name}"),
+                _ort_value({"lowest": v[0]}, "lowest", f"{where}: tensor {name!r}"),
+                _ort_value({"highest": v[1]}, "highest", f"{where}: tensor {name!r}"),
             )
         method_name = ""
     embedded = None
@@ -87,7 +83,7 @@ def loads_ort(text: str, where: str = "table", bits: int = 8, symmetric: bool = 
                 raise BadDataError(f"{where}: tensor {name!r}: lowest and highest differ in shape")
             tensors[name] = TensorRange.from_range(
                 lo, hi, bits, symmetric, method, axis=1 if np.ndim(lo) else None
-            )
+            ).checked(f"{where}: tensor {name!r}")
     if embedded is not None:
         return CalibrationTable(method=embedded.method, bits=embedded.bits, tensors=tensors)
     return CalibrationTable(method=method, bits=bits, tensors=tensors)
@@ -106,6 +102,10 @@ def _ort_value(d: Any, key: str, where: str):
         raise BadDataError(f"{where}: {key} is not numeric") from None
     if arr.ndim > 1 or not np.isfinite(out).all():
         raise BadDataError(f"{where}: {key} must be a finite number or a list of numbers")
+    if (np.abs(out) > FLOAT32_MAX).any():
+        raise BadDataError(
+            f"{where}: {key} is outside the float32 range; accepted: |value| <= {FLOAT32_MAX:.6g}"
+        )
     return float(out) if out.ndim == 0 else out
 
 

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 TRT_VERSION = "8601"
 TRT_CALIBRATOR = "EntropyCalibration2"
-_HEX = re.compile(r"^[0-9a-fA-F]{1,8}$")
+_HEX = re.compile(r"^[0-9a-fA-F]{8}$")
 
 
 def dumps_tensorrt_cache(
@@ -64,9 +64,15 @@ def loads_tensorrt_cache(
             raise BadDataError(
                 f"{where}: line {n}: expected 'tensor_name: <8 hex digits>', got {line[:60]!r}"
             )
-        scale = struct.unpack(">f", bytes.fromhex(value.zfill(8)))[0]
-        if not (math.isfinite(scale) and scale >= 0):
-            raise BadDataError(f"{where}: line {n}: scale {scale} of {name!r} is not finite and >= 0")
+        scale = struct.unpack(">f", bytes.fromhex(value))[0]
+        if not (math.isfinite(scale) and scale >= np.finfo(np.float32).tiny):
+            raise BadDataError(
+                f"{where}: line {n}: scale {scale} of {name!r}; accepted: a positive normal float32 "
+                "(amax/127 > 0)"
+            )
         amax = float(scale) * 127.0
-        tensors[name] = TensorRange.from_range(-amax, amax, bits, True, method)
+        where_entry = f"{where}: line {n}: tensor {name!r}"
+        with np.errstate(over="ignore"):  # a scale overflowing float32 at `bits` is refused by checked()
+            entry = TensorRange.from_range(-amax, amax, bits, True, method)
+        tensors[name] = entry.checked(where_entry)
     return CalibrationTable(method=method, bits=bits, tensors=tensors)

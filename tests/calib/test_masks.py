@@ -62,5 +62,5 @@ def test_a_mask_stays_float_and_the_rest_is_quantized(mask, caplog):
 def test_nan_in_the_data_still_names_the_sample():
     model, f = masked_model("-inf"), feeds("-inf")
     f["x"][5, 2] = np.nan
-    with pytest.raises(BadDataError, match=r"tensor x: NaN or Inf at sample 5"):
+    with pytest.raises(BadDataError, match=r"input .x. sample 5 contains NaN"):
         api.convert(model, api.load_rules("tensorrt"), data=[f])

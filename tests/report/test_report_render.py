@@ -56,7 +56,7 @@ def test_html_is_self_contained(full_report):
     for w, h in re.findall(r'<svg class="plot" width="(\d+)" height="(\d+)"', page):
         assert int(w) > 100 and int(h) > 100
     for la in full_report.layers:
-        assert f"<td>{la.name}</td>" in page
+        assert f'<td class="name">{la.shown}</td>' in page
     assert 'class="sortable" id="layers-table"' in page and 'class="sortable" id="tensors-table"' in page
     assert "chosen: laplace" in page
 

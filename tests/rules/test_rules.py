@@ -111,14 +111,14 @@ def test_invalid_yaml_and_missing_file(tmp_path):
 
 
 def test_accepted_names_come_from_the_caller():
-    text = "passes: [fold_x]\nactivations: {method: mine}\nweights: {method: theirs}"
+    text = "extends: none\npasses: [fold_x]\nactivations: {method: mine}\nweights: {method: theirs}"
     rules = loader.parse_rules(
         text, "r.yaml", pass_names=("fold_x",), method_names=("mine",), weight_method_names=("theirs",)
     )
     assert (rules.passes, rules.activations.method, rules.weights.method) == (("fold_x",), "mine", "theirs")
     with pytest.raises(BadRulesError, match="key 'passes' is 'fold_conv_bn'; accepted: fold_x"):
         loader.parse_rules(
-            "passes: [fold_conv_bn]",
+            "{extends: none, passes: [fold_conv_bn]}",
             "r.yaml",
             pass_names=("fold_x",),
             method_names=(),

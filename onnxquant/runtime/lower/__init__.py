@@ -53,6 +53,9 @@ LOWERINGS: dict[str, Callable[[Context, gs.Node], P.Step]] = {
 }
 
 
+OPERATOR_FORM = ("ConvInteger", "MatMulInteger", "QGemm", "QAttention", "DynamicQuantizeMatMul")
+
+
 def lower(model: onnx.ModelProto) -> P.Plan:
     """Lower a QDQ model to an integer plan; a BadModelError when the model has no Q/DQ nodes."""
     if not {n.op_type for n in model.graph.node} & set(QDQ_OPS):
@@ -61,6 +64,7 @@ def lower(model: onnx.ModelProto) -> P.Plan:
             "accepted: a QDQ model (onnxquant convert, or onnxruntime quantize_static with "
             "QuantFormat.QDQ)"
         )
+    _refuse_operator_form(model)
     ctx = Context(model)
     ctx.fold_constants()
     matched: dict[str, P.Step] = {}
@@ -99,6 +103,18 @@ def lower(model: onnx.ModelProto) -> P.Plan:
     )
     log.info("%s", plan.report_lines()[0])
     return plan
+
+
+def _refuse_operator_form(model: onnx.ModelProto) -> None:
+    """A model already quantized in operator form (QLinearConv, MatMulInteger, ...) computes its integer work
+    in ops that are neither Q/DQ nor float: there is no QDQ graph to lower, and nothing to compare with."""
+    for node in model.graph.node:
+        if node.op_type in OPERATOR_FORM or node.op_type.startswith("QLinear"):
+            raise BadModelError(
+                f"{model.graph.name or 'model'}: node {node.name or node.op_type!r} is {node.op_type}, an "
+                "already quantized operator (QOperator format); accepted: a QDQ model (onnxquant convert, "
+                "or onnxruntime quantize_static with QuantFormat.QDQ)"
+            )
 
 
 def _boundary(ctx: Context, node: gs.Node, reason: str | None) -> P.Step | None:

@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 
 from onnxquant import ir
-from onnxquant.errors import InternalError
+from onnxquant.errors import BadModelError, InternalError
 from onnxquant.model import infer_shapes
 from onnxquant.runtime import plan as P
 from onnxquant.runtime.requant import INT32_MAX, quantize_f32
@@ -145,6 +145,12 @@ class Context:
         if dtype not in DTYPE_RANGE or scale.dtype != np.float32:
             raise Refused(f"quantized type {dtype}/{scale.dtype} is not lowered")
         scale = np.asarray(scale, dtype=np.float32)
+        if not (np.isfinite(scale) & (scale > 0)).all():
+            bad = float(scale.reshape(-1)[int(np.argmin(np.isfinite(scale) & (scale > 0)))])
+            raise BadModelError(
+                f"{node.op} {node.name!r}: scale {node.inputs[1].name!r} holds {bad:g}; "
+                "accepted: positive finite scales (ONNX Q/DQ divide by the scale)"
+            )
         axis = int(node.attrs.get("axis", 1)) if scale.size > 1 else None
         return QInfo(
             scale.reshape(-1) if scale.size > 1 else scale.reshape(()),
