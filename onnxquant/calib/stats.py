@@ -42,6 +42,7 @@ DEFAULT_BINS = 2048
 MAD_TOLERANCE = 1e-4  # largest error bound of a Laplace b taken from the histogram, relative to b
 
 
+F32_MAX = float(np.finfo(np.float32).max)
 HUGE = 1e30  # a tensor reaching this magnitude holds a mask or a sentinel, not a range to quantize
 
 
@@ -68,6 +69,8 @@ def scan(x: np.ndarray, hist: Histogram | None = None) -> tuple[float, float, fl
         c_sum = float(np.sum(c))
         centre = np.float32(c_sum / c.size)
         d = np.subtract(c, centre, out=buf[: c.size])
+        if float(max(-c_lo, c_hi)) ** 2 * c.size >= F32_MAX:  # Σd² would overflow float32
+            d = d.astype(np.float64)
         c_m2 = float(np.dot(d, d)) - c.size * (c_sum / c.size - float(centre)) ** 2
         m2 = combined_m2(n, total, m2, c.size, c_sum, c_m2)
         n, total = n + c.size, total + c_sum

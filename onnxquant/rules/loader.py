@@ -274,8 +274,9 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
 def safe_yaml(text: str, where: str) -> Any:
     """The YAML document in `text`, with only plain types and within the depth and alias-expansion budgets;
     any problem is one BadRulesError line naming `where`."""
-    loader = _BoundedLoader(text)
+    loader = None
     try:
+        loader = _BoundedLoader(text)  # the reader refuses control characters here
         node = loader.get_single_node()
         if node is None:
             return None
@@ -287,9 +288,12 @@ def safe_yaml(text: str, where: str) -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
+        if isinstance(exc, yaml.reader.ReaderError):
+            at = f" (character #x{exc.character:04x} at position {exc.position}; only printable text)"
         raise BadRulesError(f"{where}: not valid YAML{at}") from exc
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _check_keys(doc: Any, allowed: tuple[str, ...], where: str, prefix: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import onnx
 import onnx.parser
@@ -270,3 +272,13 @@ def test_laplace_b_from_the_histogram_sums_is_within_its_bound(kind):
     else:
         assert not one_pass.mad_needs_pass2 and one_pass.mad == pytest.approx(exact, rel=MAD_TOLERANCE)
         assert stats_of(x).pass2 is None
+
+
+def test_m2_of_huge_but_finite_values_does_not_overflow():
+    """Values near 1e25 are below the mask threshold but their squares overflow float32."""
+    x = np.random.default_rng(0).standard_normal(100_000).astype(np.float32) * 1e25
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, _, _, m2 = scan(x)
+    ref = float(((x.astype(np.float64) - x.astype(np.float64).mean()) ** 2).sum())
+    assert abs(m2 / ref - 1) < 1e-6

@@ -131,7 +131,7 @@ def run_in_process(argv: list[str], timeout: int) -> tuple[int | None, str, str]
 def _run_subprocess(argv: list[str], timeout: int, signal_after: float | None) -> tuple[int | None, str, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "onnxquant.cli", *argv],
+        [sys.executable, "-m", "onnxquant.launch", *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -57,3 +57,11 @@ def test_values_echoed_in_messages_are_cut_to_about_80_characters(tmp_path):
     message = str(err.value)
     assert message.startswith(f"{path}: key 'placement' is ['CONV_LAYER_NAME', ")
     assert message.endswith("; accepted: ort, tensorrt") and len(message) < len(str(path)) + 140
+
+
+def test_a_control_character_is_one_line_naming_its_position(tmp_path):
+    path = tmp_path / "rules.yaml"
+    path.write_bytes(b"passes: [fold_conv_bn]\n\x0f\n")
+    with pytest.raises(BadRulesError) as exc:
+        api.load_rules(path)
+    assert str(exc.value) == f"{path}: not valid YAML (character #x000f at position 23; only printable text)"
