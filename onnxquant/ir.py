@@ -64,23 +64,39 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto, order: Sequence[str] = 
     graph inputs (overridable, which graph-surgeon drops on import) stay inputs while used; nodes without a
     domain are written without one.
     """
-    exported = gs.export_onnx(graph, do_type_check=False).graph
+    model = gs.export_onnx(graph, do_type_check=False)
+    exported = model.graph
     rank: dict[str, int] = {}
     for name in (*(t.name for t in like.graph.initializer), *order):
         rank.setdefault(name, len(rank))
-    inits = sorted(exported.initializer, key=lambda t: (rank.get(t.name, len(rank)), t.name))
-    live = {t.name for t in inits} | {t.name for t in graph.inputs}
+    exported.initializer.sort(key=lambda t: (rank.get(t.name, len(rank)), t.name))  # in place: no copy
+    live = {t.name for t in exported.initializer} | {t.name for t in graph.inputs}
     inputs = [i for i in like.graph.input if i.name in live]
-    del exported.initializer[:], exported.input[:]
-    exported.initializer.extend(inits)
+    del exported.input[:]
     exported.input.extend(inputs)
     for node in _all_nodes(exported):
         if not node.domain:
             node.ClearField("domain")
-    model = onnx.ModelProto()
-    model.CopyFrom(like)
-    model.graph.CopyFrom(exported)
+    _copy_header(like, model)
     return model
+
+
+def _copy_header(like: onnx.ModelProto, model: onnx.ModelProto) -> None:
+    """Give `model` every field of `like` but its graph. Field by field, because `CopyFrom(like)` would copy
+    `like`'s weights too, only to replace them: a transient copy of every weight, which a model of several
+    GB cannot afford."""
+    for fd, _ in model.ListFields():
+        if fd.name != "graph":
+            model.ClearField(fd.name)
+    for fd, value in like.ListFields():
+        if fd.name == "graph":
+            continue
+        if fd.is_repeated:
+            getattr(model, fd.name).extend(value)
+        elif fd.type == fd.TYPE_MESSAGE:
+            getattr(model, fd.name).CopyFrom(value)
+        else:
+            setattr(model, fd.name, value)
 
 
 def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 from collections.abc import Iterable
 from functools import lru_cache
@@ -24,7 +25,9 @@ from onnxquant.ir import name_nodes
 from onnxquant.model_checks import (
     check_structure,
     check_tensor_sizes,
+    check_text,
     check_weights,
+    element_bits,
     external_span,
     external_target,
     regular_file_size,
@@ -37,7 +40,8 @@ log = logging.getLogger(__name__)
 MIN_OPSET = 11
 LIFT_OPSET = 13  # older models are converted to this opset on load
 INT4_OPSET = 21
-TWO_GIB = 2**31
+TWO_GIB = 2**31  # protobuf's limit; tests lower it so small models take the external-data paths
+SHAPE_LIKE = 64  # elements; larger float initializers are only declared (as inputs) to shape inference
 
 
 def opset_of(model: onnx.ModelProto) -> int:
@@ -58,7 +62,9 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise BadModelError(f"{path}: not a readable ONNX model ({first_line(exc)})") from exc
     if not model.graph.node and not model.graph.output:
         raise BadModelError(f"{path}: not an ONNX model (empty graph)")
+    check_text(model, path)
     _load_external_data(model, path.parent)
+    big = is_big(model)
     opset = opset_of(model)
     if opset < MIN_OPSET:
         model = _lift_old_opset(model, path)
@@ -67,7 +73,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
             f"{path}: opset {opset} is newer than this onnx package knows "
             f"({onnx.defs.onnx_opset_version()}); upgrade onnx"
         )
-    check_structure(model, path)
+    check_structure(model, path, big)
     check_tensor_sizes(model, path, _all_tensors)
     constants_to_initializers(model)
     drop_initializer_inputs(model)
@@ -171,14 +177,78 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
     return None
 
 
+def model_bytes(model: onnx.ModelProto) -> int:
+    """About the serialized size of `model`, computed without serializing it: upb's `ByteSize()` serializes
+    the whole message (a transient copy of every weight) and raises past 2 GiB. Tensors with raw data count
+    the bytes their dims need (`check_tensor_sizes` checks they hold that many); the rest is measured."""
+    total = sum(tensor_bytes(t) for t in _all_tensors(model))
+    return total + sum(node.ByteSize() for node in model.graph.node if not _holds_tensors(node))
+
+
+def tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """The bytes `tensor` holds in memory, without copying its raw data out of the message (0 for external
+    data that is not loaded)."""
+    bits = element_bits(tensor.data_type)
+    if tensor.HasField("raw_data") and bits is not None:
+        return (math.prod(tensor.dims) * bits + 7) // 8
+    return 0 if tensor.data_location == onnx.TensorProto.EXTERNAL else tensor.ByteSize()
+
+
+def _holds_tensors(node: onnx.NodeProto) -> bool:
+    return any(a.type in _TENSOR_ATTRIBUTES for a in node.attribute)
+
+
+_TENSOR_ATTRIBUTES = (
+    onnx.AttributeProto.TENSOR,
+    onnx.AttributeProto.GRAPH,
+    onnx.AttributeProto.GRAPHS,
+    onnx.AttributeProto.TENSORS,
+)
+
+
+def is_big(model: onnx.ModelProto) -> bool:
+    """Whether `model` is too large for one protobuf (`TWO_GIB`): it is then checked, shape-inferred, run
+    and saved through paths that never serialize it whole."""
+    return model_bytes(model) >= TWO_GIB
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shape inference that degrades to the unchanged model when the inferencer gives up."""
+    """Shape inference that degrades to the unchanged model when the inferencer gives up. A big model
+    (`is_big`) is inferred on a copy whose large weights are only declared (`declared_weights`), and the
+    inferred value_info is written into `model` itself: no second copy of its weights."""
     try:
-        if model.ByteSize() < TWO_GIB:
+        if not is_big(model):
             return shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        inferred = shape_inference.infer_shapes(declared_weights(model), strict_mode=False, data_prop=True)
+        declared = {t.name for t in model.graph.initializer} | {i.name for i in model.graph.input}
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in declared)
     except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as exc:
         log.warning("shape inference failed: %s", first_line(exc))
     return model
+
+
+def declared_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` for shape inference: float initializers of more than `SHAPE_LIKE` elements are
+    declared as graph inputs instead of carried (their values never matter to shapes), integer ones and small
+    ones (shapes, axes) are kept."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    src, dst = model.graph, light.graph
+    dst.name = src.name
+    dst.node.extend(src.node)
+    dst.input.extend(src.input)
+    dst.output.extend(src.output)
+    dst.value_info.extend(src.value_info)
+    declared = {i.name for i in src.input}
+    for t in src.initializer:
+        if math.prod(t.dims) <= SHAPE_LIKE or t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+            dst.initializer.append(t)
+        elif t.name not in declared:
+            dst.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return light
 
 
 def upgrade_opset(model: onnx.ModelProto, target: int = INT4_OPSET) -> onnx.ModelProto:
@@ -201,10 +271,9 @@ def upgrade_opset(model: onnx.ModelProto, target: int = INT4_OPSET) -> onnx.Mode
 def _clear_contradicted_output_shapes(model: onnx.ModelProto) -> None:
     """Exporters sometimes declare output shapes that newer opsets' shape inference contradicts (rank 2 for a
     Reshape whose target shape propagates to rank 3); keep the outputs' types, drop their shapes."""
-    if model.ByteSize() >= TWO_GIB:
-        return
+    probe = declared_weights(model) if is_big(model) else model
     try:
-        shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+        shape_inference.infer_shapes(probe, check_type=True, strict_mode=True, data_prop=True)
     except shape_inference.InferenceError as exc:
         log.warning("declared output shapes contradict shape inference (%s): dropped", first_line(exc))
         for output in model.graph.output:
@@ -214,7 +283,7 @@ def _clear_contradicted_output_shapes(model: onnx.ModelProto) -> None:
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
     """Write `model` atomically (see `onnxquant.outputs`); a model over 2 GiB gets one external data file
     beside it, staged with the model so neither appears without the other."""
-    if model.ByteSize() < TWO_GIB:
+    if not is_big(model):
         with atomic_write(path) as tmp:
             tmp.write_bytes(model.SerializeToString(deterministic=True))
         return
@@ -261,7 +330,7 @@ X64_QUANT_PRECISION = "session.x64quantprecision"
 
 
 def make_session(
-    model: onnx.ModelProto | bytes,
+    model: onnx.ModelProto | bytes | Path,
     optimize: bool = True,
     use_gpu: bool = False,
     spin: bool = False,
@@ -281,7 +350,10 @@ def make_session(
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     providers = list(available_providers()) if use_gpu else ["CPUExecutionProvider"]
-    data = model if isinstance(model, bytes) else model.SerializeToString()
+    if isinstance(model, Path):  # a model with external data beside it, which ONNX Runtime maps itself
+        data = str(model)
+    else:
+        data = model if isinstance(model, bytes) else model.SerializeToString()
     try:
         return ort.InferenceSession(data, opts, providers=providers)
     except Exception as exc:

@@ -2,6 +2,8 @@
 NaN outputs or a RuntimeWarning later. Each failure is one `BadModelError` line naming the file and tensor.
 
 - Inputs are regular files (`regular_file_size`, by os.stat before any open(): a FIFO would block forever).
+- Text: every string field is UTF-8 (`check_text`); protobuf parses a flipped byte in a name as bytes, which
+  the checker does not look at and every later step would fail on.
 - Structure: onnx.checker's full check, strict shape inference included (`check_structure`); every stored
   tensor holds the bytes its dims need (`check_tensor_sizes`); external data spans lie inside their file and
   match the dims (`external_target`, `external_span`).
@@ -20,13 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from google.protobuf.message import Message
 from onnx import numpy_helper, shape_inference
 
 from onnxquant.errors import BadModelError, BadPathError, first_line
 
 log = logging.getLogger(__name__)
-
-TWO_GIB = 2**31
 
 
 def regular_file_size(path: Path, role: str, accepted: str, error: type[Exception] = BadPathError) -> int:
@@ -45,10 +46,31 @@ def regular_file_size(path: Path, role: str, accepted: str, error: type[Exceptio
     return st.st_size
 
 
-def check_structure(model: onnx.ModelProto, path: Path) -> None:
+def check_text(message: Message, path: Path, where: str = "model") -> None:
+    """Every string field of `message`, at any depth, decodes as UTF-8. upb parses an invalid one (a flipped
+    bit in a node or tensor name) without complaint and hands it out as bytes, which onnx.checker does not
+    inspect and which fails later, far from the file, in whatever first treats it as text."""
+    for field, value in message.ListFields():
+        if field.type not in (field.TYPE_MESSAGE, field.TYPE_STRING):
+            continue  # numbers and bytes (raw_data): nothing to decode
+        single = isinstance(value, (str, bytes, Message))
+        for i, item in enumerate([value] if single else value):
+            named = f"{where}.{field.name}" + ("" if single else f"[{i}]")
+            if field.type == field.TYPE_MESSAGE:
+                check_text(item, path, named)
+            elif isinstance(item, bytes):
+                raise BadModelError(
+                    f"{path}: {named} is not UTF-8 text ({item[:40]!r}); accepted: a model whose names and "
+                    "strings are UTF-8"
+                )
+
+
+def check_structure(model: onnx.ModelProto, path: Path, big: bool = False) -> None:
     """onnx.checker's full check (strict shape inference included): a protobuf whose bits were flipped can
-    still parse, and would otherwise fail later in a reshape, an ORT session or an InferenceError."""
-    if model.ByteSize() >= TWO_GIB:  # the checker takes a >2 GiB proto only by path
+    still parse, and would otherwise fail later in a reshape, an ORT session or an InferenceError. The
+    checker serializes the model, which a `big` one (over 2 GiB, `model.is_big`) cannot be: skipped then."""
+    check_ir_version(model, path)
+    if big:
         log.info("%s: over 2 GiB: onnx.checker skipped at load", path)
         return
     try:
@@ -59,6 +81,20 @@ def check_structure(model: onnx.ModelProto, path: Path) -> None:
             f"{path}: invalid ONNX model ({kind}: {first_line(exc)}); accepted: a model that passes "
             "onnx.checker's full check"
         ) from exc
+
+
+def check_ir_version(model: onnx.ModelProto, path: Path) -> None:
+    """IR versions below 4 require every initializer to be a graph input; with an opset of IR 4 or later (old
+    opsets are lifted before this check) that is a corrupted header, and the checker accepts it until a
+    Constant weight becomes an initializer, so the converted model would fail the checker instead."""
+    if model.ir_version >= 4:
+        return
+    needed = onnx.helper.find_min_ir_version_for(model.opset_import, ignore_unknown=True)
+    if needed >= 4:
+        raise BadModelError(
+            f"{path}: IR version {model.ir_version} is older than its opsets allow (IR version {needed} or "
+            f"newer); accepted: a model whose IR version matches its opset imports"
+        )
 
 
 def check_tensor_sizes(

@@ -75,9 +75,18 @@ def _flipped(kind: str) -> bytes:
         model.graph.initializer[0].dims[:] = [2, 1, 3, 1]
     elif kind == "rank":  # a declared output rank contradicting inference
         del model.graph.output[0].type.tensor_type.shape.dim[1]
-    elif kind == "utf8":  # an op type that is no longer UTF-8: the checker's message cannot be decoded
+    elif kind == "utf8":  # an op type that is no longer UTF-8 (the checker's message could not be decoded)
         model.graph.node[2].op_type = "RELU"
         return model.SerializeToString().replace(b"RELU", b"\xf4ELU")
+    elif kind == "name":  # a node name that is no longer UTF-8: parsed as bytes, which the checker ignores
+        model.graph.node[2].name = "relu_node"
+        return model.SerializeToString().replace(b"relu_node", b"\xedelu_node")
+    elif kind == "location":  # an external-data location that is no longer UTF-8
+        tensor = model.graph.initializer[-1]
+        tensor.ClearField("raw_data")
+        tensor.data_location = TensorProto.EXTERNAL
+        tensor.external_data.add(key="location", value="weights.bin")
+        return model.SerializeToString().replace(b"weights.bin", b"w\xffights.bin")
     return model.SerializeToString()
 
 
@@ -87,13 +96,27 @@ def _flipped(kind: str) -> bytes:
         ("pads", r"invalid ONNX model \(shape inference: .*pads"),
         ("dims", r"invalid ONNX model|tensor 'w'"),
         ("rank", r"invalid ONNX model \(shape inference"),
-        ("utf8", r"invalid ONNX model \(structure: .*utf-8"),
+        ("utf8", r"model\.graph\.node\[2\]\.op_type is not UTF-8 text"),
+        ("name", r"model\.graph\.node\[2\]\.name is not UTF-8 text \(b'\\xedelu_node'\)"),
+        ("location", r"model\.graph\.initializer\[6\]\.external_data\[0\]\.value is not UTF-8"),
     ],
 )
 def test_inconsistent_protobuf_is_one_line(tmp_path, kind, match):
     path = tmp_path / "m.onnx"
     path.write_bytes(_flipped(kind))
     assert str(path) in _one_line_error(path, match)
+
+
+def test_ir3_header_on_a_modern_opset_is_one_line(tmp_path):
+    """IR 3 (initializers must be graph inputs) with opset 13 and a Constant weight passes the checker; once
+    the Constant is an initializer, the converted model failed onnx.checker (exit 70)."""
+    model = bn_mlp()
+    m = model.graph.initializer.pop()
+    model.graph.node.insert(0, helper.make_node("Constant", [], [m.name], value=m, name="m_const"))
+    model.ir_version = 3
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.SerializeToString())
+    assert str(path) in _one_line_error(path, r"IR version 3 is older than its opsets allow \(IR version 7")
 
 
 # ------------------------------------------------------------------------------------------ weights

@@ -30,18 +30,10 @@ FAST_EXAMPLES = {
 FAST_TIMEOUT_S = {"hangs": 40, "signals": 40}  # subprocesses start slowly on a loaded machine
 
 # (family, kind prefix, text of the violation) -> why it still fails (issue #14 item that will fix it). A case
-# is expected to fail only when every violation it shows matches an entry of its family and kind.
-BAD_BYTES_TRACEBACK = (
-    "#14 item 4: a model whose protobuf still parses after bit flips (onnxscript SerdeError) or a spliced "
-    "npy header ended in a traceback with exit 70 in the long profile; not reproduced since"
-    " the load-time checks"
-)
-KNOWN_OPEN: dict[tuple[str, str, str], str] = {
-    ("bytes", "model:", "traceback"): BAD_BYTES_TRACEBACK,
-    ("bytes", "model:", "exit code 70"): BAD_BYTES_TRACEBACK,
-    ("bytes", "data:", "traceback"): BAD_BYTES_TRACEBACK,
-    ("bytes", "data:", "exit code 70"): BAD_BYTES_TRACEBACK,
-}
+# is expected to fail only when every violation it shows matches an entry of its family and kind. Empty: the
+# last family (bit-flipped models whose names are no longer UTF-8, an IR 3 header on a modern opset: exit 70)
+# is refused at load since; a new open family goes here with its reason.
+KNOWN_OPEN: dict[tuple[str, str, str], str] = {}
 
 
 def known_open(family: str, kind: str, violations: list[str]) -> str | None:

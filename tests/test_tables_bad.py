@@ -14,11 +14,13 @@ from dataclasses import replace
 import numpy as np
 import onnx
 import pytest
+from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxquant import api
 from onnxquant.calib.stats import stats_of
 from onnxquant.calib.stats_io import load_stats, save_stats
+from onnxquant.cli import main
 from onnxquant.errors import BadDataError
 from onnxquant.tables import load_table, loads_tensorrt_cache
 
@@ -212,6 +214,20 @@ def test_bad_tensorrt_cache_lines(line, match):
     with pytest.raises(BadDataError, match=match.replace("(", r"\(").replace(")", r"\)")):
         loads_tensorrt_cache(f"TRT-8601-EntropyCalibration2\n{line}\n", "cal.cache")
     assert loads_tensorrt_cache("TRT-8601-EntropyCalibration2\nt: 3c010a14\n").tensors["t"].amax > 1.0
+
+
+@pytest.mark.parametrize("amax, scale", [(0.0, "0"), (1e-40, "7.87402e-43")])
+def test_tensorrt_cache_is_not_written_with_a_scale_its_reader_refuses(tmp_path, amax, scale):
+    """A hand-edited amax of 0 (or denormal after /127) passed the JSON checks and was written as a cache line
+    that `loads_tensorrt_cache` (and TensorRT) refuse; found by the long fuzz profile."""
+    table, out = tmp_path / "t.json", tmp_path / "t.cache"
+    table.write_text(_table_text(**{**ENTRY, "amax": amax}))
+    result = CliRunner().invoke(main, ["table", str(table), "--format", "tensorrt", "-o", str(out)])
+    assert result.exit_code == 2 and not out.exists()
+    assert result.stderr.startswith(
+        f"error: tensor 't': amax {amax} gives the TensorRT scale {scale} (amax/127); accepted: amax in "
+    ), result.stderr
+    assert len(result.stderr.splitlines()) == 1
 
 
 # ----------------------------------------------------------------------------------------------- --load-stats

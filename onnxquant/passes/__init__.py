@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from onnxquant.errors import BadRulesError
-from onnxquant.model import infer_shapes
+from onnxquant.model import declared_weights, infer_shapes, is_big
 from onnxquant.passes.base import Graph, Match, Outcome, Pass, is_op, producer, stable_toposort
 from onnxquant.passes.bn_to_affine import BNToAffine
 from onnxquant.passes.canonicalize import NAME as CANONICALIZE
@@ -38,7 +38,6 @@ _FOLD_AFTER = {
     "Gemm": "fold_gemm_bn",
     "MatMul": "fold_gemm_bn",
 }
-_SMALL_INITIALIZER = 64  # elements; larger float initializers are shown to shape inference as inputs
 
 
 def run_passes(
@@ -66,7 +65,20 @@ def run_passes(
     if dry_run:
         return source, outcomes
     stable_toposort(graph.gs)
+    if is_big(model) and _unchanged(graph, model, outcomes):
+        return model, outcomes  # its export would be a second copy of every weight, byte for byte the same
     return graph.export(), outcomes
+
+
+def _unchanged(graph: Graph, model: onnx.ModelProto, outcomes: list[Outcome]) -> bool:
+    """Whether exporting `graph` would give `model` again: no rewrite applied, the nodes already in
+    topological order, and no initializer unused (the export drops those)."""
+    used = {t.name for t in graph.tensors().values() if isinstance(t, gs.Constant)}
+    return (
+        not any(o.applied for o in outcomes)
+        and [n.name for n in graph.gs.nodes] == [n.name for n in model.graph.node]
+        and used == {t.name for t in model.graph.initializer}
+    )
 
 
 def _validate(names: Sequence[str]) -> set[str]:
@@ -132,23 +144,5 @@ def _unfolded(graph: Graph, outcomes: list[Outcome], wanted: set[str]) -> list[O
 
 def _infer_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
     """Types and shapes of all tensors, inferred on a copy whose large weights are only declared."""
-    light = onnx.ModelProto()
-    light.ir_version = model.ir_version
-    light.opset_import.extend(model.opset_import)
-    light.functions.extend(model.functions)
-    src, dst = model.graph, light.graph
-    dst.node.extend(src.node)
-    dst.input.extend(src.input)
-    dst.output.extend(src.output)
-    dst.value_info.extend(src.value_info)
-    declared = {i.name for i in src.input}
-    for t in src.initializer:
-        if int(np.prod(t.dims)) <= _SMALL_INITIALIZER or t.data_type in (
-            onnx.TensorProto.INT64,
-            onnx.TensorProto.INT32,
-        ):
-            dst.initializer.append(t)
-        elif t.name not in declared:
-            dst.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    inferred = infer_shapes(light).graph
+    inferred = infer_shapes(declared_weights(model)).graph
     return {v.name: v.type for v in (*inferred.input, *inferred.output, *inferred.value_info)}

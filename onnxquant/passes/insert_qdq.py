@@ -157,10 +157,8 @@ def insert_qdq(
             w_scale = (w_scale / equalizers[node.name]).astype(np.float32)
         w_params = replace(codes_params, scale=w_scale)
         if decision.weight not in dequantized:
-            w = constant_value(node.inputs[1]).astype(np.float32)
-            dequantized[decision.weight] = _insert_weight(
-                build, decision.weight, quantize(w, codes_params), w_params, opset
-            )
+            codes = _weight_codes(constant_value(node.inputs[1]), codes_params)
+            dequantized[decision.weight] = _insert_weight(build, decision.weight, codes, w_params, opset)
             summary.weights[round(float(np.mean(entry.bits)))] += 1  # the table's width (mean if per channel)
         _rewire(node, node.inputs[1], dequantized[decision.weight], only_index=1)
         bias_tensor = input_at(node, 2)
@@ -247,6 +245,25 @@ def _insert_activation_qdq(build: _Builder, tensor: gs.Tensor, params: QParams) 
             )
     q = build.node("QuantizeLinear", [source, scale, zero], f"{name}_quantized", **attrs)
     return build.node("DequantizeLinear", [q, scale, zero], f"{name}_dequantized", **attrs)
+
+
+CHUNK = 2**22  # elements quantized at a time: int64 codes of a whole large weight would cost 8 bytes each
+
+
+def _weight_codes(w: np.ndarray, params: QParams) -> np.ndarray:
+    """`quantize(w, params)` as int16 codes, computed in slices across the channel axis, so the float and
+    int64 temporaries of a weight of hundreds of MB stay a few MB; each element's code is the same."""
+    w = np.asarray(w, dtype=np.float32)
+    if w.size <= CHUNK or w.ndim < 2:
+        return quantize(w, params).astype(np.int16)
+    axis = w.ndim - 1 if params.axis is not None and params.axis % w.ndim == 0 else 0
+    step = max(1, CHUNK * w.shape[axis] // w.size)
+    codes = np.empty(w.shape, np.int16)
+    for start in range(0, w.shape[axis], step):
+        part = [slice(None)] * w.ndim
+        part[axis] = slice(start, start + step)
+        codes[tuple(part)] = quantize(w[tuple(part)], params)
+    return codes
 
 
 def _insert_weight(build: _Builder, name: str, codes: np.ndarray, params: QParams, opset: int) -> gs.Tensor:

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from onnxquant.calib.segments import DEFAULT_BUDGET, Job, SegmentedModel, run_paired
 from onnxquant.errors import BadDataError
-from onnxquant.model import graph_inputs, make_session, with_outputs
+from onnxquant.model import graph_inputs
 from onnxquant.progress import progress_iter
 from onnxquant.report.metrics import ClassAgreement, CodeHistogram, ErrorAccumulator, is_classifier_output
 from onnxquant.report.qdq import QdqGraph
@@ -44,10 +45,12 @@ def accumulate(
     labels: np.ndarray | None = None,
     subset: int = 0,
     progress: bool = False,
+    budget: int = DEFAULT_BUDGET,
 ) -> Accumulated:
     """Run both models over `data` batch by batch and accumulate the comparison (see the module docstring).
 
-    The first `subset` samples' feeds and float outputs are kept for the isolated sensitivity runs.
+    The first `subset` samples' feeds and float outputs are kept for the isolated sensitivity runs. Both
+    models run in segments of about `budget` bytes of compared tensors (`calib.segments.run_paired`).
     """
     inputs = [i.name for i in graph_inputs(float_model)]
     outputs = [o.name for o in float_model.graph.output]
@@ -72,8 +75,6 @@ def accumulate(
             ]
         )
     )
-    f_sess = make_session(with_outputs(float_model, f_fetch))
-    q_sess = make_session(with_outputs(quant_model, q_fetch))
     acc = Accumulated()
     acc.outputs = {o: ErrorAccumulator() for o in outputs}
     acc.tensors = {t.dequantized: ErrorAccumulator() for t in acts}
@@ -81,9 +82,25 @@ def accumulate(
     by_dq = {t.dequantized: acc.tensors[t.dequantized] for t in acts}
     acc.layers = {la.name: by_dq.get(la.measured_quant) or ErrorAccumulator() for la in layers}
     own = [la for la in layers if la.measured_quant not in by_dq]  # the others share a tensor's accumulator
-    kept = 0
+    segmented: list[SegmentedModel | None] = []
+    batch_labels = None
+    kept_outputs: dict[str, np.ndarray] = {}
 
-    def run(batch):
+    def compare_output(name: str):
+        def call(f, q):
+            acc.outputs[name].update(f[name], q[name])
+            if is_classifier_output(np.shape(f[name])):
+                acc.agreement.setdefault(name, ClassAgreement()).update(f[name], q[name], batch_labels)
+            kept_outputs[name] = f[name]
+
+        return Job((name,), (name,), call)
+
+    jobs = [compare_output(o) for o in outputs]
+    jobs += [_pair(t.name, t.dequantized, acc.tensors[t.dequantized], t.restore) for t in acts]
+    jobs += [Job((), (t.codes,), _codes(acc.codes[t.dequantized], t.codes)) for t in graph.activations]
+    jobs += [_pair(la.measured, la.measured_quant, acc.layers[la.name]) for la in own]
+    kept = 0
+    for batch in progress_iter(data, progress, "report: float vs quantized"):
         missing = [i for i in inputs if i not in batch]
         if missing:
             raise BadDataError(
@@ -91,11 +108,6 @@ def accumulate(
                 f"{', '.join(inputs)}"
             )
         feed = {i: np.asarray(batch[i]) for i in inputs}
-        f = dict(zip(f_fetch, f_sess.run(f_fetch, feed)))
-        f.update(feed)
-        return feed, f, dict(zip(q_fetch, q_sess.run(q_fetch, feed)))
-
-    for feed, f, q in map(run, progress_iter(data, progress, "report: float vs quantized")):
         n = int(feed[inputs[0]].shape[0]) if inputs and feed[inputs[0]].ndim else 1
         batch_labels = None
         if labels is not None:
@@ -105,24 +117,23 @@ def accumulate(
                     "label per sample"
                 )
             batch_labels = labels[acc.samples : acc.samples + n]
-        for o in outputs:
-            acc.outputs[o].update(f[o], q[o])
-            if is_classifier_output(np.shape(f[o])):
-                acc.agreement.setdefault(o, ClassAgreement()).update(f[o], q[o], batch_labels)
-        for t in acts:
-            acc.tensors[t.dequantized].update(f[t.name], t.restore(q[t.dequantized]))
-        for t in graph.activations:
-            acc.codes[t.dequantized].update(q[t.codes])
-        for la in own:
-            acc.layers[la.name].update(f[la.measured], q[la.measured_quant])
+        if not segmented:
+            segmented = [
+                _segments(m, fetch, feed, budget)
+                for m, fetch in ((float_model, f_fetch), (quant_model, q_fetch))
+            ]
+        run_paired(*segmented, feed, jobs)
         if kept < subset:
             take = min(n, subset - kept)
             acc.subset.append(
-                ({i: v[:take] for i, v in feed.items()}, {o: np.array(f[o][:take]) for o in outputs})
+                (
+                    {i: v[:take] for i, v in feed.items()},
+                    {o: np.array(kept_outputs[o][:take]) for o in outputs},
+                )
             )
             kept += take
+        kept_outputs.clear()
         acc.samples += n
-        del f, q
     if acc.samples == 0:
         raise BadDataError("report data is empty; accepted: at least one sample")
     if labels is not None and len(labels) != acc.samples:
@@ -130,3 +141,21 @@ def accumulate(
             f"labels: {len(labels)} labels for {acc.samples} samples; accepted: one label per sample"
         )
     return acc
+
+
+def _segments(
+    model: onnx.ModelProto, fetch: list[str], feed: Mapping[str, np.ndarray], budget: int
+) -> SegmentedModel | None:
+    produced = [n for n in fetch if n not in feed]
+    return SegmentedModel(model, produced, feed, budget) if produced else None
+
+
+def _pair(float_name: str, quant_name: str, into: ErrorAccumulator, restore=None) -> Job:
+    def call(f, q):
+        into.update(f[float_name], restore(q[quant_name]) if restore else q[quant_name])
+
+    return Job((float_name,), (quant_name,), call)
+
+
+def _codes(into: CodeHistogram, name: str):
+    return lambda _f, q: into.update(q[name])

@@ -16,7 +16,7 @@ pair.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 
@@ -136,15 +136,25 @@ class NumpyBackend:
 
     # ------------------------------------------------------------------ driver
     def run(
-        self, plan: P.Plan, feeds: Mapping[str, np.ndarray], mode: str = "float"
+        self,
+        plan: P.Plan,
+        feeds: Mapping[str, np.ndarray],
+        mode: str = "float",
+        keep: Collection[str] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Execute the plan; returns every tensor value (integer tensors as int64 codes)."""
+        """Execute the plan; returns every tensor value (integer tensors as int64 codes), or with `keep`
+        only those tensors, every other one freed after its last reader so memory stays a few activations."""
         env: dict[str, np.ndarray] = dict(plan.constants)
         env.update(feeds)
-        for step in plan.steps:
+        last = {n: i for i, step in enumerate(plan.steps) for n in step.inputs if n}
+        for i, step in enumerate(plan.steps):
             args = [self.arg(env, step, name) for name in step.inputs]
             env.update(zip(step.outputs, self.run_step(plan, step, args, mode)))
-        return env
+            if keep is not None:
+                for name in [*step.inputs, *step.outputs]:
+                    if name and last.get(name, -1) <= i and name not in keep and name not in plan.constants:
+                        env.pop(name, None)
+        return env if keep is None else {n: env[n] for n in keep}
 
     @staticmethod
     def arg(env: Mapping[str, np.ndarray], step: P.Step, name: str):

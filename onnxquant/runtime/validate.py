@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxquant.errors import BadDataError, BadOptionError, InternalError, first_line
-from onnxquant.model import constants_to_initializers, make_session, with_outputs
+from onnxquant.calib.segments import DEFAULT_BUDGET, Job, SegmentedModel, run_paired
+from onnxquant.errors import BadDataError, BadOptionError, InternalError
+from onnxquant.model import constants_to_initializers, graph_inputs
 from onnxquant.runtime import plan as P
 from onnxquant.runtime.backends import get_backend
 from onnxquant.runtime.lower import lower
@@ -207,8 +208,13 @@ def validate(
     data: Iterable[Mapping[str, np.ndarray]],
     backend: str = "numpy",
     requant: str = "float",
+    budget: int = DEFAULT_BUDGET,
 ) -> ValidationResult:
-    """Run the integer plan and ONNX Runtime on the same batches and compare them (see module docstring)."""
+    """Run the integer plan and ONNX Runtime on the same batches and compare them (see module docstring).
+
+    ONNX Runtime's reference runs in segments of about `budget` bytes of checked tensors
+    (`calib.segments`), and the backend frees each tensor after its last reader: memory is a few batches of
+    activations, not all of them."""
     if requant not in REQUANT_MODES:
         raise BadOptionError(f"requant mode {requant!r} is unknown; accepted: {', '.join(REQUANT_MODES)}")
     work = onnx.ModelProto()
@@ -228,10 +234,7 @@ def validate(
             and not (isinstance(s, P.AddStep) and n in s.const)
         }
     )
-    sess = make_session(
-        with_outputs(_widen_sub_byte(work, exposed, plan), [_alias(n, plan) for n in exposed])
-    )
-    out_names = [_unalias(o.name) for o in sess.get_outputs()]
+    widened = _widen_sub_byte(work, exposed, plan)
     producers = {o: s for s in plan.steps for o in s.outputs}
     nodes = [Comparison(s.name, s.op, s.outputs[0], s.kind) for s in checked]
     if requant == "fixed":
@@ -245,33 +248,62 @@ def validate(
         comp = Comparison(name, prod.op if prod else "input", name, "output", "lsb" if lsb else "abs")
         comp.through_float = _float_fallbacks_before(name, producers)
         outputs.append(comp)
+    input_infos = graph_inputs(widened)
+    shown = {n: _alias(n, plan) for n in exposed}
+    wanted = list(dict.fromkeys([*shown.values(), *(n for n in plan.outputs if n not in shown)]))
+    wanted = [n for n in wanted if n not in plan.inputs]
+    segments = None
     samples = 0
     for batch in data:
-        feeds = _feeds(batch, sess.get_inputs())
-        try:
-            ref = dict(zip(out_names, sess.run(None, feeds)))
-        except Exception as exc:
-            raise BadDataError(f"ONNX Runtime rejects the data: {first_line(exc)}") from exc
+        feeds = _feeds(batch, input_infos)
         samples += len(next(iter(feeds.values()))) if feeds and np.ndim(next(iter(feeds.values()))) else 1
-        known = {**ref, **feeds}
-        for step, comp in zip(checked, nodes):
-            args = [be.arg(known, step, n) for n in step.inputs]
-            got = be.run_step(plan, step, args, requant)[0]
-            comp.add(got, ref[step.outputs[0]])
-            if comp.vs_float is not None:
-                comp.vs_float.add(got, be.run_step(plan, step, args, "float")[0])
-        env = be.run(plan, feeds, requant)
-        for comp in outputs:
-            prod = producers.get(comp.tensor)
-            scale = (
-                float(np.asarray(prod.scale).reshape(-1)[0]) if isinstance(prod, P.DequantizeStep) else None
-            )
-            comp.add(env[comp.tensor], ref[comp.tensor], scale if comp.unit == "lsb" else None)
+        jobs = [_step_check(be, plan, step, comp, feeds, requant) for step, comp in zip(checked, nodes)]
+        env = be.run(plan, feeds, requant, keep=[c.tensor for c in outputs])
+        jobs += [_output_check(comp, env, producers, shown) for comp in outputs if comp.tensor not in feeds]
+        segments = segments or SegmentedModel(widened, wanted, feeds, budget)
+        run_paired(None, segments, feeds, jobs)
     if samples == 0:
         raise BadDataError("the data holds no samples; accepted: at least one batch of model inputs")
     result = ValidationResult(backend, requant, samples, nodes, outputs, plan.status)
     log.info("validation %s", "passed" if result.passed else "failed")
     return result
+
+
+def _step_check(be, plan: P.Plan, step: P.Step, comp: Comparison, feeds, requant: str) -> Job:
+    """Run `step` on ONNX Runtime's values of its inputs and compare with ONNX Runtime's output."""
+    names = [n for n in [*step.inputs, *step.outputs] if n and _exposed_name(n, step, plan)]
+
+    def call(_none, ref):
+        known = {**{_unalias(k): v for k, v in ref.items()}, **feeds}
+        args = [be.arg(known, step, n) for n in step.inputs]
+        got = be.run_step(plan, step, args, requant)[0]
+        comp.add(got, known[step.outputs[0]])
+        if comp.vs_float is not None:
+            comp.vs_float.add(got, be.run_step(plan, step, args, "float")[0])
+
+    return Job((), tuple(_alias(n, plan) for n in names), call)
+
+
+def _exposed_name(n: str, step: P.Step, plan: P.Plan) -> bool:
+    return (
+        n not in plan.constants
+        and n not in plan.inputs
+        and not (isinstance(step, P.AddStep) and n in step.const)
+    )
+
+
+def _output_check(
+    comp: Comparison, env: Mapping[str, np.ndarray], producers: Mapping[str, P.Step], shown: Mapping[str, str]
+) -> Job:
+    """Compare the backend's end-to-end value of a model output with ONNX Runtime's."""
+    prod = producers.get(comp.tensor)
+    scale = float(np.asarray(prod.scale).reshape(-1)[0]) if isinstance(prod, P.DequantizeStep) else None
+    name = shown.get(comp.tensor, comp.tensor)
+
+    def call(_none, ref):
+        comp.add(env[comp.tensor], ref[name], scale if comp.unit == "lsb" else None)
+
+    return Job((), (name,), call)
 
 
 def _float_fallbacks_before(tensor: str, producers: Mapping[str, P.Step]) -> tuple[str, ...]:
@@ -339,25 +371,22 @@ def _feeds(batch, inputs) -> dict[str, np.ndarray]:
     feeds = {}
     for name, info in expected.items():
         arr = np.asarray(batch[name])
-        want = {
-            "tensor(float)": np.float32,
-            "tensor(double)": np.float64,
-            "tensor(int64)": np.int64,
-            "tensor(uint8)": np.uint8,
-            "tensor(int8)": np.int8,
-            "tensor(int32)": np.int32,
-        }.get(info.type)
+        tt = info.type.tensor_type
+        want = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type) if tt.elem_type else None
         if want is not None and arr.dtype != want:
             if not np.can_cast(arr.dtype, np.float64, "same_kind") and arr.dtype.kind not in "iuf":
-                raise BadDataError(f"input {name!r}: dtype {arr.dtype} is not numeric; accepted: {info.type}")
+                raise BadDataError(f"input {name!r}: dtype {arr.dtype} is not numeric; accepted: {want}")
             arr = arr.astype(want)
-        if len(info.shape) != arr.ndim:
+        shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tt.shape.dim]
+        if not tt.HasField("shape"):
+            feeds[name] = arr
+            continue
+        if len(shape) != arr.ndim:
             raise BadDataError(
-                f"input {name!r}: array has shape {arr.shape}, the model expects rank "
-                f"{len(info.shape)} {list(info.shape)}"
+                f"input {name!r}: array has shape {arr.shape}, the model expects rank {len(shape)} {shape}"
             )
-        for axis, (dim, have) in enumerate(zip(info.shape, arr.shape)):
-            if isinstance(dim, int) and dim != have:
+        for axis, (dim, have) in enumerate(zip(shape, arr.shape)):
+            if isinstance(dim, int) and dim and dim != have:
                 raise BadDataError(f"input {name!r}: axis {axis} has size {have}, the model expects {dim}")
         feeds[name] = arr
     return feeds

@@ -11,7 +11,7 @@ import struct
 import numpy as np
 
 from onnxquant.errors import BadDataError
-from onnxquant.tables.entries import CalibrationTable, TensorRange
+from onnxquant.tables.entries import FLOAT32_MAX, FLOAT32_TINY, CalibrationTable, TensorRange
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def dumps_tensorrt_cache(
             raise BadDataError(f"tensor {name!r}: a name with a newline cannot go into a TensorRT cache")
         if entry.axis is not None or entry.bits != 8:
             lossy.append(name)
-        scale = np.float32(entry.amax_max / 127.0)
+        scale = np.float32(_cache_scale(name, entry.amax_max))
         lines.append(f"{name}: {struct.pack('>f', scale).hex()}")
     if lossy:
         log.warning(
@@ -42,6 +42,19 @@ def dumps_tensorrt_cache(
             lossy[0],
         )
     return "\n".join(lines) + "\n"
+
+
+def _cache_scale(name: str, amax: float) -> float:
+    """amax/127, refused unless it is a positive normal float32: the cache would otherwise hold a line its
+    reader (and TensorRT) refuses. A table onnxquant calibrated never has amax 0 (a constant tensor gets the
+    range [0, 1]); a hand-edited one can."""
+    scale = amax / 127.0
+    if not FLOAT32_TINY <= scale <= FLOAT32_MAX:
+        raise BadDataError(
+            f"tensor {name!r}: amax {amax} gives the TensorRT scale {scale:.6g} (amax/127); accepted: amax "
+            f"in {FLOAT32_TINY * 127:.6g}..{FLOAT32_MAX * 127:.6g}"
+        )
+    return scale
 
 
 def loads_tensorrt_cache(

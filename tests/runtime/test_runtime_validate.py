@@ -102,3 +102,16 @@ def test_digits_demo_bit_exact() -> None:
     assert sum(c.kind == KIND_INTEGER for c in result.nodes) >= 7
     fixed = validate(q, data, requant="fixed")
     assert fixed.passed, "\n".join(fixed.summary_lines())
+
+
+@pytest.mark.parametrize("requant", ["float", "fixed"])
+def test_segment_size_does_not_change_validation(requant):
+    """ONNX Runtime's reference runs in segments; one checked tensor per segment or all in one: same."""
+    model = conv_net()
+    x = np.random.default_rng(3).standard_normal((12, 3, 12, 12)).astype(np.float32)
+    q = quantize(model, x[:8])
+    data = [{"x": x[i : i + 4]} for i in range(0, 12, 4)]
+    small = validate(q, data, requant=requant, budget=1)
+    large = validate(q, data, requant=requant, budget=2**40)
+    assert small.summary_lines() == large.summary_lines()
+    assert small.passed and small.samples == 12
