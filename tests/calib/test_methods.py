@@ -8,7 +8,7 @@ import pytest
 from onnxquant.calib.engine import compute_table
 from onnxquant.calib.kl import kl
 from onnxquant.calib.methods import METHODS, WEIGHT_METHODS, check_options, clip_range, collect_options
-from onnxquant.calib.mse import mse
+from onnxquant.calib.mse import mse, mse_costs_affine, mse_costs_symmetric
 from onnxquant.calib.percentile import percentile
 from onnxquant.calib.stats import stats_of
 from onnxquant.errors import BadDataError, BadRulesError
@@ -184,3 +184,42 @@ def test_a_clip_that_adds_error_is_refused_and_one_that_helps_is_kept():  # engi
     lap = {"l": stats_of(rng.laplace(0, 1, 200_000).astype(np.float32), bins=2048)}
     entry = compute_table(lap, {"l": (4, True)}, "laplace").tensors["l"]
     assert entry.amax < 0.5 * lap["l"].amax and entry.note is None
+
+
+def _every_bin_symmetric(counts, width, levels):
+    """The costs bin by bin, every candidate against every bin (the definition)."""
+    nz = np.nonzero(counts)[0]
+    c, n = (nz + 0.5) * width, counts[nz].astype(np.float64)
+    s = (np.arange(1, len(counts) + 1) * width / levels)[:, None]
+    return ((c - s * np.minimum(np.rint(c / s), levels)) ** 2 * n).sum(axis=1)
+
+
+def _every_bin_affine(counts, first_edge, width, lo, hi, bits):
+    nz = np.nonzero(counts)[0]
+    c, n = first_edge + (nz + 0.5) * width, counts[nz].astype(np.float64)
+    f = (np.arange(1, len(counts) // 2 + 1) / (len(counts) // 2))[:, None]
+    qmax = (1 << bits) - 1
+    clo, chi = min(lo, 0.0) * f, max(hi, 0.0) * f
+    s = np.maximum((chi - clo) / qmax, np.finfo(np.float64).tiny)
+    z = np.clip(np.rint(-clo / s), 0, qmax)
+    q = np.clip(np.rint(c / s) + z, 0, qmax)
+    return ((c - s * (q - z)) ** 2 * n).sum(axis=1)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mse_costs_equal_the_bin_by_bin_definition(bits, seed):
+    """The suffix-sum shortcut for saturated bins gives the definition's costs and the same choice."""
+    rng = np.random.default_rng(seed)
+    counts = np.floor(rng.laplace(0, 1, 700) ** 2 * 50 + rng.integers(0, 3, 700)) * (
+        rng.uniform(size=700) > 0.2
+    )
+    counts = counts.astype(np.int64)
+    levels = (1 << (bits - 1)) - 1
+    fast, ref = mse_costs_symmetric(counts, 0.01, levels), _every_bin_symmetric(counts, 0.01, levels)
+    np.testing.assert_allclose(fast, ref, rtol=1e-9, atol=1e-12 * ref.max())
+    assert np.argmin(fast) == np.argmin(ref)
+    fast = mse_costs_affine(counts, -3.0, 0.01, -2.5, 3.5, bits)
+    ref = _every_bin_affine(counts, -3.0, 0.01, -2.5, 3.5, bits)
+    np.testing.assert_allclose(fast, ref, rtol=1e-9, atol=1e-12 * ref.max())
+    assert np.argmin(fast) == np.argmin(ref)

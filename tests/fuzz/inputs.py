@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from fuzz.harness import DIR, run_in_process
 from fuzz.models import INPUT, ModelSpec, build_model, write_model
+from onnxquant.passes import PASS_NAMES
 
 # ---------------------------------------------------------------------------------------------- steps
 
@@ -234,14 +235,7 @@ def _variant(x: np.ndarray, kind: str) -> np.ndarray:
 # -------------------------------------------------------------------------------------------- rule files
 
 OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "MaxPool", "AveragePool"]
-PASSES = [
-    "canonicalize",
-    "fold_conv_bn",
-    "fold_convtranspose_bn",
-    "fold_gemm_bn",
-    "fold_bn_conv",
-    "bn_to_affine",
-]
+PASSES = list(PASS_NAMES)
 METHODS = ["minmax", "percentile", "mse", "laplace", "gauss", "kl"]
 
 
