@@ -9,6 +9,7 @@ raise the same `onnxquant.errors` exceptions with the same one-line messages.
 
 from __future__ import annotations
 
+import gc
 import logging
 import numbers
 import os
@@ -35,7 +36,7 @@ from onnxquant.errors import (
     InternalError,
     OnnxQuantError,
 )
-from onnxquant.model import INT4_OPSET, opset_of, upgrade_opset
+from onnxquant.model import INT4_OPSET, model_bytes, opset_of, upgrade_opset
 from onnxquant.passes import PASS_NAMES, Outcome, run_passes
 from onnxquant.passes.canonicalize import NAME as CANONICALIZE
 from onnxquant.passes.insert_qdq import PER_CHANNEL_OPSET, QdqSummary, insert_qdq
@@ -51,12 +52,13 @@ log = logging.getLogger(__name__)
 Batches = Iterable[dict[str, np.ndarray]]
 BIT_ALLOC = (None, "weights", "activations", "both")
 DATA_HELP = "data=PATH (.npz, .npy, a directory), {input_name: array}, an array, or an iterable of those"
+RECLAIM_BYTES = 64 * 2**20  # float weights worth a cycle collection once convert lets go of them
 
 
 @dataclass
 class ConvertResult:
     model: onnx.ModelProto
-    float_model: onnx.ModelProto
+    float_model: onnx.ModelProto | None  # the folded float model; None with convert(keep_float_model=False)
     table: CalibrationTable
     plan: QuantPlan
     outcomes: list[Outcome]
@@ -413,6 +415,7 @@ def convert(
     bit_alloc: str | None = None,
     batch_size: int = 32,
     max_samples: int | None = None,
+    keep_float_model: bool = True,
     **method_options,
 ) -> ConvertResult:
     """Fold, calibrate (or take `table`), and insert Q/DQ. The input model is not modified.
@@ -422,6 +425,11 @@ def convert(
     `bias_correction` is None, "mean" or "full"; `bit_alloc` (None, "weights", "activations" or "both")
     allocates widths per channel at the same average width (ACIQ eq. 10–11). `method_options`: `percentile`
     (50..100) and `bins` (>= 8), as the CLI's --percentile and --bins.
+
+    `keep_float_model=False`: the result has no `float_model`, and convert holds no reference to the float
+    model (given or folded) once the Q/DQ model exists, so a caller that holds none either (the CLI without
+    --report) has its weights freed before the Q/DQ model is checked and saved: at that point a big model
+    would otherwise be in memory twice over.
     """
     model = as_model(model)
     rules = resolve_rules(rules, bits=bits, wbits=wbits, abits=abits, method=method, wmethod=wmethod)
@@ -465,13 +473,18 @@ def convert(
         folded, plan, table, data=data, stats=stats, bias_correction=bias_correction, bit_alloc=bit_alloc
     )
     quant, summary = insert_qdq(folded, plan, table)
+    float_model = folded if keep_float_model else None
+    reclaim = model_bytes(folded) >= RECLAIM_BYTES
+    del model, folded
+    if reclaim:  # graph-surgeon's node/tensor cycles hold the float weights and new codes until collected
+        gc.collect()
     try:
         onnx.checker.check_model(quant, full_check=True)
     except onnx.checker.ValidationError as exc:  # a bug of ours, not the user's: keep the traceback
         raise InternalError(f"quantized model fails onnx.checker: {exc}") from exc
     return ConvertResult(
         model=quant,
-        float_model=folded,
+        float_model=float_model,
         table=table,
         plan=plan,
         outcomes=outcomes,

@@ -215,14 +215,17 @@ def convert(
     if suggest_rules is not None:
         default_k = 3 if top_k is None and target_sqnr is None else top_k
         suggest = SuggestOptions(rules, k=default_k, target_sqnr=target_sqnr, high_bits=high_bits)
-    float_model = cli_model(model)
+    # popped into api.convert's own frame: without --report nothing here holds the float model, which convert
+    # then lets go of once the Q/DQ model exists (keep_float_model=False)
+    handed = [cli_model(model)]
+    float_model = handed[0] if report_path is not None else None
     table = tables.load_table(table_in) if table_in else None
     stats = stats_io.load_stats(load_stats) if load_stats else None
-    data = open_cli_data(float_model, calib_data, **data_opts)
+    data = open_cli_data(handed[0], calib_data, **data_opts)
     if report_path is not None and data is None:
         raise click.UsageError("--report needs --calib-data (or --calib-reader) to compare the models on")
     result = api.convert(
-        float_model,
+        handed.pop(),
         rules,
         data=data,
         table=table,
@@ -232,6 +235,7 @@ def convert(
         bit_alloc=bit_alloc,
         bins=bins,
         percentile=percentile,
+        keep_float_model=float_model is not None,
     )
     report = None
     if report_path is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import logging.handlers
 import math
 import signal
 import sys
@@ -46,30 +47,61 @@ def common(fn):
     def wrapper(*args, verbose: int = 0, debug: bool = False, **kwargs):
         verbose, debug = with_global_options(verbose, debug)
         level = logging.WARNING - 10 * min(verbose, 2)
-        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
         logging.getLogger("onnxquant").setLevel(level)
-        try:
-            return fn(*args, **kwargs)
-        except OnnxQuantError as exc:
-            if debug:
+        with warnings_held(not verbose):  # exited after the error line below is printed
+            try:
+                return fn(*args, **kwargs)
+            except OnnxQuantError as exc:
+                if debug:
+                    raise
+                click.echo(f"error: {exc}", err=True)
+                sys.exit(exc.exit_code)
+            except KeyboardInterrupt as exc:
+                close_bars()
+                exit_interrupted(exc)
+            except (
+                click.ClickException
+            ) as exc:  # a usage error found by the command: here, before the warnings
+                click.echo(usage_error_line(exc), err=True)
+                sys.exit(exc.exit_code)
+            except (click.exceptions.Exit, click.Abort):
                 raise
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt as exc:
-            close_bars()
-            exit_interrupted(exc)
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
-            raise
-        except Exception as exc:  # noqa: BLE001  (a bug of ours, InternalError or unforeseen: keep the traceback)
-            traceback.print_exc(file=sys.stderr)
-            click.echo(
-                f"internal error: {first_line(exc)} (a bug in onnxquant; please report it with the "
-                "traceback above)",
-                err=True,
-            )
-            sys.exit(InternalError.exit_code)
+            except Exception as exc:  # noqa: BLE001  (a bug of ours, InternalError or unforeseen: keep the traceback)
+                traceback.print_exc(file=sys.stderr)
+                click.echo(
+                    f"internal error: {first_line(exc)} (a bug in onnxquant; please report it with the "
+                    "traceback above)",
+                    err=True,
+                )
+                sys.exit(InternalError.exit_code)
 
     return wrapper
+
+
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+@contextlib.contextmanager
+def warnings_held(hold: bool) -> Iterator[None]:
+    """Without -v, onnxquant's warnings are printed when the command ends, after its error line if it fails:
+    DESIGN.md puts the error line first or alone, and a warning on the way (an opset lifted, a pass skipped)
+    would otherwise stand where a script reads the error. With -v the log is live, as asked."""
+    if not hold:
+        yield
+        return
+    logger = logging.getLogger("onnxquant")
+    target = logging.StreamHandler(sys.stderr)
+    target.setFormatter(logging.Formatter(LOG_FORMAT))
+    held = logging.handlers.MemoryHandler(10_000, flushLevel=logging.CRITICAL + 1, target=target)
+    logger.addHandler(held)
+    propagate, logger.propagate = logger.propagate, False
+    try:
+        yield
+    finally:
+        logger.removeHandler(held)
+        logger.propagate = propagate
+        held.close()  # flushes to stderr
 
 
 def with_global_options(verbose: int, debug: bool) -> tuple[int, bool]:

@@ -121,12 +121,16 @@ def consumers(tensor: gs.Tensor) -> list[gs.Node]:
     return list(tensor.outputs)
 
 
-def constant(tensor: gs.Tensor | None) -> np.ndarray | None:
-    """The value of a constant, or None for variables; the stored TensorProto is kept (see the module doc)."""
+def constant(tensor: gs.Tensor | None, readonly: bool = False) -> np.ndarray | None:
+    """The value of a constant, or None for variables; the stored TensorProto is kept (see the module doc).
+    `readonly`: a read-only array over the bytes protobuf hands out, without graph-surgeon's second copy (a
+    big model's weights)."""
     if not isinstance(tensor, gs.Constant):
         return None
     values = tensor._values
-    return values.load() if isinstance(values, LazyValues) else np.asarray(values)
+    if isinstance(values, LazyValues):
+        return numpy_helper.to_array(values.tensor) if readonly else values.load()
+    return np.asarray(values)
 
 
 def stored(name: str, value: np.ndarray) -> LazyValues:

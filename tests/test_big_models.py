@@ -8,20 +8,32 @@ disk and memory for it.
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import sys
+import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
 
 import onnxquant.model as model_module
-from onnxquant import api
-from onnxquant.calib import segments
+from onnxquant import api, cli
+from onnxquant.calib import segments, weights
+from onnxquant.calib.weight_table import weight_entries
+from onnxquant.calib.weights import WEIGHT_METHODS
 from onnxquant.model import load_model, save_model
+from onnxquant.passes import insert_qdq as insert_qdq_module
 from onnxquant.passes import run_passes
+from onnxquant.passes.insert_qdq import insert_qdq
+from onnxquant.passes.plan import plan_quantization
+from onnxquant.tables import CalibrationTable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from bench_big_model import build_chain, output_sqnr, run, write_calib
@@ -118,3 +130,115 @@ def test_a_2_2_gb_model_converts_within_twice_its_weights(tmp_path):
     assert err == ""
     assert peak_mib * 2**20 <= 2 * weights
     assert output_sqnr(model, out, x[:4]) > 25
+
+
+def _traced_peak(call) -> int:
+    """Peak bytes numpy and Python allocated while `call` ran (tracemalloc sees numpy's buffers)."""
+    tracemalloc.start()
+    try:
+        call()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.fixture
+def one_matmul():
+    """One 1024x1024 float32 MatMul weight (4 MiB), its plan and a table that calibrates its input."""
+    w = np.random.default_rng(3).standard_normal((1024, 1024), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "one",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1024])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 1024])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    plan = plan_quantization(model, api.resolve_rules(bits=8))
+    return w, model, plan
+
+
+def test_weight_ranges_need_no_float64_copy_of_the_weight(one_matmul, monkeypatch):
+    w, model, _ = one_matmul
+    monkeypatch.setattr(weights, "BLOCK", 2**16, raising=False)
+    for method in WEIGHT_METHODS:
+        plan = plan_quantization(model, api.resolve_rules(bits=8, wmethod=method))
+        peak = _traced_peak(lambda plan=plan: weight_entries(model, plan))
+        assert peak < 2 * w.nbytes, method  # the bytes protobuf hands out, then blocks of 64 Ki elements
+
+
+def test_blocked_weight_ranges_equal_the_whole_matrix_to_the_bit(monkeypatch):
+    rng = np.random.default_rng(4)
+    for shape, axis in (((300, 257), 1), ((257, 300), 0), ((17, 5, 7), 1), ((64, 3, 3, 3), 0)):
+        w = rng.laplace(size=shape).astype(np.float32)
+        bits = rng.integers(2, 9, shape[axis])
+        for method in WEIGHT_METHODS:
+            for symmetric in (True, False):
+                monkeypatch.setattr(weights, "BLOCK", 2**30, raising=False)
+                whole = weights.weight_range(w, axis, bits, method, symmetric=symmetric)
+                monkeypatch.setattr(weights, "BLOCK", 100, raising=False)  # blocks of 2+ channels
+                blocked = weights.weight_range(w, axis, bits, method, symmetric=symmetric)
+                for a, b in zip(whole, blocked, strict=True):
+                    assert a.tobytes() == b.tobytes(), (shape, axis, method, symmetric)
+
+
+def test_weight_codes_are_made_in_their_stored_type(one_matmul, monkeypatch):
+    w, model, plan = one_matmul
+    monkeypatch.setattr(insert_qdq_module, "CHUNK", 2**16)  # the slices a big weight is quantized in
+    table = api.complete_table(model, plan, CalibrationTable(method="minmax", bits=8))[0]
+    table.tensors["x"] = replace(table.tensors["w"], kind="activation", axis=None, scale=0.05, zero_point=0)
+    peak = _traced_peak(lambda: insert_qdq(model, plan, table))
+    assert peak < 1.75 * w.nbytes  # the float bytes, then int8 codes and their proto: no int16 codes
+
+
+def test_convert_without_a_report_lets_go_of_the_float_model(chain, tmp_path, monkeypatch):
+    """The CLI and api.convert hold no reference to the float model once the Q/DQ model exists (without
+    --report), so a big model's weights are freed before the Q/DQ model is checked and saved."""
+    write_calib(tmp_path / "calib.npz", SIZE, 16)
+    loaded, counts = [], []
+    load = cli.cli_model
+
+    def cli_model(path):
+        loaded.append(load(path))
+        return loaded[-1]
+
+    def save_model(model, path):
+        counts.append(sys.getrefcount(loaded[0]))  # `loaded` and this call's argument: 2
+        save_model_of_cli(model, path)
+
+    save_model_of_cli = cli.save_model
+    monkeypatch.setattr(cli, "cli_model", cli_model)
+    monkeypatch.setattr(cli, "save_model", save_model)
+    args = [
+        "convert",
+        str(chain),
+        "--calib-data",
+        str(tmp_path / "calib.npz"),
+        "-o",
+        str(tmp_path / "o.onnx"),
+    ]
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 0, result.output
+    assert counts == [2]
+
+
+def test_canonicalize_keeps_no_reference_to_the_weights():
+    """onnxscript's rule matchers keep the last graph they matched; its constants must not wrap our
+    model's tensors, or a big model lives on after convert let go of it."""
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "weight_only_this_test_names")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", w.name], ["y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    run_passes(model, ["canonicalize"])
+    del model
+    gc.collect()
+    held = [
+        o for o in gc.get_objects() if isinstance(o, ir.Value) and o.name == "weight_only_this_test_names"
+    ]
+    held = [v for v in held if v.const_value is not None]
+    assert held == []

@@ -348,6 +348,40 @@ def test_a_bug_of_ours_exits_70_with_its_traceback(demo, monkeypatch):
     assert not (demo / "f.onnx").exists()
 
 
+def _opset9_matmul(folder: Path) -> Path:
+    """A MatMul model at opset 9: loading it logs a warning (the opset is lifted to 13)."""
+    w = onnx.numpy_helper.from_array(np.ones((3, 2), np.float32), "w")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 2])],
+        [w],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 9)], ir_version=4)
+    onnx.save(model, folder / "old.onnx")
+    return folder / "old.onnx"
+
+
+def test_warnings_come_after_the_error_line(tmp_path):
+    """DESIGN.md: on exit 2 the error line is first or alone; a warning logged on the way (here the opset
+    lift) used to come first."""
+    model = _opset9_matmul(tmp_path)
+    np.savez(tmp_path / "bad.npz", x=np.ones((2, 5), np.float32))
+    np.savez(tmp_path / "good.npz", x=np.ones((2, 3), np.float32))
+    lifted = f"WARNING onnxquant.model: {model}: opset 9 lifted to 13 by onnx.version_converter"
+    argv = ["convert", str(model), "-o", str(tmp_path / "q.onnx"), "--calib-data"]
+    failed = CliRunner().invoke(main, [*argv, str(tmp_path / "bad.npz")])
+    shape = "key 'x' has shape (2, 5) but input 'x' needs (N, 3): dim 1 must be 3"
+    assert failed.exit_code == 2
+    assert failed.stderr.splitlines() == [f"error: {tmp_path / 'bad.npz'}: {shape}", lifted]
+    passed = CliRunner().invoke(main, [*argv, str(tmp_path / "good.npz")])
+    assert passed.exit_code == 0 and passed.stderr.splitlines() == [lifted]
+    usage = CliRunner().invoke(main, [*argv[:4], "--report", str(tmp_path / "r.html")])
+    assert usage.exit_code == 2 and usage.stderr.splitlines()[1:] == [lifted]
+    assert usage.stderr.startswith("error: --report needs --calib-data")
+
+
 def test_first_line_of_an_empty_message_is_the_type_name():
     from onnxquant.errors import first_line
 

@@ -10,10 +10,14 @@ other family fails the test with every failing case listed.
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 from fuzz.cases import FAMILIES
 from fuzz.harness import Case, deterministic, run_in_fresh_folder, summary
-from fuzz.inputs import WriteBytes, WriteModel
+from fuzz.inputs import JsonEdit, WriteBytes, WriteModel, data_files
 from fuzz.models import ModelSpec
 from hypothesis import HealthCheck, Phase, given, settings
 
@@ -27,6 +31,7 @@ FAST_EXAMPLES = {
     "hangs": 2,
     "signals": 1,
 }
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "fuzz.py"
 FAST_TIMEOUT_S = {"hangs": 40, "signals": 40}  # subprocesses start slowly on a loaded machine
 
 # (family, kind prefix, text of the violation) -> why it still fails (issue #14 item that will fix it). A case
@@ -122,3 +127,38 @@ def test_the_harness_sees_a_broken_promise(tmp_path):
     garbage.names = {"nothing-matches"}
     outcome = run_in_fresh_folder(garbage)
     assert outcome.exit_code == 2 and outcome.violations == ["error line names nothing from the input"]
+
+
+def test_the_harness_runs_only_the_default_output_as_the_default_model():
+    """`--bits 2 --table-out model.int8.onnx` writes a table named like the 8-bit default model (the default
+    is model.int2.onnx); the harness ran that table in ONNX Runtime and reported a broken model."""
+    spec = ModelSpec("mlp", 13, ("gemm",), 2, 4, "gemm", 2, True, False, False, 0)
+    data, steps = data_files(spec, "ok", 4, 0)
+    argv = ["convert", "{d}/model.onnx", "--calib-data", "{d}/" + data, "--bits", "2"]
+    case = Case("t", "t", "table named like a model", [*argv, "--table-out", "{d}/model.int8.onnx"])
+    case.prepare += [WriteModel(spec), *steps]
+    outcome = run_in_fresh_folder(case)
+    assert outcome.exit_code == 0 and outcome.violations == [], summary(outcome)
+    assert {"model.int2.onnx", "model.int8.onnx"} <= set(outcome.outputs)
+
+
+def test_a_tensor_edit_of_an_empty_table_leaves_it_as_it_is():
+    """A model with nothing to quantize calibrates to a table without tensors: the edit has nothing to change
+    (it died of a modulo by zero, which counted as a failing case)."""
+    empty = b'{"format": "onnxquant-calibration", "version": 1, "method": "none", "bits": 0, "tensors": {}}'
+    assert JsonEdit("tensor", "scale", 0.0, 7).apply(empty) == empty
+
+
+def _fuzz_tool():
+    spec = importlib.util.spec_from_file_location("fuzz_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fuzz_tool"] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("total", [2000, 2001, 5000])
+def test_the_long_profile_runs_as_many_cases_as_asked(total):
+    """The done-when asks for >= 2000 cases: the per-family shares were rounded and gave 1999 for 2000."""
+    counts = _fuzz_tool().plan(total, list(FAMILIES))
+    assert sum(counts.values()) == total and min(counts.values()) > 0

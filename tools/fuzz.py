@@ -5,9 +5,12 @@ draws many more cases from the same strategies with a seed of your choice and pr
 run, their exit codes, and the promises broken: tracebacks (exit 70 or an uncaught exception), hangs, inputs
 modified, partial outputs (files written on a failing exit, temp files left, some but not all outputs after
 SIGINT), and the rest (an error line that names nothing, outputs that do not run or read back, ...). Every
-failing case is written with its command, input description and first stderr line to --failures.
+failing case is written with its command, input description and first stderr line to --failures. The
+signals family ends with 130 (interrupted) by design: those count under "other exit" but break nothing.
 
-    .venv/bin/python tools/fuzz.py --cases 2000 --jobs 2 --failures fuzz-failures.txt
+    .venv/bin/python tools/fuzz.py --cases 2000 --jobs 2 --timeout 60 --failures /tmp/fuzz-failures.txt
+
+takes 2-6 minutes on 2 cores.
 """
 
 from __future__ import annotations

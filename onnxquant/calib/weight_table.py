@@ -67,7 +67,9 @@ def weight_entries(
         if not d.quantize or d.weight is None or d.weight in entries:
             continue
         node = nodes[d.name]
-        w = constant(node.inputs[1]).astype(np.float32)
+        w = np.asarray(
+            constant(node.inputs[1], readonly=True), np.float32
+        )  # no second copy of a float32 weight
         axis = weight_axis(node, w.ndim) if d.weights.granularity == "per_channel" else None
         entry = weight_entry(w, axis, d.weights, bit_alloc, name=d.weight)
         if bias_correction and axis is not None and node.op in CORRECTED_OPS and users[d.weight] == 1:

@@ -15,6 +15,8 @@ and (when full) the float spread.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from onnxquant.calib.aciq import aciq_range
@@ -22,6 +24,7 @@ from onnxquant.errors import BadModelError, BadRulesError, InternalError
 
 WEIGHT_METHODS: tuple[str, ...] = ("minmax", "laplace", "gauss", "mse")  # the registry of weight methods
 MSE_STEPS = 100
+BLOCK = 2**22  # elements of a weight turned into float64 at a time
 
 
 def _channels(w: np.ndarray, axis: int | None) -> np.ndarray:
@@ -44,31 +47,68 @@ def weight_range(
     name: str = "weight",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel (lo, hi) along `axis` (arrays of one entry per channel; 0-d arrays when axis is None).
-    `name` (the initializer's) is what errors blame."""
+    `name` (the initializer's) is what errors blame.
+
+    Channels are read in blocks of about `BLOCK` elements (`_channel_blocks`): every statistic is a per-row
+    reduction, so the result is that of the whole (C, K) float64 matrix, which for a weight of hundreds of
+    MB would cost twice its size again."""
     if method not in WEIGHT_METHODS:
         raise BadRulesError(
             f"unknown weight calibration method {method!r}; accepted: {', '.join(WEIGHT_METHODS)}"
         )
-    m = _channels(w, axis)
-    if m.shape[1] == 0:
+    w = np.asarray(w)
+    rows = _row_count(w, axis)
+    if rows == 0 or w.size == 0:
         raise BadModelError(
             f"tensor {name!r}: zero-size weight of shape {np.shape(w)}; accepted: at least one element"
         )
-    if not np.isfinite(m).all():
-        raise BadModelError(f"tensor {name!r}: the weight holds NaN or Inf; accepted: finite weights")
-    bits = np.broadcast_to(np.asarray(bits, np.int64), (m.shape[0],))
-    lo, hi = m.min(axis=1), m.max(axis=1)
+    bits = np.broadcast_to(np.asarray(bits, np.int64), (rows,))
+    lo, hi, center, spread = (np.empty(rows) for _ in range(4))
+    for part, m in _channel_blocks(w, axis):
+        lo[part], hi[part] = m.min(axis=1), m.max(axis=1)
+        if not (np.isfinite(lo[part]).all() and np.isfinite(hi[part]).all()):  # min/max propagate NaN
+            raise BadModelError(f"tensor {name!r}: the weight holds NaN or Inf; accepted: finite weights")
+        if method in ("laplace", "gauss"):
+            center[part] = m.mean(axis=1)
+            dev = m - center[part][:, None]
+            spread[part] = (
+                np.abs(dev).mean(axis=1) if method == "laplace" else np.sqrt((dev * dev).mean(axis=1))
+            )
+        elif method == "mse":
+            spread[part] = _mse_factor(m, lo[part], hi[part], bits[part], symmetric)
     if method in ("laplace", "gauss"):
-        mean = m.mean(axis=1)
-        dev = m - mean[:, None]
-        spread = np.abs(dev).mean(axis=1) if method == "laplace" else np.sqrt((dev * dev).mean(axis=1))
-        lo, hi = aciq_range(method, mean, spread, lo, hi, bits, symmetric)
+        lo, hi = aciq_range(method, center, spread, lo, hi, bits, symmetric)
     elif method == "mse":
-        f = _mse_factor(m, lo, hi, bits, symmetric)
-        lo, hi = lo * f, hi * f
+        lo, hi = lo * spread, hi * spread
     if axis is None:
         return lo.reshape(()), hi.reshape(())
     return lo, hi
+
+
+def _row_count(w: np.ndarray, axis: int | None) -> int:
+    if axis is None:
+        return 1
+    if not -w.ndim <= axis < w.ndim:
+        raise InternalError(f"channel axis {axis} out of range for a weight of shape {w.shape}")
+    return w.shape[axis]
+
+
+def _channel_blocks(w: np.ndarray, axis: int | None) -> Iterator[tuple[slice, np.ndarray]]:
+    """(rows, matrix) pairs covering `_channels(w, axis)` in consecutive blocks of at least two whole
+    channels, of about `BLOCK` elements (one block when axis is None or the weight is small). Each block has
+    the memory layout the whole matrix would have (strided rows for axis > 0), so numpy reduces its rows in
+    the same order and the statistics are the same to the last bit."""
+    rows = 1 if axis is None else w.shape[axis]
+    if axis is None or w.size <= BLOCK or rows < 4:
+        yield slice(0, rows), _channels(w, axis)
+        return
+    step = max(2, BLOCK * rows // w.size)
+    starts = list(range(0, rows, step))
+    if rows - starts[-1] < 2:  # one row alone would be reduced as a contiguous vector, in another order
+        starts.pop()
+    for start, stop in zip(starts, [*starts[1:], rows]):
+        part = slice(start, stop)
+        yield part, _channels(w[(slice(None),) * (axis % w.ndim) + (part,)], axis)
 
 
 def mse_error(m: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: np.ndarray, symmetric: bool) -> np.ndarray:

@@ -397,13 +397,22 @@ def _canonicalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Outcome
     if _apply(graph_model, divisions, outcomes):
         applied += 1 + _apply(graph_model, fusions, outcomes)
     if not outcomes:
+        _forget_weights(graph_model)
         return model, []
     if applied:  # the Identity nodes that no-op rules leave go here, already reported
         _fold(graph_model, outcomes, reported={o.nodes[0] for o in outcomes if "no-op" in o.reason})
     result = _export(graph_model, work)
+    _forget_weights(graph_model)
     for o in outcomes:
         log.info("%s %s: %s", o.pass_name, ",".join(o.nodes), o.reason)
     return result, outcomes
+
+
+def _forget_weights(graph_model: ir.Model) -> None:
+    """onnxscript's rule matchers keep the last graph they matched; its constants wrap our model's tensors,
+    which would then live (a big model's weights) until the next canonicalization."""
+    for value in graph_model.graph.initializers.values():
+        value.const_value = None
 
 
 def _fold(graph_model: ir.Model, outcomes: list[Outcome], reported: set[str] | None = None) -> None:

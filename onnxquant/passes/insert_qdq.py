@@ -157,8 +157,9 @@ def insert_qdq(
             w_scale = (w_scale / equalizers[node.name]).astype(np.float32)
         w_params = replace(codes_params, scale=w_scale)
         if decision.weight not in dequantized:
-            codes = _weight_codes(constant_value(node.inputs[1]), codes_params)
-            dequantized[decision.weight] = _insert_weight(build, decision.weight, codes, w_params, opset)
+            elem = container(int(np.max(w_params.bits)), w_params.signed, opset)
+            codes = _weight_codes(constant_value(node.inputs[1], readonly=True), codes_params, _np_type(elem))
+            dequantized[decision.weight] = _insert_weight(build, decision.weight, codes, w_params, elem)
             summary.weights[round(float(np.mean(entry.bits)))] += 1  # the table's width (mean if per channel)
         _rewire(node, node.inputs[1], dequantized[decision.weight], only_index=1)
         bias_tensor = input_at(node, 2)
@@ -250,15 +251,16 @@ def _insert_activation_qdq(build: _Builder, tensor: gs.Tensor, params: QParams) 
 CHUNK = 2**22  # elements quantized at a time: int64 codes of a whole large weight would cost 8 bytes each
 
 
-def _weight_codes(w: np.ndarray, params: QParams) -> np.ndarray:
-    """`quantize(w, params)` as int16 codes, computed in slices across the channel axis, so the float and
-    int64 temporaries of a weight of hundreds of MB stay a few MB; each element's code is the same."""
+def _weight_codes(w: np.ndarray, params: QParams, dtype) -> np.ndarray:
+    """`quantize(w, params)` as codes of the stored `dtype`, computed in slices across the channel axis, so
+    the float and int64 temporaries of a weight of hundreds of MB stay a few MB and no wider copy of the
+    codes is made; each element's code is the same."""
     w = np.asarray(w, dtype=np.float32)
     if w.size <= CHUNK or w.ndim < 2:
-        return quantize(w, params).astype(np.int16)
+        return quantize(w, params).astype(dtype)
     axis = w.ndim - 1 if params.axis is not None and params.axis % w.ndim == 0 else 0
     step = max(1, CHUNK * w.shape[axis] // w.size)
-    codes = np.empty(w.shape, np.int16)
+    codes = np.empty(w.shape, dtype)
     for start in range(0, w.shape[axis], step):
         part = [slice(None)] * w.ndim
         part[axis] = slice(start, start + step)
@@ -266,10 +268,9 @@ def _weight_codes(w: np.ndarray, params: QParams) -> np.ndarray:
     return codes
 
 
-def _insert_weight(build: _Builder, name: str, codes: np.ndarray, params: QParams, opset: int) -> gs.Tensor:
-    """Stored codes → DequantizeLinear with `params`' scale and zero point."""
-    elem = container(int(np.max(params.bits)), params.signed, opset)
-    q = build.constant(f"{name}_quantized", codes.astype(_np_type(elem)))
+def _insert_weight(build: _Builder, name: str, codes: np.ndarray, params: QParams, elem: int) -> gs.Tensor:
+    """Stored codes (of the ONNX type `elem`) → DequantizeLinear with `params`' scale and zero point."""
+    q = build.constant(f"{name}_quantized", codes)
     scale = build.constant(f"{name}_scale", np.asarray(params.scale, np.float32))
     zero = build.constant(f"{name}_zero_point", np.asarray(params.zero_point).astype(_np_type(elem)))
     attrs = {} if params.axis is None else {"axis": params.axis}
