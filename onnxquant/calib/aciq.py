@@ -22,15 +22,40 @@ import math
 from functools import cache
 
 import numpy as np
-from scipy import optimize, special
 
 from onnxquant.calib.stats import TensorStats
 
 
+def lambert_w(x: float) -> float:
+    """W(x) for x > 0: the w with w·e^w = x, by Halley's iteration (converges in a few steps from log x)."""
+    w = math.log(x) - math.log(math.log(x)) if x > math.e else x / math.e
+    for _ in range(50):
+        ew = math.exp(w)
+        f = w * ew - x
+        step = f / (ew * (w + 1) - (w + 2) * f / (2 * w + 2))
+        w -= step
+        if abs(step) <= 1e-15 * max(1.0, abs(w)):
+            break
+    return w
+
+
+def bisect_root(f, lo: float, hi: float, tol: float = 1e-14) -> float:
+    """The root of `f` in [lo, hi], where f changes sign once, to within `tol`."""
+    f_lo = f(lo)
+    while hi - lo > tol:
+        mid = 0.5 * (lo + hi)
+        if (f(mid) > 0) == (f_lo > 0):
+            lo, f_lo = mid, f(mid)
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
 @cache
 def laplace_alpha(bits: int) -> float:
-    """Optimal clipping α/b for a Laplace(b) tensor quantized to 2^bits levels."""
-    return float(special.lambertw(3.0 * 4.0**bits).real)
+    """Optimal clipping α/b for a Laplace(b) tensor quantized to 2^bits levels: α = W(3·4^bits), from the
+    objective's zero slope 2b·e^(−α/b) = 2α/(3·4^bits)."""
+    return lambert_w(3.0 * 4.0**bits)
 
 
 def laplace_objective(alpha: float, bits: int, b: float = 1.0) -> float:
@@ -51,7 +76,7 @@ def gauss_alpha(bits: int) -> float:
     def slope(a: float) -> float:  # d/dα of the objective, divided by 2
         return a * math.erfc(a / math.sqrt(2)) - math.sqrt(2 / math.pi) * math.exp(-a * a / 2) + a * q
 
-    return float(optimize.brentq(slope, 1e-6, 40.0, xtol=1e-14, rtol=1e-15))
+    return bisect_root(slope, 1e-6, 40.0)
 
 
 ALPHA = {"laplace": laplace_alpha, "gauss": gauss_alpha}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from scipy import optimize
@@ -94,3 +96,17 @@ def test_per_channel_laplace_with_per_channel_bits():
     alpha = np.array([laplace_alpha(int(m)) for m in bits]) * b
     np.testing.assert_allclose(hi, np.minimum(ch.max(axis=1), mean + alpha), rtol=1e-6)
     np.testing.assert_allclose(lo, np.maximum(ch.min(axis=1), mean - alpha), rtol=1e-6)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_own_root_finders_match_scipy(bits):
+    """laplace_alpha and gauss_alpha solve their equations without importing scipy (start-up time)."""
+    from scipy import optimize, special
+
+    assert laplace_alpha(bits) == pytest.approx(float(special.lambertw(3.0 * 4.0**bits).real), rel=1e-14)
+    q = 1 / (3 * 4.0**bits)
+
+    def slope(a):
+        return a * math.erfc(a / math.sqrt(2)) - math.sqrt(2 / math.pi) * math.exp(-a * a / 2) + a * q
+
+    assert gauss_alpha(bits) == pytest.approx(optimize.brentq(slope, 1e-6, 40.0, xtol=1e-14), abs=1e-13)
