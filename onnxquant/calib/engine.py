@@ -28,7 +28,7 @@ import onnx
 from onnxquant.calib.histogram import Histogram
 from onnxquant.calib.methods import METHODS, check_options
 from onnxquant.calib.mse import range_error
-from onnxquant.calib.segments import DEFAULT_BUDGET, SegmentedModel
+from onnxquant.calib.segments import DEFAULT_BUDGET, SegmentedModel, model_inputs
 from onnxquant.calib.stats import DEFAULT_BINS, HUGE, NonFiniteError, TensorStats, merge_all, update_pass2
 from onnxquant.errors import BadDataError, BadModelError, BadRulesError, InternalError, OnnxQuantError
 from onnxquant.model import graph_inputs
@@ -307,22 +307,12 @@ def _run(
         ahead = reader.submit(next, batches, None)
         while (batch := ahead.result()) is not None:
             ahead = reader.submit(next, batches, None)
-            feed = _feed(batch, inputs)
+            feed = model_inputs(batch, inputs, "calibration batch")
             own = {i: np.asarray(v) for i, v in feed.items() if i in wanted}
             for outs in chain([own], _prefetched(worker, runner(feed, only))):
                 _update(feed, outs, wanted, update, samples, unusable)
             samples += _samples(feed)
     return samples
-
-
-def _feed(batch: Batch, inputs: Sequence[str]) -> dict[str, np.ndarray]:
-    missing = [i for i in inputs if i not in batch]
-    if missing:
-        raise BadDataError(
-            f"calibration batch lacks model input(s) {', '.join(missing)}; "
-            f"accepted: batches with keys {', '.join(inputs)}"
-        )
-    return {i: batch[i] for i in inputs}
 
 
 def _prefetched(worker: ThreadPoolExecutor, items: Iterator) -> Iterator:

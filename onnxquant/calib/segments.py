@@ -29,12 +29,11 @@ import onnx
 from onnx import helper
 
 from onnxquant.errors import BadDataError, BadModelError, InternalError, first_line
-from onnxquant.model import graph_inputs, is_big, make_session, tensor_bytes
+from onnxquant.model import declared_weights, graph_inputs, is_big, make_session, tensor_bytes
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BUDGET = 64 * 2**20
-SHAPE_LIKE = 64  # initializers of at most this many elements are kept for shape inference
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 SEGMENT_WEIGHTS = 256 * 2**20  # bytes of weights per segment of a big model (`model.is_big`)
 WEIGHTS_FILE = "weights.data"
@@ -79,18 +78,8 @@ def node_inputs(node: onnx.NodeProto) -> set[str]:
 
 def _static_shapes(model: onnx.ModelProto, batch: Mapping[str, np.ndarray]) -> dict[str, onnx.ValueInfoProto]:
     """Types and shapes of every tensor shape inference can reach, with the inputs fixed to the batch's."""
-    graph = onnx.GraphProto(name=model.graph.name)
-    graph.node.extend(model.graph.node)
-    graph.input.extend(model.graph.input)
-    graph.output.extend(model.graph.output)
-    declared = {i.name for i in graph.input}
-    for t in model.graph.initializer:  # weights as inputs: shape inference needs only shape-like values
-        if np.prod(t.dims, dtype=np.int64) <= SHAPE_LIKE:
-            graph.initializer.append(t)
-        elif t.name not in declared:
-            graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    probe = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
-    probe.functions.extend(model.functions)
+    probe = declared_weights(model)
+    del probe.graph.value_info[:]  # recorded at symbolic shapes; inferred again at the batch's
     for vi in probe.graph.input:
         if vi.name in batch and vi.type.HasField("tensor_type"):
             shape = np.shape(batch[vi.name])
@@ -174,6 +163,17 @@ class SegmentedModel:
             yield produced
 
 
+def model_inputs(batch: Mapping[str, np.ndarray], inputs: Sequence[str], what: str) -> dict[str, np.ndarray]:
+    """The batch's arrays for the model's `inputs`; a batch without one is one line naming `what` it is."""
+    missing = [i for i in inputs if i not in batch]
+    if missing:
+        raise BadDataError(
+            f"{what} lacks model input(s) {', '.join(missing)}; "
+            f"accepted: batches with keys {', '.join(inputs)}"
+        )
+    return {i: np.asarray(batch[i]) for i in inputs}
+
+
 def _ancestors(model: onnx.ModelProto, wanted: set[str]) -> list[onnx.NodeProto]:
     """The nodes that the wanted tensors depend on, each node that computes no wanted tensor moved to just
     before its first reader (still a topological order)."""
@@ -183,10 +183,7 @@ def _ancestors(model: onnx.ModelProto, wanted: set[str]) -> list[onnx.NodeProto]
             keep.append(node)
             needed |= node_inputs(node)
     keep = _unique_dequantize(keep[::-1], wanted)
-    readers: dict[str, list[int]] = {}
-    for i, node in enumerate(keep):
-        for name in node_inputs(node):
-            readers.setdefault(name, []).append(i)
+    readers = _readers(keep, node_inputs)
     anchor = [0] * len(keep)
     for i in reversed(range(len(keep))):
         if any(o in wanted for o in keep[i].output):
@@ -202,10 +199,7 @@ def _unique_dequantize(nodes: list[onnx.NodeProto], wanted: set[str]) -> list[on
     """`nodes` with a copy of each DequantizeLinear per reader (as ONNX Runtime does before it fuses Q/DQ),
     so each copy can run beside its reader: a shared one would hand the readers of later segments a float
     tensor and keep ONNX Runtime from fusing them into integer kernels."""
-    readers: dict[str, list[int]] = {}
-    for i, node in enumerate(nodes):
-        for name in node.input:
-            readers.setdefault(name, []).append(i)
+    readers = _readers(nodes, lambda node: node.input)  # subgraph readers keep the shared one
     out: list[onnx.NodeProto] = []
     renamed: dict[int, dict[str, str]] = {}
     for i, node in enumerate(nodes):
@@ -243,7 +237,7 @@ def _cut(
     """Consecutive groups of nodes; a cut only where every tensor crossing it has a known type. With
     `weights` (bytes of initializers by node name, for a big model) a group also ends before its weights
     would pass `SEGMENT_WEIGHTS`."""
-    reads_after = _last_reader(nodes)
+    reads_after = {name: at[-1] for name, at in _readers(nodes, node_inputs).items()}
     groups: list[list[onnx.NodeProto]] = [[]]
     held = held_weights = 0
     produced: set[str] = set()
@@ -269,12 +263,13 @@ def _cut(
     return groups
 
 
-def _last_reader(nodes: list[onnx.NodeProto]) -> dict[str, int]:
-    last: dict[str, int] = {}
+def _readers(nodes: list[onnx.NodeProto], inputs_of) -> dict[str, list[int]]:
+    """Tensor name -> the positions (ascending) of the nodes reading it, by `inputs_of(node)`."""
+    readers: dict[str, list[int]] = {}
     for i, node in enumerate(nodes):
-        for name in node_inputs(node):
-            last[name] = i
-    return last
+        for name in inputs_of(node):
+            readers.setdefault(name, []).append(i)
+    return readers
 
 
 def _cuttable(

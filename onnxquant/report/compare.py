@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxquant.calib.segments import DEFAULT_BUDGET, Job, SegmentedModel, run_paired
+from onnxquant.calib.segments import DEFAULT_BUDGET, Job, SegmentedModel, model_inputs, run_paired
 from onnxquant.errors import BadDataError
 from onnxquant.model import graph_inputs
 from onnxquant.progress import progress_iter
@@ -101,13 +101,7 @@ def accumulate(
     jobs += [_pair(la.measured, la.measured_quant, acc.layers[la.name]) for la in own]
     kept = 0
     for batch in progress_iter(data, progress, "report: float vs quantized"):
-        missing = [i for i in inputs if i not in batch]
-        if missing:
-            raise BadDataError(
-                f"data batch lacks model input(s) {', '.join(missing)}; accepted: batches with keys "
-                f"{', '.join(inputs)}"
-            )
-        feed = {i: np.asarray(batch[i]) for i in inputs}
+        feed = model_inputs(batch, inputs, "data batch")
         n = int(feed[inputs[0]].shape[0]) if inputs and feed[inputs[0]].ndim else 1
         batch_labels = None
         if labels is not None:
