@@ -26,7 +26,10 @@ from onnxquant.api_inputs import DataLike, ModelLike, RulesLike, as_data, as_mod
 from onnxquant.calib.bitalloc import allocate_bits
 from onnxquant.calib.engine import collect_stats, compute_table
 from onnxquant.calib.equalize import depthwise_input_range
+from onnxquant.calib.gptq import apply_gptq
 from onnxquant.calib.methods import METHODS, WEIGHT_METHODS, clip_range, collect_options
+from onnxquant.calib.output_bias import correct_biases, measure_output_shift
+from onnxquant.calib.smooth import smooth
 from onnxquant.calib.weight_table import BIAS_CORRECTION, weight_entries
 from onnxquant.errors import (
     BadDataError,
@@ -43,7 +46,9 @@ from onnxquant.passes.insert_qdq import PER_CHANNEL_OPSET, QdqSummary, insert_qd
 from onnxquant.passes.plan import FUSED_ACTIVATIONS, QuantPlan, plan_quantization, tensor_shapes
 from onnxquant.quant import MAX_BITS, MIN_BITS
 from onnxquant.report import Report, SuggestOptions, build_report
+from onnxquant.report.suggest import candidates, plan_suggestion
 from onnxquant.rules import COMPUTE_OPS, Rules
+from onnxquant.rules.schema import BIAS_CORRECTIONS
 from onnxquant.runtime.validate import validate as run_validation
 from onnxquant.tables import CalibrationTable
 
@@ -422,9 +427,12 @@ def convert(
 
     `bits`/`wbits`/`abits`, `method`/`wmethod` replace the rules' global widths and methods (2..8 bits; the
     CLI's --bits, --calib, --wcalib); `table` is a CalibrationTable or a table file (JSON or TensorRT cache);
-    `bias_correction` is None, "mean" or "full"; `bit_alloc` (None, "weights", "activations" or "both")
-    allocates widths per channel at the same average width (ACIQ eq. 10–11). `method_options`: `percentile`
-    (50..100) and `bins` (>= 8), as the CLI's --percentile and --bins.
+    `bias_correction` is None, "mean" or "full" (weights, ACIQ eq. 12-13) or "empirical" (each layer's
+    measured output mean shift, calib/output_bias.py), else the rules'; `bit_alloc` (None, "weights",
+    "activations" or "both") allocates widths per channel at the same average width (ACIQ eq. 10–11).
+    `method_options`: `percentile` (50..100) and `bins` (>= 8), as the CLI's --percentile and --bins.
+    The rules' low-bit stages run in this order: SmoothQuant after folding, GPTQ rounding of the weights
+    after calibration, empirical bias correction on the Q/DQ model (then Q/DQ inserted again).
 
     `keep_float_model=False`: the result has no `float_model`, and convert holds no reference to the float
     model (given or folded) once the Q/DQ model exists, so a caller that holds none either (the CLI without
@@ -437,14 +445,23 @@ def convert(
     if isinstance(table, (str, os.PathLike)):
         table = table_files.load_table(table)
     data = as_data(data, model, batch_size=batch_size, max_samples=max_samples)
-    if bias_correction not in (None, *BIAS_CORRECTION):
+    bias_correction = bias_correction or rules.bias_correction
+    if bias_correction not in (None, *BIAS_CORRECTIONS):
         raise BadOptionError(
-            f"bias_correction={bias_correction!r}; accepted: None, {', '.join(BIAS_CORRECTION)}"
+            f"bias_correction={bias_correction!r}; accepted: None, {', '.join(BIAS_CORRECTIONS)}"
         )
+    weight_correction = bias_correction if bias_correction in BIAS_CORRECTION else None
     if bit_alloc not in BIT_ALLOC:
         raise BadOptionError(f"bit_alloc={bit_alloc!r}; accepted: {', '.join(map(str, BIT_ALLOC))}")
     folded, outcomes, plan, notes = prepare(model, rules)
-    corrected_inputs = _compute_inputs(folded, plan) if bias_correction else ()
+    if rules.smooth_quant is not None:
+        if table is not None:
+            raise BadOptionError(
+                "convert: SmoothQuant with a calibration table: the table's ranges are of the unsmoothed "
+                "graph; accepted: --smooth-quant (smooth_quant) with calibration data, or --table without it"
+            )
+        folded, plan = _smoothed(folded, rules, data, progress)
+    corrected_inputs = _compute_inputs(folded, plan) if weight_correction else ()
     if table is None:
         if data is None and stats is None and plan.activations:
             raise BadDataError(
@@ -470,9 +487,19 @@ def convert(
         table.check_tensors(known, required=plan.activations)
         table.check_shapes(folded)
     table, stats = complete_table(
-        folded, plan, table, data=data, stats=stats, bias_correction=bias_correction, bit_alloc=bit_alloc
+        folded, plan, table, data=data, stats=stats, bias_correction=weight_correction, bit_alloc=bit_alloc
     )
-    quant, summary = insert_qdq(folded, plan, table)
+    rounded = folded  # the float model the reports compare with stays `folded`
+    if any(d.quantize and d.weight and d.weights.rounding == "gptq" for d in plan.nodes):
+        rounded = _gptq_rounded(folded, plan, table, data, progress)
+    quant, summary = insert_qdq(rounded, plan, table)
+    if bias_correction == "empirical":
+        shifts = measure_output_shift(
+            folded, quant, _data_for(data, "empirical bias correction"), progress=progress
+        )
+        log.info("empirical bias correction: %d layers", len(shifts))
+        quant, summary = insert_qdq(correct_biases(rounded, shifts), plan, table)
+    del rounded
     float_model = folded if keep_float_model else None
     reclaim = model_bytes(folded) >= RECLAIM_BYTES
     del model, folded
@@ -491,6 +518,135 @@ def convert(
         summary=summary,
         stats=stats,
         notes=notes + summary.notes,
+    )
+
+
+def _data_for(data: Batches | None, stage: str) -> Batches:
+    if data is None:
+        raise BadDataError(
+            f"convert: {stage} needs calibration data; accepted: --calib-data PATH or --calib-reader"
+        )
+    return data
+
+
+def _smoothed(
+    model: onnx.ModelProto, rules: Rules, data: Batches | None, progress: bool
+) -> tuple[onnx.ModelProto, QuantPlan]:
+    """SmoothQuant (calib/smooth.py) on the folded model, and the plan of the smoothed graph."""
+    smoothed, results = smooth(
+        model, _data_for(data, "SmoothQuant"), alpha=rules.smooth_quant, progress=progress
+    )
+    for r in results:
+        log.info("SmoothQuant %s: %s", r.tensor, r.how)
+    log.info(
+        "SmoothQuant (alpha %.2f): %d tensors smoothed", rules.smooth_quant, sum(r.applied for r in results)
+    )
+    return smoothed, plan_quantization(smoothed, rules)
+
+
+def _gptq_rounded(
+    model: onnx.ModelProto, plan: QuantPlan, table: CalibrationTable, data: Batches | None, progress: bool
+) -> onnx.ModelProto:
+    """The folded model with its GPTQ layers' weights on their quantization grid (calib/gptq.py)."""
+    chosen = {d.name for d in plan.nodes if d.quantize and d.weight and d.weights.rounding == "gptq"}
+    rounded, results = apply_gptq(
+        model, plan, table, _data_for(data, "GPTQ rounding"), nodes=chosen, progress=progress
+    )
+    for r in results:
+        if r.skipped is not None:
+            log.info("GPTQ: %s kept round-to-nearest: %s", r.node, r.skipped)
+        else:
+            log.debug("GPTQ: %s output error proxy %.3g -> %.3g", r.node, r.rtn_error, r.gptq_error)
+    log.info("GPTQ: %d of %d layers rounded", sum(r.skipped is None for r in results), len(chosen))
+    return rounded
+
+
+@dataclass(frozen=True)
+class MixedPrecision:
+    """What `convert_to_target` chose: the layers kept at `high_bits` and the output SQNR they measured.
+
+    `tried` holds (number of kept layers, worst output SQNR on the calibration data) for every conversion."""
+
+    target_sqnr: float
+    high_bits: int
+    layers: tuple[str, ...]
+    nodes: tuple[str, ...]
+    measured: dict[str, float]
+    met: bool
+    tried: tuple[tuple[int, float], ...]
+
+
+def convert_to_target(
+    model: ModelLike,
+    rules: RulesLike = None,
+    *,
+    data: DataLike,
+    target_sqnr: float,
+    high_bits: int = 8,
+    sensitivity_samples: int = 64,
+    batch_size: int = 32,
+    max_samples: int | None = None,
+    **convert_options,
+) -> tuple[ConvertResult, MixedPrecision]:
+    """Convert, then keep the fewest layers at `high_bits` that bring every output to `target_sqnr` dB on
+    `data` (automatic mixed precision).
+
+    Layers are taken in the report's isolated-sensitivity order (`report.suggest`). The number k of kept
+    layers starts at the report's prediction and is searched on measurements: doubled until the target is
+    met, then bisected down to the smallest k that meets it (output SQNR grows with k in that order, nearly
+    always; a non-monotone step can only make the result keep more layers than needed, never miss the
+    target). Every conversion reuses the first one's calibration statistics. When even all layers at
+    `high_bits` miss the target, that conversion is returned with `met` False.
+    """
+    model = as_model(model)
+    data = as_data(data, model, batch_size=batch_size, max_samples=max_samples)
+    if data is None:
+        raise BadDataError(
+            "convert: --target-sqnr needs calibration data to measure on; accepted: " + DATA_HELP
+        )
+    if not isinstance(target_sqnr, numbers.Real) or not np.isfinite(target_sqnr):
+        raise BadOptionError(f"target_sqnr={target_sqnr!r}; accepted: a finite number of dB")
+    widths = {
+        k: convert_options.pop(k)
+        for k in ("bits", "wbits", "abits", "method", "wmethod")
+        if k in convert_options
+    }
+    rules = resolve_rules(rules, **widths)
+    first = convert(model, rules, data=data, **convert_options)
+    convert_options["stats"] = first.stats
+    ranked = build_report(first.float_model, first.model, data, sensitivity_samples=sensitivity_samples)
+    tried: list[tuple[int, float]] = []
+    results: dict[int, tuple[ConvertResult, dict[str, float], object]] = {}
+
+    def attempt(k: int) -> bool:
+        suggestion = plan_suggestion(ranked, SuggestOptions(rules, k=k, high_bits=high_bits))
+        result = first if k == 0 else convert(model, suggestion.rules, data=data, **convert_options)
+        sqnr = build_report(result.float_model, result.model, data, sensitivity_samples=0).output_sqnr()
+        results[k] = (result, sqnr, suggestion)
+        tried.append((k, min(sqnr.values())))
+        return min(sqnr.values()) >= target_sqnr
+
+    count = len(candidates(ranked, high_bits))
+    predicted = plan_suggestion(ranked, SuggestOptions(rules, target_sqnr=target_sqnr, high_bits=high_bits)).k
+    failing, meeting, k = -1, None, 0
+    while meeting is None and failing < count:
+        if attempt(k):
+            meeting = k
+        else:
+            failing, k = k, min(count, max(k + 1, predicted if k == 0 else 2 * k))
+    while meeting is not None and meeting - failing > 1:
+        middle = (failing + meeting) // 2
+        failing, meeting = (failing, middle) if attempt(middle) else (middle, meeting)
+    chosen = count if meeting is None else meeting
+    result, sqnr, suggestion = results[chosen]
+    return result, MixedPrecision(
+        target_sqnr=float(target_sqnr),
+        high_bits=high_bits,
+        layers=suggestion.layers,
+        nodes=suggestion.nodes,
+        measured=sqnr,
+        met=meeting is not None,
+        tried=tuple(tried),
     )
 
 

@@ -34,6 +34,7 @@ from onnxquant.cli_output import (
     fail_under,
     labels_hint,
     print_convert_summary,
+    print_mixed_precision,
     report_about,
     report_data_options,
     report_extra_keys,
@@ -120,7 +121,23 @@ def main(ctx: click.Context, verbose: int, debug: bool) -> None:
     is_flag=False,
     flag_value="mean",
     default=None,
-    help="Correct each weight channel's mean (and with =full its spread), ACIQ eq. 12-13.",
+    help="Correct each weight channel's mean (=mean; =full also its spread; ACIQ eq. 12-13), or each "
+    "layer's measured output mean shift through its bias (=empirical).",
+)
+@click.option(
+    "--cle",
+    is_flag=True,
+    help="Cross-layer equalization of consecutive layers' channel ranges (the equalize_layers pass).",
+)
+@click.option("--gptq", is_flag=True, help="Round weights with GPTQ's error compensation (calibration data).")
+@click.option(
+    "--smooth-quant",
+    type=click.FloatRange(0, 1),
+    is_flag=False,
+    flag_value=0.5,
+    default=None,
+    metavar="ALPHA",
+    help="Move activation outliers of MatMul/Gemm inputs into their weights (SmoothQuant; ALPHA 0.5).",
 )
 @click.option(
     "--bit-alloc",
@@ -172,6 +189,9 @@ def convert(
     percentile,
     wcalib,
     bias_correction,
+    cle,
+    gptq,
+    smooth_quant,
     bit_alloc,
     bins,
     save_stats,
@@ -210,7 +230,17 @@ def convert(
         raise click.UsageError(
             "--suggest-rules needs --report: the suggestion comes from the sensitivity ranking"
         )
-    rules = cli_rules(rules_path, wbits=wbits, abits=abits, method=method, wmethod=wcalib)
+    rules = cli_rules(
+        rules_path,
+        wbits=wbits,
+        abits=abits,
+        method=method,
+        wmethod=wcalib,
+        rounding="gptq" if gptq else None,
+        smooth_quant=smooth_quant,
+        bias_correction=bias_correction,
+        equalize_layers=cle,
+    )
     suggest = None
     if suggest_rules is not None:
         default_k = 3 if top_k is None and target_sqnr is None else top_k
@@ -224,19 +254,23 @@ def convert(
     data = open_cli_data(handed[0], calib_data, **data_opts)
     if report_path is not None and data is None:
         raise click.UsageError("--report needs --calib-data (or --calib-reader) to compare the models on")
-    result = api.convert(
-        handed.pop(),
-        rules,
-        data=data,
-        table=table,
-        stats=stats,
-        progress=sys.stderr.isatty(),
-        bias_correction=bias_correction,
-        bit_alloc=bit_alloc,
-        bins=bins,
-        percentile=percentile,
-        keep_float_model=float_model is not None,
-    )
+    options = {"table": table, "stats": stats, "bit_alloc": bit_alloc, "bins": bins, "percentile": percentile}
+    mixed = None
+    if target_sqnr is not None and suggest is None:
+        if data is None or table is not None:
+            raise click.UsageError("--target-sqnr needs --calib-data (or --calib-reader) and no --table")
+        result, mixed = api.convert_to_target(
+            handed.pop(), rules, data=data, target_sqnr=target_sqnr, high_bits=high_bits, **options
+        )
+    else:
+        result = api.convert(
+            handed.pop(),
+            rules,
+            data=data,
+            progress=sys.stderr.isatty(),
+            keep_float_model=float_model is not None,
+            **options,
+        )
     report = None
     if report_path is not None:
         report = api.report(
@@ -254,7 +288,6 @@ def convert(
                 report,
                 float_model,
                 data,
-                bias_correction=bias_correction,
                 bit_alloc=bit_alloc,
                 bins=bins,
                 percentile=percentile,
@@ -270,6 +303,8 @@ def convert(
         if report is not None and report.suggestion is not None:
             write_suggestion(report.suggestion, suggest_rules)
     print_convert_summary(result, file_size(model), file_size(out), out)
+    if mixed is not None:
+        print_mixed_precision(mixed)
 
 
 @main.command()

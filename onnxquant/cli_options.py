@@ -20,19 +20,20 @@ from pathlib import Path
 
 import click
 
-from onnxquant.api import BIAS_CORRECTION, BIT_ALLOC, load_rules
+from onnxquant.api import BIT_ALLOC, load_rules
 from onnxquant.calib.methods import METHODS, WEIGHT_METHODS
 from onnxquant.calib.readers import ImageOptions, input_specs, open_data
 from onnxquant.errors import InternalError, OnnxQuantError, first_line
 from onnxquant.model import load_model
 from onnxquant.progress import close_bars
 from onnxquant.quant import MAX_BITS, MIN_BITS
+from onnxquant.rules.schema import BIAS_CORRECTIONS
 
 BITS = click.IntRange(MIN_BITS, MAX_BITS)
 MODEL = click.Path(exists=True, dir_okay=True, path_type=Path)
 CALIB_CHOICE = click.Choice(tuple(METHODS))
 WEIGHT_CHOICE = click.Choice(tuple(WEIGHT_METHODS))
-BIAS_CHOICE = click.Choice(BIAS_CORRECTION)
+BIAS_CHOICE = click.Choice(BIAS_CORRECTIONS)
 BIT_ALLOC_CHOICE = click.Choice([b for b in BIT_ALLOC if b])
 IMAGE_LAYOUTS = ("NCHW", "NHWC")
 

@@ -102,6 +102,20 @@ def print_convert_summary(result, size_in: int, size_out: int, out: Path) -> Non
     )
 
 
+def print_mixed_precision(mixed) -> None:
+    """What --target-sqnr chose: the layers kept at the higher width and the SQNR measured with them."""
+    worst = min(mixed.measured.values())
+    verdict = "met" if mixed.met else "NOT met even with every layer kept"
+    click.echo(
+        f"target SQNR {mixed.target_sqnr:g} dB {verdict}: {worst:.2f} dB on the calibration data with "
+        f"{len(mixed.layers)} layer(s) at {mixed.high_bits} bits"
+        + (f" ({', '.join(mixed.layers)})" if mixed.layers else "")
+    )
+    click.echo(
+        "  tried (layers kept: worst output SQNR): " + ", ".join(f"{k}: {v:.2f}" for k, v in mixed.tried)
+    )
+
+
 LABELS_KEY = "labels"
 
 

@@ -50,6 +50,14 @@ def tiny_model(weights: np.ndarray = W) -> onnx.ModelProto:
     return model
 
 
+@pytest.fixture(autouse=True)
+def default_sigint():
+    """The interrupt tests need Python's own SIGINT handler, whatever an earlier test in the process left."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture()
 def work(tmp_path):
     onnx.save(tiny_model(), tmp_path / "model.onnx")

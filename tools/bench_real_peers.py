@@ -1,13 +1,21 @@
 """Peers of the real-model benchmark (tools/bench_real.py), each run in its own virtual environment.
 
-- ONNX Runtime ``quantize_static``: QDQ, per-channel int8 weights, uint8 activations, MinMax calibration,
-  after an opset upgrade to 13 where lower (per-channel DequantizeLinear needs it) and ``quant_pre_process``
-  (the documented recipe); venv ``DIR/venv-ort`` (onnxruntime onnx numpy sympy).
+- ONNX Runtime ``quantize_static``: QDQ, per-channel weights, uint8 activations, MinMax calibration, after
+  ``quant_pre_process`` (the documented recipe); venv ``DIR/venv-ort`` (onnxruntime onnx numpy sympy).
+  W8A8: int8 weights (QInt8), after an opset upgrade to 13 where lower (per-channel DequantizeLinear needs
+  its axis); if per-channel fails (ORT's bias-scale adjustment on some graphs) it retries per tensor.
+  W4A8: int4 weights (QInt4), which DequantizeLinear accepts from opset 21 on, so the model is upgraded to
+  21 with onnx.version_converter; no per-tensor retry (a per-tensor 4-bit grid is not the same method, so a
+  failure is recorded as the cell's error instead).
 - NNCF ``nncf.quantize`` on the ONNX model, default preset (performance: symmetric int8); venv
-  ``DIR/venv-nncf`` (nncf onnx onnxruntime).
+  ``DIR/venv-nncf`` (nncf onnx onnxruntime). W8A8 only: ``nncf.quantize`` quantizes to 8-bit integers (its
+  ``mode`` only switches to FP8), and NNCF's 4-bit path, ``nncf.compress_weights``, is weight-only
+  compression (activations stay float) that keeps convolutions at 8 bits, so NNCF has no W4A8 for CNNs.
 
-Each peer script is written to ``DIR/peers/`` and run as ``VENV/bin/python SCRIPT MODEL CALIB.npz OUT BATCH``.
-The weight-only ceiling (``weight_only_int8``) runs in the benchmark's own environment.
+Each peer script is written to ``DIR/peers/`` and run as
+``VENV/bin/python SCRIPT MODEL CALIB.npz OUT BATCH [WBITS]`` (WBITS: weight width, default 8; ``PEERS[p]
+["labels"]`` lists the widths a peer supports). The weight-only ceiling (``weight_only_int8``) runs in the
+benchmark's own environment.
 """
 
 from __future__ import annotations
@@ -28,6 +36,11 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 model, data, out, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+wbits = int(sys.argv[5]) if len(sys.argv) > 5 else 8
+if wbits not in (8, 4):
+    raise SystemExit(f"weight width {wbits} is not supported; accepted: 8 (QInt8) or 4 (QInt4)")
+weight_type = QuantType.QInt8 if wbits == 8 else QuantType.QInt4
+min_opset = 13 if wbits == 8 else 21  # per-channel DequantizeLinear needs 13; int4 tensors need 21
 arrays = dict(np.load(data, allow_pickle=False))
 n = len(next(iter(arrays.values())))
 
@@ -41,13 +54,12 @@ class Reader(CalibrationDataReader):
         return None if i is None else {k: v[i:i + batch] for k, v in arrays.items()}
 
 
-# per-channel QDQ needs DequantizeLinear's axis (opset 13); ORT's docs ask for opset >= 13 first
 proto = onnx.load(model)
 opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-if opset < 13:
-    print(f"upgrading opset {opset} -> 13 (onnx.version_converter)", file=sys.stderr)
-    model = out + ".op13.onnx"
-    onnx.save(onnx.version_converter.convert_version(proto, 13), model)
+if opset < min_opset:
+    print(f"upgrading opset {opset} -> {min_opset} (onnx.version_converter)", file=sys.stderr)
+    model = out + f".op{min_opset}.onnx"
+    onnx.save(onnx.version_converter.convert_version(proto, min_opset), model)
 pre = out + ".pre.onnx"
 try:
     quant_pre_process(model, pre, skip_symbolic_shape=False)
@@ -56,11 +68,13 @@ except Exception as exc:  # symbolic shape inference fails on some graphs: retry
     quant_pre_process(model, pre, skip_symbolic_shape=True)
 try:
     quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                    activation_type=QuantType.QUInt8, weight_type=weight_type)
 except Exception as exc:  # ORT's per-channel bias-scale adjustment fails on some graphs: retry per tensor
+    if wbits != 8:
+        raise
     print(f"per-channel quantize_static failed ({exc!r}); retrying with per_channel=False", file=sys.stderr)
     quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=False,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                    activation_type=QuantType.QUInt8, weight_type=weight_type)
 """
 
 NNCF_SCRIPT = """
@@ -79,18 +93,25 @@ onnx.save(quantized, out)
 
 PEERS = {
     "ort": {
-        "label": "ORT quantize_static W8A8",
+        "labels": {8: "ORT quantize_static W8A8", 4: "ORT quantize_static W4A8"},
         "packages": ["onnxruntime", "onnx", "numpy", "sympy"],
         "check": "import onnxruntime.quantization, sympy",
         "script": ORT_SCRIPT,
     },
     "nncf": {
-        "label": "NNCF quantize W8A8",
+        "labels": {8: "NNCF quantize W8A8"},  # nncf.quantize has no 4-bit weights (module docstring)
         "packages": ["nncf", "onnx", "onnxruntime"],
         "check": "import nncf, onnxruntime",
         "script": NNCF_SCRIPT,
     },
 }
+
+
+def peer_widths(peer: str, bits: list[int]) -> list[int]:
+    """The weight widths to run a peer at: 8 always (today's behaviour), and each other requested width it
+    supports."""
+    labels = PEERS[peer]["labels"]
+    return [8] + [b for b in bits if b != 8 and b in labels]
 
 
 def venv_python(cache: Path, peer: str) -> Path:

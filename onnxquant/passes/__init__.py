@@ -3,9 +3,9 @@
 `PASS_NAMES` lists every pass a rule file may name, in the order they run: `canonicalize` first (constant
 folding and the bias/activation fusions real exports leave undone, through onnxscript: see canonicalize.py),
 then the `PASSES` registry: folds into a preceding layer, then BN into a following Conv, then lowering of any
-BN left over. Each pass reports an `Outcome` per match
-(done, or the reason it refused); a BatchNormalization that no enabled pass matched gets an outcome
-under the name `UNFOLDED` saying why, so `inspect` can show every BN.
+BN left over, then cross-layer equalization (`equalize_layers`, off in the presets: --cle). Each pass reports
+an `Outcome` per match (done, or the reason it refused); a BatchNormalization that no enabled pass matched
+gets an outcome under the name `UNFOLDED` saying why, so `inspect` can show every BN.
 """
 
 from __future__ import annotations
@@ -22,13 +22,21 @@ from onnxquant.passes.base import Graph, Match, Outcome, Pass, is_op, producer, 
 from onnxquant.passes.bn_to_affine import BNToAffine
 from onnxquant.passes.canonicalize import NAME as CANONICALIZE
 from onnxquant.passes.canonicalize import canonicalize as canonicalize_model
+from onnxquant.passes.equalize_layers import EqualizeLayers
 from onnxquant.passes.fold_bn import FoldBNConv, FoldConvBN, FoldConvTransposeBN, FoldGemmBN
 
 __all__ = ["PASSES", "PASS_NAMES", "UNFOLDED", "Graph", "Match", "Outcome", "Pass", "run_passes"]
 
 log = logging.getLogger(__name__)
 
-PASSES: list[Pass] = [FoldConvBN(), FoldConvTransposeBN(), FoldGemmBN(), FoldBNConv(), BNToAffine()]
+PASSES: list[Pass] = [
+    FoldConvBN(),
+    FoldConvTransposeBN(),
+    FoldGemmBN(),
+    FoldBNConv(),
+    BNToAffine(),
+    EqualizeLayers(),
+]
 PASS_NAMES: tuple[str, ...] = (CANONICALIZE, *(p.name for p in PASSES))
 UNFOLDED = "unfolded"
 
@@ -105,17 +113,11 @@ def _run_pass(p: Pass, graph: Graph) -> list[Outcome]:
             if reason is None:
                 p.rewrite(graph, match)
                 applied = True
-                outcomes.append(Outcome(p.name, match.nodes, True, _done(p, match)))
+                outcomes.append(Outcome(p.name, match.nodes, True, p.done(match)))
             else:
                 outcomes.append(Outcome(p.name, match.nodes, False, reason))
         if not applied:
             return outcomes
-
-
-def _done(p: Pass, match: Match) -> str:
-    if p.name == "bn_to_affine":
-        return f"lowered BN '{match.nodes[0]}' to Mul + Add"
-    return f"folded BN '{match.nodes[0]}' into '{match.nodes[1]}'"
 
 
 def _unfolded(graph: Graph, outcomes: list[Outcome], wanted: set[str]) -> list[Outcome]:

@@ -71,6 +71,8 @@ class Pass(Protocol):
 
     def rewrite(self, graph: Graph, match: Match) -> None: ...
 
+    def done(self, match: Match) -> str: ...
+
 
 class Graph:
     """A `gs.Graph` imported from `model` (nodes named by `ir.import_graph`) with the helpers passes share.

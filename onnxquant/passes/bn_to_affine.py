@@ -35,6 +35,9 @@ class BNToAffine:
             return f"BN input is {rank}-D; expected at least [N, C]"
         return None
 
+    def done(self, match: Match) -> str:
+        return f"lowered BN '{match.nodes[0]}' to Mul + Add"
+
     def rewrite(self, graph: Graph, match: Match) -> None:
         bn = graph.node(match.nodes[0])
         affine = bn_affine(graph, bn)

@@ -84,6 +84,9 @@ class _FoldIntoProducer:
             graph, prod, affine.scale.size
         )
 
+    def done(self, match: Match) -> str:
+        return f"folded BN '{match.nodes[0]}' into '{match.nodes[1]}'"
+
     def rewrite(self, graph: Graph, match: Match) -> None:
         bn, prod, affine = _nodes_and_affine(graph, match)  # check() has passed
         self.fold(graph, prod, affine.scale, affine.shift)

@@ -117,6 +117,11 @@ class LayerResult:
         return max(b for b in (self.weight_bits, self.act_bits, 0) if b is not None)
 
     @property
+    def narrowest_bits(self) -> int:
+        """The width of its narrowest quantized input (W4A8: 4), the one keeping it wider gains most on."""
+        return min((b for b in (self.weight_bits, self.act_bits) if b is not None), default=0)
+
+    @property
     def sensitivity_db(self) -> float | None:
         """Lowest model-output SQNR with only this layer quantized (None when not measured)."""
         if not self.sensitivity:

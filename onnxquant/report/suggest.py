@@ -3,7 +3,7 @@
 Layers are taken in the report's ranking (isolated sensitivity). To choose k for a target output SQNR the
 output noise is predicted: noise of separately quantized layers adds approximately, and one more bit divides
 quantization noise power by 4. With N the measured accumulated output MSE and n_i the output MSE with only
-layer i quantized at b_i bits, keeping the set S at h bits predicts
+layer i quantized at b_i bits (its narrowest input: W4A8 is 4), keeping the set S at h bits predicts
 
     N_S = N · (Σ_{i∉S} n_i + Σ_{i∈S} n_i · 4^−(h − b_i)) / Σ_i n_i,   SQNR_S = SQNR − 10·log10(N_S / N)
 
@@ -100,15 +100,16 @@ class Suggestion:
         }
 
 
-def _candidates(report, high_bits: int) -> list:
-    return [la for la in report.worst() if la.bits < high_bits]
+def candidates(report, high_bits: int) -> list:
+    """The layers keeping at `high_bits` could improve, most sensitive first."""
+    return [la for la in report.worst() if la.narrowest_bits < high_bits]
 
 
 def predict_output_sqnr(report, k: int, high_bits: int = 8) -> dict[str, float] | None:
     """Predicted SQNR per output with the k most sensitive layers kept at `high_bits` (see the module)."""
     if report.ranked_by != "sensitivity":
         return None
-    cands = _candidates(report, high_bits)
+    cands = candidates(report, high_bits)
     chosen = {la.name for la in cands[:k]}
     measured = [la for la in report.layers if la.sensitivity]
     out = {}
@@ -120,7 +121,7 @@ def predict_output_sqnr(report, k: int, high_bits: int = 8) -> dict[str, float] 
         kept = 0.0
         for la in measured:
             n = la.sensitivity[o.name].mse if o.name in la.sensitivity else 0.0
-            kept += n * (4.0 ** -(high_bits - la.bits) if la.name in chosen else 1.0)
+            kept += n * (4.0 ** -(high_bits - la.narrowest_bits) if la.name in chosen else 1.0)
         ratio = kept / total
         out[o.name] = math.inf if ratio <= 0 else o.sqnr_db - 10.0 * math.log10(ratio)
     return out
@@ -129,7 +130,7 @@ def predict_output_sqnr(report, k: int, high_bits: int = 8) -> dict[str, float] 
 def plan_suggestion(report, options: SuggestOptions) -> Suggestion:
     """Choose the layers (k given, or the fewest meeting the target SQNR) and derive the suggested rules."""
     high_bits, target_sqnr, k = options.high_bits, options.target_sqnr, options.k
-    cands = _candidates(report, high_bits)
+    cands = candidates(report, high_bits)
     before = report.output_sqnr()
     curve = []
     if report.ranked_by == "sensitivity":

@@ -30,9 +30,11 @@ import yaml
 from onnxquant.errors import BadRulesError
 from onnxquant.quant import MAX_BITS, MIN_BITS
 from onnxquant.rules.schema import (
+    BIAS_CORRECTIONS,
     GRANULARITIES,
     PLACEMENTS,
     POSITIONS,
+    ROUNDINGS,
     Match,
     Override,
     QuantSpec,
@@ -50,8 +52,10 @@ TOP_KEYS = (
     "weights",
     "activations",
     "overrides",
+    "smooth_quant",
+    "bias_correction",
 )
-SPEC_KEYS = ("bits", "symmetric", "granularity", "method")
+SPEC_KEYS = ("bits", "symmetric", "granularity", "method", "rounding")
 OVERRIDE_KEYS = ("match", "skip", "weights", "activations")
 MATCH_KEYS = ("name", "op_type", "position")
 MAX_DEPTH = 32  # nesting levels of a YAML document; a rule file needs 5
@@ -113,7 +117,13 @@ def dump_rules(rules: Rules) -> str:
     It says `extends: none` and gives every key, so it does not depend on what the presets hold."""
 
     def spec(q) -> dict:
-        return {"bits": q.bits, "symmetric": q.symmetric, "granularity": q.granularity, "method": q.method}
+        return {
+            "bits": q.bits,
+            "symmetric": q.symmetric,
+            "granularity": q.granularity,
+            "method": q.method,
+            "rounding": q.rounding,
+        }
 
     def override(ov) -> dict:
         entry = {"match": {k: v for k, v in vars(ov.match).items() if v is not None}}
@@ -123,7 +133,7 @@ def dump_rules(rules: Rules) -> str:
         return entry
 
     acts = spec(rules.activations)
-    del acts["granularity"]
+    del acts["granularity"], acts["rounding"]
     doc = {
         "extends": NO_BASE,
         "placement": rules.placement,
@@ -133,6 +143,8 @@ def dump_rules(rules: Rules) -> str:
         "weights": spec(rules.weights),
         "activations": acts,
         "overrides": [override(ov) for ov in rules.overrides],
+        "smooth_quant": rules.smooth_quant,
+        "bias_correction": rules.bias_correction,
     }
     return yaml.safe_dump(doc, sort_keys=False)
 
@@ -201,10 +213,7 @@ def _apply(doc: dict, base: Rules, where: str, names: _Names) -> Rules:
     """`base` with the keys `doc` gives: top-level keys replace, spec fields replace, overrides append."""
     weights = _spec(doc.get("weights", {}), where, "weights", base.weights, names.weight_methods)
     acts = _spec(doc.get("activations", {}), where, "activations", base.activations, names.methods)
-    if acts.granularity != "per_tensor":
-        raise BadRulesError(
-            f"{where}: key 'activations.granularity' is {acts.granularity!r}; accepted: per_tensor"
-        )
+    _refuse_weight_only(vars(acts), where, "activations")
     passes = base.passes
     if "passes" in doc:
         passes = tuple(_str_list(doc["passes"], where, "passes", names.passes))
@@ -230,8 +239,34 @@ def _apply(doc: dict, base: Rules, where: str, names: _Names) -> Rules:
         weights=weights,
         activations=acts,
         overrides=base.overrides + overrides,
+        smooth_quant=_alpha(doc.get("smooth_quant", base.smooth_quant), where),
+        bias_correction=_optional_choice(
+            doc, "bias_correction", base.bias_correction, where, BIAS_CORRECTIONS
+        ),
         source=where,
     )
+
+
+def _alpha(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise BadRulesError(
+            f"{where}: key 'smooth_quant' is {shown(value)}; accepted: a number 0..1 (SmoothQuant's "
+            "alpha) or null"
+        )
+    return float(value)
+
+
+def _optional_choice(
+    doc: dict, key: str, default: str | None, where: str, choices: tuple[str, ...]
+) -> str | None:
+    value = doc.get(key, default)
+    if value is None:
+        return None
+    if value not in choices:
+        raise BadRulesError(f"{where}: key '{key}' is {shown(value)}; accepted: {', '.join(choices)} or null")
+    return value
 
 
 class _Refused(yaml.YAMLError):
@@ -344,6 +379,8 @@ def _spec_fields(doc: Any, where: str, key: str, methods: tuple[str, ...]) -> di
         fields["granularity"] = _choice(doc["granularity"], where, f"{key}.granularity", GRANULARITIES)
     if "method" in doc:
         fields["method"] = _choice(doc["method"], where, f"{key}.method", methods)
+    if "rounding" in doc:
+        fields["rounding"] = _choice(doc["rounding"], where, f"{key}.rounding", ROUNDINGS)
     return fields
 
 
@@ -374,7 +411,7 @@ def _override(doc: Any, where: str, index: int, names: _Names) -> Override:
         raise BadRulesError(f"{where}: key '{key}.skip' is {shown(skip)}; accepted: true, false")
     weights = _spec_fields(doc.get("weights", {}), where, f"{key}.weights", names.weight_methods)
     acts = _spec_fields(doc.get("activations", {}), where, f"{key}.activations", names.methods)
-    _refuse_channel_activations(acts, where, key)
+    _refuse_weight_only(acts, where, f"{key}.activations")
     return Override(
         match=Match(**match_doc),
         skip=skip,
@@ -384,13 +421,18 @@ def _override(doc: Any, where: str, index: int, names: _Names) -> Override:
     )
 
 
-def _refuse_channel_activations(fields: dict, where: str, key: str) -> None:
-    """Refuse per-channel activations in an override, as at the top level: runtimes fuse a node into integer
-    work only with per-tensor activation scales, so the request could not be honoured; per-channel activation
+def _refuse_weight_only(fields: dict, where: str, key: str) -> None:
+    """Activations are per tensor and rounded to nearest. Runtimes fuse a node into integer work only with
+    per-tensor activation scales, so a per-channel request could not be honoured; per-channel activation
     ranges come from bit allocation or depthwise equalization instead."""
     if fields.get("granularity", "per_tensor") != "per_tensor":
         raise BadRulesError(
-            f"{where}: key '{key}.activations.granularity' is {fields['granularity']!r}; accepted: "
+            f"{where}: key '{key}.granularity' is {fields['granularity']!r}; accepted: "
             "per_tensor (per-channel activation ranges: --bit-alloc activations, or "
             "depthwise_inputs: per_channel)"
+        )
+    if fields.get("rounding", "nearest") != "nearest":
+        raise BadRulesError(
+            f"{where}: key '{key}.rounding' is {fields['rounding']!r}; accepted: nearest "
+            "(gptq is for weights)"
         )

@@ -21,6 +21,12 @@ PLACEMENTS = ("ort", "tensorrt")
 GRANULARITIES = ("per_channel", "per_tensor")
 POSITIONS = ("first", "last")
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+ROUNDINGS = (
+    "nearest",
+    "gptq",
+)  # weights: round to nearest, or GPTQ's error-compensating order (calib/gptq.py)
+EQUALIZE_LAYERS = "equalize_layers"  # the cross-layer equalization pass (passes/equalize_layers.py)
+BIAS_CORRECTIONS = ("mean", "full", "empirical")  # weight_table.py (ACIQ eq. 12-13), calib/output_bias.py
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,7 @@ class QuantSpec:
     symmetric: bool = True
     granularity: str = "per_tensor"
     method: str = "minmax"
+    rounding: str = "nearest"
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,8 @@ class Rules:
     weights: QuantSpec = QuantSpec(bits=8, symmetric=True, granularity="per_channel")
     activations: QuantSpec = QuantSpec(bits=8, symmetric=False)
     overrides: tuple[Override, ...] = ()
+    smooth_quant: float | None = None  # SmoothQuant's migration strength α (calib/smooth.py); None: off
+    bias_correction: str | None = None  # one of BIAS_CORRECTIONS; None: off
     source: str = "<defaults>"
 
     def with_cli(
@@ -85,6 +94,10 @@ class Rules:
         method: str | None = None,
         wmethod: str | None = None,
         passes: tuple[str, ...] | None = None,
+        rounding: str | None = None,
+        smooth_quant: float | None = None,
+        bias_correction: str | None = None,
+        equalize_layers: bool = False,
     ) -> Rules:
         """CLI flags override the file's global settings; per-node overrides still apply on top.
 
@@ -97,12 +110,27 @@ class Rules:
             weights = replace(weights, bits=int(wbits))
         if wmethod is not None:
             weights = replace(weights, method=wmethod)
+        if rounding is not None:
+            weights = replace(weights, rounding=_choice("rounding", rounding, ROUNDINGS))
+        if smooth_quant is not None and not (
+            isinstance(smooth_quant, numbers.Real) and 0 <= smooth_quant <= 1
+        ):
+            raise BadOptionError(
+                f"smooth_quant={smooth_quant!r}; accepted: a number 0..1 (SmoothQuant's alpha)"
+            )
+        if bias_correction is not None:
+            _choice("bias_correction", bias_correction, BIAS_CORRECTIONS)
         if abits is not None:
             acts = replace(acts, bits=int(abits))
         if method is not None:
             acts = replace(acts, method=method)
         return replace(
-            self, weights=weights, activations=acts, passes=self.passes if passes is None else passes
+            self,
+            weights=weights,
+            activations=acts,
+            passes=_with_pass(self.passes if passes is None else passes, EQUALIZE_LAYERS, equalize_layers),
+            smooth_quant=self.smooth_quant if smooth_quant is None else float(smooth_quant),
+            bias_correction=bias_correction or self.bias_correction,
         )
 
     def for_node(self, node_name: str, op_type: str, positions: frozenset[str]) -> NodeRule:
@@ -129,6 +157,16 @@ class Rules:
             for i, ov in enumerate(self.overrides)
             if not any(ov.match.matches(*node) for node in nodes)
         ]
+
+
+def _with_pass(passes: tuple[str, ...], name: str, wanted: bool) -> tuple[str, ...]:
+    return (*passes, name) if wanted and name not in passes else passes
+
+
+def _choice(flag: str, value: object, accepted: tuple[str, ...]) -> str:
+    if value not in accepted:
+        raise BadOptionError(f"{flag}={value!r}; accepted: {', '.join(accepted)}")
+    return value
 
 
 def _check_bits(flag: str, value: object) -> None:

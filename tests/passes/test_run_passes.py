@@ -37,6 +37,7 @@ def test_registry():
         "fold_gemm_bn",
         "fold_bn_conv",
         "bn_to_affine",
+        "equalize_layers",
     )
     assert all(p.description for p in PASSES)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from onnxquant.calib.methods import METHODS, WEIGHT_METHODS
-from onnxquant.errors import BadRulesError
+from onnxquant.errors import BadOptionError, BadRulesError
 from onnxquant.passes import PASS_NAMES
 from onnxquant.rules import loader
 
@@ -90,6 +90,12 @@ def test_op_types_outside_quantize_ops_stay_float_with_reason():
         ("overrides: [{match: {nmae: x}}]", "overrides[0].match.nmae", "name, op_type, position"),
         ("overrides: [{match: {name: x}, skip: yes please}]", "overrides[0].skip", "true, false"),
         ("overrides: [{match: {name: x}, weights: {bits: 1}}]", "overrides[0].weights.bits", "2..8"),
+        ("weights: {rounding: stochastic}", "weights.rounding", "nearest, gptq"),
+        ("activations: {rounding: gptq}", "activations.rounding", "nearest"),
+        ("overrides: [{match: {name: x}, activations: {rounding: gptq}}]", "activations.rounding", "nearest"),
+        ("smooth_quant: 1.5", "smooth_quant", "0..1"),
+        ("smooth_quant: yes", "smooth_quant", "0..1"),
+        ("bias_correction: always", "bias_correction", "mean, full, empirical"),
     ],
 )
 def test_bad_rule_files_name_file_key_and_choices(tmp_path, text, key, accepted):
@@ -124,3 +130,34 @@ def test_accepted_names_come_from_the_caller():
             method_names=(),
             weight_method_names=(),
         )
+
+
+LOW_BIT = """
+passes: [canonicalize, fold_conv_bn, equalize_layers]
+smooth_quant: 0.6
+bias_correction: empirical
+weights: {bits: 4, rounding: gptq}
+overrides:
+  - match: {position: last}
+    weights: {rounding: nearest}
+"""
+
+
+def test_low_bit_stages_are_rule_keys_and_cli_flags():
+    rules = parse_rules(LOW_BIT, "r.yaml")
+    assert (rules.smooth_quant, rules.bias_correction, rules.weights.rounding) == (0.6, "empirical", "gptq")
+    assert rules.for_node("head", "Gemm", frozenset({"last"})).weights.rounding == "nearest"
+    assert rules.for_node("c1", "Conv", frozenset()).weights.rounding == "gptq"
+    assert parse_rules(loader.dump_rules(rules), "again.yaml").__dict__ | {"source": ""} == rules.__dict__ | {
+        "source": ""
+    }
+    plain = load_rules("default")
+    assert (plain.smooth_quant, plain.bias_correction, plain.weights.rounding) == (None, None, "nearest")
+    cli = plain.with_cli(rounding="gptq", smooth_quant=0.5, bias_correction="empirical", equalize_layers=True)
+    assert (cli.weights.rounding, cli.smooth_quant, cli.bias_correction) == ("gptq", 0.5, "empirical")
+    assert cli.passes == (*plain.passes, "equalize_layers")
+    assert cli.with_cli(equalize_layers=True).passes == cli.passes  # named once
+    with pytest.raises(BadOptionError, match="smooth_quant=2; accepted: a number 0..1"):
+        plain.with_cli(smooth_quant=2)
+    with pytest.raises(BadOptionError, match="rounding='up'; accepted: nearest, gptq"):
+        plain.with_cli(rounding="up")

@@ -1,0 +1,247 @@
+"""Streaming layer-input statistics for GPTQ (`calib.gptq`): the rows X of each Conv/Gemm/MatMul input and
+the float64 sum Σ XᵀX with its row count, so that H = 2·XᵀX / rows.
+
+A layer y = W x with W viewed as (outputs, K) sees its input as rows of K values: a Gemm's A (Aᵀ with transA),
+a MatMul's input with every leading axis a row, and a Conv's im2col patches, one row per sample and output
+position, the K = Cin·kh·kw columns in the weight's (c, i, j) order. Position o along a spatial axis reads
+input index o·stride − pad_begin + i·dilation for kernel offset i, zero outside the input (explicit pads, or
+auto_pad VALID; SAME_* and grouped Convs are refused with a reason).
+
+The sums merge across batches and shards, so memory is K² float64 per layer whatever the number of samples;
+rows are materialized about `CHUNK` values at a time; layers that read one tensor the same way share one
+sum; and layers are collected in groups (one pass over the data each) when their sums exceed a budget. The
+model runs through the calibration engine's segment runner, as activation calibration does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnxquant.calib.engine import _run, _SegmentRunner
+from onnxquant.calib.segments import DEFAULT_BUDGET
+from onnxquant.calib.stats import NonFiniteError
+from onnxquant.errors import InternalError
+from onnxquant.model import graph_inputs
+
+log = logging.getLogger(__name__)
+
+HESSIAN_BUDGET = 512 * 2**20  # bytes of float64 Σ XᵀX held during one pass over the data
+CHUNK = 2**22  # elements of float64 rows materialized at a time
+SUPPORTED_OPS = ("Conv", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class RowsView:
+    """How a layer's input batch becomes rows of K columns. Layers with equal views share one Hessian."""
+
+    input: str
+    op_type: str
+    k: int
+    kernel: tuple[int, ...] = ()
+    pads: tuple[int, ...] = ()  # all begins, then all ends (ONNX order)
+    strides: tuple[int, ...] = ()
+    dilations: tuple[int, ...] = ()
+    trans_a: bool = False
+
+
+@dataclass(frozen=True)
+class Layer:
+    node: str
+    weight: str
+    view: RowsView
+    k_first: bool = False  # the weight is stored (K, outputs): Gemm without transB, MatMul
+
+
+@dataclass
+class HessianStats:
+    """Σ XᵀX (float64) and the number of rows of one layer's inputs; `hessian()` is H = 2·XᵀX / rows."""
+
+    xtx: np.ndarray
+    rows: int = 0
+
+    @classmethod
+    def empty(cls, k: int) -> HessianStats:
+        return cls(np.zeros((k, k), np.float64))
+
+    def update(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, np.float64)
+        self.xtx += rows.T @ rows
+        self.rows += rows.shape[0]
+
+    def merge(self, other: HessianStats) -> HessianStats:
+        return HessianStats(self.xtx + other.xtx, self.rows + other.rows)
+
+    def hessian(self) -> np.ndarray:
+        return 2.0 * self.xtx / max(self.rows, 1)
+
+
+def _ints(node: onnx.NodeProto, name: str, default: Sequence[int]) -> tuple[int, ...]:
+    found = next((a for a in node.attribute if a.name == name), None)
+    return tuple(int(v) for v in helper.get_attribute_value(found)) if found is not None else tuple(default)
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    found = next((a for a in node.attribute if a.name == name), None)
+    value = helper.get_attribute_value(found) if found is not None else default
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def describe_layer(node: onnx.NodeProto, weight_shape: Sequence[int]) -> Layer | str:
+    """The GPTQ view of a Conv/Gemm/MatMul whose input 1 is a constant of `weight_shape`, or why it has
+    none."""
+    shape = tuple(int(d) for d in weight_shape)
+    if node.op_type == "Conv":
+        return _conv_layer(node, shape)
+    if node.op_type == "Gemm":
+        if len(shape) != 2:
+            return f"Gemm weight of rank {len(shape)}: not 2-D"
+        k_first = not _attr(node, "transB", 0)
+        view = RowsView(
+            node.input[0], "Gemm", shape[0 if k_first else 1], trans_a=bool(_attr(node, "transA", 0))
+        )
+        return Layer(node.name, node.input[1], view, k_first)
+    if node.op_type == "MatMul":
+        if len(shape) != 2:
+            return f"MatMul weight of rank {len(shape)}: only 2-D weights"
+        return Layer(node.name, node.input[1], RowsView(node.input[0], "MatMul", shape[0]), True)
+    return f"{node.op_type}: not supported by GPTQ (accepted: {', '.join(SUPPORTED_OPS)})"
+
+
+def _conv_layer(node: onnx.NodeProto, shape: tuple[int, ...]) -> Layer | str:
+    dims = len(shape) - 2
+    if dims not in (1, 2):
+        return f"Conv with {dims} spatial dims: only 1-D and 2-D Convs"
+    group = int(_attr(node, "group", 1))
+    if group != 1:
+        return f"grouped Conv (group={group}): not supported by GPTQ yet"
+    auto_pad = _attr(node, "auto_pad", "NOTSET")
+    if auto_pad not in ("NOTSET", "VALID"):
+        return f"Conv with auto_pad={auto_pad}: only NOTSET (explicit pads) or VALID"
+    pads = _ints(node, "pads", [0] * 2 * dims) if auto_pad == "NOTSET" else (0,) * 2 * dims
+    view = RowsView(
+        node.input[0],
+        "Conv",
+        int(np.prod(shape[1:])),
+        kernel=shape[2:],
+        pads=pads,
+        strides=_ints(node, "strides", [1] * dims),
+        dilations=_ints(node, "dilations", [1] * dims),
+    )
+    return Layer(node.name, node.input[1], view)
+
+
+def layer_rows(x: np.ndarray, view: RowsView) -> np.ndarray:
+    """The rows X (rows × K) of one input batch `x` of a layer: Conv im2col patches (row = sample × output
+    position, column = (c, kernel offset) in the weight's order), Gemm's A (transposed with transA), MatMul's
+    input with all leading axes as rows."""
+    x = np.asarray(x)
+    if view.op_type == "Conv":
+        return _im2col(x, view)
+    if view.op_type == "Gemm":
+        return x.T if view.trans_a else x.reshape(-1, view.k)
+    return x.reshape(-1, view.k)
+
+
+def _im2col(x: np.ndarray, view: RowsView) -> np.ndarray:
+    dims = len(view.kernel)
+    if x.ndim != dims + 2:
+        raise InternalError(f"Conv input of shape {x.shape} for a {dims}-D kernel")
+    pad = [(0, 0), (0, 0)] + [(view.pads[i], view.pads[i + dims]) for i in range(dims)]
+    padded = np.pad(x, pad)
+    span = tuple(d * (k - 1) + 1 for k, d in zip(view.kernel, view.dilations))
+    axes = tuple(range(2, 2 + dims))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, span, axis=axes)  # (N, C, *pos, *span)
+    index = (slice(None), slice(None))
+    index += tuple(slice(None, None, s) for s in view.strides) + tuple(
+        slice(None, None, d) for d in view.dilations
+    )
+    patches = windows[index]  # (N, C, *out, *kernel)
+    order = (0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims))  # (N, *out, C, *kernel)
+    return patches.transpose(order).reshape(-1, view.k)
+
+
+def accumulate(stats: HessianStats, x: np.ndarray, view: RowsView) -> None:
+    """Add one batch to `stats`, materializing at most about `CHUNK` float64 row elements at a time."""
+    x = np.asarray(x)
+    if view.op_type == "Conv":
+        positions = int(np.prod(x.shape[2:]))  # about one patch row per input position (stride 1)
+        step = max(1, CHUNK // max(1, positions * view.k))
+        for start in range(0, x.shape[0], step):
+            stats.update(layer_rows(x[start : start + step], view))
+        return
+    rows = layer_rows(x, view)
+    step = max(1, CHUNK // max(view.k, 1))
+    for start in range(0, rows.shape[0], step):
+        stats.update(rows[start : start + step])
+
+
+def _budget_groups(views: list[RowsView], budget: int) -> list[list[RowsView]]:
+    """Consecutive groups of views whose K² float64 sums fit `budget` (a view over it forms its own group)."""
+    groups: list[list[RowsView]] = []
+    used = budget + 1
+    for view in views:
+        size = 8 * view.k * view.k
+        if used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(view)
+        used += size
+    return groups
+
+
+def collect_hessians(
+    model: onnx.ModelProto,
+    layers: Sequence[Layer],
+    batches: Iterable[Mapping[str, np.ndarray]],
+    *,
+    budget: int = HESSIAN_BUDGET,
+    progress: bool = False,
+) -> dict[str, HessianStats]:
+    """Σ XᵀX and row count of each layer's input over `batches`, keyed by node name, streamed through the
+    calibration engine's segment runner. One pass per group of layers whose sums fit `budget` bytes (the data
+    must then be re-iterable). A layer whose input holds NaN/Inf is left out, with a warning."""
+    views = list(dict.fromkeys(layer.view for layer in layers))
+    groups = _budget_groups(views, budget)
+    if len(groups) > 1 and isinstance(batches, Iterator):
+        raise InternalError(f"GPTQ needs {len(groups)} passes over re-iterable data, got a one-shot iterator")
+    inputs = [i.name for i in graph_inputs(model)]
+    found: dict[RowsView, HessianStats] = {}
+    for number, group in enumerate(groups, 1):
+        found.update(
+            _collect_group(model, group, inputs, batches, progress, f"GPTQ pass {number}/{len(groups)}")
+        )
+    return {layer.node: found[layer.view] for layer in layers if layer.view in found}
+
+
+def _collect_group(
+    model: onnx.ModelProto,
+    views: list[RowsView],
+    inputs: list[str],
+    batches: Iterable[Mapping[str, np.ndarray]],
+    progress: bool,
+    label: str,
+) -> dict[RowsView, HessianStats]:
+    readers: dict[str, list[RowsView]] = {}
+    for view in views:
+        readers.setdefault(view.input, []).append(view)
+    stats = {view: HessianStats.empty(view.k) for view in views}
+
+    def update(name: str, x: np.ndarray) -> None:
+        if not np.isfinite(x).all():
+            raise NonFiniteError(f"tensor {name}: NaN or Inf")
+        for view in readers[name]:
+            accumulate(stats[view], x, view)
+
+    tensors = sorted(readers)
+    runner = _SegmentRunner(model, [t for t in tensors if t not in inputs], DEFAULT_BUDGET)
+    unusable: set[str] = set()
+    _run(runner, inputs, tensors, batches, update, progress, label, unusable)
+    for name in sorted(unusable):
+        log.warning("GPTQ: tensor %s holds NaN or Inf; the layers reading it keep round-to-nearest", name)
+    return {view: s for view, s in stats.items() if view.input not in unusable}
