@@ -48,7 +48,7 @@ from onnxquant.quant import MAX_BITS, MIN_BITS
 from onnxquant.report import Report, SuggestOptions, build_report
 from onnxquant.report.suggest import candidates, plan_suggestion
 from onnxquant.rules import COMPUTE_OPS, Rules
-from onnxquant.rules.schema import BIAS_CORRECTIONS
+from onnxquant.rules.schema import BIAS_CORRECTIONS, EQUALIZE_LAYERS
 from onnxquant.runtime.validate import validate as run_validation
 from onnxquant.tables import CalibrationTable
 
@@ -74,7 +74,12 @@ class ConvertResult:
     @property
     def folded(self) -> list[Outcome]:
         """Applied BatchNorm folds and lowerings."""
-        return [o for o in self.outcomes if o.applied and o.pass_name != CANONICALIZE]
+        return [o for o in self.outcomes if o.applied and o.pass_name not in (CANONICALIZE, EQUALIZE_LAYERS)]
+
+    @property
+    def equalized(self) -> list[Outcome]:
+        """Chains of layers whose channel ranges cross-layer equalization evened out."""
+        return [o for o in self.outcomes if o.applied and o.pass_name == EQUALIZE_LAYERS]
 
     @property
     def canonicalized(self) -> list[Outcome]:
@@ -460,7 +465,14 @@ def convert(
                 "convert: SmoothQuant with a calibration table: the table's ranges are of the unsmoothed "
                 "graph; accepted: --smooth-quant (smooth_quant) with calibration data, or --table without it"
             )
-        folded, plan = _smoothed(folded, rules, data, progress)
+        folded, plan, note = _smoothed(folded, rules, data, progress)
+        notes.append(note)
+    gptq = any(d.quantize and d.weight and d.weights.rounding == "gptq" for d in plan.nodes)
+    if gptq and weight_correction:
+        raise BadOptionError(
+            f"convert: bias_correction {weight_correction} corrects round-to-nearest weights, not GPTQ's; "
+            "accepted: GPTQ (--gptq, weights.rounding gptq) with --bias-correction empirical or none"
+        )
     corrected_inputs = _compute_inputs(folded, plan) if weight_correction else ()
     if table is None:
         if data is None and stats is None and plan.activations:
@@ -490,14 +502,15 @@ def convert(
         folded, plan, table, data=data, stats=stats, bias_correction=weight_correction, bit_alloc=bit_alloc
     )
     rounded = folded  # the float model the reports compare with stays `folded`
-    if any(d.quantize and d.weight and d.weights.rounding == "gptq" for d in plan.nodes):
-        rounded = _gptq_rounded(folded, plan, table, data, progress)
+    if gptq:
+        rounded, note = _gptq_rounded(folded, plan, table, data, progress)
+        notes.append(note)
     quant, summary = insert_qdq(rounded, plan, table)
     if bias_correction == "empirical":
         shifts = measure_output_shift(
             folded, quant, _data_for(data, "empirical bias correction"), progress=progress
         )
-        log.info("empirical bias correction: %d layers", len(shifts))
+        notes.append(f"empirical bias correction: {len(shifts)} layers' output mean shifts taken out")
         quant, summary = insert_qdq(correct_biases(rounded, shifts), plan, table)
     del rounded
     float_model = folded if keep_float_model else None
@@ -531,22 +544,23 @@ def _data_for(data: Batches | None, stage: str) -> Batches:
 
 def _smoothed(
     model: onnx.ModelProto, rules: Rules, data: Batches | None, progress: bool
-) -> tuple[onnx.ModelProto, QuantPlan]:
+) -> tuple[onnx.ModelProto, QuantPlan, str]:
     """SmoothQuant (calib/smooth.py) on the folded model, and the plan of the smoothed graph."""
     smoothed, results = smooth(
         model, _data_for(data, "SmoothQuant"), alpha=rules.smooth_quant, progress=progress
     )
     for r in results:
         log.info("SmoothQuant %s: %s", r.tensor, r.how)
-    log.info(
-        "SmoothQuant (alpha %.2f): %d tensors smoothed", rules.smooth_quant, sum(r.applied for r in results)
+    note = (
+        f"SmoothQuant (alpha {rules.smooth_quant:g}): {sum(r.applied for r in results)} of {len(results)} "
+        "MatMul/Gemm inputs smoothed"
     )
-    return smoothed, plan_quantization(smoothed, rules)
+    return smoothed, plan_quantization(smoothed, rules), note
 
 
 def _gptq_rounded(
     model: onnx.ModelProto, plan: QuantPlan, table: CalibrationTable, data: Batches | None, progress: bool
-) -> onnx.ModelProto:
+) -> tuple[onnx.ModelProto, str]:
     """The folded model with its GPTQ layers' weights on their quantization grid (calib/gptq.py)."""
     chosen = {d.name for d in plan.nodes if d.quantize and d.weight and d.weights.rounding == "gptq"}
     rounded, results = apply_gptq(
@@ -557,8 +571,9 @@ def _gptq_rounded(
             log.info("GPTQ: %s kept round-to-nearest: %s", r.node, r.skipped)
         else:
             log.debug("GPTQ: %s output error proxy %.3g -> %.3g", r.node, r.rtn_error, r.gptq_error)
-    log.info("GPTQ: %d of %d layers rounded", sum(r.skipped is None for r in results), len(chosen))
-    return rounded
+    done = sum(r.skipped is None for r in results)
+    kept = f" ({len(chosen) - done} round-to-nearest: -v says why)" if done < len(chosen) else ""
+    return rounded, f"GPTQ rounded {done} of {len(chosen)} layers{kept}"
 
 
 @dataclass(frozen=True)

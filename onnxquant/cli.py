@@ -46,6 +46,7 @@ from onnxquant.errors import CheckFailed
 from onnxquant.model import file_size, save_model
 from onnxquant.outputs import Inputs, companion, guard_outputs, staged_outputs
 from onnxquant.report import SuggestOptions
+from onnxquant.rules.schema import FORMATS, LEVELS
 from onnxquant.runtime import BACKENDS, REQUANT_MODES
 
 log = logging.getLogger("onnxquant")
@@ -129,6 +130,34 @@ def main(ctx: click.Context, verbose: int, debug: bool) -> None:
     is_flag=True,
     help="Cross-layer equalization of consecutive layers' channel ranges (the equalize_layers pass).",
 )
+@click.option(
+    "--format",
+    "number_format",
+    type=click.Choice(FORMATS),
+    default=None,
+    help="Number format of weights and activations: int codes, or FP8 (E4M3FN, E5M2) with one scale.",
+)
+@click.option(
+    "--block-size",
+    type=click.IntRange(2, 1 << 16),
+    default=None,
+    help="Weights per block along the input axis, each block its own scale (opset 21 block-wise).",
+)
+@click.option(
+    "--pow2-scales", is_flag=True, help="Scales restricted to powers of two (shift requantization)."
+)
+@click.option(
+    "--levels",
+    type=click.Choice(LEVELS),
+    default=None,
+    help="Weight levels: uniform, additive powers of two (apot), or a k-means codebook (kmeans).",
+)
+@click.option(
+    "--clusters",
+    type=click.IntRange(2, 256),
+    default=None,
+    help="Codebook size for --levels kmeans [default: 2^bits].",
+)
 @click.option("--gptq", is_flag=True, help="Round weights with GPTQ's error compensation (calibration data).")
 @click.option(
     "--smooth-quant",
@@ -190,6 +219,11 @@ def convert(
     wcalib,
     bias_correction,
     cle,
+    number_format,
+    block_size,
+    pow2_scales,
+    levels,
+    clusters,
     gptq,
     smooth_quant,
     bit_alloc,
@@ -240,6 +274,12 @@ def convert(
         smooth_quant=smooth_quant,
         bias_correction=bias_correction,
         equalize_layers=cle,
+        weight_format=number_format,
+        activation_format=number_format,
+        block_size=block_size,
+        pow2_scales=pow2_scales,
+        levels=levels,
+        clusters=clusters,
     )
     suggest = None
     if suggest_rules is not None:

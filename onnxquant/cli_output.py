@@ -80,6 +80,9 @@ def print_convert_summary(result, size_in: int, size_out: int, out: Path) -> Non
         kinds = Counter(rewrite_kind(o.reason) for o in result.canonicalized)
         click.echo("canonicalized: " + ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())))
     click.echo(folded_line(result.folded))
+    if result.equalized:
+        layers = sum(len(o.nodes) for o in result.equalized)
+        click.echo(f"cross-layer equalization: {len(result.equalized)} chain(s) of {layers} layers")
     click.echo(
         "weights quantized: "
         + (", ".join(f"{n} at {b} bits" for b, n in sorted(s.weights.items())) or "none")

@@ -16,8 +16,21 @@ diagonal 1 and their weights 0. With `act_order`, columns are rounded in the ord
 inputs with the most energy first, while the most columns remain to absorb their error) and permuted back.
 
 H is taken on the float model's inputs (`calib.hessian`: one streaming pass for all layers), not on the
-already quantized layers before it, and activation quantization is not simulated. Grouped and depthwise
-Convs are not handled yet (skipped, with the reason in the layer's result).
+already quantized layers before it, and activation quantization is not simulated.
+
+A grouped Conv (group = G, depthwise included) is G independent layers: the Cout/G output rows of group g
+read only their group's K_g = Cin/G·kh·kw inputs, so tr((W − Ŵ) H (W − Ŵ)ᵀ) is the sum over groups of
+tr((W_g − Ŵ_g) H_g (W_g − Ŵ_g)ᵀ), and each group's rows are rounded against its own H_g (a (G, K_g, K_g)
+stack). The groups run side by side: one batched Cholesky and triangular inverse for all G, then the same
+column loop over K_g columns on (G, Cout/G) slices, so a depthwise 5x5 Conv costs 25 small vector steps
+whatever its channel count.
+
+A depthwise Conv whose input is equalized (`QuantPlan.equalized`, `depthwise_inputs: per_channel`, i.e.
+every depthwise Conv of the default preset) needs nothing more: Q/DQ insertion stores the codes of the
+weight *as given* on the table's grid and only divides the DequantizeLinear scale of output channel c by
+k_c, while the Conv reads x_c·k_c, so the layer computes Σ (q − z)·s/k_c · k_c·x̂_c = Σ (q − z)·s·x̂_c, the
+same as without equalization; and a depthwise group's H_g is one channel's, which k_c would only scale by
+k_c² (GPTQ's result does not change when H is scaled: the damping is relative to its mean diagonal).
 
 `apply_gptq` writes each processed weight as its dequantized codes, (q − z)·s in the weight's own layout and
 dtype, so that `insert_qdq`'s round-to-nearest on the same table entry reproduces the GPTQ codes exactly.
@@ -72,35 +85,53 @@ def _per_row(value, rows: int, dtype) -> np.ndarray:
 
 
 def _lower_inverse(lower: np.ndarray) -> np.ndarray:
-    """Inverse of a lower-triangular matrix by halves, [[A, 0], [C, D]]⁻¹ = [[A⁻¹, 0], [−D⁻¹CA⁻¹, D⁻¹]]:
-    matrix products instead of a general LU inverse (3-4× faster at K in the thousands)."""
-    n = len(lower)
+    """Inverse of a lower-triangular matrix (or a stack of them, (..., n, n)) by halves,
+    [[A, 0], [C, D]]⁻¹ = [[A⁻¹, 0], [−D⁻¹CA⁻¹, D⁻¹]]: matrix products instead of a general LU inverse (3-4×
+    faster at K in the thousands)."""
+    n = lower.shape[-1]
     if n <= TRIANGLE_LEAF:
         return np.linalg.inv(lower)
     half = n // 2
-    a_inv, d_inv = _lower_inverse(lower[:half, :half]), _lower_inverse(lower[half:, half:])
+    a_inv = _lower_inverse(lower[..., :half, :half])
+    d_inv = _lower_inverse(lower[..., half:, half:])
     out = np.zeros_like(lower)
-    out[:half, :half], out[half:, half:] = a_inv, d_inv
-    out[half:, :half] = -d_inv @ (lower[half:, :half] @ a_inv)
+    out[..., :half, :half], out[..., half:, half:] = a_inv, d_inv
+    out[..., half:, :half] = -d_inv @ (lower[..., half:, :half] @ a_inv)
     return out
+
+
+def _damped_inverse_factor(stack: np.ndarray, factor: float) -> np.ndarray:
+    """U of every H in `stack` (n, K, K), each damped by `factor`·its own mean diagonal; raises
+    LinAlgError when any damped H is not positive definite."""
+    mean = np.mean(np.diagonal(stack, axis1=1, axis2=2), axis=1)
+    damped = stack + (factor * mean)[:, None, None] * np.eye(stack.shape[-1])
+    lower = np.linalg.cholesky(damped[:, ::-1, ::-1])
+    return np.ascontiguousarray(_lower_inverse(lower)[:, ::-1, ::-1])
+
+
+def _retried_inverse_factor(h: np.ndarray, damp: float) -> np.ndarray:
+    """U of one H (1, K, K), damping ten times more while H + λI is not positive definite."""
+    for attempt in range(CHOLESKY_TRIES):
+        try:
+            return _damped_inverse_factor(h, damp * 10.0**attempt)
+        except np.linalg.LinAlgError:
+            log.info("GPTQ: H + %g·mean(diag)·I is not positive definite; damping more", damp * 10.0**attempt)
+    raise InternalError(
+        f"GPTQ: the Hessian stays singular with damping {damp * 10.0 ** (CHOLESKY_TRIES - 1)}"
+    )
 
 
 def inverse_cholesky_upper(h: np.ndarray, damp: float) -> np.ndarray:
     """U, upper triangular with UᵀU = (H + λI)⁻¹ and λ = damp·mean(diag H) (grown tenfold while H + λI is not
     positive definite). With J the reversal, J(H + λI)J = LLᵀ gives H + λI = RRᵀ for the upper R = JLJ, so
-    (H + λI)⁻¹ = R⁻ᵀR⁻¹ and U = R⁻¹ = J L⁻¹ J: one Cholesky and one triangular inverse."""
-    mean = float(np.mean(np.diag(h)))
-    for attempt in range(CHOLESKY_TRIES):
-        damped = h + (damp * 10.0**attempt) * mean * np.eye(len(h))
-        try:
-            lower = np.linalg.cholesky(damped[::-1, ::-1])
-        except np.linalg.LinAlgError:
-            log.info("GPTQ: H + %g·mean(diag)·I is not positive definite; damping more", damp * 10.0**attempt)
-            continue
-        return np.ascontiguousarray(_lower_inverse(lower)[::-1, ::-1])
-    raise InternalError(
-        f"GPTQ: the Hessian stays singular with damping {damp * 10.0 ** (CHOLESKY_TRIES - 1)}"
-    )
+    (H + λI)⁻¹ = R⁻ᵀR⁻¹ and U = R⁻¹ = J L⁻¹ J: one Cholesky and one triangular inverse. `h` is (K, K) or a
+    stack (G, K, K), each factored on its own (all at once; one by one only when some need more damping)."""
+    stack = np.asarray(h, np.float64).reshape(-1, *np.shape(h)[-2:])
+    try:
+        u = _damped_inverse_factor(stack, damp)
+    except np.linalg.LinAlgError:
+        u = np.concatenate([_retried_inverse_factor(one[None], damp) for one in stack])
+    return u.reshape(np.shape(h))
 
 
 def gptq_codes(
@@ -114,51 +145,79 @@ def gptq_codes(
     block: int = 128,
     act_order: bool = True,
 ) -> np.ndarray:
-    """Integer codes (int64, shape of `w`) of `w` (outputs, K) rounded by GPTQ against the Hessian `h` (K, K).
+    """Integer codes (int64, shape of `w`) of `w` (outputs, K) rounded by GPTQ against the Hessian `h`: (K, K),
+    or (G, K, K) for a grouped layer whose output rows split into G equal consecutive parts, part g rounded
+    against h[g] (a grouped Conv, K = K_g).
 
     `scale`, `zero_point`, `qmin`, `qmax`: scalars (per tensor) or one per output row (per channel); the
     dequantized weights are (q − z)·s. See the module docstring for the algorithm."""
     w = np.asarray(w, np.float64)
-    h = np.array(h, np.float64)
-    rows, k = w.shape
-    if h.shape != (k, k):
-        raise InternalError(f"GPTQ: Hessian of shape {h.shape} for a weight of {k} columns")
-    grid = tuple(_per_row(v, rows, t) for v, t in ((scale, np.float64), (zero_point, np.int64)))
-    grid += tuple(_per_row(v, rows, np.int64) for v in (qmin, qmax))
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
-    columns = np.ascontiguousarray(w.T[perm])  # (K, outputs): one weight column per contiguous row
-    columns[dead[perm]] = 0.0
-    u = inverse_cholesky_upper(h[np.ix_(perm, perm)], damp)
-    codes = np.empty((k, rows), np.int64)
+    h = _hessian_stack(h, w.shape)
+    groups, k = len(h), w.shape[1]
+    per = w.shape[0] // groups
+    grid = tuple(v.reshape(groups, per) for v in _grid(w.shape[0], scale, zero_point, qmin, qmax))
+    dead = np.diagonal(h, axis1=1, axis2=2) == 0  # (G, K): inputs that are always zero
+    at_group, at_column = np.nonzero(dead)
+    h[at_group, at_column, at_column] = 1.0
+    if act_order:
+        perm = np.argsort(-np.diagonal(h, axis1=1, axis2=2), axis=1, kind="stable")
+    else:
+        perm = np.broadcast_to(np.arange(k), (groups, k))
+    # (G, K, rows per group): one weight column of each group per contiguous row, in rounding order
+    columns = np.take_along_axis(w.reshape(groups, per, k).transpose(0, 2, 1), perm[:, :, None], axis=1)
+    columns[np.take_along_axis(dead, perm, axis=1)] = 0.0
+    h = np.take_along_axis(np.take_along_axis(h, perm[:, :, None], axis=1), perm[:, None, :], axis=2)
+    u = inverse_cholesky_upper(h, damp)
+    codes = np.empty((groups, k, per), np.int64)
     step = max(1, block)
     for start in range(0, k, step):
         end = min(start + step, k)
         err = _round_block(columns, u, codes, start, end, grid)
-        columns[end:] -= u[start:end, end:].T @ err
-    out = np.empty((rows, k), np.int64)
-    out[:, perm] = codes.T
-    return out
+        columns[:, end:] -= u[:, start:end, end:].transpose(0, 2, 1) @ err
+    out = np.empty_like(codes)
+    np.put_along_axis(out, perm[:, :, None], codes, axis=1)
+    return out.transpose(0, 2, 1).reshape(w.shape)
+
+
+def _hessian_stack(h, w_shape: tuple[int, ...]) -> np.ndarray:
+    """A float64 copy of `h` as a (G, K, K) stack, checked against a weight of `w_shape` (rows, K)."""
+    h = np.array(h, np.float64)
+    h = h[None] if h.ndim == 2 else h
+    rows, k = w_shape
+    if h.ndim != 3 or h.shape[1:] != (k, k) or rows % len(h):
+        raise InternalError(f"GPTQ: Hessian of shape {h.shape} for a weight of shape {w_shape}")
+    return h
+
+
+def _grid(rows: int, scale, zero_point, qmin, qmax) -> tuple[np.ndarray, ...]:
+    """Scale (float64) and zero point, qmin, qmax (int64), one of each per output row."""
+    return (_per_row(scale, rows, np.float64),) + tuple(
+        _per_row(v, rows, np.int64) for v in (zero_point, qmin, qmax)
+    )
 
 
 def _round_block(columns: np.ndarray, u: np.ndarray, codes: np.ndarray, start: int, end: int, grid):
-    """Round weight columns start..end-1 (rows of `columns`) one by one into `codes`, spreading each one's
-    scaled error over the block's later columns; returns the scaled errors (end − start, outputs)."""
+    """Round weight columns start..end-1 (axis 1 of `columns`, every group at once) one by one into `codes`,
+    spreading each one's scaled error over the block's later columns; returns the scaled errors
+    (G, end − start, rows per group)."""
     s, z, lo, hi = grid
-    err = np.empty((end - start, columns.shape[1]))
+    err = np.empty((columns.shape[0], end - start, columns.shape[2]))
     for j in range(start, end):
-        q = np.clip(np.rint(columns[j] / s) + z, lo, hi).astype(np.int64)
-        codes[j] = q
-        e = (columns[j] - (q - z) * s) / u[j, j]
-        columns[j + 1 : end] -= np.outer(u[j, j + 1 : end], e)
-        err[j - start] = e
+        q = np.clip(np.rint(columns[:, j] / s) + z, lo, hi).astype(np.int64)
+        codes[:, j] = q
+        e = (columns[:, j] - (q - z) * s) / u[:, j, j, None]
+        columns[:, j + 1 : end] -= u[:, j, j + 1 : end, None] * e[:, None, :]
+        err[:, j - start] = e
     return err
 
 
 def error_proxy(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
-    """tr((W − Ŵ) H (W − Ŵ)ᵀ): with H = 2·XᵀX/rows, twice the mean over rows of ‖(W − Ŵ) x‖²."""
+    """tr((W − Ŵ) H (W − Ŵ)ᵀ): with H = 2·XᵀX/rows, twice the mean over rows of ‖(W − Ŵ) x‖². With a stack
+    `h` (G, K, K), the sum over the G consecutive parts of the rows of each part's proxy on h[g]."""
     diff = np.asarray(w, np.float64) - np.asarray(w_hat, np.float64)
+    h = np.asarray(h, np.float64)
+    h = h[None] if h.ndim == 2 else h
+    diff = diff.reshape(len(h), -1, diff.shape[1])
     return float(np.sum((diff @ h) * diff))
 
 
@@ -220,14 +279,13 @@ def _candidates(
     for node in model.graph.node:
         for name in node.input:
             readers[name] = readers.get(name, 0) + 1
-    equalized = set(plan.equalized.values())
     found = _Candidates()
     for d in plan.nodes:
         if not d.quantize or d.weight is None or (nodes is not None and d.name not in nodes):
             continue
         entry = table.tensors.get(d.weight)
         layer = describe_layer(by_name[d.name], shapes[d.weight]) if d.weight in shapes else None
-        reason = _refusal(d.name, d.weight, entry, layer, readers, equalized)
+        reason = _refusal(d.weight, entry, layer, readers)
         if reason is None and isinstance(layer, Layer):
             found.layers.append(layer)
         else:
@@ -235,9 +293,7 @@ def _candidates(
     return found
 
 
-def _refusal(node, weight, entry, layer, readers, equalized) -> str | None:
-    if node in equalized:
-        return "depthwise Conv whose input is equalized into its weight scales"
+def _refusal(weight, entry, layer, readers) -> str | None:
     if layer is None:
         return f"weight {weight!r} is not an initializer"
     if isinstance(layer, str):

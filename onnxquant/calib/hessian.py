@@ -1,13 +1,20 @@
 """Streaming layer-input statistics for GPTQ (`calib.gptq`): the rows X of each Conv/Gemm/MatMul input and
-the float64 sum Σ XᵀX with its row count, so that H = 2·XᵀX / rows.
+the float64 sums Σ XᵀX with their row count, so that H = 2·XᵀX / rows.
 
 A layer y = W x with W viewed as (outputs, K) sees its input as rows of K values: a Gemm's A (Aᵀ with transA),
 a MatMul's input with every leading axis a row, and a Conv's im2col patches, one row per sample and output
 position, the K = Cin·kh·kw columns in the weight's (c, i, j) order. Position o along a spatial axis reads
 input index o·stride − pad_begin + i·dilation for kernel offset i, zero outside the input (explicit pads, or
-auto_pad VALID; SAME_* and grouped Convs are refused with a reason).
+auto_pad VALID; SAME_* is refused with a reason).
 
-The sums merge across batches and shards, so memory is K² float64 per layer whatever the number of samples;
+A Conv with group = G > 1 (depthwise: G = Cin) splits its Cin input and Cout output channels into G
+consecutive parts, and output channel o reads only part o // (Cout/G). Its im2col row is then G independent
+blocks of K_g = Cin/G·kh·kw columns (block g: the channels of part g, in the weight's (c, i, j) order), and
+the cross terms between blocks never meet a weight: each group has its own H_g = 2·X_gᵀX_g / rows over its
+own block. The sums are kept as one (G, K_g, K_g) array (G = 1 for every other layer), G·K_g² values instead
+of K²: 256·25² for a 256-channel 5x5 depthwise Conv.
+
+The sums merge across batches and shards, so memory is G·K_g² float64 per layer whatever the number of samples;
 rows are materialized about `CHUNK` values at a time; layers that read one tensor the same way share one
 sum; and layers are collected in groups (one pass over the data each) when their sums exceed a budget. The
 model runs through the calibration engine's segment runner, as activation calibration does.
@@ -42,12 +49,18 @@ class RowsView:
 
     input: str
     op_type: str
-    k: int
+    k: int  # columns per group
     kernel: tuple[int, ...] = ()
     pads: tuple[int, ...] = ()  # all begins, then all ends (ONNX order)
     strides: tuple[int, ...] = ()
     dilations: tuple[int, ...] = ()
     trans_a: bool = False
+    groups: int = 1  # a grouped Conv's group attribute: its rows are `groups` blocks of k columns
+
+    @property
+    def width(self) -> int:
+        """Columns of one row: all groups' blocks side by side."""
+        return self.groups * self.k
 
 
 @dataclass(frozen=True)
@@ -60,18 +73,25 @@ class Layer:
 
 @dataclass
 class HessianStats:
-    """Σ XᵀX (float64) and the number of rows of one layer's inputs; `hessian()` is H = 2·XᵀX / rows."""
+    """Σ X_gᵀX_g per group (float64, (groups, K_g, K_g)) and the number of rows of one layer's inputs;
+    `hessian()` is H_g = 2·X_gᵀX_g / rows for every group (one group unless the layer is a grouped Conv)."""
 
     xtx: np.ndarray
     rows: int = 0
 
     @classmethod
-    def empty(cls, k: int) -> HessianStats:
-        return cls(np.zeros((k, k), np.float64))
+    def empty(cls, k: int, groups: int = 1) -> HessianStats:
+        return cls(np.zeros((groups, k, k), np.float64))
 
     def update(self, rows: np.ndarray) -> None:
+        """Add rows (n × groups·K_g): block g of every row goes into group g's sum."""
+        groups, k = self.xtx.shape[:2]
         rows = np.asarray(rows, np.float64)
-        self.xtx += rows.T @ rows
+        if groups == 1:
+            self.xtx[0] += rows.T @ rows
+        else:
+            blocks = np.ascontiguousarray(rows.reshape(len(rows), groups, k).transpose(1, 0, 2))
+            self.xtx += blocks.transpose(0, 2, 1) @ blocks  # (groups, n, K_g) → (groups, K_g, K_g)
         self.rows += rows.shape[0]
 
     def merge(self, other: HessianStats) -> HessianStats:
@@ -118,8 +138,8 @@ def _conv_layer(node: onnx.NodeProto, shape: tuple[int, ...]) -> Layer | str:
     if dims not in (1, 2):
         return f"Conv with {dims} spatial dims: only 1-D and 2-D Convs"
     group = int(_attr(node, "group", 1))
-    if group != 1:
-        return f"grouped Conv (group={group}): not supported by GPTQ yet"
+    if group < 1 or shape[0] % group:
+        return f"Conv with group={group}: not a divisor of its {shape[0]} output channels"
     auto_pad = _attr(node, "auto_pad", "NOTSET")
     if auto_pad not in ("NOTSET", "VALID"):
         return f"Conv with auto_pad={auto_pad}: only NOTSET (explicit pads) or VALID"
@@ -132,14 +152,16 @@ def _conv_layer(node: onnx.NodeProto, shape: tuple[int, ...]) -> Layer | str:
         pads=pads,
         strides=_ints(node, "strides", [1] * dims),
         dilations=_ints(node, "dilations", [1] * dims),
+        groups=group,
     )
     return Layer(node.name, node.input[1], view)
 
 
 def layer_rows(x: np.ndarray, view: RowsView) -> np.ndarray:
     """The rows X (rows × K) of one input batch `x` of a layer: Conv im2col patches (row = sample × output
-    position, column = (c, kernel offset) in the weight's order), Gemm's A (transposed with transA), MatMul's
-    input with all leading axes as rows."""
+    position, column = (c, kernel offset) in the weight's order, over all Cin channels: a grouped Conv's group
+    g is the block of columns g·K_g..(g+1)·K_g), Gemm's A (transposed with transA), MatMul's input with all
+    leading axes as rows."""
     x = np.asarray(x)
     if view.op_type == "Conv":
         return _im2col(x, view)
@@ -150,8 +172,8 @@ def layer_rows(x: np.ndarray, view: RowsView) -> np.ndarray:
 
 def _im2col(x: np.ndarray, view: RowsView) -> np.ndarray:
     dims = len(view.kernel)
-    if x.ndim != dims + 2:
-        raise InternalError(f"Conv input of shape {x.shape} for a {dims}-D kernel")
+    if x.ndim != dims + 2 or x.shape[1] * int(np.prod(view.kernel)) != view.width:
+        raise InternalError(f"Conv input of shape {x.shape} for a {dims}-D kernel of {view.width} columns")
     pad = [(0, 0), (0, 0)] + [(view.pads[i], view.pads[i + dims]) for i in range(dims)]
     padded = np.pad(x, pad)
     span = tuple(d * (k - 1) + 1 for k, d in zip(view.kernel, view.dilations))
@@ -163,7 +185,7 @@ def _im2col(x: np.ndarray, view: RowsView) -> np.ndarray:
     )
     patches = windows[index]  # (N, C, *out, *kernel)
     order = (0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims))  # (N, *out, C, *kernel)
-    return patches.transpose(order).reshape(-1, view.k)
+    return patches.transpose(order).reshape(-1, view.width)
 
 
 def accumulate(stats: HessianStats, x: np.ndarray, view: RowsView) -> None:
@@ -171,7 +193,7 @@ def accumulate(stats: HessianStats, x: np.ndarray, view: RowsView) -> None:
     x = np.asarray(x)
     if view.op_type == "Conv":
         positions = int(np.prod(x.shape[2:]))  # about one patch row per input position (stride 1)
-        step = max(1, CHUNK // max(1, positions * view.k))
+        step = max(1, CHUNK // max(1, positions * view.width))
         for start in range(0, x.shape[0], step):
             stats.update(layer_rows(x[start : start + step], view))
         return
@@ -182,11 +204,12 @@ def accumulate(stats: HessianStats, x: np.ndarray, view: RowsView) -> None:
 
 
 def _budget_groups(views: list[RowsView], budget: int) -> list[list[RowsView]]:
-    """Consecutive groups of views whose K² float64 sums fit `budget` (a view over it forms its own group)."""
+    """Consecutive groups of views whose G·K_g² float64 sums fit `budget` (a view over it forms its own
+    group)."""
     groups: list[list[RowsView]] = []
     used = budget + 1
     for view in views:
-        size = 8 * view.k * view.k
+        size = 8 * view.groups * view.k * view.k
         if used + size > budget:
             groups.append([])
             used = 0
@@ -230,7 +253,7 @@ def _collect_group(
     readers: dict[str, list[RowsView]] = {}
     for view in views:
         readers.setdefault(view.input, []).append(view)
-    stats = {view: HessianStats.empty(view.k) for view in views}
+    stats = {view: HessianStats.empty(view.k, view.groups) for view in views}
 
     def update(name: str, x: np.ndarray) -> None:
         if not np.isfinite(x).all():

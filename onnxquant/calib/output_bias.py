@@ -34,10 +34,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxquant.calib.segments import model_inputs
+from onnxquant.calib.engine import _run, _SegmentRunner
+from onnxquant.calib.segments import DEFAULT_BUDGET
 from onnxquant.errors import BadDataError, BadModelError
-from onnxquant.model import graph_inputs, make_session, opset_of
-from onnxquant.progress import progress_iter
+from onnxquant.model import graph_inputs, opset_of
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +65,12 @@ def measure_output_shift(
     batches: Iterable[Mapping[str, np.ndarray]],
     *,
     progress: bool = False,
-    use_gpu: bool = False,
+    budget: int = DEFAULT_BUDGET,
 ) -> dict[str, np.ndarray]:
     """Per quantized Conv/ConvTranspose/Gemm of `quant_model` (by node name): E[y_q − y] per output channel
     (float64), its float input taken from `float_model`, the model `quant_model` was made from. Layers whose
-    input is not quantized or whose weight or bias is not constant are left out, as is MatMul (no bias)."""
+    input is not quantized or whose weight or bias is not constant are left out, as is MatMul (no bias).
+    The probe model runs in segments of about `budget` bytes of tensors, as calibration does."""
     if opset_of(float_model) != opset_of(quant_model):
         raise BadModelError(
             f"float model: opset {opset_of(float_model)} differs from the quantized model's "
@@ -79,7 +80,7 @@ def measure_output_shift(
     if not probes:
         log.info("bias correction: no quantized Conv/ConvTranspose/Gemm with a quantized input")
         return {}
-    return _run_probe(probe, probes, batches, progress, use_gpu)
+    return _run_probe(probe, probes, batches, progress, budget)
 
 
 def correct_biases(float_model: onnx.ModelProto, shifts: Mapping[str, np.ndarray]) -> onnx.ModelProto:
@@ -229,7 +230,10 @@ class _ProbeBuilder:
             self._node("ReduceMean", [base + "rows", axes_input], base + "mean", keepdims=0)
         else:
             self._node("ReduceMean", [base + "rows"], base + "mean", axes=axes.tolist(), keepdims=0)
-        self._node("Size", [base + "diff"], base + "size")
+        self._node("Size", [base + "diff"], base + "count")
+        self._node(
+            "Cast", [base + "count"], base + "size", to=onnx.TensorProto.DOUBLE
+        )  # float: segments fetch
         self.outputs += [base + "mean", base + "size"]
         return _Probe(layer, base + "mean", base + "size")
 
@@ -246,22 +250,30 @@ def _run_probe(
     probes: list[_Probe],
     batches: Iterable[Mapping[str, np.ndarray]],
     progress: bool,
-    use_gpu: bool,
+    budget: int,
 ) -> dict[str, np.ndarray]:
-    """Run `probe` on every batch and combine the batch means, weighted by their element counts."""
-    session = make_session(probe, use_gpu=use_gpu)
+    """Run `probe` in segments (calib/engine.py) on every batch and combine the batch means, weighted by their
+    element counts; a layer's mean and count may come from different segments of one batch."""
     inputs = [i.name for i in graph_inputs(probe)]
-    fetch = [name for p in probes for name in (p.mean, p.size)]
+    layer_of = {name: p.layer for p in probes for name in (p.mean, p.size)}
+    is_mean = {p.mean for p in probes}
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, float] = {p.layer: 0.0 for p in probes}
-    for batch in progress_iter(batches, progress, "bias correction"):
-        values = dict(zip(fetch, session.run(fetch, model_inputs(batch, inputs, "bias-correction batch"))))
-        for p in probes:
-            mean = np.asarray(values[p.mean], np.float64)
-            count = float(values[p.size]) / max(mean.size, 1)
-            sums[p.layer] = sums.get(p.layer, 0.0) + mean * count
-            counts[p.layer] += count
-    if not sums:
+    pending: dict[str, dict[str, np.ndarray]] = {}
+
+    def update(name: str, x: np.ndarray) -> None:
+        parts = pending.setdefault(layer_of[name], {})
+        parts["mean" if name in is_mean else "size"] = x
+        if len(parts) == 2:
+            layer, mean = layer_of[name], np.asarray(parts["mean"], np.float64)
+            count = float(parts["size"]) / max(mean.size, 1)
+            sums[layer] = sums.get(layer, 0.0) + mean * count
+            counts[layer] += count
+            del pending[layer]
+
+    runner = _SegmentRunner(probe, list(layer_of), budget)
+    samples = _run(runner, inputs, list(layer_of), batches, update, progress, "bias correction", set())
+    if samples == 0:
         raise BadDataError("bias correction: the calibration data is empty; accepted: at least one sample")
     return _finite_means(sums, counts)
 

@@ -31,14 +31,19 @@ from onnxquant.errors import BadRulesError
 from onnxquant.quant import MAX_BITS, MIN_BITS
 from onnxquant.rules.schema import (
     BIAS_CORRECTIONS,
+    FORMATS,
     GRANULARITIES,
+    LEVELS,
     PLACEMENTS,
     POSITIONS,
     ROUNDINGS,
+    SCALES,
+    WEIGHT_GRANULARITIES,
     Match,
     Override,
     QuantSpec,
     Rules,
+    spec_conflict,
 )
 
 PRESETS = ("default", "tensorrt")
@@ -55,7 +60,21 @@ TOP_KEYS = (
     "smooth_quant",
     "bias_correction",
 )
-SPEC_KEYS = ("bits", "symmetric", "granularity", "method", "rounding")
+SPEC_KEYS = (
+    "bits",
+    "symmetric",
+    "granularity",
+    "method",
+    "rounding",
+    "block_size",
+    "format",
+    "scale",
+    "levels",
+    "clusters",
+)
+WEIGHT_ONLY = {"granularity": "per_tensor", "rounding": "nearest", "levels": "uniform"}  # activations' values
+MAX_BLOCK = 1 << 16
+MAX_CLUSTERS = 256
 OVERRIDE_KEYS = ("match", "skip", "weights", "activations")
 MATCH_KEYS = ("name", "op_type", "position")
 MAX_DEPTH = 32  # nesting levels of a YAML document; a rule file needs 5
@@ -117,13 +136,7 @@ def dump_rules(rules: Rules) -> str:
     It says `extends: none` and gives every key, so it does not depend on what the presets hold."""
 
     def spec(q) -> dict:
-        return {
-            "bits": q.bits,
-            "symmetric": q.symmetric,
-            "granularity": q.granularity,
-            "method": q.method,
-            "rounding": q.rounding,
-        }
+        return {key: getattr(q, key) for key in SPEC_KEYS}
 
     def override(ov) -> dict:
         entry = {"match": {k: v for k, v in vars(ov.match).items() if v is not None}}
@@ -133,7 +146,8 @@ def dump_rules(rules: Rules) -> str:
         return entry
 
     acts = spec(rules.activations)
-    del acts["granularity"], acts["rounding"]
+    for key in (*WEIGHT_ONLY, "block_size", "clusters"):
+        del acts[key]
     doc = {
         "extends": NO_BASE,
         "placement": rules.placement,
@@ -214,6 +228,10 @@ def _apply(doc: dict, base: Rules, where: str, names: _Names) -> Rules:
     weights = _spec(doc.get("weights", {}), where, "weights", base.weights, names.weight_methods)
     acts = _spec(doc.get("activations", {}), where, "activations", base.activations, names.methods)
     _refuse_weight_only(vars(acts), where, "activations")
+    for key, spec in (("weights", weights), ("activations", acts)):
+        problem = spec_conflict(spec)
+        if problem:
+            raise BadRulesError(f"{where}: key '{key}': {problem}")
     passes = base.passes
     if "passes" in doc:
         passes = tuple(_str_list(doc["passes"], where, "passes", names.passes))
@@ -376,12 +394,28 @@ def _spec_fields(doc: Any, where: str, key: str, methods: tuple[str, ...]) -> di
             )
         fields["symmetric"] = doc["symmetric"]
     if "granularity" in doc:
-        fields["granularity"] = _choice(doc["granularity"], where, f"{key}.granularity", GRANULARITIES)
+        fields["granularity"] = _choice(doc["granularity"], where, f"{key}.granularity", WEIGHT_GRANULARITIES)
     if "method" in doc:
         fields["method"] = _choice(doc["method"], where, f"{key}.method", methods)
-    if "rounding" in doc:
-        fields["rounding"] = _choice(doc["rounding"], where, f"{key}.rounding", ROUNDINGS)
+    for name, choices in (
+        ("rounding", ROUNDINGS),
+        ("format", FORMATS),
+        ("scale", SCALES),
+        ("levels", LEVELS),
+    ):
+        if name in doc:
+            fields[name] = _choice(doc[name], where, f"{key}.{name}", choices)
+    if "block_size" in doc:
+        fields["block_size"] = _integer(doc["block_size"], where, f"{key}.block_size", 2, MAX_BLOCK)
+    if doc.get("clusters") is not None:
+        fields["clusters"] = _integer(doc["clusters"], where, f"{key}.clusters", 2, MAX_CLUSTERS)
     return fields
+
+
+def _integer(value: Any, where: str, key: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise BadRulesError(f"{where}: key '{key}' is {shown(value)}; accepted: an integer {lo}..{hi}")
+    return value
 
 
 def _spec(doc: Any, where: str, key: str, base: QuantSpec, methods: tuple[str, ...]) -> QuantSpec:
@@ -422,17 +456,16 @@ def _override(doc: Any, where: str, index: int, names: _Names) -> Override:
 
 
 def _refuse_weight_only(fields: dict, where: str, key: str) -> None:
-    """Activations are per tensor and rounded to nearest. Runtimes fuse a node into integer work only with
-    per-tensor activation scales, so a per-channel request could not be honoured; per-channel activation
-    ranges come from bit allocation or depthwise equalization instead."""
-    if fields.get("granularity", "per_tensor") != "per_tensor":
-        raise BadRulesError(
-            f"{where}: key '{key}.granularity' is {fields['granularity']!r}; accepted: "
-            "per_tensor (per-channel activation ranges: --bit-alloc activations, or "
-            "depthwise_inputs: per_channel)"
-        )
-    if fields.get("rounding", "nearest") != "nearest":
-        raise BadRulesError(
-            f"{where}: key '{key}.rounding' is {fields['rounding']!r}; accepted: nearest "
-            "(gptq is for weights)"
-        )
+    """Activations are per tensor, rounded to nearest, on a uniform grid. Runtimes fuse a node into integer
+    work only with per-tensor activation scales, so a per-channel request could not be honoured; per-channel
+    activation ranges come from bit allocation or depthwise equalization instead."""
+    for name, accepted in WEIGHT_ONLY.items():
+        if fields.get(name, accepted) != accepted:
+            hint = (
+                " (per-channel activation ranges: --bit-alloc activations, or depthwise_inputs: per_channel)"
+                if name == "granularity"
+                else f" ({fields[name]} is for weights)"
+            )
+            raise BadRulesError(
+                f"{where}: key '{key}.{name}' is {fields[name]!r}; accepted: {accepted}{hint}"
+            )

@@ -14,17 +14,18 @@ import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
-from onnxquant.errors import BadOptionError
+from onnxquant.errors import BadOptionError, BadRulesError
 from onnxquant.quant import MAX_BITS, MIN_BITS
 
 PLACEMENTS = ("ort", "tensorrt")
 GRANULARITIES = ("per_channel", "per_tensor")
 POSITIONS = ("first", "last")
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-ROUNDINGS = (
-    "nearest",
-    "gptq",
-)  # weights: round to nearest, or GPTQ's error-compensating order (calib/gptq.py)
+ROUNDINGS = ("nearest", "gptq")  # weights: round to nearest, or GPTQ's error compensation (calib/gptq.py)
+WEIGHT_GRANULARITIES = (*GRANULARITIES, "per_block")  # per_block: `block_size` weights along the input axis
+FORMATS = ("int", "fp8_e4m3", "fp8_e5m2")  # integer codes, or FP8 minifloats (E4M3FN, E5M2) with one scale
+SCALES = ("float", "pow2")  # free scales, or powers of two (a requantization is a shift)
+LEVELS = ("uniform", "apot", "kmeans")  # weights: uniform grid, additive powers of two, or a k-means codebook
 EQUALIZE_LAYERS = "equalize_layers"  # the cross-layer equalization pass (passes/equalize_layers.py)
 BIAS_CORRECTIONS = ("mean", "full", "empirical")  # weight_table.py (ACIQ eq. 12-13), calib/output_bias.py
 
@@ -36,6 +37,24 @@ class QuantSpec:
     granularity: str = "per_tensor"
     method: str = "minmax"
     rounding: str = "nearest"
+    block_size: int = 32  # weights at granularity per_block
+    format: str = "int"
+    scale: str = "float"
+    levels: str = "uniform"
+    clusters: int | None = None  # levels kmeans: codebook size (None: 2^bits)
+
+
+def spec_conflict(spec: QuantSpec) -> str | None:
+    """Why the fields of `spec` cannot go together, or None."""
+    if spec.format != "int" and spec.bits != 8:
+        return f"format {spec.format} stores 8 bits, not {spec.bits}; accepted: bits 8 with an FP8 format"
+    if spec.format != "int" and spec.granularity == "per_block":
+        return f"format {spec.format} with granularity per_block; accepted: FP8 per tensor or per channel"
+    if spec.levels != "uniform" and (spec.format != "int" or spec.granularity == "per_block"):
+        return (
+            f"levels {spec.levels} with format {spec.format}, granularity {spec.granularity}; accepted: int"
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -98,6 +117,12 @@ class Rules:
         smooth_quant: float | None = None,
         bias_correction: str | None = None,
         equalize_layers: bool = False,
+        weight_format: str | None = None,
+        activation_format: str | None = None,
+        block_size: int | None = None,
+        pow2_scales: bool = False,
+        levels: str | None = None,
+        clusters: int | None = None,
     ) -> Rules:
         """CLI flags override the file's global settings; per-node overrides still apply on top.
 
@@ -120,6 +145,16 @@ class Rules:
             )
         if bias_correction is not None:
             _choice("bias_correction", bias_correction, BIAS_CORRECTIONS)
+        weights = replace(weights, **_format_fields(weight_format, levels=levels, clusters=clusters))
+        acts = replace(acts, **_format_fields(activation_format))
+        if block_size is not None:
+            weights = replace(weights, granularity="per_block", block_size=int(block_size))
+        if pow2_scales:
+            weights, acts = replace(weights, scale="pow2"), replace(acts, scale="pow2")
+        for what, spec in (("weights", weights), ("activations", acts)):
+            problem = spec_conflict(spec)
+            if problem:
+                raise BadOptionError(f"{what}: {problem}")
         if abits is not None:
             acts = replace(acts, bits=int(abits))
         if method is not None:
@@ -147,6 +182,10 @@ class Rules:
                 reason = f"skipped by {where}" if ov.skip else ""
             weights = replace(weights, **ov.weights)
             acts = replace(acts, **ov.activations)
+            for what, spec in (("weights", weights), ("activations", acts)):
+                problem = spec_conflict(spec)
+                if problem:
+                    raise BadRulesError(f"{where}, node {node_name}: {what}: {problem}")
         return NodeRule(quantize=quantize, reason=reason, weights=weights, activations=acts)
 
     def unmatched_overrides(self, nodes: Iterable[tuple[str, str, frozenset[str]]]) -> list[str]:
@@ -157,6 +196,17 @@ class Rules:
             for i, ov in enumerate(self.overrides)
             if not any(ov.match.matches(*node) for node in nodes)
         ]
+
+
+def _format_fields(fmt: str | None, levels: str | None = None, clusters: int | None = None) -> dict:
+    fields = {}
+    if fmt is not None:
+        fields["format"] = _choice("format", fmt, FORMATS)
+    if levels is not None:
+        fields["levels"] = _choice("levels", levels, LEVELS)
+    if clusters is not None:
+        fields["clusters"] = int(clusters)
+    return fields
 
 
 def _with_pass(passes: tuple[str, ...], name: str, wanted: bool) -> tuple[str, ...]:

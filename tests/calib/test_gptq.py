@@ -1,6 +1,7 @@
-"""GPTQ: im2col rows against a loop and ONNX Runtime, streaming Hessians, the published properties of the
-algorithm (diagonal H is round-to-nearest, lazy blocks change nothing), lower layer-output error than
-round-to-nearest at 4 bits, and codes that survive Q/DQ insertion unchanged."""
+"""GPTQ: im2col rows against a loop and ONNX Runtime (grouped and depthwise Convs too), streaming Hessians,
+the published properties of the algorithm (diagonal H is round-to-nearest, lazy blocks change nothing), a
+grouped layer rounded as its groups alone, lower layer-output error than round-to-nearest at 4 bits, and codes
+that survive Q/DQ insertion unchanged (an equalized depthwise Conv's included)."""
 
 from __future__ import annotations
 
@@ -102,9 +103,38 @@ def test_gemm_and_matmul_rows_reproduce_onnx_runtime():
     np.testing.assert_allclose(layer_rows(x, layer.view) @ b, run(matmul, x).reshape(-1, 4), rtol=1e-5)
 
 
-def test_grouped_and_same_padded_convs_are_refused_with_a_reason():
-    grouped = helper.make_node("Conv", ["x", "w"], ["y"], name="c", group=2)
-    assert "grouped" in describe_layer(grouped, (4, 2, 3, 3))
+GROUPED_CASES = [  # groups, input channels per group, output channels per group, kernel, pads
+    (2, 3, 2, (3, 3), (1, 0, 1, 2)),  # group 2
+    (3, 1, 2, (3, 3), (1, 1, 1, 1)),  # depthwise, channel multiplier 2
+    (4, 1, 1, (5,), (2, 2)),  # 1-D depthwise
+]
+
+
+@pytest.mark.parametrize("groups, cin_g, cout_g, kernel, pads", GROUPED_CASES)
+def test_grouped_conv_rows_are_each_groups_own_rows_and_reproduce_onnx_runtime(
+    groups, cin_g, cout_g, kernel, pads
+):
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, groups * cin_g, *(7,) * len(kernel))).astype(np.float32)
+    w = rng.standard_normal((groups * cout_g, cin_g, *kernel)).astype(np.float32)
+    model = one_node_model("Conv", x.shape, w, group=groups, pads=list(pads))
+    layer = describe_layer(model.graph.node[0], w.shape)
+    assert isinstance(layer, Layer) and layer.view.groups == groups and layer.view.k == w[0].size
+    rows = layer_rows(x, layer.view)
+    y = np.moveaxis(run(model, x), 1, -1).reshape(-1, len(w))  # (rows, Cout)
+    ones = (1,) * len(kernel)
+    k = layer.view.k
+    for g in range(groups):
+        block = rows[:, g * k : (g + 1) * k]
+        alone = loop_rows(x[:, g * cin_g : (g + 1) * cin_g], kernel, pads, ones, ones)
+        np.testing.assert_array_equal(block, alone)
+        w_g = w[g * cout_g : (g + 1) * cout_g].reshape(cout_g, -1)
+        np.testing.assert_allclose(block @ w_g.T, y[:, g * cout_g : (g + 1) * cout_g], rtol=1e-5, atol=1e-5)
+
+
+def test_bad_groups_and_same_padded_convs_are_refused_with_a_reason():
+    grouped = helper.make_node("Conv", ["x", "w"], ["y"], name="c", group=3)
+    assert "group=3" in describe_layer(grouped, (4, 2, 3, 3))
     same = helper.make_node("Conv", ["x", "w"], ["y"], name="c", auto_pad="SAME_UPPER")
     assert "auto_pad" in describe_layer(same, (4, 2, 3, 3))
 
@@ -128,7 +158,28 @@ def test_streamed_hessian_over_three_batches_equals_the_one_shot_hessian(monkeyp
     merged = parts[0].merge(parts[1]).merge(parts[2])
     for stats in (streamed, merged):
         assert stats.rows == len(rows)
-        np.testing.assert_allclose(stats.hessian(), expected, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(stats.hessian()[0], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_streamed_grouped_hessians_equal_each_groups_one_shot_hessian(monkeypatch):
+    rng = np.random.default_rng(12)
+    kernel, pads = (3, 3), (1, 1, 0, 1)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="c", pads=pads, group=3)
+    view = describe_layer(node, (6, 2, *kernel)).view  # 6 input channels in 3 groups of 2
+    batches = [rng.standard_normal((n, 6, 5, 6)) for n in (2, 3, 1)]
+    x = np.concatenate(batches)
+    monkeypatch.setattr(hessian, "CHUNK", 50)
+    streamed, parts = HessianStats.empty(view.k, view.groups), []
+    for batch in batches:
+        accumulate(streamed, batch, view)
+        parts.append(HessianStats.empty(view.k, view.groups))
+        accumulate(parts[-1], batch, view)
+    merged = parts[0].merge(parts[1]).merge(parts[2])
+    for g in range(3):
+        rows = loop_rows(x[:, 2 * g : 2 * g + 2], kernel, pads, (1, 1), (1, 1))
+        for stats in (streamed, merged):
+            assert stats.xtx.shape == (3, 18, 18) and stats.rows == len(rows)
+            np.testing.assert_allclose(stats.hessian()[g], 2 * rows.T @ rows / len(rows), rtol=1e-12)
 
 
 def rtn(w, s, z, lo, hi):
@@ -197,21 +248,57 @@ def layer_mse(model_of, w_float, w_hat, x) -> float:
     return float(np.mean((run(model_of(w_float), x) - run(model_of(w_hat), x)) ** 2))
 
 
-@pytest.mark.parametrize("op", ["Gemm", "Conv"])
+@pytest.mark.parametrize("groups, per_group, k", [(2, 5, 18), (6, 2, 9), (1, 4, 30)])
+def test_grouped_codes_are_each_group_rounded_alone_on_its_own_hessian(groups, per_group, k):
+    """The batched rounding of G groups equals G separate GPTQ runs (group 2, depthwise with channel
+    multiplier 2, and the ungrouped stack of one), and the error proxy is the sum of the groups'."""
+    rng = np.random.default_rng(13)
+    w = rng.standard_normal((groups * per_group, k))
+    hs = []
+    for _ in range(groups):
+        x = rng.standard_normal((300, k)) @ rng.standard_normal((k, k)) * rng.uniform(0.1, 10)
+        x[:, rng.integers(k)] = 0.0  # a dead input in every group, at a different place
+        hs.append(2 * x.T @ x / len(x))
+    hs = np.stack(hs)
+    s, z, lo, hi = symmetric_grid(w)
+    codes = gptq_codes(w, hs, s, z, lo, hi, block=4)
+    assert not np.array_equal(codes, rtn(w, s, z, lo, hi))
+    proxy = 0.0
+    for g in range(groups):
+        at = slice(g * per_group, (g + 1) * per_group)
+        alone = gptq_codes(w[at], hs[g], s[at], z[at], lo, hi, block=4)
+        np.testing.assert_array_equal(codes[at], alone)
+        proxy += gptq.error_proxy(w[at], alone * s[at, None], hs[g])
+    assert gptq.error_proxy(w, codes * s[:, None], hs) == pytest.approx(proxy, rel=1e-12)
+
+
+def smooth_images(rng, shape, width: int = 4) -> np.ndarray:
+    """Noise box-blurred over `width`×`width` pixels: neighbouring pixels strongly correlated."""
+    n, c, hgt, wid = shape
+    z = rng.standard_normal((n, c, hgt + width - 1, wid + width - 1))
+    windows = np.lib.stride_tricks.sliding_window_view(z, (width, width), axis=(2, 3))
+    return (windows.mean(axis=(-2, -1)) * width).astype(np.float32)
+
+
+@pytest.mark.parametrize("op", ["Gemm", "Conv", "depthwise"])
 def test_4bit_gptq_lowers_the_layer_output_error_below_round_to_nearest(op):
     rng = np.random.default_rng(5)
     if op == "Gemm":
         x, w = correlated(rng, (512, 48)), rng.standard_normal((16, 48)).astype(np.float32)
         attrs = {"transB": 1}
-    else:
+    elif op == "Conv":
         x, w = correlated(rng, (16, 6, 8, 8)), rng.standard_normal((8, 6, 3, 3)).astype(np.float32)
         attrs = {"pads": [1, 1, 1, 1]}
+    else:  # depthwise 5x5: the correlation is between neighbouring pixels of one channel
+        x, w = smooth_images(rng, (16, 8, 12, 12)), rng.standard_normal((8, 1, 5, 5)).astype(np.float32)
+        attrs = {"pads": [2, 2, 2, 2], "group": 8}
+        op = "Conv"
 
     def model_of(weight):
         return one_node_model(op, x.shape, weight, **attrs)
 
     layer = describe_layer(model_of(w).graph.node[0], w.shape)
-    stats = HessianStats.empty(layer.view.k)
+    stats = HessianStats.empty(layer.view.k, layer.view.groups)
     accumulate(stats, x, layer.view)
     w2d = w.reshape(len(w), -1).astype(np.float64)
     s, z, lo, hi = symmetric_grid(w2d)
@@ -298,38 +385,75 @@ def test_collect_hessians_budget_groups_give_the_same_sums():
     one_pass = collect_hessians(model, layers, batches)
     per_layer = collect_hessians(model, layers, batches, budget=1)
     f = make_session(with_outputs(model, ["f"])).run(["f"], {"x": x})[0].astype(np.float64)
-    np.testing.assert_allclose(one_pass[layers[1].node].hessian(), 2 * f.T @ f / len(f), rtol=1e-9)
+    np.testing.assert_allclose(one_pass[layers[1].node].hessian()[0], 2 * f.T @ f / len(f), rtol=1e-9)
     for layer in layers:
         assert one_pass[layer.node].rows == per_layer[layer.node].rows
         np.testing.assert_array_equal(one_pass[layer.node].xtx, per_layer[layer.node].xtx)
 
 
-GROUPED = """
+PW_DW_PW = """
 <ir_version: 8, opset_import: ["" : 17]>
-g (float[N, 4, 5, 5] x) => (float[N, 6, 5, 5] y) {
-  c = Conv <group = 2, pads = [1, 1, 1, 1]> (x, wc)
-  y = Conv (c, wp)
+g (float[N, 3, 10, 10] x) => (float[N, 4, 10, 10] y) {
+  a = Conv (x, w1, b1)
+  d = Conv <group = 8, pads = [1, 1, 1, 1]> (a, wd, bd)
+  r = Relu (d)
+  y = Conv (r, w2, b2)
 }
 """
 
 
-def test_grouped_convs_are_skipped_and_keep_their_weights():
-    rng = np.random.default_rng(9)
-    model = onnx.parser.parse_model(GROUPED)
-    for name, shape in (("wc", (4, 2, 3, 3)), ("wp", (6, 4, 1, 1))):
-        model.graph.initializer.append(
-            numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
-        )
-    x = correlated(rng, (8, 4, 5, 5))
-    folded, _, plan, _ = api.prepare(model, api.resolve_rules(None, wbits=4))
-    table, _ = api.complete_table(folded, plan, api.calibrate(folded, plan, {"x": x})[0])
-    tuned, results = apply_gptq(folded, plan, table, [{"x": x}])
-    by_node = {r.node: r for r in results}
-    grouped = next(n for n in folded.graph.node if n.input[1] == "wc")
-    assert "grouped" in by_node[grouped.name].skipped
-    before, after = ({t.name: numpy_helper.to_array(t) for t in m.graph.initializer} for m in (folded, tuned))
-    np.testing.assert_array_equal(after["wc"], before["wc"])
-    assert not np.array_equal(after["wp"], before["wp"])  # the 1x1 Conv was rounded onto its grid
-    entry: TensorRange = table.tensors["wp"]
-    s = np.asarray(entry.scale, np.float32).reshape(-1, 1, 1, 1)
-    np.testing.assert_array_equal(np.rint(after["wp"] / s), np.clip(np.rint(after["wp"] / s), -8, 7))
+def pw_dw_pw_model() -> onnx.ModelProto:
+    """Pointwise → depthwise 3x3 → pointwise; the first layer's channels spread 30× in range, so the default
+    preset equalizes the depthwise input per channel."""
+    rng = np.random.default_rng(14)
+    model = onnx.parser.parse_model(PW_DW_PW)
+    spread = np.geomspace(0.1, 3.0, 8).astype(np.float32)
+    values = {
+        "w1": rng.standard_normal((8, 3, 1, 1)) * spread[:, None, None, None],
+        "b1": rng.standard_normal(8) * 0.1,
+        "wd": rng.standard_normal((8, 1, 3, 3)),
+        "bd": rng.standard_normal(8) * 0.1,
+        "w2": rng.standard_normal((4, 8, 1, 1)) / spread[None, :, None, None],
+        "b2": rng.standard_normal(4) * 0.1,
+    }
+    for name, value in values.items():
+        model.graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), name))
+    return model
+
+
+def sqnr(reference: np.ndarray, value: np.ndarray) -> float:
+    reference, value = (np.asarray(v, np.float64) for v in (reference, value))
+    return float(10 * np.log10(np.sum(reference**2) / np.sum((reference - value) ** 2)))
+
+
+def test_convert_with_gptq_rounds_an_equalized_depthwise_conv_on_its_group_hessians():
+    model = pw_dw_pw_model()
+    rng = np.random.default_rng(15)
+    x = smooth_images(rng, (32, 3, 10, 10))
+    held_out = smooth_images(rng, (32, 3, 10, 10))
+    rules = api.resolve_rules(None)
+    gptq_result = api.convert(model, rules.with_cli(rounding="gptq"), data={"x": x}, wbits=4)
+    nearest_result = api.convert(model, rules, data={"x": x}, wbits=4)
+    folded = gptq_result.float_model
+    dw = next(n for n in folded.graph.node if n.input[1] == "wd")
+    assert gptq_result.plan.equalized.get(dw.input[0]) == dw.name  # the depthwise input is equalized
+    assert gptq_result.table.tensors[dw.input[0]].axis == 1  # ... and kept per channel by calibration
+
+    a = make_session(with_outputs(folded, [dw.input[0]])).run([dw.input[0]], {"x": x})[0]
+    rows = loop_rows(a.astype(np.float64), (3, 3), (1, 1, 1, 1), (1, 1), (1, 1))  # all 8 channels' patches
+    hs = np.stack([2 * r.T @ r / len(r) for r in np.split(rows, 8, axis=1)])  # one 9x9 Hessian per channel
+    wd = numpy_helper.to_array(next(t for t in folded.graph.initializer if t.name == "wd"))
+    p = gptq_result.table.tensors["wd"].qparams()
+    expected = gptq_codes(wd.reshape(8, 9), hs, p.scale, p.zero_point, p.qmin, p.qmax)
+    stored = weight_codes(gptq_result.model, dw.name).reshape(8, 9)
+    np.testing.assert_array_equal(stored, expected)
+    assert not np.array_equal(stored, weight_codes(nearest_result.model, dw.name).reshape(8, 9))
+
+    reference = make_session(model).run(None, {"x": held_out})[0]
+    with_gptq, without = (
+        make_session(r.model).run(None, {"x": held_out})[0] for r in (gptq_result, nearest_result)
+    )
+    assert sqnr(reference, with_gptq) > sqnr(reference, without) + 1.0, (
+        sqnr(reference, with_gptq),
+        sqnr(reference, without),
+    )

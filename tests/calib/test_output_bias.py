@@ -125,12 +125,14 @@ def test_measured_shift_matches_a_numpy_reference(converted):
     assert max(np.abs(s).max() for s in shifts.values()) > 1e-2  # 4-bit weights: a shift worth correcting
 
 
-def test_streaming_mean_does_not_depend_on_batching(converted):
+def test_streaming_mean_does_not_depend_on_batching_or_segments(converted):
     result, _ = converted
     even = measure_output_shift(result.float_model, result.model, _data())
     uneven = measure_output_shift(result.float_model, result.model, _data((5, 27)))
+    segmented = measure_output_shift(result.float_model, result.model, _data(), budget=1)  # a node a segment
     for layer in LAYERS:
         np.testing.assert_allclose(uneven[layer], even[layer], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(segmented[layer], even[layer], rtol=1e-6, atol=1e-7)
 
 
 def _corrected(result):

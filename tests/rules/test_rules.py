@@ -96,6 +96,14 @@ def test_op_types_outside_quantize_ops_stay_float_with_reason():
         ("smooth_quant: 1.5", "smooth_quant", "0..1"),
         ("smooth_quant: yes", "smooth_quant", "0..1"),
         ("bias_correction: always", "bias_correction", "mean, full, empirical"),
+        ("weights: {granularity: per_row}", "weights.granularity", "per_block"),
+        ("weights: {block_size: 1}", "weights.block_size", "2..65536"),
+        ("weights: {format: fp4}", "weights.format", "int, fp8_e4m3, fp8_e5m2"),
+        ("weights: {format: fp8_e4m3, bits: 4}", "weights", "stores 8 bits, not 4"),
+        ("activations: {levels: kmeans}", "activations.levels", "uniform"),
+        ("weights: {levels: apot, granularity: per_block}", "weights", "accepted: int"),
+        ("weights: {scale: log}", "weights.scale", "float, pow2"),
+        ("weights: {clusters: 1000}", "weights.clusters", "2..256"),
     ],
 )
 def test_bad_rule_files_name_file_key_and_choices(tmp_path, text, key, accepted):
@@ -161,3 +169,31 @@ def test_low_bit_stages_are_rule_keys_and_cli_flags():
         plain.with_cli(smooth_quant=2)
     with pytest.raises(BadOptionError, match="rounding='up'; accepted: nearest, gptq"):
         plain.with_cli(rounding="up")
+
+
+def test_number_formats_are_rule_keys_and_cli_flags():
+    rules = parse_rules("weights: {granularity: per_block, block_size: 64, bits: 4, scale: pow2}", "r.yaml")
+    assert (rules.weights.granularity, rules.weights.block_size, rules.weights.scale) == (
+        "per_block",
+        64,
+        "pow2",
+    )
+    assert parse_rules(loader.dump_rules(rules), "again.yaml").weights == rules.weights
+    plain = load_rules("default")
+    cli = plain.with_cli(weight_format="fp8_e4m3", activation_format="fp8_e4m3", pow2_scales=True)
+    assert (cli.weights.format, cli.activations.format, cli.activations.scale) == (
+        "fp8_e4m3",
+        "fp8_e4m3",
+        "pow2",
+    )
+    assert plain.with_cli(block_size=32, wbits=4).weights.granularity == "per_block"
+    assert plain.with_cli(levels="kmeans", clusters=16).weights.clusters == 16
+    with pytest.raises(BadOptionError, match="weights: format fp8_e5m2 stores 8 bits, not 4"):
+        plain.with_cli(wbits=4, weight_format="fp8_e5m2")
+    override = parse_rules(
+        "weights: {format: fp8_e4m3}\noverrides: [{match: {name: c1}, weights: {bits: 4}}]", "o.yaml"
+    )
+    with pytest.raises(
+        BadRulesError, match="o.yaml override 1 .*node c1: weights: format fp8_e4m3 stores 8 bits"
+    ):
+        override.for_node("c1", "Conv", frozenset())
