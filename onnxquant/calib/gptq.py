@@ -16,7 +16,11 @@ diagonal 1 and their weights 0. With `act_order`, columns are rounded in the ord
 inputs with the most energy first, while the most columns remain to absorb their error) and permuted back.
 
 H is taken on the float model's inputs (`calib.hessian`: one streaming pass for all layers), not on the
-already quantized layers before it, and activation quantization is not simulated.
+already quantized layers before it, and activation quantization is not simulated. A layer with fewer
+calibration rows than inputs (a Dense layer seeing one row per sample) keeps round-to-nearest: its H is
+singular, and GPTQ would move the rounding error into directions the calibration set never excites but
+other inputs do (measured on a real byte classifier, 512 inputs and 32 samples: 27.8 dB held-out output
+SQNR with round-to-nearest, 24.6 dB with GPTQ there).
 
 A grouped Conv (group = G, depthwise included) is G independent layers: the Cout/G output rows of group g
 read only their group's K_g = Cin/G·kh·kw inputs, so tr((W − Ŵ) H (W − Ŵ)ᵀ) is the sum over groups of
@@ -25,12 +29,13 @@ stack). The groups run side by side: one batched Cholesky and triangular inverse
 column loop over K_g columns on (G, Cout/G) slices, so a depthwise 5x5 Conv costs 25 small vector steps
 whatever its channel count.
 
-A depthwise Conv whose input is equalized (`QuantPlan.equalized`, `depthwise_inputs: per_channel`, i.e.
-every depthwise Conv of the default preset) needs nothing more: Q/DQ insertion stores the codes of the
+A depthwise Conv whose input is equalized (`QuantPlan.equalized`: `depthwise_inputs: per_channel`, which
+the default preset plans for its depthwise Convs) needs nothing more: Q/DQ insertion stores the codes of the
 weight *as given* on the table's grid and only divides the DequantizeLinear scale of output channel c by
 k_c, while the Conv reads x_c·k_c, so the layer computes Σ (q − z)·s/k_c · k_c·x̂_c = Σ (q − z)·s·x̂_c, the
-same as without equalization; and a depthwise group's H_g is one channel's, which k_c would only scale by
-k_c² (GPTQ's result does not change when H is scaled: the damping is relative to its mean diagonal).
+same codes and products as without equalization. (Rounding the equalized weights W·k against the Hessian
+of x·k instead would give the same codes too: a depthwise group's H_g is one channel's, scaled by k_c², and
+GPTQ does not change when H is scaled, its damping being relative to the mean diagonal.)
 
 `apply_gptq` writes each processed weight as its dequantized codes, (q − z)·s in the weight's own layout and
 dtype, so that `insert_qdq`'s round-to-nearest on the same table entry reproduces the GPTQ codes exactly.
@@ -145,9 +150,9 @@ def gptq_codes(
     block: int = 128,
     act_order: bool = True,
 ) -> np.ndarray:
-    """Integer codes (int64, shape of `w`) of `w` (outputs, K) rounded by GPTQ against the Hessian `h`: (K, K),
-    or (G, K, K) for a grouped layer whose output rows split into G equal consecutive parts, part g rounded
-    against h[g] (a grouped Conv, K = K_g).
+    """Integer codes (int64, shape of `w`) of `w` (outputs, K) rounded by GPTQ against the Hessian `h`:
+    (K, K), or (G, K, K) for a grouped layer whose output rows split into G equal consecutive parts, part g
+    rounded against h[g] (a grouped Conv, K = K_g).
 
     `scale`, `zero_point`, `qmin`, `qmax`: scalars (per tensor) or one per output row (per channel); the
     dequantized weights are (q − z)·s. See the module docstring for the algorithm."""
@@ -340,6 +345,13 @@ def apply_gptq(
         stats = hessians.get(layer.node)
         if stats is None or stats.rows == 0:
             results.append(GptqResult(layer.node, layer.weight, skipped="no usable calibration rows"))
+            continue
+        if stats.rows < layer.view.k:
+            reason = (
+                f"{stats.rows} calibration rows for {layer.view.k} inputs: a Hessian of lower rank than its "
+                "size fits the calibration set, not the data (more samples help)"
+            )
+            results.append(GptqResult(layer.node, layer.weight, skipped=reason))
             continue
         slot = out.graph.initializer[index[layer.weight]]
         w = numpy_helper.to_array(slot)

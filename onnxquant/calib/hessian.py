@@ -14,9 +14,9 @@ the cross terms between blocks never meet a weight: each group has its own H_g =
 own block. The sums are kept as one (G, K_g, K_g) array (G = 1 for every other layer), G·K_g² values instead
 of K²: 256·25² for a 256-channel 5x5 depthwise Conv.
 
-The sums merge across batches and shards, so memory is G·K_g² float64 per layer whatever the number of samples;
-rows are materialized about `CHUNK` values at a time; layers that read one tensor the same way share one
-sum; and layers are collected in groups (one pass over the data each) when their sums exceed a budget. The
+The sums merge across batches and shards, so memory is G·K_g² float64 per layer whatever the number of
+samples; rows are materialized about `CHUNK` values at a time; layers that read one tensor the same way share
+one sum; and layers are collected in groups (one pass over the data each) when their sums exceed a budget. The
 model runs through the calibration engine's segment runner, as activation calibration does.
 """
 
@@ -87,12 +87,15 @@ class HessianStats:
         """Add rows (n × groups·K_g): block g of every row goes into group g's sum."""
         groups, k = self.xtx.shape[:2]
         rows = np.asarray(rows, np.float64)
-        if groups == 1:
-            self.xtx[0] += rows.T @ rows
+        self.add_blocks(rows[None] if groups == 1 else rows.reshape(len(rows), groups, k).transpose(1, 0, 2))
+
+    def add_blocks(self, blocks: np.ndarray) -> None:
+        """Add each group's rows, `blocks` (groups, n, K_g) float64."""
+        if len(blocks) == 1:
+            self.xtx[0] += blocks[0].T @ blocks[0]  # numpy's 2-D AᵀA is one symmetric rank-k update (syrk)
         else:
-            blocks = np.ascontiguousarray(rows.reshape(len(rows), groups, k).transpose(1, 0, 2))
-            self.xtx += blocks.transpose(0, 2, 1) @ blocks  # (groups, n, K_g) → (groups, K_g, K_g)
-        self.rows += rows.shape[0]
+            self.xtx += blocks.transpose(0, 2, 1) @ blocks
+        self.rows += blocks.shape[1]
 
     def merge(self, other: HessianStats) -> HessianStats:
         return HessianStats(self.xtx + other.xtx, self.rows + other.rows)
@@ -170,7 +173,27 @@ def layer_rows(x: np.ndarray, view: RowsView) -> np.ndarray:
     return x.reshape(-1, view.k)
 
 
+def grouped_rows(x: np.ndarray, view: RowsView) -> np.ndarray:
+    """A Conv's rows of one input batch `x` split by group, (groups, rows, K_g) float64: block g of
+    `layer_rows`, made in one copy (no im2col matrix, float64 copy and transpose one after another)."""
+    dims = len(view.kernel)
+    patches = _patches(x, view)  # (N, C, *out, *kernel)
+    n, _, *rest = patches.shape
+    split = patches.reshape(n, view.groups, -1, *rest)  # (N, G, C/G, *out, *kernel)
+    order = (1, 0, *range(3, 3 + dims), 2, *range(3 + dims, 3 + 2 * dims))  # (G, N, *out, C/G, *kernel)
+    blocks = np.empty(tuple(split.shape[i] for i in order), np.float64)
+    blocks[...] = split.transpose(order)
+    return blocks.reshape(view.groups, -1, view.k)
+
+
 def _im2col(x: np.ndarray, view: RowsView) -> np.ndarray:
+    dims = len(view.kernel)
+    order = (0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims))  # (N, *out, C, *kernel)
+    return _patches(x, view).transpose(order).reshape(-1, view.width)
+
+
+def _patches(x: np.ndarray, view: RowsView) -> np.ndarray:
+    """The Conv's input patches as a strided view (N, C, *out, *kernel)."""
     dims = len(view.kernel)
     if x.ndim != dims + 2 or x.shape[1] * int(np.prod(view.kernel)) != view.width:
         raise InternalError(f"Conv input of shape {x.shape} for a {dims}-D kernel of {view.width} columns")
@@ -183,9 +206,7 @@ def _im2col(x: np.ndarray, view: RowsView) -> np.ndarray:
     index += tuple(slice(None, None, s) for s in view.strides) + tuple(
         slice(None, None, d) for d in view.dilations
     )
-    patches = windows[index]  # (N, C, *out, *kernel)
-    order = (0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims))  # (N, *out, C, *kernel)
-    return patches.transpose(order).reshape(-1, view.width)
+    return windows[index]
 
 
 def accumulate(stats: HessianStats, x: np.ndarray, view: RowsView) -> None:
@@ -195,7 +216,7 @@ def accumulate(stats: HessianStats, x: np.ndarray, view: RowsView) -> None:
         positions = int(np.prod(x.shape[2:]))  # about one patch row per input position (stride 1)
         step = max(1, CHUNK // max(1, positions * view.width))
         for start in range(0, x.shape[0], step):
-            stats.update(layer_rows(x[start : start + step], view))
+            stats.add_blocks(grouped_rows(x[start : start + step], view))
         return
     rows = layer_rows(x, view)
     step = max(1, CHUNK // max(view.k, 1))

@@ -24,7 +24,6 @@ from onnxquant.calib.hessian import (
     layer_rows,
 )
 from onnxquant.model import make_session, with_outputs
-from onnxquant.tables import TensorRange
 
 
 def loop_rows(x, kernel, pads, strides, dilations) -> np.ndarray:
@@ -128,6 +127,7 @@ def test_grouped_conv_rows_are_each_groups_own_rows_and_reproduce_onnx_runtime(
         block = rows[:, g * k : (g + 1) * k]
         alone = loop_rows(x[:, g * cin_g : (g + 1) * cin_g], kernel, pads, ones, ones)
         np.testing.assert_array_equal(block, alone)
+        np.testing.assert_array_equal(hessian.grouped_rows(x, layer.view)[g], alone)
         w_g = w[g * cout_g : (g + 1) * cout_g].reshape(cout_g, -1)
         np.testing.assert_allclose(block @ w_g.T, y[:, g * cout_g : (g + 1) * cout_g], rtol=1e-5, atol=1e-5)
 
@@ -344,7 +344,7 @@ def weight_codes(quant: onnx.ModelProto, node_name: str) -> np.ndarray:
 
 def test_convert_after_apply_gptq_stores_the_gptq_codes_and_runs():
     model = conv_gemm_model()
-    x = correlated(np.random.default_rng(7), (48, 3, 6, 6))
+    x = correlated(np.random.default_rng(7), (160, 3, 6, 6))  # the Gemm needs rows >= its 144 inputs
     batches = [{"x": x[i : i + 16]} for i in range(0, len(x), 16)]
     rules = api.resolve_rules(None, wbits=4)
     folded, _, plan, _ = api.prepare(model, rules)
@@ -373,7 +373,22 @@ def test_convert_after_apply_gptq_stores_the_gptq_codes_and_runs():
         )
         np.testing.assert_array_equal(weight_codes(result.model, node.name).reshape(expected.shape), expected)
     y = make_session(result.model).run(None, {"x": x})[0]
-    assert y.shape == (48, 5) and np.isfinite(y).all()
+    assert y.shape == (160, 5) and np.isfinite(y).all()
+
+
+def test_a_layer_with_fewer_calibration_rows_than_inputs_keeps_round_to_nearest():
+    model = conv_gemm_model()
+    x = correlated(np.random.default_rng(7), (48, 3, 6, 6))  # the Gemm sees 48 rows for 144 inputs
+    folded, _, plan, _ = api.prepare(model, api.resolve_rules(None, wbits=4))
+    table, _ = api.complete_table(folded, plan, api.calibrate(folded, plan, {"x": x})[0])
+    tuned, results = apply_gptq(folded, plan, table, [{"x": x}])
+    conv, gemm = results
+    assert conv.skipped is None and "48 calibration rows for 144 inputs" in gemm.skipped
+    weights = {t.name: numpy_helper.to_array(t) for t in tuned.graph.initializer}
+    np.testing.assert_array_equal(
+        weights[gemm.weight],
+        numpy_helper.to_array(next(t for t in folded.graph.initializer if t.name == gemm.weight)),
+    )
 
 
 def test_collect_hessians_budget_groups_give_the_same_sums():
