@@ -29,6 +29,7 @@ from onnxquant.calib.equalize import depthwise_input_range
 from onnxquant.calib.gptq import apply_gptq
 from onnxquant.calib.methods import METHODS, WEIGHT_METHODS, clip_range, collect_options
 from onnxquant.calib.output_bias import correct_biases, measure_output_shift
+from onnxquant.calib.pow2 import format_activation_entry
 from onnxquant.calib.smooth import smooth
 from onnxquant.calib.weight_table import BIAS_CORRECTION, weight_entries
 from onnxquant.errors import (
@@ -42,7 +43,8 @@ from onnxquant.errors import (
 from onnxquant.model import INT4_OPSET, model_bytes, opset_of, upgrade_opset
 from onnxquant.passes import PASS_NAMES, Outcome, run_passes
 from onnxquant.passes.canonicalize import NAME as CANONICALIZE
-from onnxquant.passes.insert_qdq import PER_CHANNEL_OPSET, QdqSummary, insert_qdq
+from onnxquant.passes.insert_codebook import refuse_codebook
+from onnxquant.passes.insert_qdq import PER_CHANNEL_OPSET, QdqSummary, format_opset, insert_qdq
 from onnxquant.passes.plan import FUSED_ACTIVATIONS, QuantPlan, plan_quantization, tensor_shapes
 from onnxquant.quant import MAX_BITS, MIN_BITS
 from onnxquant.report import Report, SuggestOptions, build_report
@@ -222,12 +224,18 @@ def prepare(
     notes = subgraph_notes(folded)
     for note in notes:
         log.warning("%s", note)
-    target = INT4_OPSET if 4 in plan.weight_bits else PER_CHANNEL_OPSET
+    needed = format_opset(plan)  # block-wise weights and FP8: 21 (passes/insert_qdq.py)
+    target = max(INT4_OPSET if 4 in plan.weight_bits else PER_CHANNEL_OPSET, needed)
     if opset_of(folded) < target:
         try:
             folded = upgrade_opset(folded, target)
             notes.append(f"opset upgraded to {target}")
-        except BadModelError:
+        except BadModelError as exc:
+            if needed > PER_CHANNEL_OPSET:
+                raise BadModelError(
+                    f"model: its number formats (block-wise weights or FP8) need opset {needed}, and the "
+                    f"conversion failed ({exc}); accepted: a model convertible to opset {needed}"
+                ) from exc
             if target == PER_CHANNEL_OPSET:
                 raise
             folded = upgrade_opset(folded, PER_CHANNEL_OPSET)
@@ -286,6 +294,9 @@ def calibrate(
         channel_mad = {  # equalized inputs use per-channel min/max only
             plan.range_source(t) for t in allocated if METHODS[plan.activations[t].method].needs_moments
         }
+        options = collect_options(methods)
+        if any(s.scale == "pow2" for s in plan.activations.values()):
+            options["histograms"] = True  # power-of-two scales are chosen on histograms (calib/pow2.py)
         stats = collect_stats(
             model,
             sorted(sources | channels),
@@ -294,7 +305,7 @@ def calibrate(
             progress=progress,
             per_channel=sorted(channels),
             channel_mad=sorted(channel_mad),
-            **collect_options(methods),
+            **options,
         )
         stats.update({t: stats[plan.range_source(t)] for t in plan.shared if plan.range_source(t) in stats})
     tensors = {}
@@ -315,6 +326,8 @@ def calibrate(
         )
     for t in (t for t in allocated if t in sources):
         tensors[t] = _allocated_range(sources, t, plan.activations[t], method_options)
+    for t in sorted(set(tensors) & set(plan.activations)):  # FP8 and power-of-two scales (calib/pow2.py)
+        tensors[t] = format_activation_entry(tensors[t], plan.activations[t], sources.get(t))
     main = max(methods, key=lambda m: sum(s.method == m for s in plan.activations.values()))
     bits = max(s.bits for s in plan.activations.values())
     return CalibrationTable(method=main, bits=bits, tensors=tensors), stats
@@ -467,6 +480,12 @@ def convert(
             )
         folded, plan, note = _smoothed(folded, rules, data, progress)
         notes.append(note)
+    codebook = any(d.quantize and d.weight and d.weights.levels != "uniform" for d in plan.nodes)
+    if codebook and (weight_correction or bit_alloc in ("weights", "both")):
+        raise BadOptionError(
+            "convert: bias correction mean/full and weight bit allocation work on uniform levels, not on "
+            "apot/kmeans codebooks; accepted: --levels uniform with them, or --bias-correction empirical"
+        )
     gptq = any(d.quantize and d.weight and d.weights.rounding == "gptq" for d in plan.nodes)
     if gptq and weight_correction:
         raise BadOptionError(
@@ -764,6 +783,7 @@ def validate(
 ):
     """Run the integer plan of `quant_model` and ONNX Runtime side by side (see onnxquant.runtime)."""
     quant_model = as_model(quant_model, "quantized model")
+    refuse_codebook(quant_model)
     data = as_data(data, quant_model, batch_size=batch_size, max_samples=max_samples)
     if data is None:
         raise BadDataError("validate: no data to run the models on; accepted: " + DATA_HELP)

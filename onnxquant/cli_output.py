@@ -14,6 +14,7 @@ from onnxquant.cli_options import human_size
 from onnxquant.errors import BadOptionError, CheckFailed
 from onnxquant.model import atomic_write
 from onnxquant.report import render_html, render_text
+from onnxquant.report.storage import storage_lines
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +84,10 @@ def print_convert_summary(result, size_in: int, size_out: int, out: Path) -> Non
     if result.equalized:
         layers = sum(len(o.nodes) for o in result.equalized)
         click.echo(f"cross-layer equalization: {len(result.equalized)} chain(s) of {layers} layers")
-    click.echo(
-        "weights quantized: "
-        + (", ".join(f"{n} at {b} bits" for b, n in sorted(s.weights.items())) or "none")
-    )
-    click.echo(
-        "activations quantized: "
-        + (", ".join(f"{n} at {b} bits" for b, n in sorted(s.activations.items())) or "none")
-    )
+    click.echo("weights quantized: " + s.weights_line())
+    click.echo("activations quantized: " + s.activations_line())
+    for line in storage_lines(result.model):
+        click.echo(line)
     if s.float_nodes:
         quantized = quantized_outputs(result.model, s.float_nodes)
         click.echo(f"left in float: {len(s.float_nodes)} nodes")

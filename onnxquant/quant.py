@@ -3,6 +3,8 @@
 `q = saturate(round_half_even(x / s) + z)`, `x ≈ s (q − z)`. A b-bit signed range is
 `[−2^(b−1), 2^(b−1)−1]`, unsigned `[0, 2^b−1]`. Symmetric ranges are signed with z = 0 and use
 `s = amax / (2^(b−1) − 1)` (the most negative code stays unused, as TensorRT and ONNX Runtime do).
+Block-wise parameters (ONNX opset 21 `block_size`) hold one scale and zero point per `block_size` consecutive
+elements along `axis`: their array has the tensor's rank, with that axis of length ceil(n / block_size).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class QParams:
     bits: int | np.ndarray
     signed: bool
     axis: int | None = None
+    block_size: int | None = None  # scale/zero_point have the tensor's rank, `axis` divided into blocks
 
     @property
     def qmin(self) -> np.ndarray:
@@ -76,18 +79,32 @@ def _broadcast(values: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
     return np.reshape(values, shape)
 
 
+def expand_blocks(values: np.ndarray, axis: int, block_size: int, length: int) -> np.ndarray:
+    """Block-wise `values` repeated `block_size` times along `axis` and cut to `length` there: one per
+    element of the tensor they quantize."""
+    return np.take(np.repeat(np.asarray(values), block_size, axis=axis), np.arange(length), axis=axis)
+
+
+def _per_element(values, p: QParams, x: np.ndarray) -> np.ndarray:
+    """`values` (one per channel, block or tensor) broadcastable against `x`."""
+    if p.block_size:
+        return expand_blocks(values, p.axis, p.block_size, x.shape[p.axis])
+    return _broadcast(values, p.axis, x.ndim)
+
+
 def quantize(x: np.ndarray, p: QParams) -> np.ndarray:
     """Integer codes (int64) of `x` under `p`, rounded half to even and saturated to the b-bit range."""
-    scale = _broadcast(p.scale.astype(np.float32), p.axis, x.ndim)
-    zero = _broadcast(p.zero_point, p.axis, x.ndim)
-    lo, hi = _broadcast(p.qmin, p.axis, x.ndim), _broadcast(p.qmax, p.axis, x.ndim)
+    scale = _per_element(p.scale.astype(np.float32), p, x)
+    zero = _per_element(p.zero_point, p, x)
+    width_axis = None if p.block_size else p.axis  # block-wise parameters have one width
+    lo, hi = _broadcast(p.qmin, width_axis, x.ndim), _broadcast(p.qmax, width_axis, x.ndim)
     q = np.rint(x.astype(np.float32) / scale).astype(np.int64) + zero
     return np.clip(q, lo, hi)
 
 
 def dequantize(q: np.ndarray, p: QParams) -> np.ndarray:
-    scale = _broadcast(p.scale.astype(np.float32), p.axis, q.ndim)
-    zero = _broadcast(p.zero_point, p.axis, q.ndim)
+    scale = _per_element(p.scale.astype(np.float32), p, q)
+    zero = _per_element(p.zero_point, p, q)
     return ((q - zero) * scale).astype(np.float32)
 
 

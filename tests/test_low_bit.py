@@ -88,6 +88,8 @@ def test_rule_file_keys_turn_the_stages_on(tmp_path):
             BadDataError,
             "empirical bias correction needs",
         ),
+        ({"levels": "kmeans"}, {"bias_correction": "mean"}, BadOptionError, "not on apot/kmeans codebooks"),
+        ({"levels": "apot"}, {"bit_alloc": "weights"}, BadOptionError, "not on apot/kmeans codebooks"),
     ],
 )
 def test_combinations_that_cannot_work_are_one_line(stages, options, error, pattern):

@@ -10,6 +10,12 @@ have the float mean (and spread). The codes stay those of scale s_c; the entry's
 DequantizeLinear scale s_c·ξ_c, and the offset o_c reaches the output through the bias:
 `bias_shift_c = o_c · Σ E[x]` over the receptive field of channel c (Conv: the input channel means of c's
 group times the kernel size; Gemm: all input feature means).
+
+Number formats (rules `granularity: per_block`, `format`, `scale`): block-wise entries (calib/blocks.py)
+have one range per block of `block_size` weights along the input axis; FP8 entries (calib/fp8.py) take the
+method's symmetric range as amax / the format's largest value; power-of-two scales (calib/pow2.py) replace
+each free scale by the 2^k of smallest squared error on the weight. Bias correction and bit allocation
+apply to per-channel integer entries with free scales only.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxquant.calib.bitalloc import allocate_bits
+from onnxquant.calib.blocks import block_axis, block_entry
+from onnxquant.calib.fp8 import fp8_entry, is_fp8
+from onnxquant.calib.pow2 import pow2_weight_entry
 from onnxquant.calib.weights import bias_correction as correction_terms
 from onnxquant.calib.weights import weight_range
 from onnxquant.errors import BadOptionError
@@ -70,9 +79,11 @@ def weight_entries(
         w = np.asarray(
             constant(node.inputs[1], readonly=True), np.float32
         )  # no second copy of a float32 weight
-        axis = weight_axis(node, w.ndim) if d.weights.granularity == "per_channel" else None
+        axis = _entry_axis(node, w.ndim, d.weights)
         entry = weight_entry(w, axis, d.weights, bit_alloc, name=d.weight)
-        if bias_correction and axis is not None and node.op in CORRECTED_OPS and users[d.weight] == 1:
+        if bias_correction and not _plain(d.weights):
+            entry = replace(entry, note=f"bias correction skipped ({_format_name(d.weights)} weights)")
+        elif bias_correction and axis is not None and node.op in CORRECTED_OPS and users[d.weight] == 1:
             entry = _corrected(
                 entry, w, node, (input_means or {}).get(node.inputs[0].name), full=bias_correction == "full"
             )
@@ -80,18 +91,54 @@ def weight_entries(
     return entries
 
 
+def _entry_axis(node: gs.Node, ndim: int, spec: QuantSpec) -> int | None:
+    """The axis of a weight entry: output channels (per channel), the input axis (per block), or None."""
+    if spec.granularity == "per_channel":
+        return weight_axis(node, ndim)
+    if spec.granularity == "per_block":
+        return block_axis(node.op, ndim, bool(node.attrs.get("transB", 0)))
+    return None
+
+
+def _plain(spec: QuantSpec) -> bool:
+    """Integer codes with free scales, per tensor or channel: what bias correction and bit allocation take."""
+    return spec.granularity != "per_block" and spec.format == "int" and spec.scale == "float"
+
+
+def _format_name(spec: QuantSpec) -> str:
+    if spec.granularity == "per_block":
+        return f"block-wise ({spec.block_size})"
+    return spec.format if spec.format != "int" else "power-of-two scale"
+
+
 def weight_entry(
     w: np.ndarray, axis: int | None, spec: QuantSpec, bit_alloc: bool = False, name: str = "weight"
 ) -> TensorRange:
     """The range of `w` per channel along `axis` (one width per channel) by `spec.method`; with `bit_alloc`,
     widths of mean `spec.bits` allocated from the channels' clipping ranges (ACIQ eq. 10–11). Errors name
-    the initializer `name`."""
+    the initializer `name`. Block-wise, FP8 and power-of-two specs: see the module docstring (`axis` is then
+    the input axis for blocks)."""
+    if spec.granularity == "per_block":
+        entry = block_entry(w, axis, spec.block_size, spec.bits, spec.method, spec.symmetric, name)
+    else:
+        entry = _channel_entry(w, axis, spec, bit_alloc and _plain(spec), name)
+    if is_fp8(spec.format):
+        entry = fp8_entry(entry, spec.format)
+    if spec.scale == "pow2":
+        entry = pow2_weight_entry(entry, w)
+    return entry
+
+
+def _channel_entry(
+    w: np.ndarray, axis: int | None, spec: QuantSpec, bit_alloc: bool, name: str
+) -> TensorRange:
+    symmetric = spec.symmetric or is_fp8(spec.format)  # FP8 has no zero point
     bits = spec.bits if axis is None else np.full(w.shape[axis], spec.bits)
     if bit_alloc and axis is not None:
-        lo, hi = weight_range(w, axis, bits, spec.method, symmetric=spec.symmetric, name=name)
+        lo, hi = weight_range(w, axis, bits, spec.method, symmetric=symmetric, name=name)
         bits = allocate_bits(np.maximum(-lo, hi), spec.bits, lo=MIN_BITS, hi=MAX_BITS)
-    lo, hi = weight_range(w, axis, bits, spec.method, symmetric=spec.symmetric, name=name)
-    return replace(TensorRange.from_range(lo, hi, bits, spec.symmetric, spec.method, axis), kind="weight")
+    lo, hi = weight_range(w, axis, bits, spec.method, symmetric=symmetric, name=name)
+    return replace(TensorRange.from_range(lo, hi, bits, symmetric, spec.method, axis), kind="weight")
 
 
 def _corrected(

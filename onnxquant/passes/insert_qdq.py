@@ -14,6 +14,14 @@ Activations below 8 bits always use an 8-bit container (ONNX Runtime moves Dequa
 then has no uint4 MaxPool; TensorRT has no 4-bit activations); such an activation is first clipped to
 `[s (q_min − z), s (q_max − z)]`, so its codes stay in the b-bit range and the float simulation is exact.
 New nodes are placed by `stable_toposort` right after the last node they read from (weight DQs first).
+
+Number formats (see calib/blocks.py, calib/fp8.py, calib/pow2.py): a block-wise weight entry becomes a
+DequantizeLinear with `axis` and `block_size` (opset 21) whose scale has the weight's rank (symmetric codes
+store no zero point: b + 32/B bits per weight); an FP8 entry (opset 21, see calib/fp8.py) stores the weight
+as FLOAT8E4M3FN or FLOAT8E5M2 values `fp8(W / s)`, and an FP8 activation gets a QuantizeLinear with that
+`output_dtype` → DequantizeLinear, all without zero points (0, the default).
+Their layers keep a float bias: a block-wise or FP8 product has no single int32 accumulator scale s_x·s_w per
+output channel. Power-of-two scales need nothing here: they are ordinary scales that happen to be 2^k.
 """
 
 from __future__ import annotations
@@ -28,16 +36,21 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
+from onnxquant.calib.blocks import stored_bits
+from onnxquant.calib.fp8 import FP8_FORMATS, FP8_OPSET, fp8_codes, is_fp8
 from onnxquant.errors import BadModelError, InternalError
 from onnxquant.model import INT4_OPSET, opset_of
 from onnxquant.passes.base import Graph, constant_value, input_at, stable_toposort
+from onnxquant.passes.insert_codebook import insert_codebook
 from onnxquant.passes.plan import QuantPlan
 from onnxquant.quant import QParams, qrange, quantize
-from onnxquant.tables import CalibrationTable
+from onnxquant.rules import QuantSpec
+from onnxquant.tables import CalibrationTable, TensorRange
 
 log = logging.getLogger(__name__)
 
 PER_CHANNEL_OPSET = 13
+BLOCK_OPSET = 21  # DequantizeLinear block_size
 K_MAX = 2**16  # largest equalization factor of a depthwise input channel (see passes/plan.py)
 
 
@@ -47,6 +60,66 @@ class QdqSummary:
     activations: Counter = field(default_factory=Counter)
     float_nodes: list[tuple[str, str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    weight_formats: Counter = field(default_factory=Counter)  # (bits, label) -> weights, e.g. (8, "fp8_e4m3")
+    activation_formats: Counter = field(default_factory=Counter)  # (bits, label) -> activations
+    block_storage: dict = field(default_factory=dict)  # (bits, block size) -> [bits stored, weights]
+
+    def weights_line(self) -> str:
+        """E.g. "22 at 4 bits (per block 32: 5.0 bits/weight stored), 2 at 8 bits" ("none" when empty)."""
+        parts = []
+        for (bits, label), n in sorted(_with_plain(self.weight_formats, self.weights).items()):
+            if label.startswith("per block"):
+                total, count = self.block_storage[(bits, int(label.split()[-1]))]
+                label = f"{label}: {total / count:.1f} bits/weight stored"
+            parts.append(f"{n} at {bits} bits" + (f" ({label})" if label else ""))
+        return ", ".join(parts) or "none"
+
+    def activations_line(self) -> str:
+        parts = [
+            f"{n} at {bits} bits" + (f" ({label})" if label else "")
+            for (bits, label), n in sorted(_with_plain(self.activation_formats, self.activations).items())
+        ]
+        return ", ".join(parts) or "none"
+
+
+def _with_plain(formats: Counter, widths: Counter) -> Counter:
+    """`formats` plus, as plain (label ""), the tensors counted in `widths` that `formats` lacks."""
+    out = Counter(formats)
+    for bits, n in widths.items():
+        listed = sum(c for (b, _), c in formats.items() if b == bits)
+        if n > listed:
+            out[(bits, "")] += n - listed
+    return out
+
+
+def format_opset(plan: QuantPlan) -> int:
+    """The opset the plan's number formats need: 21 for block-wise weights and FP8 (calib/fp8.py), else 13."""
+    weights = [d.weights for d in plan.nodes if d.quantize and d.weight]
+    if any(w.granularity == "per_block" for w in weights):
+        return BLOCK_OPSET
+    if any(is_fp8(w.format) for w in weights) or any(is_fp8(a.format) for a in plan.activations.values()):
+        return FP8_OPSET
+    return PER_CHANNEL_OPSET
+
+
+def _format_label(spec: QuantSpec | None, entry: TensorRange) -> str:
+    """How a tensor's numbers are stored beyond their width, for the summary ("" for free-scale integers)."""
+    if entry.block_size:
+        return f"per block {entry.block_size}"
+    labels = [entry.format] if entry.format != "int" else []
+    if spec is not None and spec.scale == "pow2":
+        labels.append("power-of-two scales")
+    return ", ".join(labels)
+
+
+def _check_opset(name: str, entry: TensorRange, opset: int) -> None:
+    """Refuse an entry the model's opset cannot express (api.convert upgrades the opset first)."""
+    need, what = (BLOCK_OPSET, "block-wise") if entry.block_size else (FP8_OPSET, entry.format)
+    if (entry.block_size or is_fp8(entry.format)) and opset < need:
+        raise BadModelError(
+            f"tensor {name}: {what} quantization needs opset {need}, the model has {opset}; "
+            f"accepted: a model upgraded to opset {need} (api.convert does)"
+        )
 
 
 def container(bits: int, signed: bool, opset: int) -> int:
@@ -111,15 +184,26 @@ def insert_qdq(
     skipped = {d.name for d in plan.nodes if not d.quantize and d.reason.startswith("skipped")}
 
     act_params: dict[str, QParams] = {}
+    fp8_scales: dict[str, np.float32] = {}  # FP8 activations' scales
     equalizers: dict[str, np.ndarray] = {}  # depthwise Conv -> k, its input's per-channel equalization
     for name in sorted(plan.activations):
         entry = table.tensors.get(name)
         if entry is None:
             summary.notes.append(f"{name}: no calibration entry, left float")
             continue
+        _check_opset(name, entry, opset)
         tensor = tensors[name]
         readers = [n for n in tensor.outputs if id(n) in listed and n.name not in skipped]
         params = entry.qparams()
+        spec = plan.activations[name]
+        summary.activation_formats[(int(np.max(params.bits)), _format_label(spec, entry))] += 1
+        if is_fp8(entry.format):  # no act_params: the readers keep a float bias
+            fp8_scales[name] = np.float32(params.scale)
+            dq = _insert_fp8_qdq(build, tensor, params, entry.format)
+            summary.activations[8] += 1
+            for node in readers:
+                _rewire(node, tensor, dq)
+            continue
         source = tensor
         if name in plan.equalized and params.axis == 1 and _equalizable(params):
             params, k = _equalized(params)
@@ -143,24 +227,37 @@ def insert_qdq(
         if decision.weight is None:
             continue
         node = by_name[decision.name]
+        if decision.weights.levels != "uniform":  # APoT / k-means: Gather(codebook, indices), float node
+            insert_codebook(build, node, decision, dequantized, summary, opset, equalizers.get(node.name))
+            continue
         entry = table.tensors.get(decision.weight)
         if entry is None or entry.kind != "weight":
             raise InternalError(
                 f"weight {decision.weight!r} of node {decision.name!r} has no weight entry in "
                 "the calibration table (calib.weight_table.weight_entries makes them)"
             )
+        _check_opset(decision.weight, entry, opset)
         codes_params = entry.qparams()
         w_scale = codes_params.scale.astype(np.float32)
         if entry.spread_ratio is not None:
             w_scale = (w_scale * np.asarray(entry.spread_ratio)).astype(np.float32)
         if node.name in equalizers:  # the Conv reads x·k: dividing its weights' scales by k restores x
-            w_scale = (w_scale / equalizers[node.name]).astype(np.float32)
+            k = equalizers[node.name]
+            w_scale = w_scale / (k.reshape((-1,) + (1,) * (w_scale.ndim - 1)) if entry.block_size else k)
+            w_scale = w_scale.astype(np.float32)
         w_params = replace(codes_params, scale=w_scale)
         if decision.weight not in dequantized:
-            elem = container(int(np.max(w_params.bits)), w_params.signed, opset)
-            codes = _weight_codes(constant_value(node.inputs[1], readonly=True), codes_params, _np_type(elem))
-            dequantized[decision.weight] = _insert_weight(build, decision.weight, codes, w_params, elem)
-            summary.weights[round(float(np.mean(entry.bits)))] += 1  # the table's width (mean if per channel)
+            w = constant_value(node.inputs[1], readonly=True)
+            dequantized[decision.weight] = _quantized_weight(
+                build, decision.weight, w, entry, w_params, opset
+            )
+            bits = round(float(np.mean(entry.bits)))  # the table's width (mean if per channel)
+            summary.weights[bits] += 1
+            summary.weight_formats[(bits, _format_label(decision.weights, entry))] += 1
+            if entry.block_size:
+                stored = summary.block_storage.setdefault((bits, entry.block_size), [0.0, 0])
+                stored[0] += stored_bits(w.shape, entry.axis, entry.block_size, bits, entry.signed) * w.size
+                stored[1] += w.size
         _rewire(node, node.inputs[1], dequantized[decision.weight], only_index=1)
         bias_tensor = input_at(node, 2)
         bias = _float_bias(bias_tensor)
@@ -174,7 +271,12 @@ def insert_qdq(
         x_params = act_params.get(first_input[node.name])
         if x_params is not None and x_params.axis is not None:
             x_params = None  # per-channel input scales: no single bias scale s_x·s_w, the bias stays float
-        if bias is not None and (shift is not None or x_params is not None):
+        if entry.block_size or is_fp8(entry.format):
+            x_params = None  # no int32 accumulator with one scale per output channel: the bias stays float
+        x_fp8 = fp8_scales.get(first_input[node.name])
+        if bias is not None and x_fp8 is not None and _bias_overflows(bias, x_fp8, w_params.scale):
+            _insert_wide_bias(build, node, bias)
+        elif bias is not None and (shift is not None or x_params is not None):
             _insert_bias(build, node, bias, x_params, w_params)
     build.finish()
     return graph.export(), summary
@@ -264,17 +366,81 @@ def _weight_codes(w: np.ndarray, params: QParams, dtype) -> np.ndarray:
     for start in range(0, w.shape[axis], step):
         part = [slice(None)] * w.ndim
         part[axis] = slice(start, start + step)
-        codes[tuple(part)] = quantize(w[tuple(part)], params)
+        codes[tuple(part)] = quantize(w[tuple(part)], _part_params(params, tuple(part)))
     return codes
 
 
-def _insert_weight(build: _Builder, name: str, codes: np.ndarray, params: QParams, elem: int) -> gs.Tensor:
-    """Stored codes (of the ONNX type `elem`) → DequantizeLinear with `params`' scale and zero point."""
+def _part_params(params: QParams, part: tuple[slice, ...]) -> QParams:
+    """`params` for the slice `part` of the tensor: block-wise scales and zero points are sliced alike (the
+    slice never crosses the block axis); other parameters serve every slice."""
+    if not params.block_size:
+        return params
+    zero = params.zero_point[part] if np.ndim(params.zero_point) else params.zero_point
+    return replace(params, scale=params.scale[part], zero_point=zero)
+
+
+def _quantized_weight(
+    build: _Builder, name: str, w: np.ndarray, entry: TensorRange, params: QParams, opset: int
+) -> gs.Tensor:
+    """The stored weight and its DequantizeLinear: FP8 values, or b-bit codes of the entry's scale (`params`
+    holds the DequantizeLinear scale, which bias correction or depthwise equalization may have changed)."""
+    codes_params = entry.qparams()
+    if is_fp8(entry.format):
+        codes = fp8_codes(w, codes_params.scale, entry.format, codes_params.axis)
+        return _insert_weight(build, name, codes, params, None)  # zero point 0: the default
+    elem = container(int(np.max(params.bits)), params.signed, opset)
+    codes = _weight_codes(w, codes_params, _np_type(elem))
+    zero = np.asarray(params.zero_point).astype(_np_type(elem))
+    if params.block_size and params.signed:
+        zero = None  # all zero: DequantizeLinear's default, and 4/B bits per weight not stored
+    return _insert_weight(build, name, codes, params, zero)
+
+
+def _insert_weight(
+    build: _Builder, name: str, codes: np.ndarray, params: QParams, zero: np.ndarray | None
+) -> gs.Tensor:
+    """Stored codes → DequantizeLinear with `params`' scale (per tensor, channel or block) and `zero`."""
     q = build.constant(f"{name}_quantized", codes)
     scale = build.constant(f"{name}_scale", np.asarray(params.scale, np.float32))
-    zero = build.constant(f"{name}_zero_point", np.asarray(params.zero_point).astype(_np_type(elem)))
+    inputs = [q, scale] + ([] if zero is None else [build.constant(f"{name}_zero_point", zero)])
     attrs = {} if params.axis is None else {"axis": params.axis}
-    return build.node("DequantizeLinear", [q, scale, zero], f"{name}_dequantized", **attrs)
+    if params.block_size:
+        attrs["block_size"] = params.block_size
+    return build.node("DequantizeLinear", inputs, f"{name}_dequantized", **attrs)
+
+
+def _insert_fp8_qdq(build: _Builder, tensor: gs.Tensor, params: QParams, fmt: str) -> gs.Tensor:
+    """Q→DQ of an activation in FP8, per tensor: QuantizeLinear with `output_dtype` and no zero point (see
+    calib/fp8.py FP8_OPSET), saturating."""
+    name = tensor.name
+    scale = build.constant(f"{name}_scale", np.asarray(params.scale, np.float32).reshape(()))
+    dtype = FP8_FORMATS[fmt].onnx_type
+    q = build.node("QuantizeLinear", [tensor, scale], f"{name}_quantized", output_dtype=dtype, saturate=1)
+    return build.node("DequantizeLinear", [q, scale], f"{name}_dequantized")
+
+
+INT32_MAX = 2**31 - 1
+
+
+def _bias_overflows(bias: np.ndarray, x_scale: np.float32, w_scale: np.ndarray) -> bool:
+    """Whether ONNX Runtime's BiasQuantization (a float bias of a Conv/Gemm between DequantizeLinears becomes
+    int32 round(b / (s_x·s_w))) would overflow int32: FP8 scales (amax / 57344 for E5M2) are small enough."""
+    if np.ndim(w_scale) > 1:
+        return False  # block-wise weights: ONNX Runtime leaves the bias alone
+    product = np.float64(x_scale) * np.asarray(w_scale, np.float64).ravel()
+    return bool(np.any(np.abs(bias) / product > INT32_MAX))
+
+
+def _insert_wide_bias(build: _Builder, node: gs.Node, bias: np.ndarray) -> None:
+    """A float bias as int32 codes with its own scale max|b| / (2^31 − 1) (31 bits, finer than float32's 24
+    for the largest entry): its DequantizeLinear keeps ONNX Runtime from quantizing it with s_x·s_w."""
+    old = input_at(node, 2)
+    base = old.name if old is not None else f"{node.name}_bias"
+    scale = np.float32(max(float(np.abs(bias).max()), float(np.finfo(np.float32).tiny)) / INT32_MAX)
+    codes = np.clip(np.rint(bias / np.float64(scale)), -INT32_MAX, INT32_MAX).astype(np.int32)
+    q = build.constant(f"{base}_quantized", codes)
+    s = build.constant(f"{base}_scale", np.asarray(scale, np.float32))
+    node.inputs[2] = build.node("DequantizeLinear", [q, s], f"{base}_dequantized")
 
 
 def _insert_bias(build: _Builder, node: gs.Node, bias: np.ndarray, x: QParams | None, w: QParams) -> None:

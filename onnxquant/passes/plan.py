@@ -65,6 +65,8 @@ class ActivationSpec:
     bits: int
     symmetric: bool
     method: str
+    format: str = "int"  # or an FP8 format (symmetric, zero point 0)
+    scale: str = "float"  # or "pow2"
 
 
 @dataclass
@@ -177,7 +179,13 @@ def plan_quantization(model: onnx.ModelProto, rules: Rules) -> QuantPlan:
     for name, specs in requests.items():
         if specs:
             widest = max(specs.values(), key=lambda spec: spec.bits)
-            plan.activations[name] = ActivationSpec(widest.bits, widest.symmetric, widest.method)
+            plan.activations[name] = ActivationSpec(
+                widest.bits,
+                widest.symmetric or widest.format != "int",
+                widest.method,
+                widest.format,
+                widest.scale,
+            )
     _mark_fused(plan, graph)
     _share_ranges(plan, graph)
     if rules.depthwise_inputs == "per_channel":
@@ -231,7 +239,9 @@ def _equalize_depthwise(plan: QuantPlan, graph: gs.Graph) -> None:
         channels = w.shape[0] if isinstance(w, gs.Constant) and len(w.shape) == 4 else 0
         depthwise = channels > 1 and w.shape[1] == 1 and node.attrs.get("group", 1) == channels
         depthwise = depthwise and len(w.outputs) == 1  # the weight's scales change for this Conv alone
-        if depthwise and x.name in plan.activations and len(x.outputs) == 1 and x.name not in plan.shared:
+        planned = plan.activations.get(x.name)
+        integer = planned is not None and planned.format == "int"  # FP8 has one scale per tensor
+        if depthwise and integer and len(x.outputs) == 1 and x.name not in plan.shared:
             plan.equalized[x.name] = node.name
 
 

@@ -2,7 +2,8 @@
 
 A report holds, for the model outputs, each layer and each quantized tensor, the metrics of `metrics.py`
 accumulated over all the data with the whole model quantized (`compare.py`) and isolated on a subset with one
-layer quantized alone (`sensitivity.py`), code entropies, and the calibration view (`calibview.py`) when
+layer quantized alone (`sensitivity.py`), code entropies, weights' stored and Huffman-coded sizes
+(`storage.py`), and the calibration view (`calibview.py`) when
 statistics are given. Layers are ranked by isolated sensitivity: the lowest output SQNR with only that layer
 quantized. A report is immutable; asked for, its rule suggestion (`suggest.py`) is computed with it.
 """
@@ -27,6 +28,7 @@ from onnxquant.report.compare import accumulate
 from onnxquant.report.metrics import CodeHistogram, Metrics, code_entropy, compare
 from onnxquant.report.qdq import QdqGraph, analyze, check_compatible
 from onnxquant.report.sensitivity import run_isolated
+from onnxquant.report.storage import WeightSize, weight_size
 from onnxquant.report.suggest import Suggestion, SuggestOptions, plan_suggestion
 from onnxquant.tables import CalibrationTable
 
@@ -78,6 +80,7 @@ class TensorResult:
     accumulated: Metrics | None
     isolated: Metrics | None
     matched: bool
+    size: WeightSize | None = None  # weights: stored and Huffman-coded size (report/storage.py)
 
     def to_json(self) -> dict:
         return {
@@ -86,6 +89,8 @@ class TensorResult:
             "bits": self.bits,
             "signed": self.signed,
             "entropy_bits": self.entropy,
+            "stored_bits_per_weight": self.size.stored_per_weight if self.size else None,
+            "huffman_bits_per_weight": self.size.coded_per_weight if self.size else None,
             "clip_fraction": self.clip_fraction,
             "matched": self.matched,
             "accumulated": _m(self.accumulated),
@@ -444,6 +449,7 @@ def _tensor_results(graph: QdqGraph, acc, isolated) -> list[TensorResult]:
                 accumulated=metrics,
                 isolated=metrics,
                 matched=metrics is not None,
+                size=weight_size(t.name, codes, graph.side_arrays(t), t.container_bits),
             )
         )
     return results

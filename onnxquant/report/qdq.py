@@ -7,8 +7,10 @@ the next and its output is not a tensor of the float model; an equalized tensor'
 to compare);
 with per-channel widths (`--bit-alloc activations`) the code statistics pool the channels at the widest
 channel's range, so a narrower channel's saturation is not counted. A weight is an integer constant feeding a
-DequantizeLinear. The float reference of an activation is the tensor of the same name in the float model; of a
-weight, the float model's input at the same position of the same-named node.
+DequantizeLinear, or integer indices into a float codebook decoded by `[DequantizeLinear →] Cast → Gather
+[→ Mul]` (APoT / k-means weights, passes/insert_codebook.py; the indices are its codes). The float
+reference of an activation is the tensor of the same name in the float model; of a weight, the float model's
+input at the same position of the same-named node.
 
 A *layer* is a node of the quantized model (outside the Q/DQ patterns) that consumes a dequantized tensor.
 Its quantized inputs and weight are what isolated sensitivity quantizes alone (`sensitivity.py`).
@@ -28,7 +30,8 @@ from onnx import TensorProto, helper
 from onnxquant.errors import BadModelError
 from onnxquant.ir import constant, import_graph, producer
 from onnxquant.model import graph_inputs
-from onnxquant.quant import qrange
+from onnxquant.passes.insert_codebook import Codebook, codebook_weights
+from onnxquant.quant import expand_blocks, qrange
 
 CONTAINER_BITS = {
     TensorProto.INT8: 8,
@@ -97,6 +100,7 @@ class QdqGraph:
     float_tensors: set[str] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)
     weight_gains: dict[str, np.ndarray] = field(default_factory=dict)  # equalized depthwise weight -> k
+    codebooks: dict[str, Codebook] = field(default_factory=dict)  # by decoded output: codebook weights
     quant_graph: gs.Graph | None = field(default=None, repr=False, compare=False)
     float_graph: gs.Graph | None = field(default=None, repr=False, compare=False)
 
@@ -130,20 +134,39 @@ class QdqGraph:
     def dequantize_weight(self, qt: QTensor) -> tuple[np.ndarray, np.ndarray]:
         """(integer codes, dequantized values) of a weight stored as codes → DequantizeLinear, in the float
         weight's units (an equalized depthwise weight, stored as W/k, is multiplied back by k)."""
+        if qt.dequantized in self.codebooks:
+            codes, values = self.codebooks[qt.dequantized].decode()
+            return codes, self._restore_gain(qt, values)
         dq = producer(self._quant_map[qt.dequantized])
-        codes = constant(dq.inputs[0]).astype(np.int64)
+        stored = constant(dq.inputs[0])
+        fp8 = stored.dtype.name.startswith("float8")  # FP8 values are their own codes
+        codes = stored.astype(np.float64) if fp8 else stored.astype(np.int64)
         scale = constant(dq.inputs[1]).astype(np.float32)
         zp = constant(dq.inputs[2]) if len(dq.inputs) > 2 else None
         zp = np.zeros_like(scale, np.int64) if zp is None else zp.astype(np.int64)
-        if scale.ndim == 1 and codes.ndim > 1:
+        if dq.attrs.get("block_size", 0):  # block-wise scales: one per block along the axis
+            axis, size = dq.attrs.get("axis", 1) % codes.ndim, dq.attrs["block_size"]
+            scale = expand_blocks(scale, axis, size, codes.shape[axis])
+            zp = expand_blocks(zp, axis, size, codes.shape[axis])
+        elif scale.ndim == 1 and codes.ndim > 1:
             shape = [1] * codes.ndim
             shape[dq.attrs.get("axis", 1)] = -1
             scale, zp = scale.reshape(shape), zp.reshape(shape)
         values = ((codes - zp) * scale).astype(np.float32)
+        return codes, self._restore_gain(qt, values)
+
+    def _restore_gain(self, qt: QTensor, values: np.ndarray) -> np.ndarray:
         gain = self.weight_gains.get(qt.dequantized)
         if gain is not None:  # the Conv reads x·k, so its weights are stored as W/k
             values = values * gain.reshape((-1,) + (1,) * (values.ndim - 1))
-        return codes, values
+        return values
+
+    def side_arrays(self, qt: QTensor) -> list[np.ndarray]:
+        """What a weight stores beside its codes: scale and zero point, or codebook and channel factors."""
+        if qt.dequantized in self.codebooks:
+            return self.codebooks[qt.dequantized].side_arrays()
+        dq = producer(self._quant_map[qt.dequantized])
+        return [v for v in (constant(x) for x in dq.inputs[1:]) if v is not None]
 
 
 def _elem_type(values: np.ndarray) -> int:
@@ -157,8 +180,12 @@ def analyze(quant_model: onnx.ModelProto, float_model: onnx.ModelProto) -> QdqGr
     out = QdqGraph(float_tensors=set(fg.tensors()), quant_graph=qg, float_graph=fg)
     inputs = {t.name for t in qg.inputs}
     chain_nodes: set[str] = set()
+    for cb in codebook_weights(qg):
+        qt = _codebook_pattern(cb, out.float_tensors, float_nodes)
+        out.tensors[qt.dequantized], out.codebooks[qt.dequantized] = qt, cb
+        chain_nodes.update(qt.chain)
     for dq in qg.nodes:
-        if dq.op != "DequantizeLinear":
+        if dq.op != "DequantizeLinear" or dq.name in chain_nodes:
             continue
         qt = _pattern(dq, out.float_tensors, float_nodes, inputs)
         if qt is not None:
@@ -334,6 +361,28 @@ def _pattern(
     )
 
 
+def _codebook_pattern(cb: Codebook, float_tensors: set[str], float_nodes: dict[str, gs.Node]) -> QTensor:
+    """The weight a codebook form decodes: its indices are the codes, `bits` those of the codebook's size."""
+    levels = int(cb.codebook.size)
+    name, matched = _weight_float_name(
+        cb.nodes[0], cb.indices.name.removesuffix("_indices"), float_nodes, float_tensors
+    )
+    return QTensor(
+        name=name,
+        kind="weight",
+        dequantized=cb.output.name,
+        codes=cb.indices.name,
+        bits=max(1, (levels - 1).bit_length()),
+        signed=False,
+        qmin=0,
+        qmax=levels - 1,
+        zero_point=0,
+        container_bits=CONTAINER_BITS.get(_elem_type(constant(cb.indices)), 8),
+        chain=tuple(n.name for n in cb.nodes),
+        matched=matched,
+    )
+
+
 def _equalizer_of(tensor: gs.Tensor, float_tensors: set[str]):
     """(k, Mul name, x) when `tensor` is a depthwise input's equalizer `x·k` (a Mul by a per-channel constant,
     used only by the Q/DQ pattern and not a tensor of the float model)."""
@@ -369,7 +418,8 @@ def _clip_of(tensor: gs.Tensor, float_tensors: set[str]):
 def _weight_float_name(
     dq: gs.Node, codes_name: str, float_nodes: dict[str, gs.Node], float_tensors: set[str]
 ) -> tuple[str, bool]:
-    """The float weight a DequantizeLinear of constant codes stands for: same node, same input position."""
+    """The float weight a DequantizeLinear of constant codes (or a codebook's last node) stands for: same
+    node, same input position."""
     deq = dq.outputs[0]
     for node in deq.outputs:
         fnode = float_nodes.get(node.name)

@@ -14,6 +14,7 @@ from functools import cache
 
 from onnxquant.report.markup import esc, fmt
 from onnxquant.report.render_text import ABOUT, sensitivity_header
+from onnxquant.report.storage import storage_line
 from onnxquant.report.svg import METHOD_COLORS, calib_plot, curve_plot, entropy_plot, layers_plot
 
 ASSETS = ("report.css", "report.js", "error-hook.js")
@@ -177,6 +178,37 @@ def _tensors_table(report) -> str:
     return _table("tensors-table", head, rows)
 
 
+def _storage_table(report) -> str:
+    """One row per layer with a quantized weight: its width, and the bits per weight and size as stored and
+    Huffman-coded (report/storage.py); empty when no layer has one."""
+    sizes = {t.name: t.size for t in report.tensors if t.kind == "weight" and t.size is not None}
+    head = [("layer", "str"), ("weight", "str"), ("W bits", "num"), ("stored bits/w", "num")]
+    head += [("Huffman bits/w", "num"), ("stored KB", "num"), ("Huffman KB", "num")]
+    rows = []
+    for la in report.layers:
+        size = sizes.get(la.weight)
+        if size is None:
+            continue
+        rows.append(
+            f'<tr><td class="name">{esc(la.shown)}</td><td class="name">{esc(la.weight)}</td>'
+            + _cell(la.weight_bits, "g")
+            + _cell(size.stored_per_weight, "bits")
+            + _cell(size.coded_per_weight, "bits")
+            + _cell(size.stored_bits / 8192, "g")
+            + _cell(size.coded_bits / 8192, "g")
+            + "</tr>"
+        )
+    if not rows:
+        return ""
+    total = storage_line(sizes.values())
+    return (
+        f'<section id="storage"><h2>Weight storage</h2><p class="sub">{esc(total)}: codes at their container '
+        "width plus scales, zero points or codebooks; Huffman-coded: the codes' Huffman code.</p>"
+        + _table("storage-table", head, rows)
+        + "</section>"
+    )
+
+
 def _table(ident: str, head, rows) -> str:
     ths = "".join(f'<th data-type="{kind}">{esc(h)}</th>' for h, kind in head)
     return (
@@ -269,6 +301,7 @@ def render_html(report) -> str:
             _layers_table(report),
             "</section>",
             f'<section id="tensors"><h2>Quantized tensors</h2>{_tensors_table(report)}</section>',
+            _storage_table(report),
             entropy_fig,
             _calibration(report),
             f"<script>{asset('report.js')}</script></main></body></html>",

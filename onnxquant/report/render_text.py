@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from onnxquant.report.storage import storage_line
+
 
 def _db(v: float | None) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -50,6 +52,11 @@ def _per_output(report, la) -> list[str]:
     return [_db(la.sensitivity[o.name].sqnr_db if o.name in la.sensitivity else None) for o in report.outputs]
 
 
+def _bits_per_weight(size) -> str:
+    """`4.27/3.60`: a weight's stored and Huffman-coded bits per weight (- without a weight)."""
+    return "-" if size is None else f"{size.stored_per_weight:.2f}/{size.coded_per_weight:.2f}"
+
+
 def render_text(report, worst: int = 5) -> str:
     """Outputs (SQNR, max error, top-1 agreement, accuracies) and the `worst` most harmful layers."""
     lines = [
@@ -70,6 +77,10 @@ def render_text(report, worst: int = 5) -> str:
         for o in report.outputs
     ]
     lines += _table(["output", "SQNR dB", "cosine", "max err", "top-1 agree", "acc float", "acc quant"], rows)
+    stored = storage_line(t.size for t in report.tensors if t.size is not None)
+    if stored:
+        lines.append(stored)
+    sizes = {t.name: t.size for t in report.tensors if t.kind == "weight" and t.size is not None}
     ranked = report.worst(worst)
     if ranked:
         by = (
@@ -88,10 +99,12 @@ def render_text(report, worst: int = 5) -> str:
                 *(_per_output(report, la) if per_output else ()),
                 _db(la.isolated.sqnr_db if la.isolated else None),
                 _db(la.accumulated.sqnr_db if la.accumulated else None),
+                _bits_per_weight(sizes.get(la.weight)),
             ]
             for la in ranked
         ]
         header = ["layer", "op", "bits", "sens. dB", *per_output, "isolated dB", "accum. dB"]
+        header.append("W bits/w stored/Huffman")
         lines += _table(header, rows)
     sug = report.suggestion
     if sug is not None:

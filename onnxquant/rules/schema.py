@@ -54,6 +54,10 @@ def spec_conflict(spec: QuantSpec) -> str | None:
         return (
             f"levels {spec.levels} with format {spec.format}, granularity {spec.granularity}; accepted: int"
         )
+    if spec.rounding == "gptq" and (spec.format, spec.levels) != ("int", "uniform"):
+        return f"rounding gptq on {spec.format} {spec.levels} levels; accepted: gptq on uniform int levels"
+    if spec.rounding == "gptq" and spec.granularity == "per_block":
+        return "rounding gptq with granularity per_block; accepted: gptq per channel or per tensor"
     return None
 
 
@@ -151,14 +155,14 @@ class Rules:
             weights = replace(weights, granularity="per_block", block_size=int(block_size))
         if pow2_scales:
             weights, acts = replace(weights, scale="pow2"), replace(acts, scale="pow2")
-        for what, spec in (("weights", weights), ("activations", acts)):
-            problem = spec_conflict(spec)
-            if problem:
-                raise BadOptionError(f"{what}: {problem}")
         if abits is not None:
             acts = replace(acts, bits=int(abits))
         if method is not None:
             acts = replace(acts, method=method)
+        for what, spec in (("weights", weights), ("activations", acts)):
+            problem = spec_conflict(spec)
+            if problem:
+                raise BadOptionError(f"{what}: {problem}")
         return replace(
             self,
             weights=weights,

@@ -10,6 +10,10 @@ Two modes, both vectorized over numpy int64 arrays:
   products) and ``RDBPOT`` is an arithmetic shift that rounds half away from zero.
   Test vectors: 0.5 → (1073741824, 0); 1/3 → (1431655765, −1); 0.001 → (1099511628, −9);
   2.5 → (1342177280, 2).
+  A power-of-two multiplier 2^k (mantissa exactly 2^30: every scale a power of two, calib/pow2.py) is
+  applied as one exact shift instead, ``y = round_half_even(x · 2^k)`` (``shift_round_half_even``):
+  the mantissa path would round twice (in the high multiply, then in the shift) and can miss by one LSB;
+  rounding half to even makes the shift equal ONNX Runtime's float requantization, 2^k being exact in float32.
 * ``float`` — ONNX Runtime's CPU kernels (MLAS ``MlasRequantizeOutput``): ``float32(acc) · scale`` in float32,
   clamped to the code range, rounded half to even, plus the zero point. ``scale`` itself is computed in
   float32 in the same order as ONNX Runtime (``s_x · s_w / s_y``).
@@ -85,10 +89,31 @@ def multiply_by_quantized_multiplier(x, multiplier, shift) -> np.ndarray:
     return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(shifted, multiplier), right)
 
 
+POW2_MANTISSA = 1 << 30  # `quantize_multiplier`'s mantissa of an exact power of two
+
+
+def shift_round_half_even(x, exponent) -> np.ndarray:
+    """``x · 2^exponent`` rounded half to even, by shifts alone (left shifts saturate to int32)."""
+    x = np.asarray(x, dtype=np.int64)
+    exponent = np.asarray(exponent, dtype=np.int64)
+    left = np.clip(exponent, 0, 32)
+    right = np.clip(-exponent, 0, 62)
+    floor = x >> right
+    remainder = x - (floor << right)
+    half = np.where(right > 0, np.int64(1) << np.maximum(right - 1, 0), 1 << 62)
+    up = (remainder > half) | ((remainder == half) & (floor % 2 == 1))
+    return np.clip((floor + up) << left, INT32_MIN, INT32_MAX)
+
+
 def requant_fixed(acc, multiplier, shift, zero_point: int, lo: int, hi: int) -> np.ndarray:
-    """Fixed-point requantization of int32 accumulators to codes in [lo, hi] (int64 result)."""
-    y = multiply_by_quantized_multiplier(acc, multiplier, shift) + int(zero_point)
-    return np.clip(y, lo, hi)
+    """Fixed-point requantization of int32 accumulators to codes in [lo, hi] (int64 result); power-of-two
+    multipliers (mantissa `POW2_MANTISSA`, real multiplier 2^(shift − 1)) as one exact shift."""
+    multiplier = np.asarray(multiplier)
+    y = multiply_by_quantized_multiplier(acc, multiplier, shift)
+    if np.any(multiplier == POW2_MANTISSA):
+        exact = shift_round_half_even(acc, np.asarray(shift, np.int64) - 1)
+        y = np.where(multiplier == POW2_MANTISSA, exact, y)
+    return np.clip(y + int(zero_point), lo, hi)
 
 
 def requant_float(acc, scale, zero_point: int, lo: int, hi: int) -> np.ndarray:

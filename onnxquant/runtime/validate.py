@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 from onnxquant.calib.segments import DEFAULT_BUDGET, Job, SegmentedModel, run_paired
-from onnxquant.errors import BadDataError, BadOptionError, InternalError
+from onnxquant.errors import BadDataError, BadModelError, BadOptionError, InternalError
 from onnxquant.model import constants_to_initializers, graph_inputs
 from onnxquant.runtime import plan as P
 from onnxquant.runtime.backends import get_backend
@@ -203,6 +203,33 @@ class ValidationResult:
         return lines
 
 
+FLOAT8_TYPES = {
+    onnx.TensorProto.FLOAT8E4M3FN: "FLOAT8E4M3FN",
+    onnx.TensorProto.FLOAT8E4M3FNUZ: "FLOAT8E4M3FNUZ",
+    onnx.TensorProto.FLOAT8E5M2: "FLOAT8E5M2",
+    onnx.TensorProto.FLOAT8E5M2FNUZ: "FLOAT8E5M2FNUZ",
+}
+
+
+def refuse_float8(model: onnx.ModelProto) -> None:
+    """One line when `model` quantizes to FP8: its Q/DQ hold floating-point values, not integer codes, so
+    there is no integer plan to run (ONNX Runtime and TensorRT run FP8 models)."""
+    initializers = {t.name: t.data_type for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        dtype = next((a.i for a in node.attribute if a.name == "output_dtype"), None)
+        if dtype is None and node.op_type == "DequantizeLinear":
+            dtype = initializers.get(node.input[0])
+        if dtype is None and len(node.input) > 2:
+            dtype = initializers.get(node.input[2])
+        if dtype in FLOAT8_TYPES:
+            raise BadModelError(
+                f"node {node.name!r}: {node.op_type} of {FLOAT8_TYPES[dtype]} (FP8): the integer runtime "
+                "does not apply to FP8; accepted: an integer Q/DQ model (run FP8 in ONNX Runtime or TensorRT)"
+            )
+
+
 def validate(
     model: onnx.ModelProto,
     data: Iterable[Mapping[str, np.ndarray]],
@@ -217,6 +244,7 @@ def validate(
     activations, not all of them."""
     if requant not in REQUANT_MODES:
         raise BadOptionError(f"requant mode {requant!r} is unknown; accepted: {', '.join(REQUANT_MODES)}")
+    refuse_float8(model)
     work = onnx.ModelProto()
     work.CopyFrom(model)
     constants_to_initializers(work)

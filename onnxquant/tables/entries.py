@@ -1,5 +1,12 @@
 """The canonical table's records: `TensorRange` (one tensor's range and quantization parameters) and
-`CalibrationTable`, with their validation from JSON objects."""
+`CalibrationTable`, with their validation from JSON objects.
+
+Besides per-tensor (numbers) and per-channel entries (lists along `axis`), a weight entry may be block-wise:
+`block_size` B and `axis` (the weight's input axis), with `min`/`max`/`amax`/`scale`/`zero_point` nested lists
+of the weight's rank whose `axis` dimension is ceil(n / B) (one value per block of B consecutive weights,
+the shape of the DequantizeLinear scale) and one width `bits`. An entry's `format` is "int" (omitted in
+JSON) or an FP8 format (`fp8_e4m3`, `fp8_e5m2`: zero point 0, scale amax / the format's largest value).
+"""
 
 from __future__ import annotations
 
@@ -18,7 +25,8 @@ from onnxquant.quant import MAX_BITS, MIN_BITS, QParams, qparams_from_range
 FORMAT_NAME = "onnxquant-calibration"
 FORMAT_VERSION = 1
 TENSOR_KINDS = ("activation", "weight")
-OPTIONAL_KEYS = ("kind", "bias_shift", "spread_ratio")  # besides axis and note; weight entries only
+OPTIONAL_KEYS = ("kind", "bias_shift", "spread_ratio", "block_size")  # besides axis, note, format
+NUMBER_FORMATS = ("int", "fp8_e4m3", "fp8_e5m2")  # rules/schema.py FORMATS
 
 
 @dataclass(frozen=True)
@@ -40,16 +48,32 @@ class TensorRange:
     spread_ratio: list[float] | None = (
         None  # weights: ξ_c, DequantizeLinear scale = scale·ξ_c (bias correction)
     )
+    format: str = "int"  # or an FP8 format (NUMBER_FORMATS)
+    block_size: int | None = None  # weights: block-wise along `axis`, nested lists of the weight's rank
 
     @classmethod
-    def from_range(cls, lo, hi, bits, symmetric: bool, method: str, axis: int | None = None) -> TensorRange:
-        """Entry for the clipping range [lo, hi] at `bits` (scalars, or arrays for per-channel)."""
+    def from_range(
+        cls,
+        lo,
+        hi,
+        bits,
+        symmetric: bool,
+        method: str,
+        axis: int | None = None,
+        block_size: int | None = None,
+    ) -> TensorRange:
+        """Entry for the clipping range [lo, hi] at `bits` (scalars, arrays for per-channel, or arrays of the
+        weight's rank with `block_size` for block-wise)."""
         p = qparams_from_range(lo, hi, bits, symmetric, axis)
         lo64, hi64 = np.minimum(np.asarray(lo, np.float64), 0), np.maximum(np.asarray(hi, np.float64), 0)
 
         def plain(a, kind=float):
             a = np.asarray(a)
-            return kind(a) if a.ndim == 0 else [kind(v) for v in a.ravel()]
+            if a.ndim == 0:
+                return kind(a)
+            if block_size:  # nested lists of the weight's rank
+                return np.vectorize(kind, otypes=[object])(a).tolist()
+            return [kind(v) for v in a.ravel()]
 
         return cls(
             min=plain(lo64),
@@ -57,10 +81,11 @@ class TensorRange:
             amax=plain(np.maximum(-lo64, hi64)),
             scale=plain(p.scale),
             zero_point=plain(p.zero_point, int),
-            bits=plain(p.bits if axis is None else np.broadcast_to(p.bits, np.shape(p.scale)), int),
+            bits=plain(p.bits if axis is None or block_size else np.broadcast_to(p.bits, p.scale.shape), int),
             signed=symmetric,
             method=method,
             axis=axis,
+            block_size=block_size,
         )
 
     def qparams(self) -> QParams:
@@ -71,6 +96,7 @@ class TensorRange:
             bits=bits,
             signed=self.signed,
             axis=self.axis,
+            block_size=self.block_size,
         )
 
     def to_json(self) -> dict:
@@ -94,11 +120,17 @@ class TensorRange:
             entry["bias_shift"] = self.bias_shift
         if self.spread_ratio is not None:
             entry["spread_ratio"] = self.spread_ratio
+        if self.format != "int":
+            entry["format"] = self.format
+        if self.block_size is not None:
+            entry["block_size"] = self.block_size
         return entry
 
     def checked(self, where: str) -> TensorRange:
         """This entry, refused (`check_values`) when no runtime could use its parameters."""
         values = {k: getattr(self, k) for k in ("min", "max", "amax", "scale", "zero_point", "bits")}
+        if self.block_size is not None:
+            values = _flat_blocks(values)
         check_values(values, self.signed, self.spread_ratio, where)
         return self
 
@@ -107,8 +139,8 @@ class TensorRange:
 
     @property
     def amax_max(self) -> float:
-        """The overall amax (the largest channel's for per-channel entries)."""
-        return float(max(self.amax)) if isinstance(self.amax, list) else float(self.amax)
+        """The overall amax (the largest channel's or block's for per-channel or block-wise entries)."""
+        return float(np.max(self.amax))
 
     @classmethod
     def from_json(cls, entry: Any, where: str = "entry") -> TensorRange:
@@ -117,16 +149,18 @@ class TensorRange:
             raise BadDataError(f"{where}: expected an object, got {type(entry).__name__}")
         required = ("min", "max", "amax", "scale", "zero_point", "bits", "signed", "method")
         missing = [k for k in required if k not in entry]
-        unknown = sorted(set(entry) - set(required) - {"axis", "note", *OPTIONAL_KEYS})
+        unknown = sorted(set(entry) - set(required) - {"axis", "note", "format", *OPTIONAL_KEYS})
         if missing or unknown:
             parts = ([f"missing {', '.join(missing)}"] if missing else []) + (
                 [f"unknown key(s) {', '.join(unknown)}"] if unknown else []
             )
             what = "; ".join(parts)
             raise BadDataError(
-                f"{where}: {what}; accepted keys: {', '.join(required)}, axis, note, "
+                f"{where}: {what}; accepted keys: {', '.join(required)}, axis, note, format, "
                 f"{', '.join(OPTIONAL_KEYS)}"
             )
+        if "block_size" in entry:
+            return _block_entry(entry, where)
         axis = entry.get("axis")
         if axis is not None and (not isinstance(axis, int) or isinstance(axis, bool) or axis < 0):
             raise BadDataError(f"{where}.axis: {axis!r}; accepted: a non-negative integer")
@@ -163,6 +197,7 @@ class TensorRange:
             note=note,
             kind=kind,
             **channel_lists,
+            format=_number_format(entry, where),
         )
 
 
@@ -222,6 +257,9 @@ class CalibrationTable:
         for name, entry in sorted(self.tensors.items()):
             shape = shapes.get(name)
             if entry.axis is None or shape is None:
+                continue
+            if entry.block_size is not None:
+                _check_block_shape(name, entry, shape)
                 continue
             if entry.axis >= len(shape):
                 raise BadDataError(
@@ -321,3 +359,88 @@ def plain_values(value: Any, kind: type, length: int | None, where: str):
     if not isinstance(value, list) or len(value) != length:
         raise BadDataError(f"{where}: expected a list of {length} numbers (one per channel)")
     return [one(v) for v in value]
+
+
+def _number_format(entry: dict, where: str) -> str:
+    fmt = entry.get("format", "int")
+    if fmt not in NUMBER_FORMATS:
+        raise BadDataError(f"{where}.format: {fmt!r}; accepted: {', '.join(NUMBER_FORMATS)}")
+    if fmt != "int" and (entry["bits"] != 8 and entry["bits"] != [8] * len(np.atleast_1d(entry["bits"]))):
+        raise BadDataError(f"{where}.bits: {entry['bits']!r} with format {fmt}; accepted: 8")
+    return fmt
+
+
+def blocked_shape(shape: tuple[int, ...], axis: int, block_size: int) -> tuple[int, ...]:
+    """The scale shape of a block-wise weight: `shape` with `axis` divided by `block_size`, rounded up."""
+    out = list(shape)
+    out[axis] = -(-out[axis] // block_size)
+    return tuple(out)
+
+
+def _check_block_shape(name: str, entry: TensorRange, shape: tuple[int | None, ...]) -> None:
+    got = np.shape(entry.scale)
+    if entry.axis >= len(shape) or any(d is None for d in shape):
+        return
+    want = blocked_shape(tuple(shape), entry.axis, entry.block_size)
+    if got != want:
+        raise BadDataError(
+            f"calibration table: tensor {name!r}: block-wise scale of shape {got} but a weight of shape "
+            f"{tuple(shape)} in blocks of {entry.block_size} along axis {entry.axis} needs {want}; accepted: "
+            "one value per block"
+        )
+
+
+def _flat_blocks(values: dict) -> dict:
+    """Block-wise values as flat lists (one width repeated), for `check_values`."""
+    flat = {k: np.asarray(values[k]).ravel().tolist() for k in ("min", "max", "amax", "scale", "zero_point")}
+    return {**flat, "bits": [values["bits"]] * len(flat["scale"])}
+
+
+def _nested(value: Any, where: str) -> np.ndarray:
+    """A JSON nested list of numbers as a float64 array of at least one dimension (refused when ragged)."""
+    if not isinstance(value, list):
+        raise BadDataError(f"{where}: expected a nested list (one number per block)")
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise BadDataError(f"{where}: expected a nested list of numbers (one per block)") from exc
+    if arr.size == 0 or not np.isfinite(arr).all():
+        raise BadDataError(f"{where}: expected a non-empty nested list of finite numbers")
+    return arr
+
+
+def _block_entry(entry: dict, where: str) -> TensorRange:
+    """A block-wise weight entry from JSON (see the module docstring)."""
+    size, axis, bits = entry["block_size"], entry.get("axis"), entry["bits"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 2:
+        raise BadDataError(f"{where}.block_size: {size!r}; accepted: an integer >= 2")
+    if entry.get("kind") != "weight" or entry.get("bias_shift") is not None or entry.get("spread_ratio"):
+        raise BadDataError(f"{where}: block_size on an entry that is not a plain weight; accepted: weights")
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise BadDataError(f"{where}.bits: {bits!r}; accepted: one integer width for a block-wise entry")
+    arrays = {k: _nested(entry[k], f"{where}.{k}") for k in ("min", "max", "amax", "scale", "zero_point")}
+    shape = arrays["scale"].shape
+    if any(a.shape != shape for a in arrays.values()):
+        raise BadDataError(
+            f"{where}: min, max, amax, scale and zero_point differ in shape; accepted: one shape"
+        )
+    if isinstance(axis, bool) or not isinstance(axis, int) or not 0 <= axis < len(shape):
+        raise BadDataError(f"{where}.axis: {axis!r}; accepted: an axis of the {len(shape)}-D block lists")
+    if not (arrays["zero_point"] == np.rint(arrays["zero_point"])).all():
+        raise BadDataError(f"{where}.zero_point: expected integers")
+    values = {k: a.tolist() for k, a in arrays.items() if k != "zero_point"}
+    values["zero_point"] = arrays["zero_point"].astype(np.int64).tolist()
+    values["bits"] = bits
+    if not isinstance(entry["signed"], bool) or not isinstance(entry["method"], str):
+        raise BadDataError(f"{where}: signed (true or false) and method (a string) are required")
+    check_values(_flat_blocks(values), entry["signed"], None, where)
+    return TensorRange(
+        **values,
+        signed=entry["signed"],
+        method=entry["method"],
+        axis=axis,
+        note=entry.get("note") if isinstance(entry.get("note"), str) else None,
+        kind="weight",
+        format=_number_format(entry, where),
+        block_size=size,
+    )

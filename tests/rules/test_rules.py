@@ -104,6 +104,8 @@ def test_op_types_outside_quantize_ops_stay_float_with_reason():
         ("weights: {levels: apot, granularity: per_block}", "weights", "accepted: int"),
         ("weights: {scale: log}", "weights.scale", "float, pow2"),
         ("weights: {clusters: 1000}", "weights.clusters", "2..256"),
+        ("weights: {rounding: gptq, levels: kmeans}", "weights", "gptq on uniform int levels"),
+        ("weights: {rounding: gptq, granularity: per_block}", "weights", "gptq per channel or per tensor"),
     ],
 )
 def test_bad_rule_files_name_file_key_and_choices(tmp_path, text, key, accepted):
