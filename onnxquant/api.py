@@ -23,35 +23,30 @@ from onnx import numpy_helper
 from onnxquant import rules as rule_files
 from onnxquant import tables as table_files
 from onnxquant.api_inputs import DataLike, ModelLike, RulesLike, as_data, as_model, as_rules
-from onnxquant.calib.bitalloc import allocate_bits
+from onnxquant.calib.allocation import allocated_range, channel_tensors
 from onnxquant.calib.engine import collect_stats, compute_table
 from onnxquant.calib.equalize import depthwise_input_range
-from onnxquant.calib.gptq import apply_gptq
-from onnxquant.calib.methods import METHODS, WEIGHT_METHODS, clip_range, collect_options
+from onnxquant.calib.methods import METHODS, WEIGHT_METHODS, collect_options
 from onnxquant.calib.output_bias import correct_biases, measure_output_shift
 from onnxquant.calib.pow2 import format_activation_entry
-from onnxquant.calib.smooth import smooth
 from onnxquant.calib.weight_table import BIAS_CORRECTION, weight_entries
 from onnxquant.errors import (
     BadDataError,
     BadModelError,
     BadOptionError,
-    BadRulesError,
     InternalError,
-    OnnxQuantError,
 )
 from onnxquant.model import INT4_OPSET, model_bytes, opset_of, upgrade_opset
 from onnxquant.passes import PASS_NAMES, Outcome, run_passes
 from onnxquant.passes.canonicalize import NAME as CANONICALIZE
 from onnxquant.passes.insert_codebook import refuse_codebook
 from onnxquant.passes.insert_qdq import PER_CHANNEL_OPSET, QdqSummary, format_opset, insert_qdq
-from onnxquant.passes.plan import FUSED_ACTIVATIONS, QuantPlan, plan_quantization, tensor_shapes
-from onnxquant.quant import MAX_BITS, MIN_BITS
+from onnxquant.passes.plan import QuantPlan, plan_quantization
 from onnxquant.report import Report, SuggestOptions, build_report
-from onnxquant.report.suggest import candidates, plan_suggestion
-from onnxquant.rules import COMPUTE_OPS, Rules
+from onnxquant.rules import Rules
 from onnxquant.rules.schema import BIAS_CORRECTIONS, EQUALIZE_LAYERS
 from onnxquant.runtime.validate import validate as run_validation
+from onnxquant.stages import gptq_rounded, require_data, smoothed
 from onnxquant.tables import CalibrationTable
 
 log = logging.getLogger(__name__)
@@ -286,7 +281,7 @@ def calibrate(
     if not plan.activations:
         return CalibrationTable(method="none", bits=0), {}
     methods = {spec.method for spec in plan.activations.values()}
-    allocated = _channel_tensors(model, plan) if allocate else ()
+    allocated = channel_tensors(model, plan) if allocate else ()
     equalized = tuple(sorted(set(plan.equalized) - set(allocated)))
     if stats is None:
         sources = {plan.range_source(t) for t in plan.activations}
@@ -325,100 +320,12 @@ def calibrate(
             sources[t], spec.bits, spec.symmetric, spec.method, weight, **method_options
         )
     for t in (t for t in allocated if t in sources):
-        tensors[t] = _allocated_range(sources, t, plan.activations[t], method_options)
+        tensors[t] = allocated_range(sources, t, plan.activations[t], method_options)
     for t in sorted(set(tensors) & set(plan.activations)):  # FP8 and power-of-two scales (calib/pow2.py)
         tensors[t] = format_activation_entry(tensors[t], plan.activations[t], sources.get(t))
     main = max(methods, key=lambda m: sum(s.method == m for s in plan.activations.values()))
     bits = max(s.bits for s in plan.activations.values())
     return CalibrationTable(method=main, bits=bits, tensors=tensors), stats
-
-
-def _channel_tensors(model: onnx.ModelProto, plan: QuantPlan) -> tuple[str, ...]:
-    """Planned activations with a channel axis (rank >= 2 and more than one channel) that may carry
-    per-channel scales (`_per_channel_safe`), in name order."""
-    shapes = tensor_shapes(model)
-    safe = _per_channel_safe(model, plan)
-    out, unknown, unsafe = [], [], []
-    for t in sorted(plan.activations):
-        if t not in shapes:
-            unknown.append(t)
-            continue
-        dims = shapes[t].dim
-        if len(dims) < 2 or (dims[1].HasField("dim_value") and dims[1].dim_value == 1):
-            continue
-        (out if t in safe else unsafe).append(t)
-    if unknown:
-        log.warning("bit allocation: shape unknown, kept per tensor: %s", ", ".join(unknown))
-    if unsafe:
-        log.info(
-            "bit allocation: kept per tensor (a pool, Add or Concat reads or writes it): %s",
-            ", ".join(unsafe),
-        )
-    return tuple(out)
-
-
-def _per_channel_safe(model: onnx.ModelProto, plan: QuantPlan) -> set[str]:
-    """Planned activations that may carry per-channel scales without reaching a kernel that takes one scale.
-
-    ONNX Runtime fuses DQ → pool/Add/Concat → Q into QLinear kernels that take one scale and do not check it
-    (QLinearGlobalAveragePool: "x_scale must be a scalar"), so a per-channel scale there gives a model that
-    fails at the default optimization level. The pattern exists only where the Q is not preceded by the
-    sub-8-bit Clip (`insert_qdq`), i.e. at 8 bits; Conv/Gemm/MatMul fusion checks the scales itself and
-    leaves per-channel ones in float. So a tensor is refused when a quantized non-compute op writes it
-    (looking through a Relu/Clip) at 8 bits, or reads it and has an output planned at 8 bits.
-    """
-    quantized = {d.name for d in plan.nodes if d.quantize}
-    writer = {out: node for node in model.graph.node for out in node.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-
-    def unclipped(tensor: str) -> bool:
-        return tensor in plan.activations and plan.activations[tensor].bits >= MAX_BITS
-
-    def fusable(node: onnx.NodeProto | None, outputs: list[str]) -> bool:
-        return (
-            node is not None
-            and node.name in quantized
-            and node.op_type not in COMPUTE_OPS
-            and any(unclipped(t) for t in outputs)
-        )
-
-    safe = set()
-    for tensor in plan.activations:
-        node = writer.get(tensor)
-        if node is not None and node.op_type in FUSED_ACTIVATIONS and node.input and node.input[0] in writer:
-            node = writer[node.input[0]]
-        if fusable(node, [tensor]) or any(fusable(r, list(r.output)) for r in readers.get(tensor, [])):
-            continue
-        safe.add(tensor)
-    return safe
-
-
-def _allocated_range(stats: dict, tensor: str, spec, method_options: dict):
-    """Per-channel range of `tensor` at per-channel widths allocated from its per-channel clipping ranges."""
-    if not METHODS[spec.method].per_channel:
-        raise BadRulesError(
-            f"tensor {tensor}: per-channel bit allocation needs a per-channel method; "
-            f"accepted: {', '.join(sorted(n for n, m in METHODS.items() if m.per_channel))} "
-            f"(got {spec.method})"
-        )
-    try:
-        lo, hi = clip_range(
-            spec.method, stats[tensor], spec.bits, spec.symmetric, per_channel=True, **method_options
-        )
-    except OnnxQuantError as exc:
-        raise type(exc)(f"tensor {tensor}: {exc}") from exc
-    span = np.maximum(hi, 0) - np.minimum(lo, 0)  # dead (constant 0) channels: 0, so the fewest bits
-    widths = allocate_bits(span, spec.bits, lo=MIN_BITS, hi=MAX_BITS)
-    return compute_table(
-        {tensor: stats[tensor]},
-        {tensor: (widths, spec.symmetric)},
-        spec.method,
-        per_channel=[tensor],
-        **method_options,
-    ).tensors[tensor]
 
 
 def convert(
@@ -478,7 +385,7 @@ def convert(
                 "convert: SmoothQuant with a calibration table: the table's ranges are of the unsmoothed "
                 "graph; accepted: --smooth-quant (smooth_quant) with calibration data, or --table without it"
             )
-        folded, plan, note = _smoothed(folded, rules, data, progress)
+        folded, plan, note = smoothed(folded, rules, data, progress)
         notes.append(note)
     codebook = any(d.quantize and d.weight and d.weights.levels != "uniform" for d in plan.nodes)
     if codebook and (weight_correction or bit_alloc in ("weights", "both")):
@@ -522,12 +429,12 @@ def convert(
     )
     rounded = folded  # the float model the reports compare with stays `folded`
     if gptq:
-        rounded, note = _gptq_rounded(folded, plan, table, data, progress)
+        rounded, note = gptq_rounded(folded, plan, table, data, progress)
         notes.append(note)
     quant, summary = insert_qdq(rounded, plan, table)
     if bias_correction == "empirical":
         shifts = measure_output_shift(
-            folded, quant, _data_for(data, "empirical bias correction"), progress=progress
+            folded, quant, require_data(data, "empirical bias correction"), progress=progress
         )
         notes.append(f"empirical bias correction: {len(shifts)} layers' output mean shifts taken out")
         quant, summary = insert_qdq(correct_biases(rounded, shifts), plan, table)
@@ -550,137 +457,6 @@ def convert(
         summary=summary,
         stats=stats,
         notes=notes + summary.notes,
-    )
-
-
-def _data_for(data: Batches | None, stage: str) -> Batches:
-    if data is None:
-        raise BadDataError(
-            f"convert: {stage} needs calibration data; accepted: --calib-data PATH or --calib-reader"
-        )
-    return data
-
-
-def _smoothed(
-    model: onnx.ModelProto, rules: Rules, data: Batches | None, progress: bool
-) -> tuple[onnx.ModelProto, QuantPlan, str]:
-    """SmoothQuant (calib/smooth.py) on the folded model, and the plan of the smoothed graph."""
-    smoothed, results = smooth(
-        model, _data_for(data, "SmoothQuant"), alpha=rules.smooth_quant, progress=progress
-    )
-    for r in results:
-        log.info("SmoothQuant %s: %s", r.tensor, r.how)
-    note = (
-        f"SmoothQuant (alpha {rules.smooth_quant:g}): {sum(r.applied for r in results)} of {len(results)} "
-        "MatMul/Gemm inputs smoothed"
-    )
-    return smoothed, plan_quantization(smoothed, rules), note
-
-
-def _gptq_rounded(
-    model: onnx.ModelProto, plan: QuantPlan, table: CalibrationTable, data: Batches | None, progress: bool
-) -> tuple[onnx.ModelProto, str]:
-    """The folded model with its GPTQ layers' weights on their quantization grid (calib/gptq.py)."""
-    chosen = {d.name for d in plan.nodes if d.quantize and d.weight and d.weights.rounding == "gptq"}
-    rounded, results = apply_gptq(
-        model, plan, table, _data_for(data, "GPTQ rounding"), nodes=chosen, progress=progress
-    )
-    for r in results:
-        if r.skipped is not None:
-            log.info("GPTQ: %s kept round-to-nearest: %s", r.node, r.skipped)
-        else:
-            log.debug("GPTQ: %s output error proxy %.3g -> %.3g", r.node, r.rtn_error, r.gptq_error)
-    done = sum(r.skipped is None for r in results)
-    kept = f" ({len(chosen) - done} round-to-nearest: -v says why)" if done < len(chosen) else ""
-    return rounded, f"GPTQ rounded {done} of {len(chosen)} layers{kept}"
-
-
-@dataclass(frozen=True)
-class MixedPrecision:
-    """What `convert_to_target` chose: the layers kept at `high_bits` and the output SQNR they measured.
-
-    `tried` holds (number of kept layers, worst output SQNR on the calibration data) for every conversion."""
-
-    target_sqnr: float
-    high_bits: int
-    layers: tuple[str, ...]
-    nodes: tuple[str, ...]
-    measured: dict[str, float]
-    met: bool
-    tried: tuple[tuple[int, float], ...]
-
-
-def convert_to_target(
-    model: ModelLike,
-    rules: RulesLike = None,
-    *,
-    data: DataLike,
-    target_sqnr: float,
-    high_bits: int = 8,
-    sensitivity_samples: int = 64,
-    batch_size: int = 32,
-    max_samples: int | None = None,
-    **convert_options,
-) -> tuple[ConvertResult, MixedPrecision]:
-    """Convert, then keep the fewest layers at `high_bits` that bring every output to `target_sqnr` dB on
-    `data` (automatic mixed precision).
-
-    Layers are taken in the report's isolated-sensitivity order (`report.suggest`). The number k of kept
-    layers starts at the report's prediction and is searched on measurements: doubled until the target is
-    met, then bisected down to the smallest k that meets it (output SQNR grows with k in that order, nearly
-    always; a non-monotone step can only make the result keep more layers than needed, never miss the
-    target). Every conversion reuses the first one's calibration statistics. When even all layers at
-    `high_bits` miss the target, that conversion is returned with `met` False.
-    """
-    model = as_model(model)
-    data = as_data(data, model, batch_size=batch_size, max_samples=max_samples)
-    if data is None:
-        raise BadDataError(
-            "convert: --target-sqnr needs calibration data to measure on; accepted: " + DATA_HELP
-        )
-    if not isinstance(target_sqnr, numbers.Real) or not np.isfinite(target_sqnr):
-        raise BadOptionError(f"target_sqnr={target_sqnr!r}; accepted: a finite number of dB")
-    widths = {
-        k: convert_options.pop(k)
-        for k in ("bits", "wbits", "abits", "method", "wmethod")
-        if k in convert_options
-    }
-    rules = resolve_rules(rules, **widths)
-    first = convert(model, rules, data=data, **convert_options)
-    convert_options["stats"] = first.stats
-    ranked = build_report(first.float_model, first.model, data, sensitivity_samples=sensitivity_samples)
-    tried: list[tuple[int, float]] = []
-    results: dict[int, tuple[ConvertResult, dict[str, float], object]] = {}
-
-    def attempt(k: int) -> bool:
-        suggestion = plan_suggestion(ranked, SuggestOptions(rules, k=k, high_bits=high_bits))
-        result = first if k == 0 else convert(model, suggestion.rules, data=data, **convert_options)
-        sqnr = build_report(result.float_model, result.model, data, sensitivity_samples=0).output_sqnr()
-        results[k] = (result, sqnr, suggestion)
-        tried.append((k, min(sqnr.values())))
-        return min(sqnr.values()) >= target_sqnr
-
-    count = len(candidates(ranked, high_bits))
-    predicted = plan_suggestion(ranked, SuggestOptions(rules, target_sqnr=target_sqnr, high_bits=high_bits)).k
-    failing, meeting, k = -1, None, 0
-    while meeting is None and failing < count:
-        if attempt(k):
-            meeting = k
-        else:
-            failing, k = k, min(count, max(k + 1, predicted if k == 0 else 2 * k))
-    while meeting is not None and meeting - failing > 1:
-        middle = (failing + meeting) // 2
-        failing, meeting = (failing, middle) if attempt(middle) else (middle, meeting)
-    chosen = count if meeting is None else meeting
-    result, sqnr, suggestion = results[chosen]
-    return result, MixedPrecision(
-        target_sqnr=float(target_sqnr),
-        high_bits=high_bits,
-        layers=suggestion.layers,
-        nodes=suggestion.nodes,
-        measured=sqnr,
-        met=meeting is not None,
-        tried=tuple(tried),
     )
 
 

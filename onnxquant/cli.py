@@ -43,6 +43,7 @@ from onnxquant.cli_output import (
     write_suggestion,
 )
 from onnxquant.errors import CheckFailed
+from onnxquant.mixed_precision import convert_to_target
 from onnxquant.model import file_size, save_model
 from onnxquant.outputs import Inputs, companion, guard_outputs, staged_outputs
 from onnxquant.report import SuggestOptions
@@ -299,7 +300,7 @@ def convert(
     if target_sqnr is not None and suggest is None:
         if data is None or table is not None:
             raise click.UsageError("--target-sqnr needs --calib-data (or --calib-reader) and no --table")
-        result, mixed = api.convert_to_target(
+        result, mixed = convert_to_target(
             handed.pop(), rules, data=data, target_sqnr=target_sqnr, high_bits=high_bits, **options
         )
     else:

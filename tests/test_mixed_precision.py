@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from click.testing import CliRunner
 
-from onnxquant import api
 from onnxquant.cli import main
+from onnxquant.mixed_precision import convert_to_target
 from onnxquant.model import make_session
 
 sys.path.insert(0, str(Path(__file__).parent / "report"))
@@ -32,7 +32,7 @@ def ort_sqnr(float_model, quant_model, data) -> float:
 
 def convert_to(target: float):
     data = rm.digits_data("calib")
-    result, mixed = api.convert_to_target(
+    result, mixed = convert_to_target(
         rm.digits_model(), rm.preset(), data=data, target_sqnr=target, wbits=3, abits=8, method="minmax"
     )
     return data, result, mixed
