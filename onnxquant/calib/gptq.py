@@ -108,9 +108,13 @@ def _lower_inverse(lower: np.ndarray) -> np.ndarray:
 def _damped_inverse_factor(stack: np.ndarray, factor: float) -> np.ndarray:
     """U of every H in `stack` (n, K, K), each damped by `factor`·its own mean diagonal; raises
     LinAlgError when any damped H is not positive definite."""
-    mean = np.mean(np.diagonal(stack, axis1=1, axis2=2), axis=1)
-    damped = stack + (factor * mean)[:, None, None] * np.eye(stack.shape[-1])
-    lower = np.linalg.cholesky(damped[:, ::-1, ::-1])
+    k = stack.shape[-1]
+    damped = stack[:, ::-1, ::-1].copy()  # reversed (J H J): its diagonal is H's, reversed
+    damped[:, np.arange(k), np.arange(k)] += (
+        factor * np.mean(np.diagonal(stack, axis1=1, axis2=2), axis=1)[:, None]
+    )
+    lower = np.linalg.cholesky(damped)
+    del damped
     return np.ascontiguousarray(_lower_inverse(lower)[:, ::-1, ::-1])
 
 
@@ -161,18 +165,21 @@ def gptq_codes(
     groups, k = len(h), w.shape[1]
     per = w.shape[0] // groups
     grid = tuple(v.reshape(groups, per) for v in _grid(w.shape[0], scale, zero_point, qmin, qmax))
-    dead = np.diagonal(h, axis1=1, axis2=2) == 0  # (G, K): inputs that are always zero
-    at_group, at_column = np.nonzero(dead)
-    h[at_group, at_column, at_column] = 1.0
+    diagonal = np.diagonal(h, axis1=1, axis2=2)
+    dead = diagonal == 0  # (G, K): inputs that are always zero
     if act_order:
-        perm = np.argsort(-np.diagonal(h, axis1=1, axis2=2), axis=1, kind="stable")
+        perm = np.argsort(-np.where(dead, 1.0, diagonal), axis=1, kind="stable")
     else:
         perm = np.broadcast_to(np.arange(k), (groups, k))
     # (G, K, rows per group): one weight column of each group per contiguous row, in rounding order
     columns = np.take_along_axis(w.reshape(groups, per, k).transpose(0, 2, 1), perm[:, :, None], axis=1)
-    columns[np.take_along_axis(dead, perm, axis=1)] = 0.0
-    h = np.take_along_axis(np.take_along_axis(h, perm[:, :, None], axis=1), perm[:, None, :], axis=2)
+    dead = np.take_along_axis(dead, perm, axis=1)
+    columns[dead] = 0.0
+    h = h[np.arange(groups)[:, None, None], perm[:, :, None], perm[:, None, :]]  # permuted: a new array
+    at_group, at_column = np.nonzero(dead)
+    h[at_group, at_column, at_column] = 1.0
     u = inverse_cholesky_upper(h, damp)
+    del h
     codes = np.empty((groups, k, per), np.int64)
     step = max(1, block)
     for start in range(0, k, step):
@@ -185,8 +192,9 @@ def gptq_codes(
 
 
 def _hessian_stack(h, w_shape: tuple[int, ...]) -> np.ndarray:
-    """A float64 copy of `h` as a (G, K, K) stack, checked against a weight of `w_shape` (rows, K)."""
-    h = np.array(h, np.float64)
+    """`h` as a float64 (G, K, K) stack (not copied; `gptq_codes` only reads it), checked against a weight of
+    `w_shape` (rows, K)."""
+    h = np.asarray(h, np.float64)
     h = h[None] if h.ndim == 2 else h
     rows, k = w_shape
     if h.ndim != 3 or h.shape[1:] != (k, k) or rows % len(h):
@@ -342,7 +350,7 @@ def apply_gptq(
     index = {t.name: i for i, t in enumerate(out.graph.initializer)}
     results = list(found.skipped)
     for layer in found.layers:
-        stats = hessians.get(layer.node)
+        stats = hessians.pop(layer.node, None)  # each layer's sums are freed once it is rounded
         if stats is None or stats.rows == 0:
             results.append(GptqResult(layer.node, layer.weight, skipped="no usable calibration rows"))
             continue

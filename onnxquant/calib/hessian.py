@@ -101,7 +101,7 @@ class HessianStats:
         return HessianStats(self.xtx + other.xtx, self.rows + other.rows)
 
     def hessian(self) -> np.ndarray:
-        return 2.0 * self.xtx / max(self.rows, 1)
+        return np.multiply(self.xtx, 2.0 / max(self.rows, 1))  # one new array
 
 
 def _ints(node: onnx.NodeProto, name: str, default: Sequence[int]) -> tuple[int, ...]:
