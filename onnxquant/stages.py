@@ -35,7 +35,11 @@ def smoothed(
 ) -> tuple[onnx.ModelProto, QuantPlan, str]:
     """SmoothQuant (calib/smooth.py) on the folded model, and the plan of the smoothed graph."""
     smoothed, results = smooth(
-        model, require_data(data, "SmoothQuant"), alpha=rules.smooth_quant, progress=progress
+        model,
+        require_data(data, "SmoothQuant"),
+        alpha=rules.smooth_quant,
+        widths=(rules.activations.bits, rules.weights.bits),
+        progress=progress,
     )
     for r in results:
         log.info("SmoothQuant %s: %s", r.tensor, r.how)
