@@ -233,7 +233,8 @@ suggest_options = _options(
         "--target-sqnr",
         type=FINITE_FLOAT,
         default=None,
-        help="Keep the fewest layers predicted to reach this output SQNR (dB).",
+        help="Keep the fewest layers at --high-bits that reach this output SQNR (dB) on the calibration "
+        "data, measured (automatic mixed precision); with --suggest-rules, the fewest predicted to.",
     ),
     click.option(
         "--top-k",

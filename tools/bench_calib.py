@@ -45,6 +45,20 @@ def reader():
         yield {"input": x}
 
 
+def convert_from_reader(model: Path, flags: list[str], out: Path) -> None:
+    """`onnxquant convert model FLAGS` in this process, calibrated on `reader()`'s batches."""
+    from onnxquant.cli import main
+
+    sys.path.insert(0, str(HERE))
+    args = ["convert", str(model), *flags, "--calib-reader", "bench_calib:reader"]
+    args += ["--batch-size", os.environ.get("BENCH_BATCH", "8"), "-o", str(out)]
+    try:
+        main(args, standalone_mode=False)
+    except SystemExit as exc:
+        if exc.code:
+            raise
+
+
 def _child(kind: str, model: Path, workdir: Path) -> dict:
     """Run one configuration in this process and report wall time and peak RSS."""
     start = time.perf_counter()
@@ -78,26 +92,7 @@ def _child(kind: str, model: Path, workdir: Path) -> dict:
             calibrate_method=CalibrationMethod.Entropy,
         )
     else:
-        from onnxquant.cli import main
-
-        sys.path.insert(0, str(HERE))
-        args = [
-            "convert",
-            str(model),
-            "--calib",
-            kind,
-            "--calib-reader",
-            "bench_calib:reader",
-            "--batch-size",
-            os.environ.get("BENCH_BATCH", "8"),
-            "-o",
-            str(workdir / f"oq.{kind}.onnx"),
-        ]
-        try:
-            main(args, standalone_mode=False)
-        except SystemExit as exc:
-            if exc.code:
-                raise
+        convert_from_reader(model, ["--calib", kind], workdir / f"oq.{kind}.onnx")
     wall = time.perf_counter() - start
     return {"wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 

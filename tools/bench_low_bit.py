@@ -36,9 +36,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from onnxquant.cli import main as onnxquant_main
-
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_calib import convert_from_reader
+
 MARK_BEGIN, MARK_END = "<!-- bench_low_bit: begin -->", "<!-- bench_low_bit: end -->"
 BASE_ARGS = ("--wbits", "4", "--abits", "8", "--calib", "minmax")
 CONFIGS: dict[str, tuple[str, ...]] = {
@@ -56,24 +58,7 @@ FLAT_MB = 32.0  # peak RSS growth from the smallest to the largest sample count 
 
 def _child(config: str, model: Path, workdir: Path) -> dict:
     """Convert `model` with `config`'s flags in this process; report its peak RSS."""
-    sys.path.insert(0, str(HERE))
-    args = [
-        "convert",
-        str(model),
-        *BASE_ARGS,
-        *CONFIGS[config],
-        "--calib-reader",
-        "bench_calib:reader",
-        "--batch-size",
-        os.environ.get("BENCH_BATCH", "8"),
-        "-o",
-        str(workdir / f"oq.{config}.onnx"),
-    ]
-    try:
-        onnxquant_main(args, standalone_mode=False)
-    except SystemExit as exc:
-        if exc.code:
-            raise
+    convert_from_reader(model, [*BASE_ARGS, *CONFIGS[config]], workdir / f"oq.{config}.onnx")
     return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
