@@ -119,10 +119,12 @@ def accumulate(
         run_paired(*segmented, feed, jobs)
         if kept < subset:
             take = min(n, subset - kept)
+            if any(np.ndim(kept_outputs[o]) == 0 or len(kept_outputs[o]) != n for o in outputs):
+                take = n  # an output whose axis 0 is not the batch (sequence first) is not cut per sample
             acc.subset.append(
                 (
                     {i: v[:take] for i, v in feed.items()},
-                    {o: np.array(kept_outputs[o][:take]) for o in outputs},
+                    {o: np.array(kept_outputs[o][:take] if take < n else kept_outputs[o]) for o in outputs},
                 )
             )
             kept += take

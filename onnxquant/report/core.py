@@ -243,6 +243,11 @@ def _check_labels(labels, data) -> np.ndarray | None:
     return arr.astype(np.int64)
 
 
+def _samples(feed: Mapping[str, np.ndarray]) -> int:
+    first = next(iter(feed.values()), None)
+    return 1 if first is None or np.ndim(first) == 0 else len(first)
+
+
 def build_report(
     float_model: onnx.ModelProto,
     quant_model: onnx.ModelProto,
@@ -296,7 +301,7 @@ def build_report(
         isolated, iso_notes = run_isolated(float_model, quant_model, graph, acc.subset, progress=progress)
         notes += iso_notes
         seconds["sensitivity"] = time.perf_counter() - t0
-    subset_n = sum(len(next(iter(o.values()))) for _, o in acc.subset) if acc.subset else 0
+    subset_n = sum(_samples(feed) for feed, _ in acc.subset)
     acc.subset.clear()
 
     outputs = []

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 from report_models import (
     DIGITS,
     batches,
@@ -244,3 +244,47 @@ def test_per_channel_activation_widths_are_matched_to_the_float_model():
             assert (qt.qmin, qt.qmax) == (0, 2 ** int(np.max(entry.bits)) - 1)
     rep = build_report(r.float_model, r.model, digits_data(), sensitivity_samples=16)
     assert not any("not found alike" in n for n in rep.notes)
+
+
+def _sequence_first_model() -> onnx.ModelProto:
+    """Fixed batch 1, output (T, 1, C): the sequence axis first, as CRNN text recognizers export it."""
+    rng = np.random.default_rng(3)
+    w1 = (rng.standard_normal((6, 3, 3, 3)) * 0.3).astype(np.float32)
+    w2 = (rng.standard_normal((5, 6, 1, 1)) * 0.3).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2"),
+        helper.make_node("Reshape", ["c2", "shape"], ["seq"], name="flat"),
+        helper.make_node("Transpose", ["seq"], ["y"], name="time_first", perm=[2, 0, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "seq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [32, 1, 5])],
+        [
+            numpy_helper.from_array(w1, "w1"),
+            numpy_helper.from_array(w2, "w2"),
+            numpy_helper.from_array(np.array([1, 5, 32], np.int64), "shape"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def test_isolated_sensitivity_of_a_sequence_first_output_with_batch_one():
+    model = _sequence_first_model()
+    x = np.random.default_rng(4).standard_normal((6, 3, 4, 8)).astype(np.float32)
+    result = api.convert(model, None, data={"x": x}, wbits=4, abits=8, method="minmax")
+    report = build_report(
+        result.float_model, result.model, api.as_data({"x": x}, model), sensitivity_samples=2
+    )
+    assert report.ranked_by == "sensitivity" and {la.name for la in report.worst()} >= {"conv1", "conv2"}
+    f = make_session(result.float_model)
+    q = make_session(result.model)
+    ref = np.concatenate([f.run(None, {"x": x[i : i + 1]})[0] for i in range(6)])
+    got = np.concatenate([q.run(None, {"x": x[i : i + 1]})[0] for i in range(6)])
+    expected = 10 * np.log10(
+        (ref.astype(np.float64) ** 2).sum() / ((ref - got).astype(np.float64) ** 2).sum()
+    )
+    assert abs(report.output_sqnr()["y"] - expected) < 0.01
