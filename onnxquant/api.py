@@ -399,6 +399,12 @@ def convert(
             f"convert: bias_correction {weight_correction} corrects round-to-nearest weights, not GPTQ's; "
             "accepted: GPTQ (--gptq, weights.rounding gptq) with --bias-correction empirical or none"
         )
+    for wanted, stage in (
+        (gptq, "GPTQ rounding"),
+        (bias_correction == "empirical", "empirical bias correction"),
+    ):
+        if wanted:
+            require_data(data, stage)  # before calibrating, not after
     corrected_inputs = _compute_inputs(folded, plan) if weight_correction else ()
     if table is None:
         if data is None and stats is None and plan.activations:

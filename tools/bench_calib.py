@@ -171,7 +171,7 @@ def _markdown(results: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _summary(runs: list[dict | None]) -> dict | None:
+def summary(runs: list[dict | None]) -> dict | None:
     """Median wall time, all wall times and the largest peak RSS of one configuration's runs (None if any
     failed)."""
     if not runs or any(r is None for r in runs):
@@ -184,11 +184,13 @@ def _summary(runs: list[dict | None]) -> dict | None:
     }
 
 
-def _write_section(path: Path, section: str) -> None:
+def write_section(path: Path, section: str, begin: str = MARK_BEGIN, end: str = MARK_END) -> None:
+    """Replace the section of `path` between `begin` and `end` (re-read now: others edit the rest of the
+    file), or append it."""
     text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if MARK_BEGIN in text and MARK_END in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        text = head + section.rstrip("\n") + rest.split(MARK_END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section.rstrip("\n") + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section
     tmp = path.with_name(f".{path.name}.tmp")
@@ -234,10 +236,10 @@ def main() -> None:
                         f"{kind:8s} {samples:5d} samples: {r['wall_s']:8.1f} s  {r['peak_rss_mb']:8.0f} MB",
                         file=sys.stderr,
                     )
-    results = {key: _summary(rs) for key, rs in runs.items()}
+    results = {key: summary(rs) for key, rs in runs.items()}
     os.environ["BENCH_BATCH"], os.environ["BENCH_REPEAT"] = str(args.batch_size), str(args.repeat)
     command = "python tools/bench_calib.py " + " ".join(sys.argv[1:])
-    _write_section(args.out, _markdown(results, command.strip()))
+    write_section(args.out, _markdown(results, command.strip()))
 
 
 if __name__ == "__main__":

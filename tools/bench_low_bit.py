@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_calib import convert_from_reader
+from bench_calib import convert_from_reader, summary, write_section
 
 MARK_BEGIN, MARK_END = "<!-- bench_low_bit: begin -->", "<!-- bench_low_bit: end -->"
 BASE_ARGS = ("--wbits", "4", "--abits", "8", "--calib", "minmax")
@@ -79,19 +78,6 @@ def _run(config: str, samples: int, model: Path, workdir: Path, batch: int, time
         print(f"{config} @ {samples}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
         return None
     return {"wall_s": wall, **json.loads(proc.stdout.strip().splitlines()[-1])}
-
-
-def _summary(runs: list[dict | None]) -> dict | None:
-    """Median wall time, all wall times and the largest peak RSS of one configuration's runs (None if any
-    failed)."""
-    if not runs or any(r is None for r in runs):
-        return None
-    walls = [r["wall_s"] for r in runs]
-    return {
-        "wall_s": statistics.median(walls),
-        "walls": walls,
-        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
-    }
 
 
 def _label(config: str) -> str:
@@ -180,19 +166,6 @@ def _verdict(results: dict, configs: list[str], small: int, large: int) -> str:
     return text
 
 
-def _write_section(path: Path, section: str) -> None:
-    """Replace the marked section of `path` (re-read now: others edit the rest of the file), or append it."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if MARK_BEGIN in text and MARK_END in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        text = head + section.rstrip("\n") + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _measure(args: argparse.Namespace, model: Path, workdir: Path) -> dict:
     """Every configuration at every sample count, `args.repeat` rounds interleaved; summaries by key."""
     runs: dict[tuple[str, int], list[dict | None]] = {}
@@ -206,7 +179,7 @@ def _measure(args: argparse.Namespace, model: Path, workdir: Path) -> dict:
                     f"{config:8s} {samples:5d} samples: {r['wall_s']:8.1f} s  {r['peak_rss_mb']:8.0f} MB",
                     file=sys.stderr,
                 )
-    return {key: _summary(rs) for key, rs in runs.items()}
+    return {key: summary(rs) for key, rs in runs.items()}
 
 
 def main() -> None:
@@ -235,7 +208,7 @@ def main() -> None:
         results = _measure(args, model, workdir)
     command = "python tools/bench_low_bit.py " + " ".join(sys.argv[1:])
     section = _markdown(results, args.configs, command.strip(), args.batch_size, args.repeat)
-    _write_section(args.out, section)
+    write_section(args.out, section, MARK_BEGIN, MARK_END)
     print(section)
 
 
