@@ -39,7 +39,6 @@ from onnxquant.errors import (
 from onnxquant.model import INT4_OPSET, model_bytes, opset_of, upgrade_opset
 from onnxquant.passes import PASS_NAMES, Outcome, run_passes
 from onnxquant.passes.canonicalize import NAME as CANONICALIZE
-from onnxquant.passes.insert_codebook import refuse_codebook
 from onnxquant.passes.insert_qdq import PER_CHANNEL_OPSET, QdqSummary, format_opset, insert_qdq
 from onnxquant.passes.plan import QuantPlan, plan_quantization
 from onnxquant.report import Report, SuggestOptions, build_report
@@ -439,9 +438,7 @@ def convert(
         notes.append(note)
     quant, summary = insert_qdq(rounded, plan, table)
     if bias_correction == "empirical":
-        shifts = measure_output_shift(
-            folded, quant, require_data(data, "empirical bias correction"), progress=progress
-        )
+        shifts = measure_output_shift(folded, quant, data, progress=progress)  # data checked above
         notes.append(f"empirical bias correction: {len(shifts)} layers' output mean shifts taken out")
         quant, summary = insert_qdq(correct_biases(rounded, shifts), plan, table)
     del rounded
@@ -565,7 +562,6 @@ def validate(
 ):
     """Run the integer plan of `quant_model` and ONNX Runtime side by side (see onnxquant.runtime)."""
     quant_model = as_model(quant_model, "quantized model")
-    refuse_codebook(quant_model)
     data = as_data(data, quant_model, batch_size=batch_size, max_samples=max_samples)
     if data is None:
         raise BadDataError("validate: no data to run the models on; accepted: " + DATA_HELP)

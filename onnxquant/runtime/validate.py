@@ -28,6 +28,7 @@ import onnx
 from onnxquant.calib.segments import DEFAULT_BUDGET, Job, SegmentedModel, run_paired
 from onnxquant.errors import BadDataError, BadModelError, BadOptionError, InternalError
 from onnxquant.model import constants_to_initializers, graph_inputs
+from onnxquant.passes.insert_codebook import refuse_codebook
 from onnxquant.runtime import plan as P
 from onnxquant.runtime.backends import get_backend
 from onnxquant.runtime.lower import lower
@@ -245,6 +246,7 @@ def validate(
     if requant not in REQUANT_MODES:
         raise BadOptionError(f"requant mode {requant!r} is unknown; accepted: {', '.join(REQUANT_MODES)}")
     refuse_float8(model)
+    refuse_codebook(model)
     work = onnx.ModelProto()
     work.CopyFrom(model)
     constants_to_initializers(work)
