@@ -28,7 +28,7 @@ from onnxquant.report.compare import accumulate
 from onnxquant.report.metrics import CodeHistogram, Metrics, code_entropy, compare
 from onnxquant.report.qdq import QdqGraph, analyze, check_compatible
 from onnxquant.report.sensitivity import run_isolated
-from onnxquant.report.storage import WeightSize, weight_size
+from onnxquant.report.storage import WeightSize, code_histogram, weight_size
 from onnxquant.report.suggest import Suggestion, SuggestOptions, plan_suggestion
 from onnxquant.tables import CalibrationTable
 
@@ -440,7 +440,7 @@ def _tensor_results(graph: QdqGraph, acc, isolated) -> list[TensorResult]:
         )
     for t in graph.weights:
         codes, deq = graph.dequantize_weight(t)
-        _, counts = np.unique(codes, return_counts=True)
+        counts = code_histogram(codes)  # for the entropy and the Huffman size
         w = graph.float_weight(t)
         metrics = compare(w.astype(np.float32), deq) if w is not None and w.shape == deq.shape else None
         results.append(
@@ -454,7 +454,7 @@ def _tensor_results(graph: QdqGraph, acc, isolated) -> list[TensorResult]:
                 accumulated=metrics,
                 isolated=metrics,
                 matched=metrics is not None,
-                size=weight_size(t.name, codes, graph.side_arrays(t), t.container_bits),
+                size=weight_size(t.name, codes, graph.side_arrays(t), t.container_bits, counts),
             )
         )
     return results

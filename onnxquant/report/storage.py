@@ -74,10 +74,14 @@ def code_histogram(codes: np.ndarray, chunk: int = 1 << 22) -> np.ndarray:
 
 
 def weight_size(
-    name: str, codes: np.ndarray, side: Iterable[np.ndarray], code_bits: int | None = None
+    name: str,
+    codes: np.ndarray,
+    side: Iterable[np.ndarray],
+    code_bits: int | None = None,
+    counts: np.ndarray | None = None,
 ) -> WeightSize:
     """The size of a weight stored as `codes` (`code_bits` each: by default their dtype's width) beside the
-    arrays `side`."""
+    arrays `side`; `counts`: the codes' histogram (`code_histogram`) when the caller already has it."""
     codes = np.asarray(codes)
     if code_bits is None:
         code_bits = array_bits(codes.reshape(-1)[:1]) if codes.size else 0
@@ -86,7 +90,7 @@ def weight_size(
         count=int(codes.size),
         code_bits=code_bits,
         side_bits=sum(array_bits(a) for a in side),
-        huffman_bits=huffman_bits(code_histogram(codes)),
+        huffman_bits=huffman_bits(code_histogram(codes) if counts is None else counts),
     )
 
 
