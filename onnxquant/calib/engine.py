@@ -315,6 +315,28 @@ def _run(
     return samples
 
 
+def stream_tensors(
+    model: onnx.ModelProto,
+    tensors: Sequence[str],
+    data: Iterable[Batch],
+    update,
+    *,
+    label: str,
+    progress: bool = False,
+    budget: int = DEFAULT_BUDGET,
+    unusable: set[str] | None = None,
+) -> int:
+    """One streaming pass of `model`'s segments over `data`, calling update(name, array) for each of
+    `tensors` (graph inputs included) per batch; returns the samples seen. A tensor whose `update` raises
+    NonFiniteError joins `unusable` and is not fed again. For the stages that need one pass of their own
+    statistics (GPTQ's Hessians, SmoothQuant's channel maxima, the bias probe)."""
+    inputs = [i.name for i in graph_inputs(model)]
+    runner = _SegmentRunner(model, [t for t in tensors if t not in inputs], budget)
+    return _run(
+        runner, inputs, tensors, data, update, progress, label, set() if unusable is None else unusable
+    )
+
+
 def _prefetched(worker: ThreadPoolExecutor, items: Iterator) -> Iterator:
     """`items`, each computed by `worker` while the caller works on the previous one."""
     ahead = worker.submit(next, items, None)

@@ -30,11 +30,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxquant.calib.engine import _run, _SegmentRunner
-from onnxquant.calib.segments import DEFAULT_BUDGET
+from onnxquant.calib.engine import stream_tensors
 from onnxquant.calib.stats import NonFiniteError
 from onnxquant.errors import InternalError
-from onnxquant.model import graph_inputs
 
 log = logging.getLogger(__name__)
 
@@ -254,19 +252,15 @@ def collect_hessians(
     groups = _budget_groups(views, budget)
     if len(groups) > 1 and isinstance(batches, Iterator):
         raise InternalError(f"GPTQ needs {len(groups)} passes over re-iterable data, got a one-shot iterator")
-    inputs = [i.name for i in graph_inputs(model)]
     found: dict[RowsView, HessianStats] = {}
     for number, group in enumerate(groups, 1):
-        found.update(
-            _collect_group(model, group, inputs, batches, progress, f"GPTQ pass {number}/{len(groups)}")
-        )
+        found.update(_collect_group(model, group, batches, progress, f"GPTQ pass {number}/{len(groups)}"))
     return {layer.node: found[layer.view] for layer in layers if layer.view in found}
 
 
 def _collect_group(
     model: onnx.ModelProto,
     views: list[RowsView],
-    inputs: list[str],
     batches: Iterable[Mapping[str, np.ndarray]],
     progress: bool,
     label: str,
@@ -282,10 +276,8 @@ def _collect_group(
         for view in readers[name]:
             accumulate(stats[view], x, view)
 
-    tensors = sorted(readers)
-    runner = _SegmentRunner(model, [t for t in tensors if t not in inputs], DEFAULT_BUDGET)
     unusable: set[str] = set()
-    _run(runner, inputs, tensors, batches, update, progress, label, unusable)
+    stream_tensors(model, sorted(readers), batches, update, label=label, progress=progress, unusable=unusable)
     for name in sorted(unusable):
         log.warning("GPTQ: tensor %s holds NaN or Inf; the layers reading it keep round-to-nearest", name)
     return {view: s for view, s in stats.items() if view.input not in unusable}

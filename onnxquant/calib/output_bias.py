@@ -34,10 +34,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxquant.calib.engine import _run, _SegmentRunner
+from onnxquant.calib.engine import stream_tensors
 from onnxquant.calib.segments import DEFAULT_BUDGET
 from onnxquant.errors import BadDataError, BadModelError
-from onnxquant.model import graph_inputs, opset_of
+from onnxquant.model import opset_of
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,6 @@ def _run_probe(
 ) -> dict[str, np.ndarray]:
     """Run `probe` in segments (calib/engine.py) on every batch and combine the batch means, weighted by their
     element counts; a layer's mean and count may come from different segments of one batch."""
-    inputs = [i.name for i in graph_inputs(probe)]
     layer_of = {name: p.layer for p in probes for name in (p.mean, p.size)}
     is_mean = {p.mean for p in probes}
     sums: dict[str, np.ndarray] = {}
@@ -271,8 +270,9 @@ def _run_probe(
             counts[layer] += count
             del pending[layer]
 
-    runner = _SegmentRunner(probe, list(layer_of), budget)
-    samples = _run(runner, inputs, list(layer_of), batches, update, progress, "bias correction", set())
+    samples = stream_tensors(
+        probe, list(layer_of), batches, update, label="bias correction", progress=progress, budget=budget
+    )
     if samples == 0:
         raise BadDataError("bias correction: the calibration data is empty; accepted: at least one sample")
     return _finite_means(sums, counts)

@@ -47,10 +47,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxquant.calib.engine import _run, _SegmentRunner
+from onnxquant.calib.engine import stream_tensors
 from onnxquant.calib.segments import DEFAULT_BUDGET
 from onnxquant.errors import BadDataError, BadOptionError
-from onnxquant.model import graph_inputs, infer_shapes
+from onnxquant.model import infer_shapes
 from onnxquant.passes.base import Graph, attr, input_at, is_op, producer
 
 log = logging.getLogger(__name__)
@@ -145,9 +145,6 @@ def channel_statistics(
     """(max|x|, mean x²) per channel along axis `axes[name]` of each named tensor, over all `batches` in one
     streaming pass of the model's segments (`calib.engine`): memory is a few vectors per tensor, whatever the
     samples."""
-    tensors = list(axes)
-    inputs = [i.name for i in graph_inputs(model)]
-    runner = _SegmentRunner(model, [t for t in tensors if t not in inputs], budget)
     maxima: dict[str, np.ndarray] = {}
     squares: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
@@ -162,7 +159,9 @@ def channel_statistics(
         squares[name] = sq if name not in squares else squares[name] + sq
         counts[name] = counts.get(name, 0) + len(rows)
 
-    samples = _run(runner, inputs, tensors, batches, update, progress, "smoothquant statistics", set())
+    samples = stream_tensors(
+        model, list(axes), batches, update, label="smoothquant statistics", progress=progress, budget=budget
+    )
     if samples == 0:
         raise BadDataError("smoothquant: calibration data is empty; accepted: at least one sample")
     return {name: (maxima[name], squares[name] / counts[name]) for name in maxima}
