@@ -10,13 +10,17 @@ What runs, in order (`canonicalize`):
 1. Constant folding (`onnxscript.optimizer.FoldConstantsPass`): Reshape/Unsqueeze/Cast/Shape arithmetic of
    constants become initializers; identities and no-op Reshapes/Casts disappear. Initializers that are also
    graph inputs (overridable) are never folded.
-2. Fusions: onnxscript's `fuse_hardswish_rules` (`Div(Clip(x+3,0,6),6)` → HardSigmoid,
+2. Transposes moved below element-wise ops (`TransposeSinking`, each reader of a Transpose given its own
+   copy first), inverse pairs cancelled by onnxscript's `transpose_transpose_rule` and
+   `no_op_transpose_rule`, copies that stayed side by side merged again: TensorFlow exports' NCHW↔NHWC
+   pairs around every Conv go, and the bias/BatchNorm affine between them meets its Conv.
+3. Fusions: onnxscript's `fuse_hardswish_rules` (`Div(Clip(x+3,0,6),6)` → HardSigmoid,
    `Div(x·Clip(x+3,0,6),6)` and `x·HardSigmoid(x)` → HardSwish) and its no-op rules (`x+0`, `x·1`, `x/1`,
    `x−0`, inference Dropout), and the rules written here, which onnxscript lacks: a per-channel constant Add
    folded into the bias of Conv/ConvTranspose/Gemm, rank-2 MatMul + constant bias → Gemm, `Clip(a·x+b, 0, 1)`
    → HardSigmoid, `Clip(x+b,0,h)·s` with `s·h = 1` → HardSigmoid, `x·Clip(x+3,0,6)·(1/6)` → HardSwish, Erf
    GELU → Gelu (opset ≥ 20 only).
-3. `Div` by a nonzero float constant → `Mul` by its reciprocal, then step 2 once more for the patterns this
+4. `Div` by a nonzero float constant → `Mul` by its reciprocal, then step 3 once more for the patterns this
    exposes (`Clip(x/6+0.5, 0, 1)`).
 onnxscript's BatchNormalization fusions are not used: onnxquant's fold_bn passes do those, with reasons that
 `inspect` shows. The model's opset is never raised: HardSwish needs opset 14, Gelu opset 20.
@@ -319,6 +323,81 @@ class DivByConstant(pattern.RewriteRuleClassBase):
         return op.Mul(x, op.initializer(ir.tensor(inverse), f"{d.name or 'divisor'}_reciprocal"))
 
 
+class TransposeSinking(pattern.RewriteRuleClassBase):
+    """`f(Transpose(x, perm), ...)` → `Transpose(f(x, ...), perm)` for an element-wise `f`, so a Transpose
+    travels down until it meets its inverse (and both go) or a node that is not element-wise. TensorFlow
+    exports wrap every Conv in NCHW↔NHWC Transposes with the bias, BatchNorm affine and activation in between;
+    moved below them, the affine folds into the Conv and the Conv's output reaches its quantized reader
+    directly (ONNX Runtime then fuses it into an integer kernel). `operands` says what the other inputs are:
+    `"scalars"` (a unary op, Clip's bounds), `"constant"` (a constant of any broadcastable shape, permuted to
+    `x`'s layout: `c' = transpose(c, perm⁻¹)` after padding its rank) or `"transposed"` (the same Transpose
+    on both inputs). `position` is the input the Transpose feeds."""
+
+    def __init__(self, op_type: str, operands: str, position: int = 0):
+        super().__init__(f"TransposeSinking{op_type}{operands.title()}{position}")
+        self.op_type, self.operands, self.position = op_type, operands, position
+
+    def pattern(self, op, x, other, perm):
+        moved = op.Transpose(x, perm=perm)
+        if self.operands == "scalars":
+            return getattr(op, self.op_type)(
+                moved, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["y"]
+            )
+        if self.operands == "transposed":
+            other = op.Transpose(other, perm=perm)
+        inputs = (moved, other) if self.position == 0 else (other, moved)
+        return getattr(op, self.op_type)(*inputs, _outputs=["y"])
+
+    def check(self, context, x, other, perm, y) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if perm.is_ref():
+            return result.fail("the permutation is a reference attribute")
+        if self.operands == "scalars":
+            extra = y.producer().inputs[1:]
+            if any(v is not None and (_const(v) is None or _const(v).size != 1) for v in extra):
+                return result.fail("an extra input is not a one-element constant")
+        if self.operands == "constant":
+            value = _const(other)
+            if value is None or value.ndim > len(perm.as_ints()):
+                return result.fail("the other operand is not a constant of at most the Transpose's rank")
+        return result
+
+    def rewrite(self, op, x, other, perm, y):
+        node, order = y.producer(), list(perm.as_ints())
+        if self.operands == "scalars":
+            attrs = dict(node.attributes.items())
+            return self._transposed(op, getattr(op, self.op_type)(x, *node.inputs[1:], **attrs), x, order)
+        if self.operands == "transposed":
+            operand = other
+        else:
+            value = _const(other)
+            padded = value.reshape((1,) * (len(order) - value.ndim) + value.shape)
+            permuted = np.ascontiguousarray(np.transpose(padded, np.argsort(order)))
+            operand = op.initializer(ir.tensor(permuted), f"{other.name or 'operand'}_permuted")
+        inputs = (x, operand) if self.position == 0 else (operand, x)
+        return self._transposed(op, getattr(op, self.op_type)(*inputs), x, order)
+
+    @staticmethod
+    def _transposed(op, inner: ir.Value, x: ir.Value, order: list[int]) -> ir.Value:
+        """`Transpose(inner)`, with `inner` typed like `x` (an element-wise result has its input's type):
+        placement reads a tensor's type to decide whether it can be quantized."""
+        inner.dtype = x.dtype
+        result = op.Transpose(inner, perm=order)
+        result.dtype = x.dtype
+        return result
+
+
+_SINK_UNARY = ("Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Clip", "Neg")
+_SINK_BINARY = ("Add", "Sub", "Mul", "Div")
+
+
+def _sinking_rules() -> list[pattern.RewriteRule]:
+    rules = [TransposeSinking.rule(op, "scalars") for op in _SINK_UNARY]
+    rules += [TransposeSinking.rule(op, "transposed") for op in _SINK_BINARY]
+    rules += [TransposeSinking.rule(op, "constant", i) for op in _SINK_BINARY for i in (0, 1)]
+    return rules + [ox_rules.transpose_transpose_rule, ox_rules.no_op_transpose_rule]
+
+
 # -- rule sets ------------------------------------------------------------------------------------------
 def _rules(opset: int) -> tuple[list[pattern.RewriteRule], list[pattern.RewriteRule]]:
     """(fusions, Div→Mul) for a model at `opset`, every commuted variant listed."""
@@ -393,7 +472,8 @@ def _canonicalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Outcome
 
     _fold(graph_model, outcomes)
     fusions, divisions = _rules(opset)
-    applied = _apply(graph_model, fusions, outcomes)
+    applied = _sink_transposes(graph_model, outcomes)
+    applied += _apply(graph_model, fusions, outcomes)
     if _apply(graph_model, divisions, outcomes):
         applied += 1 + _apply(graph_model, fusions, outcomes)
     if not outcomes:
@@ -406,6 +486,56 @@ def _canonicalize(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Outcome
     for o in outcomes:
         log.info("%s %s: %s", o.pass_name, ",".join(o.nodes), o.reason)
     return result, outcomes
+
+
+def _sink_transposes(graph_model: ir.Model, outcomes: list[Outcome]) -> int:
+    """Move Transposes below element-wise ops until none moves (`TransposeSinking`), cancelling inverse pairs;
+    one outcome for them all. Returns the number of rewrites."""
+    transposes = sum(1 for n in graph_model.graph if n.op_type == "Transpose")
+    if not transposes:
+        return 0
+    rules, moves = _sinking_rules(), []
+    for _ in range(len(graph_model.graph)):
+        _split_transposes(graph_model.graph)
+        if not _apply(graph_model, rules, moves):
+            break
+    _merge_transposes(graph_model.graph)
+    if moves:
+        left = sum(1 for n in graph_model.graph if n.op_type == "Transpose")
+        nodes = tuple(dict.fromkeys(name for o in moves for name in o.nodes))
+        reason = f"moved Transposes below element-wise ops ({len(moves)} moves): {transposes} → {left}"
+        reason += " Transposes"
+        outcomes.append(Outcome(NAME, nodes, True, reason))
+    return len(moves)
+
+
+def _split_transposes(graph: ir.Graph) -> None:
+    """Give each reader of a Transpose its own copy, so each copy can travel down its own branch (a residual
+    block's input feeds a Conv and the block's Add)."""
+    transposes = [n for n in graph if n.op_type == "Transpose" and len(n.outputs[0].uses()) > 1]
+    if not transposes:
+        return
+    taken = {v.name for n in graph for v in n.outputs} | {n.name for n in graph} | set(graph.initializers)
+    taken |= {v.name for v in graph.inputs}
+    for node in transposes:
+        out = node.outputs[0]
+        for reader, index in out.uses()[1:]:
+            name = _fresh(node.name, taken)
+            copy = ir.Node("", "Transpose", node.inputs, node.attributes.values(), name=name)
+            copy.outputs[0].name = _fresh(out.name, taken)
+            graph.insert_after(node, copy)
+            reader.replace_input_with(index, copy.outputs[0])
+
+
+def _merge_transposes(graph: ir.Graph) -> None:
+    """Undo `_split_transposes` where copies stayed side by side: one Transpose per (input, permutation)."""
+    first: dict[tuple[int, tuple[int, ...]], ir.Node] = {}
+    for node in [n for n in graph if n.op_type == "Transpose" and n.inputs[0] is not None]:
+        key = (id(node.inputs[0]), tuple(node.attributes.get_ints("perm", ())))
+        kept = first.setdefault(key, node)
+        if kept is not node and not node.outputs[0].is_graph_output():
+            node.outputs[0].replace_all_uses_with(kept.outputs[0])
+            graph.remove(node, safe=True)
 
 
 def _forget_weights(graph_model: ir.Model) -> None:
@@ -499,6 +629,11 @@ def _outcome(matched: list[ir.Node], new: Sequence[ir.Node], root: ir.Node) -> O
     say what was done."""
     compute = next((n for n in matched if n.op_type in _COMPUTE), None)
     main = new[-1]
+    moved = [n for n in matched if n.op_type == "Transpose"]
+    if moved and root.op_type != "Transpose" and main.op_type == "Transpose":
+        new[-2].name, main.name = root.name, moved[0].name
+        reason = f"moved Transpose '{main.name}' below {root.op_type} '{root.name}'"
+        return Outcome(NAME, tuple(n.name for n in matched), True, reason)
     main.name = (compute or root).name
     ops = "/".join(n.op_type for n in matched)
     names = tuple(n.name for n in matched)
@@ -527,6 +662,9 @@ def _export(graph_model: ir.Model, like: onnx.ModelProto) -> onnx.ModelProto:
     described = {v.name for v in like.graph.value_info}
     produced = {o for n in proto.graph.node for o in n.output}
     kept = [v for v in proto.graph.value_info if v.name in described and v.name in produced]
+    for v in proto.graph.value_info:  # a new tensor keeps its element type, not the shape onnxscript guessed
+        if v.name not in described and v.name in produced and v.type.tensor_type.elem_type:
+            kept.append(onnx.helper.make_tensor_value_info(v.name, v.type.tensor_type.elem_type, None))
     del proto.graph.value_info[:]
     proto.graph.value_info.extend(kept)
     for item in (*proto.graph.node, *proto.graph.initializer, *proto.graph.value_info):

@@ -8,7 +8,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from onnxquant import api
 from onnxquant.passes.canonicalize import canonicalize
+from onnxquant.passes.plan import plan_quantization
 
 
 def head(opset: int = 17) -> str:
@@ -417,3 +419,78 @@ def test_a_batchnorm_written_as_sub_mul_add_folds_into_the_conv(tools):
     tools.assert_equivalent(model, out)
     assert [n.op_type for n in out.graph.node] == ["Conv", "Relu"]
     assert any("(scale) into Conv" in o.reason for o in outcomes)
+
+
+TF_BLOCK = """
+    g (float[N, 6, 6, 3] x) => (float[N, 6, 6, 4] y) {
+        t0 = Transpose <perm = [0, 3, 1, 2]> (x)
+        c = Conv <pads = [1, 1, 1, 1]> (t0, w)
+        t1 = Transpose <perm = [0, 2, 3, 1]> (c)
+        a = Add (t1, b)
+        s = Sub (a, mean)
+        m = Mul (s, scale)
+        r = Relu (m)
+        t2 = Transpose <perm = [0, 3, 1, 2]> (r)
+        c2 = Conv (t2, w2)
+        t3 = Transpose <perm = [0, 2, 3, 1]> (c2)
+        z = Clip (t3, lo, hi)
+        y = Add (z, r)
+    }"""
+
+
+def test_tensorflow_layout_transposes_cancel_and_the_affine_folds_into_the_conv(tools):
+    """A tf2onnx-style block (NHWC around each Conv, bias and BatchNorm affine in NHWC, a residual read of the
+    activation): the Transposes travel below the element-wise ops, inverse pairs cancel, and the affine then
+    folds into the Conv."""
+    weights = {
+        "w": rand((4, 3, 3, 3), 1),
+        "b": rand(4, 2),
+        "mean": rand((1, 1, 4), 3),  # rank 3 against the rank-4 Transpose: padded, then permuted
+        "scale": np.abs(rand(4, 4)) + 0.5,
+        "w2": rand((4, 4, 1, 1), 5),
+        **scalars(lo=-1.0, hi=2.0),
+    }
+    model = tools.build(head() + TF_BLOCK, weights)
+    out, outcomes = canon(model, tools)
+    assert tools.op_types(out) == ["Transpose", "Conv", "Relu", "Conv", "Clip", "Add", "Transpose"]
+    moved = next(o for o in outcomes if "Transposes" in o.reason)
+    assert moved.reason.endswith(": 4 → 2 Transposes")
+    assert {"Transpose_2", "Add_3", "Relu_6", "Clip_10"} <= set(moved.nodes)
+    assert any(o.reason == "fused Mul 'Mul_5' (scale) into Conv 'Conv_1'" for o in outcomes)
+    plan = plan_quantization(out, api.load_rules("default"))  # the moved tensors keep their float type
+    assert [d.quantize for d in plan.nodes if d.op_type == "Conv"] == [True, True]
+
+
+def test_transpose_stops_at_a_non_elementwise_op_and_constants_are_permuted(tools):
+    """Constant-first Sub and Div, a constant varying along two axes, and a MatMul that ends the travel: the
+    one Transpose moves below the element-wise ops and stays one."""
+    text = (
+        head()
+        + """
+    g (float[N, 3, 5] x) => (float[N, 5, 2] y) {
+        t = Transpose <perm = [0, 2, 1]> (x)
+        a = Sub (c1, t)
+        d = Div (a, c2)
+        s = Sigmoid (d)
+        y = MatMul (s, w)
+    }"""
+    )
+    weights = {"c1": rand((5, 3), 1), "c2": np.abs(rand((1, 3), 2)) + 0.5, "w": rand((3, 2), 3)}
+    model = tools.build(text, weights)
+    out, _ = canon(model, tools)
+    assert tools.op_types(out) == ["Sub", "Mul", "Sigmoid", "Transpose", "MatMul"]
+
+
+def test_a_transpose_read_twice_by_non_elementwise_ops_stays_one_transpose(tools):
+    text = (
+        head()
+        + """
+    g (float[N, 3, 4] x) => (float[N, 4, 2] y, float[N, 4, 3] z) {
+        t = Transpose <perm = [0, 2, 1]> (x)
+        y = MatMul (t, w)
+        z = Softmax <axis = -1> (t)
+    }"""
+    )
+    model = tools.build(text, {"w": rand((3, 2), 1)})
+    out, outcomes = canonicalize(model)
+    assert out is model and outcomes == []
