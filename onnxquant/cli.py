@@ -127,6 +127,11 @@ def main(ctx: click.Context, verbose: int, debug: bool) -> None:
     "layer's measured output mean shift through its bias (=empirical).",
 )
 @click.option(
+    "--weight-only",
+    is_flag=True,
+    help="Quantize the weights only; activations stay float (placement: weights; no calibration data).",
+)
+@click.option(
     "--cle",
     is_flag=True,
     help="Cross-layer equalization of consecutive layers' channel ranges (the equalize_layers pass).",
@@ -219,6 +224,7 @@ def convert(
     percentile,
     wcalib,
     bias_correction,
+    weight_only,
     cle,
     number_format,
     block_size,
@@ -281,6 +287,7 @@ def convert(
         pow2_scales=pow2_scales,
         levels=levels,
         clusters=clusters,
+        weight_only=weight_only,
     )
     suggest = None
     if suggest_rules is not None:

@@ -12,6 +12,10 @@ LayerNorm). Placement `tensorrt` quantizes the inputs of compute ops and of resi
 (TensorRT fuses those into the Conv's epilogue; a transformer's residual Add stays float). An element-wise op
 with a constant operand (an Add of a bias or a +3, a Mul by a scale) stays float under both: no runtime fuses
 it into integer work. Graph outputs stay float. A tensor requested at several widths gets the widest.
+Placement `weights` is weight-only quantization: the constant weights of the quantized compute nodes get DQ,
+no activation gets Q/DQ (nothing to calibrate). ONNX Runtime fuses an int4 DQ → MatMul into MatMulNBits,
+which at its default accuracy level (4) also rounds the MatMul's input to int8 per block: a dynamic W4A8;
+session option `session.qdq_matmulnbits_accuracy_level` = 0 keeps it float.
 
 With `depthwise_inputs: per_channel`, the input x of a depthwise Conv (group = channels, the Conv its only
 reader) is quantized per channel and equalized into the Conv (`QuantPlan.equalized`): with per-channel scales
@@ -154,6 +158,8 @@ def plan_quantization(model: onnx.ModelProto, rules: Rules) -> QuantPlan:
                 weight = candidate.name
             elif node.op != "MatMul":
                 quantize, reason = False, f"weight {candidate.name!r} is not a constant"
+        if quantize and rules.placement == "weights" and weight is None:
+            quantize, reason = False, "weight-only placement: no constant weight to quantize"
         variables = [
             (i, t) for i, t in enumerate(node.inputs) if not t.is_empty() and isinstance(t, gs.Variable)
         ]
@@ -169,7 +175,7 @@ def plan_quantization(model: onnx.ModelProto, rules: Rules) -> QuantPlan:
         plan.nodes.append(
             NodeDecision(node.name, node.op, quantize, reason, rule.weights, rule.activations, weight)
         )
-        if not quantize:
+        if not quantize or rules.placement == "weights":
             continue
         for i, tensor in variables:
             if not (node.op in COMPUTE_OPS and i == 2):

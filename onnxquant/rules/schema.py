@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from onnxquant.errors import BadOptionError, BadRulesError
 from onnxquant.quant import MAX_BITS, MIN_BITS
 
-PLACEMENTS = ("ort", "tensorrt")
+PLACEMENTS = ("ort", "tensorrt", "weights")  # weights: weight-only, activations stay float
 GRANULARITIES = ("per_channel", "per_tensor")
 POSITIONS = ("first", "last")
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -127,6 +127,7 @@ class Rules:
         pow2_scales: bool = False,
         levels: str | None = None,
         clusters: int | None = None,
+        weight_only: bool = False,
     ) -> Rules:
         """CLI flags override the file's global settings; per-node overrides still apply on top.
 
@@ -165,6 +166,7 @@ class Rules:
                 raise BadOptionError(f"{what}: {problem}")
         return replace(
             self,
+            placement="weights" if weight_only else self.placement,
             weights=weights,
             activations=acts,
             passes=_with_pass(self.passes if passes is None else passes, EQUALIZE_LAYERS, equalize_layers),

@@ -56,7 +56,7 @@ def test_values_echoed_in_messages_are_cut_to_about_80_characters(tmp_path):
         api.load_rules(path)
     message = str(err.value)
     assert message.startswith(f"{path}: key 'placement' is ['CONV_LAYER_NAME', ")
-    assert message.endswith("; accepted: ort, tensorrt") and len(message) < len(str(path)) + 140
+    assert message.endswith("; accepted: ort, tensorrt, weights") and len(message) < len(str(path)) + 140
 
 
 def test_a_control_character_is_one_line_naming_its_position(tmp_path):
