@@ -81,7 +81,7 @@ def test_a_model_proto_from_onnx_load_is_normalized_as_a_file_is(calib, referenc
         (
             {"rules": {"bits": 4}},
             BadOptionError,
-            "rules: is a dict; accepted: a preset name (default, tensorrt)",
+            "rules: is a dict; accepted: a preset name (default, tensorrt, integer)",
         ),
         ({"model": 3}, BadModelError, "model: is a int; accepted: a path (str or os.PathLike) to an .onnx"),
         ({"data": "nowhere.npz"}, BadDataError, "nowhere.npz: no such file or directory"),

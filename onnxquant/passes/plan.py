@@ -12,6 +12,9 @@ LayerNorm). Placement `tensorrt` quantizes the inputs of compute ops and of resi
 (TensorRT fuses those into the Conv's epilogue; a transformer's residual Add stays float). An element-wise op
 with a constant operand (an Add of a bias or a +3, a Mul by a scale) stays float under both: no runtime fuses
 it into integer work. Graph outputs stay float. A tensor requested at several widths gets the widest.
+Rule key `quantize_outputs` (placement `ort`; the `integer` preset lists the compute ops) also quantizes the
+output of every quantized node of those op types, even where only a float op reads it, so that ONNX Runtime
+runs each as an integer kernel, as its own quantizer does: faster where int8 kernels are, less accurate.
 Placement `weights` is weight-only quantization: the constant weights of the quantized compute nodes get DQ,
 no activation gets Q/DQ (nothing to calibrate). ONNX Runtime fuses an int4 DQ → MatMul into MatMulNBits,
 which at its default accuracy level (4) also rounds the MatMul's input to int8 per block: a dynamic W4A8;
@@ -181,6 +184,7 @@ def plan_quantization(model: onnx.ModelProto, rules: Rules) -> QuantPlan:
             if not (node.op in COMPUTE_OPS and i == 2):
                 request(tensor, node.name, rule.activations)
     if rules.placement == "ort":
+        _quantize_outputs(plan, graph, rules.quantize_outputs, request)
         _demote_float_read(plan, graph, requests)
     for name, specs in requests.items():
         if specs:
@@ -208,6 +212,19 @@ def _after_conv(node: gs.Node) -> bool:
         if p is not None and p.op in ("Conv", "ConvTranspose"):
             return True
     return False
+
+
+def _quantize_outputs(plan: QuantPlan, graph: gs.Graph, op_types: tuple[str, ...], request) -> None:
+    """Request Q/DQ on the output of each quantized node of `op_types` (after a fused Relu/Clip), whatever
+    reads it: ONNX Runtime then runs the node as an integer kernel (rule key `quantize_outputs`)."""
+    by_name = {n.name: n for n in graph.nodes}
+    for d in plan.nodes:
+        if not d.quantize or d.op_type not in op_types:
+            continue
+        out = by_name[d.name].outputs[0]
+        while len(out.outputs) == 1 and out.outputs[0].op in FUSED_ACTIVATIONS:
+            out = out.outputs[0].outputs[0]
+        request(out, d.name, d.activations)
 
 
 def _demote_float_read(plan: QuantPlan, graph: gs.Graph, requests: dict[str, dict[str, QuantSpec]]) -> None:

@@ -31,6 +31,7 @@ from onnxquant.errors import BadRulesError
 from onnxquant.quant import MAX_BITS, MIN_BITS
 from onnxquant.rules.schema import (
     BIAS_CORRECTIONS,
+    COMPUTE_OPS,
     FORMATS,
     GRANULARITIES,
     LEVELS,
@@ -46,7 +47,7 @@ from onnxquant.rules.schema import (
     spec_conflict,
 )
 
-PRESETS = ("default", "tensorrt")
+PRESETS = ("default", "tensorrt", "integer")
 NO_BASE = "none"  # `extends: none`: the schema's bare defaults
 TOP_KEYS = (
     "extends",
@@ -54,6 +55,7 @@ TOP_KEYS = (
     "depthwise_inputs",
     "passes",
     "quantize_ops",
+    "quantize_outputs",
     "weights",
     "activations",
     "overrides",
@@ -154,6 +156,7 @@ def dump_rules(rules: Rules) -> str:
         "depthwise_inputs": rules.depthwise_inputs,
         "passes": list(rules.passes),
         "quantize_ops": list(rules.quantize_ops),
+        "quantize_outputs": list(rules.quantize_outputs),
         "weights": spec(rules.weights),
         "activations": acts,
         "overrides": [override(ov) for ov in rules.overrides],
@@ -238,6 +241,9 @@ def _apply(doc: dict, base: Rules, where: str, names: _Names) -> Rules:
     ops = base.quantize_ops
     if "quantize_ops" in doc:
         ops = tuple(_str_list(doc["quantize_ops"], where, "quantize_ops", None))
+    outputs = base.quantize_outputs
+    if "quantize_outputs" in doc:
+        outputs = tuple(_str_list(doc["quantize_outputs"], where, "quantize_outputs", COMPUTE_OPS))
     placement = _choice(doc.get("placement", base.placement), where, "placement", PLACEMENTS)
     depthwise = _choice(
         doc.get("depthwise_inputs", base.depthwise_inputs), where, "depthwise_inputs", GRANULARITIES
@@ -254,6 +260,7 @@ def _apply(doc: dict, base: Rules, where: str, names: _Names) -> Rules:
         depthwise_inputs=depthwise,
         passes=passes,
         quantize_ops=ops,
+        quantize_outputs=outputs,
         weights=weights,
         activations=acts,
         overrides=base.overrides + overrides,

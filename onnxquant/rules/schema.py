@@ -102,6 +102,7 @@ class Rules:
     depthwise_inputs: str = "per_tensor"  # per_channel: equalized into the depthwise weights (plan.py)
     passes: tuple[str, ...] = ()
     quantize_ops: tuple[str, ...] = COMPUTE_OPS
+    quantize_outputs: tuple[str, ...] = ()  # placement ort: outputs with Q/DQ even where read in float
     weights: QuantSpec = QuantSpec(bits=8, symmetric=True, granularity="per_channel")
     activations: QuantSpec = QuantSpec(bits=8, symmetric=False)
     overrides: tuple[Override, ...] = ()

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
+import pytest
 
 from onnxquant import api
+from onnxquant.errors import BadRulesError
 from onnxquant.model import infer_shapes
 from onnxquant.passes.plan import plan_quantization
 
@@ -50,3 +53,45 @@ def test_tensorrt_placement_quantizes_only_residual_adds_a_conv_feeds():
     plan = plan_quantization(block(), api.load_rules("tensorrt"))
     assert not any(d.quantize for d in plan.nodes if d.op_type == "Add")  # MatMul blocks: no epilogue fusion
     assert set(plan.activations) == {"x", "b", "d"}
+
+
+CONV_HARDSWISH = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 3, 8, 8] x) => (float[N, 4, 8, 8] y) {
+  c = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+  h = HardSwish (c)
+  y = Conv <pads = [1, 1, 1, 1]> (h, w2, b2)
+}
+"""
+
+
+def test_integer_preset_quantizes_compute_outputs_read_in_float(tmp_path):
+    """`quantize_outputs` (the `integer` preset): c, read only by HardSwish, gets Q/DQ too, so ONNX Runtime
+    runs the first Conv as QLinearConv; with the default preset that Conv runs in float."""
+    model = onnx.parser.parse_model(CONV_HARDSWISH)
+    rng = np.random.default_rng(0)
+    for name, shape in (("w1", (6, 3, 3, 3)), ("b1", (6,)), ("w2", (4, 6, 3, 3)), ("b2", (4,))):
+        model.graph.initializer.append(
+            onnx.numpy_helper.from_array(rng.normal(0, 1, shape).astype(np.float32), name)
+        )
+    model = infer_shapes(model)
+    assert set(plan_quantization(model, api.load_rules("default")).activations) == {"x", "h"}
+    assert set(plan_quantization(model, api.load_rules("integer")).activations) == {"x", "c", "h"}
+    data = {"x": rng.normal(0, 1, (16, 3, 8, 8)).astype(np.float32)}
+    kernels = {}
+    for preset in ("default", "integer"):
+        result = api.convert(model, api.load_rules(preset), data=data)
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{preset}.onnx")
+        ort.InferenceSession(result.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        kernels[preset] = [n.op_type for n in onnx.load(tmp_path / f"{preset}.onnx").graph.node].count(
+            "QLinearConv"
+        )
+    assert kernels == {"default": 0, "integer": 1}  # the last Conv's output is a graph output: float
+
+
+def test_quantize_outputs_names_compute_ops_only(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("quantize_outputs: [Conv, HardSwish]\n")
+    with pytest.raises(BadRulesError, match="key 'quantize_outputs' is 'HardSwish'; accepted: Conv, "):
+        api.load_rules(str(path))

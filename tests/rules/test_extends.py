@@ -88,7 +88,7 @@ def test_an_extends_cycle_names_the_files(tmp_path):
     "text, expected",
     [
         ("extends: nowhere.yaml", "key 'extends' is 'nowhere.yaml': no such file"),
-        ("extends: [default]", "key 'extends' is ['default']; accepted: default, tensorrt, none"),
+        ("extends: [default]", "key 'extends' is ['default']; accepted: default, tensorrt, integer, none"),
     ],
 )
 def test_a_bad_extends_is_one_line(tmp_path, text, expected):
