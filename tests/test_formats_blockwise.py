@@ -106,6 +106,7 @@ def test_onnx_runtime_dequantizes_each_block_with_its_own_scale(bits):
     for name, axis in (("w1", 0), ("w2", 1)):
         w = weights[name]
         scale = reference_blocks(w, axis, 16, lambda v: np.float32(np.abs(v).max() / qmax))
+        scale = scale.astype(np.float16)  # block scales are stored as float16, codes rounded with them
         s = np.repeat(scale, 16, axis=axis)[tuple(slice(0, d) for d in w.shape)].astype(np.float32)
         want = np.clip(np.rint(w / s), -qmax - 1, qmax) * s
         np.testing.assert_array_equal(got[name], want.astype(np.float32))
@@ -114,6 +115,7 @@ def test_onnx_runtime_dequantizes_each_block_with_its_own_scale(bits):
     assert len(dq["w1_dequantized"].input) == 2  # symmetric: no zero point stored
     stored = {t.name: t.data_type for t in result.model.graph.initializer}
     assert stored["w1_quantized"] == (TensorProto.INT4 if bits == 4 else TensorProto.INT8)
+    assert stored["w1_scale"] == TensorProto.FLOAT16
 
 
 def sqnr(reference: np.ndarray, got: np.ndarray) -> float:
@@ -158,6 +160,7 @@ def test_stored_bits_count_codes_scales_and_zero_points():
     assert stored_bits((64, 16), 0, 32, 4, signed=True) == 4 + 32 / 32
     assert stored_bits((70, 16), 0, 32, 4, signed=True) == (70 * 16 * 4 + 3 * 16 * 32) / (70 * 16)
     assert stored_bits((64, 16), 0, 32, 4, signed=False) == 4 + (32 + 4) / 32
+    assert stored_bits((64, 16), 0, 32, 4, signed=True, scale_bits=16) == 4 + 16 / 32
 
 
 def test_cli_summary_reports_bits_per_weight_stored(tmp_path):
@@ -168,5 +171,17 @@ def test_cli_summary_reports_bits_per_weight_stored(tmp_path):
     args += ["--calib-data", tmp_path / "calib.npz", "-o", tmp_path / "q.onnx"]
     result = CliRunner().invoke(main, [str(a) for a in args])
     assert result.exit_code == 0, result.output
-    # MatMul (64, 16): 4 + 32/32 bits; Conv (4, 64, 3, 3): the same, 2 blocks of 32 per kernel position
-    assert "weights quantized: 2 at 4 bits (per block 32: 5.0 bits/weight stored)" in result.output
+    # MatMul (64, 16): 4 + 16/32 bits (float16 scales); Conv (4, 64, 3, 3): the same, 2 blocks of 32 per
+    # kernel position
+    assert "weights quantized: 2 at 4 bits (per block 32: 4.5 bits/weight stored)" in result.output
+    assert "weights stored: 4.50 bits/weight" in result.output  # counted from the written model's arrays
+
+
+def test_scales_outside_float16s_normal_range_stay_float32():
+    model = matmul_conv_model()
+    for t in model.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(1e-6), t.name))
+    result = convert(model, 4, 16)
+    stored = {t.name: t.data_type for t in result.model.graph.initializer}
+    assert stored["w1_scale"] == TensorProto.FLOAT and stored["w2_scale"] == TensorProto.FLOAT
+    assert "Cast" not in [n.op_type for n in result.model.graph.node]

@@ -12,8 +12,11 @@ weight's rank whose dimension a is ⌈n_a / B⌉ (the others equal the weight's)
   allow a block to run across the flattened Cin·kh·kw);
 - ConvTranspose (Cin, Cout/g, ...): axis 0; MatMul (..., K, N): the K axis; Gemm: K (axis 1 when transB).
 The last block of a row may be shorter. Each block's range comes from the weight calibration method
-(calib/weights.py) applied to the block's values. Storage per weight: b bits of code plus 32/B bits of float32
-scale (and b/B of zero point for unsigned codes): `stored_bits`.
+(calib/weights.py) applied to the block's values. Storage per weight: b bits of code plus 16/B bits of scale
+(and b/B of zero point for unsigned codes): `stored_bits`. Scales are stored as float16 (as GPTQ/AWQ
+checkpoints and MatMulNBits hold them; a Cast to float32 before the DequantizeLinear, which ONNX Runtime
+folds at load time and then still fuses the MatMul into MatMulNBits), and the codes are rounded with that
+float16 scale; float32 where a scale is outside float16's normal range (insert_qdq.half_scales).
 """
 
 from __future__ import annotations
@@ -25,8 +28,6 @@ import numpy as np
 from onnxquant.calib.weights import weight_range
 from onnxquant.tables import TensorRange
 from onnxquant.tables.entries import blocked_shape
-
-SCALE_BITS = 32  # float32 scales
 
 
 def block_axis(op_type: str, ndim: int, trans_b: bool = False) -> int:
@@ -74,10 +75,12 @@ def block_entry(
     return replace(entry, kind="weight")
 
 
-def stored_bits(shape: tuple[int, ...], axis: int, block_size: int, bits: int, signed: bool) -> float:
-    """Bits stored per weight: the codes, one float32 scale per block, and a zero point per block for
+def stored_bits(
+    shape: tuple[int, ...], axis: int, block_size: int, bits: int, signed: bool, scale_bits: int = 32
+) -> float:
+    """Bits stored per weight: the codes, one scale of `scale_bits` per block, and a zero point per block for
     unsigned codes (symmetric weights store none)."""
     count = int(np.prod(shape))
     blocks = int(np.prod(blocked_shape(tuple(shape), axis, block_size)))
-    per_block = SCALE_BITS + (0 if signed else bits)
+    per_block = scale_bits + (0 if signed else bits)
     return (count * bits + blocks * per_block) / count

@@ -256,7 +256,11 @@ def insert_qdq(
             summary.weight_formats[(bits, _format_label(decision.weights, entry))] += 1
             if entry.block_size:
                 stored = summary.block_storage.setdefault((bits, entry.block_size), [0.0, 0])
-                stored[0] += stored_bits(w.shape, entry.axis, entry.block_size, bits, entry.signed) * w.size
+                scale_bits = 16 if half_scales(w_params, codes_params) else 32
+                per_weight = stored_bits(
+                    w.shape, entry.axis, entry.block_size, bits, entry.signed, scale_bits
+                )
+                stored[0] += per_weight * w.size
                 stored[1] += w.size
         _rewire(node, node.inputs[1], dequantized[decision.weight], only_index=1)
         bias_tensor = input_at(node, 2)
@@ -388,6 +392,9 @@ def _quantized_weight(
     if is_fp8(entry.format):
         codes = fp8_codes(w, codes_params.scale, entry.format, codes_params.axis)
         return _insert_weight(build, name, codes, params, None)  # zero point 0: the default
+    if half_scales(params, codes_params):
+        params = replace(params, scale=np.asarray(params.scale, np.float16))
+        codes_params = replace(codes_params, scale=params.scale.astype(np.float32))
     elem = container(int(np.max(params.bits)), params.signed, opset)
     codes = _weight_codes(w, codes_params, _np_type(elem))
     zero = np.asarray(params.zero_point).astype(_np_type(elem))
@@ -396,12 +403,27 @@ def _quantized_weight(
     return _insert_weight(build, name, codes, params, zero)
 
 
+def half_scales(params: QParams, codes_params: QParams) -> bool:
+    """Whether a block-wise weight stores its scales as float16 (16/B bits per weight instead of 32/B): when
+    every scale is a float16 normal number and no stage changed the DequantizeLinear's scale from the one the
+    codes are rounded with. The codes are then rounded with the float16 scale."""
+    scale = np.asarray(params.scale, np.float32)
+    if not params.block_size or not np.array_equal(scale, np.asarray(codes_params.scale, np.float32)):
+        return False
+    limits = np.finfo(np.float16)
+    return bool(np.all((scale >= limits.smallest_normal) & (scale <= limits.max)))
+
+
 def _insert_weight(
     build: _Builder, name: str, codes: np.ndarray, params: QParams, zero: np.ndarray | None
 ) -> gs.Tensor:
     """Stored codes → DequantizeLinear with `params`' scale (per tensor, channel or block) and `zero`."""
     q = build.constant(f"{name}_quantized", codes)
-    scale = build.constant(f"{name}_scale", np.asarray(params.scale, np.float32))
+    if np.asarray(params.scale).dtype == np.float16:  # a Cast that runtimes fold at load time
+        half = build.constant(f"{name}_scale", params.scale)
+        scale = build.node("Cast", [half], f"{name}_scale_float", to=TensorProto.FLOAT)
+    else:
+        scale = build.constant(f"{name}_scale", np.asarray(params.scale, np.float32))
     inputs = [q, scale] + ([] if zero is None else [build.constant(f"{name}_zero_point", zero)])
     attrs = {} if params.axis is None else {"axis": params.axis}
     if params.block_size:

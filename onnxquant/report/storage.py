@@ -107,11 +107,20 @@ def _graph_weight_sizes(graph: gs.Graph, codebooks: list[Codebook]) -> list[Weig
     for node in graph.nodes:
         codes = constant(node.inputs[0], readonly=True) if node.op == "DequantizeLinear" else None
         if codes is not None and codes.dtype != np.int32 and id(node) not in inside:
-            side = [constant(x, readonly=True) for x in node.inputs[1:]]
+            side = [_stored(x) for x in node.inputs[1:]]
             sizes.append(weight_size(node.inputs[0].name, codes, [s for s in side if s is not None]))
     for cb in codebooks:
         sizes.append(weight_size(cb.indices.name, constant(cb.indices, readonly=True), cb.side_arrays()))
     return sizes
+
+
+def _stored(tensor: gs.Tensor) -> np.ndarray | None:
+    """The array a DequantizeLinear input is stored as: a constant, or the constant a Cast reads (float16
+    block scales, calib/blocks.py)."""
+    producer = tensor.inputs[0] if tensor.inputs else None
+    if producer is not None and producer.op == "Cast":
+        tensor = producer.inputs[0]
+    return constant(tensor, readonly=True)
 
 
 def _size(bits: int) -> str:
