@@ -181,6 +181,7 @@ def insert_qdq(
     listed = {id(n) for n in graph.gs.nodes}
     by_name = {n.name: n for n in graph.gs.nodes}
     first_input = {n.name: n.inputs[0].name for n in graph.gs.nodes if n.inputs}
+    quantized = {d.name for d in plan.nodes if d.quantize}
     skipped = {d.name for d in plan.nodes if not d.quantize and d.reason.startswith("skipped")}
 
     act_params: dict[str, QParams] = {}
@@ -193,7 +194,7 @@ def insert_qdq(
             continue
         _check_opset(name, entry, opset)
         tensor = tensors[name]
-        readers = [n for n in tensor.outputs if id(n) in listed and n.name not in skipped]
+        readers = _readers(tensor, listed, quantized, skipped)
         params = entry.qparams()
         spec = plan.activations[name]
         summary.activation_formats[(int(np.max(params.bits)), _format_label(spec, entry))] += 1
@@ -307,6 +308,18 @@ def _equalized(params: QParams) -> tuple[QParams, np.ndarray]:
 def _equalizable(params: QParams) -> bool:
     """One width, and symmetric codes or unsigned codes with zero point 0: one zero point serves all."""
     return np.ptp(params.bits) == 0 and (params.signed or not np.any(params.zero_point))
+
+
+def _readers(tensor: gs.Tensor, listed: set[int], quantized: set[str], skipped: set[str]) -> list[gs.Node]:
+    """The nodes that read an activation's DequantizeLinear. A quantized producer's output goes through Q/DQ
+    for every reader but skipped ones: a runtime fuses the producer into an integer kernel only when Q is its
+    output's one consumer. A float producer's output (a LayerNorm's, read by the next layer's MatMuls and by a
+    residual Add) keeps its float value for its float readers: their inputs were never meant to be rounded."""
+    readers = [n for n in tensor.outputs if id(n) in listed and n.name not in skipped]
+    producer = tensor.inputs[0] if tensor.inputs else None
+    if producer is not None and producer.name in quantized:
+        return readers
+    return [n for n in readers if n.name in quantized]
 
 
 def _rewire(node: gs.Node, old: gs.Tensor, new: gs.Tensor, only_index: int | None = None) -> None:

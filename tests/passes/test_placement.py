@@ -10,7 +10,7 @@ import pytest
 
 from onnxquant import api
 from onnxquant.errors import BadRulesError
-from onnxquant.model import infer_shapes
+from onnxquant.model import infer_shapes, make_session, with_outputs
 from onnxquant.passes.plan import plan_quantization
 
 BLOCK = """
@@ -95,3 +95,33 @@ def test_quantize_outputs_names_compute_ops_only(tmp_path):
     path.write_text("quantize_outputs: [Conv, HardSwish]\n")
     with pytest.raises(BadRulesError, match="key 'quantize_outputs' is 'HardSwish'; accepted: Conv, "):
         api.load_rules(str(path))
+
+
+POST_NORM = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 8] x) => (float[N, 8] y) {
+  n = LayerNormalization <axis = -1> (x, gamma, beta)
+  h = MatMul (n, w)
+  y = Add (n, h)
+}
+"""
+
+
+def test_a_float_reader_of_a_quantized_tensor_keeps_its_float_value():
+    """A post-LayerNorm block (BERT): the LayerNorm output feeds the next MatMul (quantized) and the residual
+    Add (read in float); only the MatMul reads the DequantizeLinear, the Add adds the exact float value."""
+    model = onnx.parser.parse_model(POST_NORM)
+    rng = np.random.default_rng(2)
+    for name, shape in (("gamma", (8,)), ("beta", (8,)), ("w", (8, 8))):
+        model.graph.initializer.append(
+            onnx.numpy_helper.from_array(rng.normal(0, 1, shape).astype(np.float32), name)
+        )
+    model = infer_shapes(model)
+    x = rng.normal(0, 1, (16, 8)).astype(np.float32)
+    result = api.convert(model, api.load_rules("default"), data={"x": x})
+    add = next(n for n in result.model.graph.node if n.op_type == "Add")
+    assert "n" in add.input and "h" in add.input
+    assert set(result.plan.activations) == {"n"}
+    n_float = make_session(with_outputs(model, ["n"]), optimize=False).run(["n"], {"x": x})[0]
+    h, y = make_session(with_outputs(result.model, ["h"]), optimize=False).run(["h", "y"], {"x": x})
+    np.testing.assert_array_equal(y, n_float + h)
