@@ -185,3 +185,36 @@ def test_scales_outside_float16s_normal_range_stay_float32():
     stored = {t.name: t.data_type for t in result.model.graph.initializer}
     assert stored["w1_scale"] == TensorProto.FLOAT and stored["w2_scale"] == TensorProto.FLOAT
     assert "Cast" not in [n.op_type for n in result.model.graph.node]
+
+
+def test_a_weight_whose_input_axis_is_shorter_than_a_block_is_quantized_per_channel(tmp_path):
+    """A depthwise Conv (1 input channel per group) and a MatMul with K = 8 < 16 fall back to per channel:
+    blocks there would cost a scale per few weights."""
+    w1 = RNG.standard_normal((8, 16)).astype(np.float32)
+    w2 = RNG.standard_normal((40, 1, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["a"], name="mm"),
+            helper.make_node("Conv", ["y", "w2"], ["b"], name="dw", group=40),
+        ],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8]),
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 40, 6, 6]),
+        ],
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 16]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 40, 4, 4]),
+        ],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = convert(model, 4, 16)
+    assert result.table.tensors["w1"].block_size is None and result.table.tensors["w1"].axis == 1
+    assert result.table.tensors["w2"].block_size is None and result.table.tensors["w2"].axis == 0
+    dq = [
+        n for n in result.model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("w")
+    ]
+    assert all("block_size" not in [a.name for a in n.attribute] for n in dq)
+    mixed = matmul_conv_model()  # blocks apply to both of its weights
+    assert all(e.block_size == 16 for e in convert(mixed, 4, 16).table.tensors.values() if e.kind == "weight")

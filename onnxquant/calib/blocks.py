@@ -11,12 +11,14 @@ weight's rank whose dimension a is ⌈n_a / B⌉ (the others equal the weight's)
 - Conv (Cout, Cin/g, kh, kw): axis 1, blocks of B input channels at each kernel position (ONNX does not
   allow a block to run across the flattened Cin·kh·kw);
 - ConvTranspose (Cin, Cout/g, ...): axis 0; MatMul (..., K, N): the K axis; Gemm: K (axis 1 when transB).
-The last block of a row may be shorter. Each block's range comes from the weight calibration method
-(calib/weights.py) applied to the block's values. Storage per weight: b bits of code plus 16/B bits of scale
-(and b/B of zero point for unsigned codes): `stored_bits`. Scales are stored as float16 (as GPTQ/AWQ
-checkpoints and MatMulNBits hold them; a Cast to float32 before the DequantizeLinear, which ONNX Runtime
-folds at load time and then still fuses the MatMul into MatMulNBits), and the codes are rounded with that
-float16 scale; float32 where a scale is outside float16's normal range (insert_qdq.half_scales).
+The last block of a row may be shorter; a weight whose input axis is shorter than B (a depthwise Conv's
+single input channel) is quantized per channel instead (calib/weight_table.py). Each block's range comes
+from the weight calibration method (calib/weights.py) applied to the block's values. Storage per weight: b
+bits of code plus 16/B bits of scale (and b/B of zero point for unsigned codes): `stored_bits`. Scales are
+stored as float16 (as GPTQ/AWQ checkpoints and MatMulNBits hold them; a Cast to float32 before the
+DequantizeLinear, which ONNX Runtime folds at load time and then still fuses the MatMul into MatMulNBits),
+and the codes are rounded with that float16 scale; float32 where a scale is outside float16's normal range
+(insert_qdq.half_scales).
 """
 
 from __future__ import annotations

@@ -79,16 +79,27 @@ def weight_entries(
         w = np.asarray(
             constant(node.inputs[1], readonly=True), np.float32
         )  # no second copy of a float32 weight
-        axis = _entry_axis(node, w.ndim, d.weights)
-        entry = weight_entry(w, axis, d.weights, bit_alloc, name=d.weight)
-        if bias_correction and not _plain(d.weights):
-            entry = replace(entry, note=f"bias correction skipped ({_format_name(d.weights)} weights)")
+        spec = _short_blocks_per_channel(node, w.shape, d.weights)
+        axis = _entry_axis(node, w.ndim, spec)
+        entry = weight_entry(w, axis, spec, bit_alloc, name=d.weight)
+        if bias_correction and not _plain(spec):
+            entry = replace(entry, note=f"bias correction skipped ({_format_name(spec)} weights)")
         elif bias_correction and axis is not None and node.op in CORRECTED_OPS and users[d.weight] == 1:
             entry = _corrected(
                 entry, w, node, (input_means or {}).get(node.inputs[0].name), full=bias_correction == "full"
             )
         entries[d.weight] = entry
     return entries
+
+
+def _short_blocks_per_channel(node: gs.Node, shape: tuple[int, ...], spec: QuantSpec) -> QuantSpec:
+    """Per channel instead of per block where the input axis is shorter than a block (a depthwise Conv's one
+    input channel, a patch-embedding Conv's three): every block would be shorter than `block_size`, at up
+    to a scale per weight, while the point of blocks is `bits + 16/block_size` bits per weight."""
+    if spec.granularity != "per_block":
+        return spec
+    axis = block_axis(node.op, len(shape), bool(node.attrs.get("transB", 0)))
+    return replace(spec, granularity="per_channel") if shape[axis] < spec.block_size else spec
 
 
 def _entry_axis(node: gs.Node, ndim: int, spec: QuantSpec) -> int | None:

@@ -106,6 +106,8 @@ def _format_label(spec: QuantSpec | None, entry: TensorRange) -> str:
     """How a tensor's numbers are stored beyond their width, for the summary ("" for free-scale integers)."""
     if entry.block_size:
         return f"per block {entry.block_size}"
+    if getattr(spec, "granularity", None) == "per_block":  # a weight spec whose axis was too short
+        return "per channel: input axis shorter than a block"
     labels = [entry.format] if entry.format != "int" else []
     if spec is not None and spec.scale == "pow2":
         labels.append("power-of-two scales")
