@@ -2,8 +2,9 @@
 
     python tools/bench_latency.py [--cache DIR] [--models a,b] [--runs 30]
 
-Per model: the float model, onnxquant's kl W8A8 (default preset) and minmax W8A8 (tensorrt preset), and the
-peers' models, each at batch 1 with 2 intra-op threads, the median of `--runs` runs after 5 warm-up runs.
+Per model: the float model, onnxquant's kl W8A8 (default preset), minmax W8A8 (tensorrt preset) and kl W8A8
+with the `integer` preset (a `--variant integer="--rules integer"` cell), and the peers' models, each at
+batch 1 with 2 intra-op threads, the median of `--runs` runs after 5 warm-up runs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from bench_real import median_latency_ms, session
 CANDIDATES = {
     "onnxquant default": "oq_kl_w8a8_default.onnx",
     "onnxquant tensorrt": "oq_minmax_w8a8_tensorrt.onnx",
+    "onnxquant integer": "oq_kl_w8a8_default_integer.onnx",  # --variant integer="--rules integer"
     "ORT": "peer_ort.onnx",
     "NNCF": "peer_nncf.onnx",
 }
