@@ -31,6 +31,9 @@ Equalized codes are symmetric, or unsigned with zero point 0 for one-sided tenso
 serve channels of different offsets); calibration keeps the per-tensor range instead where that gives the
 Conv's output less rounding error (api.calibrate). k is capped at 2^16, below which a channel is dead.
 
+A MatMul of two activations that reads a Softmax output (attention's probabilities · V) stays float: most of
+the probability mass sits in values below one 8-bit step of the maximum (a ViT-S: 28.5 → 31.9 dB W8A8).
+
 A MaxPool's input is calibrated on its output's statistics (`QuantPlan.shared`), at its own width, when the
 MaxPool is its only consumer: max commutes with clipping, so at equal widths both Q/DQ pairs act as one and
 the integer MaxPool gets one scale for both, and the range fits the values that travel on (the window maxima)
@@ -54,6 +57,10 @@ FLOAT_TYPES = (np.dtype(np.float32),)
 DATA_MOVEMENT = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze")
 ELEMENTWISE = ("Add", "Sub", "Mul", "Div")  # quantized only between two activations (residual Adds)
 WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+ATTENTION_REASON = (
+    "reads attention probabilities (a Softmax output): 8-bit codes of step max/255 zero the small "
+    "probabilities that carry most of the mass"
+)
 
 
 @dataclass(frozen=True)
@@ -168,6 +175,8 @@ def plan_quantization(model: onnx.ModelProto, rules: Rules) -> QuantPlan:
         ]
         if quantize and not any(_is_float(t) for _, t in variables):
             quantize, reason = False, "no float activation input"
+        elif quantize and weight is None and node.op == "MatMul" and _reads_softmax(node):
+            quantize, reason = False, ATTENTION_REASON
         elif quantize and node.op in ELEMENTWISE and len(variables) < len(node.inputs):
             quantize, reason = False, f"{node.op} of a constant: nothing to fuse, it stays float"
         elif quantize and rules.placement == "tensorrt" and node.op == "Add" and not _after_conv(node):
@@ -201,6 +210,16 @@ def plan_quantization(model: onnx.ModelProto, rules: Rules) -> QuantPlan:
     if rules.depthwise_inputs == "per_channel":
         _equalize_depthwise(plan, graph)
     return plan
+
+
+def _reads_softmax(node: gs.Node) -> bool:
+    """Whether an input of `node` is a Softmax output, directly or across data movement."""
+    for tensor in node.inputs:
+        while tensor.inputs and tensor.inputs[0].op in DATA_MOVEMENT:
+            tensor = tensor.inputs[0].inputs[0]
+        if tensor.inputs and tensor.inputs[0].op == "Softmax":
+            return True
+    return False
 
 
 def _after_conv(node: gs.Node) -> bool:

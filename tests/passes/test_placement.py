@@ -11,7 +11,7 @@ import pytest
 from onnxquant import api
 from onnxquant.errors import BadRulesError
 from onnxquant.model import infer_shapes, make_session, with_outputs
-from onnxquant.passes.plan import plan_quantization
+from onnxquant.passes.plan import ATTENTION_REASON, plan_quantization
 
 BLOCK = """
 <ir_version: 8, opset_import: ["" : 17]>
@@ -125,3 +125,37 @@ def test_a_float_reader_of_a_quantized_tensor_keeps_its_float_value():
     n_float = make_session(with_outputs(model, ["n"]), optimize=False).run(["n"], {"x": x})[0]
     h, y = make_session(with_outputs(result.model, ["h"]), optimize=False).run(["h", "y"], {"x": x})
     np.testing.assert_array_equal(y, n_float + h)
+
+
+ATTENTION = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 6, 8] x) => (float[N, 6, 8] y) {
+  q = MatMul (x, wq)
+  k = MatMul (x, wk)
+  v = MatMul (x, wv)
+  kt = Transpose <perm = [0, 2, 1]> (k)
+  s = MatMul (q, kt)
+  p = Softmax <axis = -1> (s)
+  pr = Reshape (p, shape)
+  y = MatMul (pr, v)
+}
+"""
+
+
+def test_attention_probabilities_stay_float():
+    """probabilities · V (across a Reshape) stays float with its reason; Q·Kᵀ and the projections do not."""
+    model = onnx.parser.parse_model(ATTENTION)
+    rng = np.random.default_rng(3)
+    for name in ("wq", "wk", "wv"):
+        model.graph.initializer.append(
+            onnx.numpy_helper.from_array(rng.normal(0, 1, (8, 8)).astype(np.float32), name)
+        )
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([0, 6, 6], np.int64), "shape"))
+    model = infer_shapes(model)
+    for preset in ("default", "tensorrt"):
+        plan = plan_quantization(model, api.load_rules(preset))
+        decisions = {d.name: d for d in plan.nodes if d.op_type == "MatMul"}
+        probabilities_v = decisions.pop("MatMul_7")
+        assert not probabilities_v.quantize and probabilities_v.reason == ATTENTION_REASON
+        assert all(d.quantize for d in decisions.values())
+        assert "p" not in plan.activations and "pr" not in plan.activations and "q" in plan.activations
