@@ -159,3 +159,40 @@ def test_attention_probabilities_stay_float():
         assert not probabilities_v.quantize and probabilities_v.reason == ATTENTION_REASON
         assert all(d.quantize for d in decisions.values())
         assert "p" not in plan.activations and "pr" not in plan.activations and "q" in plan.activations
+
+
+CONV_SILU = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 3, 8, 8] x) => (float[N, 4, 8, 8] y) {
+  c = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+  s = Sigmoid (c)
+  m = Mul (c, s)
+  y = Conv <pads = [1, 1, 1, 1]> (m, w2, b2)
+}
+"""
+
+
+def optimized_ops(model: onnx.ModelProto, path) -> list[str]:
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(path)
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(path).graph.node]
+
+
+def test_integer_preset_runs_a_silu_in_integer(tmp_path):
+    """A SiLU (Conv → Sigmoid, Mul): the `integer` preset quantizes the Sigmoid and the Mul too, and ONNX
+    Runtime runs the block as QLinearConv, QLinearSigmoid and QLinearMul; the default keeps it float."""
+    model = onnx.parser.parse_model(CONV_SILU)
+    rng = np.random.default_rng(4)
+    for name, shape in (("w1", (6, 3, 3, 3)), ("b1", (6,)), ("w2", (4, 6, 3, 3)), ("b2", (4,))):
+        model.graph.initializer.append(
+            onnx.numpy_helper.from_array(rng.normal(0, 1, shape).astype(np.float32), name)
+        )
+    model = infer_shapes(model)
+    data = {"x": rng.normal(0, 1, (16, 3, 8, 8)).astype(np.float32)}
+    ops = {
+        preset: optimized_ops(api.convert(model, api.load_rules(preset), data=data).model, tmp_path / preset)
+        for preset in ("default", "integer")
+    }
+    for op in ("QLinearConv", "QLinearSigmoid", "QLinearMul"):
+        assert op in ops["integer"] and op not in ops["default"], (op, ops)
