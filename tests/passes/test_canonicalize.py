@@ -494,3 +494,20 @@ def test_a_transpose_read_twice_by_non_elementwise_ops_stays_one_transpose(tools
     model = tools.build(text, {"w": rand((3, 2), 1)})
     out, outcomes = canonicalize(model)
     assert out is model and outcomes == []
+
+
+def test_a_transpose_pair_around_an_activation_with_attributes_cancels(tools):
+    text = (
+        head()
+        + """
+    g (float[N, 3, 5] x) => (float[N, 3, 5] y) {
+        t = Transpose <perm = [0, 2, 1]> (x)
+        a = LeakyRelu <alpha = 0.2> (t)
+        c = Clip (a, lo)
+        y = Transpose <perm = [0, 2, 1]> (c)
+    }"""
+    )
+    model = tools.build(text, scalars(lo=-0.1))
+    out, _ = canon(model, tools)
+    assert tools.op_types(out) == ["LeakyRelu", "Clip"]
+    assert node(out, "LeakyRelu").attribute[0].f == np.float32(0.2)
