@@ -28,14 +28,29 @@ g (float[N, 8] x) => (float[N, 8] y, float[N, 8] z) {
 """
 
 
-def block() -> onnx.ModelProto:
-    model = onnx.parser.parse_model(BLOCK)
-    rng = np.random.default_rng(0)
-    for name, shape in (("w1", (8, 8)), ("w2", (8, 8)), ("w3", (8, 8)), ("gamma", (8,)), ("beta", (8,))):
-        model.graph.initializer.append(
-            onnx.numpy_helper.from_array(rng.normal(0, 1, shape).astype(np.float32), name)
-        )
+def parsed(text: str, shapes: dict[str, tuple[int, ...]], seed: int = 0, **constants) -> onnx.ModelProto:
+    """`text` with random normal float32 initializers of `shapes` and the `constants`, shapes inferred."""
+    model = onnx.parser.parse_model(text)
+    rng = np.random.default_rng(seed)
+    arrays = {name: rng.normal(0, 1, shape).astype(np.float32) for name, shape in shapes.items()}
+    for name, value in {**arrays, **constants}.items():
+        model.graph.initializer.append(onnx.numpy_helper.from_array(value, name))
     return infer_shapes(model)
+
+
+def block() -> onnx.ModelProto:
+    return parsed(BLOCK, {"w1": (8, 8), "w2": (8, 8), "w3": (8, 8), "gamma": (8,), "beta": (8,)})
+
+
+def optimized_ops(model: onnx.ModelProto, path) -> list[str]:
+    """The op types of `model` after ONNX Runtime's optimizations (its QDQ fusions)."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(path)
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(path).graph.node]
+
+
+CONV_WEIGHTS = {"w1": (6, 3, 3, 3), "b1": (6,), "w2": (4, 6, 3, 3), "b2": (4,)}
 
 
 def test_ort_placement_quantizes_what_runs_in_integer():
@@ -68,25 +83,16 @@ g (float[N, 3, 8, 8] x) => (float[N, 4, 8, 8] y) {
 def test_integer_preset_quantizes_compute_outputs_read_in_float(tmp_path):
     """`quantize_outputs` (the `integer` preset): c, read only by HardSwish, gets Q/DQ too, so ONNX Runtime
     runs the first Conv as QLinearConv; with the default preset that Conv runs in float."""
-    model = onnx.parser.parse_model(CONV_HARDSWISH)
-    rng = np.random.default_rng(0)
-    for name, shape in (("w1", (6, 3, 3, 3)), ("b1", (6,)), ("w2", (4, 6, 3, 3)), ("b2", (4,))):
-        model.graph.initializer.append(
-            onnx.numpy_helper.from_array(rng.normal(0, 1, shape).astype(np.float32), name)
-        )
-    model = infer_shapes(model)
+    model = parsed(CONV_HARDSWISH, CONV_WEIGHTS)
     assert set(plan_quantization(model, api.load_rules("default")).activations) == {"x", "h"}
     assert set(plan_quantization(model, api.load_rules("integer")).activations) == {"x", "c", "h"}
-    data = {"x": rng.normal(0, 1, (16, 3, 8, 8)).astype(np.float32)}
-    kernels = {}
-    for preset in ("default", "integer"):
-        result = api.convert(model, api.load_rules(preset), data=data)
-        options = ort.SessionOptions()
-        options.optimized_model_filepath = str(tmp_path / f"{preset}.onnx")
-        ort.InferenceSession(result.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        kernels[preset] = [n.op_type for n in onnx.load(tmp_path / f"{preset}.onnx").graph.node].count(
-            "QLinearConv"
-        )
+    data = {"x": np.random.default_rng(1).normal(0, 1, (16, 3, 8, 8)).astype(np.float32)}
+    kernels = {
+        preset: optimized_ops(
+            api.convert(model, api.load_rules(preset), data=data).model, tmp_path / preset
+        ).count("QLinearConv")
+        for preset in ("default", "integer")
+    }
     assert kernels == {"default": 0, "integer": 1}  # the last Conv's output is a graph output: float
 
 
@@ -110,14 +116,8 @@ g (float[N, 8] x) => (float[N, 8] y) {
 def test_a_float_reader_of_a_quantized_tensor_keeps_its_float_value():
     """A post-LayerNorm block (BERT): the LayerNorm output feeds the next MatMul (quantized) and the residual
     Add (read in float); only the MatMul reads the DequantizeLinear, the Add adds the exact float value."""
-    model = onnx.parser.parse_model(POST_NORM)
-    rng = np.random.default_rng(2)
-    for name, shape in (("gamma", (8,)), ("beta", (8,)), ("w", (8, 8))):
-        model.graph.initializer.append(
-            onnx.numpy_helper.from_array(rng.normal(0, 1, shape).astype(np.float32), name)
-        )
-    model = infer_shapes(model)
-    x = rng.normal(0, 1, (16, 8)).astype(np.float32)
+    model = parsed(POST_NORM, {"gamma": (8,), "beta": (8,), "w": (8, 8)}, seed=2)
+    x = np.random.default_rng(3).normal(0, 1, (16, 8)).astype(np.float32)
     result = api.convert(model, api.load_rules("default"), data={"x": x})
     add = next(n for n in result.model.graph.node if n.op_type == "Add")
     assert "n" in add.input and "h" in add.input
@@ -144,14 +144,8 @@ g (float[N, 6, 8] x) => (float[N, 6, 8] y) {
 
 def test_attention_probabilities_stay_float():
     """probabilities · V (across a Reshape) stays float with its reason; Q·Kᵀ and the projections do not."""
-    model = onnx.parser.parse_model(ATTENTION)
-    rng = np.random.default_rng(3)
-    for name in ("wq", "wk", "wv"):
-        model.graph.initializer.append(
-            onnx.numpy_helper.from_array(rng.normal(0, 1, (8, 8)).astype(np.float32), name)
-        )
-    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([0, 6, 6], np.int64), "shape"))
-    model = infer_shapes(model)
+    shapes = {"wq": (8, 8), "wk": (8, 8), "wv": (8, 8)}
+    model = parsed(ATTENTION, shapes, seed=3, shape=np.array([0, 6, 6], np.int64))
     for preset in ("default", "tensorrt"):
         plan = plan_quantization(model, api.load_rules(preset))
         decisions = {d.name: d for d in plan.nodes if d.op_type == "MatMul"}
@@ -172,24 +166,11 @@ g (float[N, 3, 8, 8] x) => (float[N, 4, 8, 8] y) {
 """
 
 
-def optimized_ops(model: onnx.ModelProto, path) -> list[str]:
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(path)
-    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return [n.op_type for n in onnx.load(path).graph.node]
-
-
 def test_integer_preset_runs_a_silu_in_integer(tmp_path):
     """A SiLU (Conv → Sigmoid, Mul): the `integer` preset quantizes the Sigmoid and the Mul too, and ONNX
     Runtime runs the block as QLinearConv, QLinearSigmoid and QLinearMul; the default keeps it float."""
-    model = onnx.parser.parse_model(CONV_SILU)
-    rng = np.random.default_rng(4)
-    for name, shape in (("w1", (6, 3, 3, 3)), ("b1", (6,)), ("w2", (4, 6, 3, 3)), ("b2", (4,))):
-        model.graph.initializer.append(
-            onnx.numpy_helper.from_array(rng.normal(0, 1, shape).astype(np.float32), name)
-        )
-    model = infer_shapes(model)
-    data = {"x": rng.normal(0, 1, (16, 3, 8, 8)).astype(np.float32)}
+    model = parsed(CONV_SILU, CONV_WEIGHTS, seed=4)
+    data = {"x": np.random.default_rng(5).normal(0, 1, (16, 3, 8, 8)).astype(np.float32)}
     ops = {
         preset: optimized_ops(api.convert(model, api.load_rules(preset), data=data).model, tmp_path / preset)
         for preset in ("default", "integer")
