@@ -171,6 +171,40 @@ def _markdown(results: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def add_run_options(ap: argparse.ArgumentParser) -> None:
+    """The options every ResNet-18-shaped benchmark takes: model, output file, timeout, and the child's."""
+    ap.add_argument("--model", type=Path, default=None, help="default: build one with tools/make_resnet18.py")
+    ap.add_argument("--out", type=Path, default=HERE.parent / "BENCHMARKS.md")
+    ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
+
+
+def model_or_resnet18(model: Path | None, workdir: Path) -> Path:
+    """`model`, or a ResNet-18-shaped model built in `workdir` by tools/make_resnet18.py."""
+    if model is not None:
+        return model
+    built = workdir / "resnet18.onnx"
+    subprocess.run([sys.executable, str(HERE / "make_resnet18.py"), "-o", str(built)], check=True)
+    return built
+
+
+def measure_interleaved(plan: list[tuple[str, int]], repeat: int, run) -> dict:
+    """`run(label, samples)` for every (label, samples) of `plan`, `repeat` rounds interleaved (so a slow
+    period of the machine hits every configuration alike), each run logged; `summary` per key."""
+    runs: dict[tuple[str, int], list[dict | None]] = {}
+    for _ in range(repeat):
+        for label, samples in plan:
+            r = run(label, samples)
+            runs.setdefault((label, samples), []).append(r)
+            if r:
+                print(
+                    f"{label:8s} {samples:5d} samples: {r['wall_s']:8.1f} s  {r['peak_rss_mb']:8.0f} MB",
+                    file=sys.stderr,
+                )
+    return {key: summary(rs) for key, rs in runs.items()}
+
+
 def summary(runs: list[dict | None]) -> dict | None:
     """Median wall time, all wall times and the largest peak RSS of one configuration's runs (None if any
     failed)."""
@@ -204,39 +238,23 @@ def main() -> None:
     ap.add_argument("--big", type=int, default=1024, help="onnxquant-only extra size (0: none)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=3, help="runs per configuration (median reported)")
-    ap.add_argument("--model", type=Path, default=None, help="default: build one with tools/make_resnet18.py")
-    ap.add_argument("--out", type=Path, default=HERE.parent / "BENCHMARKS.md")
-    ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument(
         "--skip", nargs="*", default=[], help="configurations to skip (float kl laplace minmax ort)"
     )
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
+    add_run_options(ap)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(_child(args.child, args.model, args.workdir)))
         return
     with tempfile.TemporaryDirectory(prefix="bench_calib.") as tmp:
         workdir = Path(tmp)
-        model = args.model
-        if model is None:
-            model = workdir / "resnet18.onnx"
-            subprocess.run([sys.executable, str(HERE / "make_resnet18.py"), "-o", str(model)], check=True)
-        runs: dict[tuple[str, int], list[dict | None]] = {}
+        model = model_or_resnet18(args.model, workdir)
         plan = [(k, s) for s in args.samples for k in ("float", *ONNXQUANT_METHODS, "ort")]
         plan += [(k, args.big) for k in ("float", "kl") if args.big]
-        for _ in range(args.repeat):
-            for kind, samples in plan:
-                if kind in args.skip:
-                    continue
-                r = _run(kind, samples, model, workdir, args.batch_size, args.timeout)
-                runs.setdefault((kind, samples), []).append(r)
-                if r:
-                    print(
-                        f"{kind:8s} {samples:5d} samples: {r['wall_s']:8.1f} s  {r['peak_rss_mb']:8.0f} MB",
-                        file=sys.stderr,
-                    )
-    results = {key: summary(rs) for key, rs in runs.items()}
+        plan = [(k, s) for k, s in plan if k not in args.skip]
+        results = measure_interleaved(
+            plan, args.repeat, lambda k, s: _run(k, s, model, workdir, args.batch_size, args.timeout)
+        )
     os.environ["BENCH_BATCH"], os.environ["BENCH_REPEAT"] = str(args.batch_size), str(args.repeat)
     command = "python tools/bench_calib.py " + " ".join(sys.argv[1:])
     write_section(args.out, _markdown(results, command.strip()))

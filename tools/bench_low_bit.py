@@ -38,7 +38,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_calib import convert_from_reader, summary, write_section
+from bench_calib import (
+    add_run_options,
+    convert_from_reader,
+    measure_interleaved,
+    model_or_resnet18,
+    write_section,
+)
 
 MARK_BEGIN, MARK_END = "<!-- bench_low_bit: begin -->", "<!-- bench_low_bit: end -->"
 BASE_ARGS = ("--wbits", "4", "--abits", "8", "--calib", "minmax")
@@ -168,18 +174,10 @@ def _verdict(results: dict, configs: list[str], small: int, large: int) -> str:
 
 def _measure(args: argparse.Namespace, model: Path, workdir: Path) -> dict:
     """Every configuration at every sample count, `args.repeat` rounds interleaved; summaries by key."""
-    runs: dict[tuple[str, int], list[dict | None]] = {}
     plan = [(c, s) for s in args.samples for c in args.configs]
-    for _ in range(args.repeat):
-        for config, samples in plan:
-            r = _run(config, samples, model, workdir, args.batch_size, args.timeout)
-            runs.setdefault((config, samples), []).append(r)
-            if r:
-                print(
-                    f"{config:8s} {samples:5d} samples: {r['wall_s']:8.1f} s  {r['peak_rss_mb']:8.0f} MB",
-                    file=sys.stderr,
-                )
-    return {key: summary(rs) for key, rs in runs.items()}
+    return measure_interleaved(
+        plan, args.repeat, lambda c, s: _run(c, s, model, workdir, args.batch_size, args.timeout)
+    )
 
 
 def main() -> None:
@@ -188,11 +186,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=2, help="runs per configuration (median reported)")
     ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(DEFAULT_CONFIGS))
-    ap.add_argument("--model", type=Path, default=None, help="default: build one with tools/make_resnet18.py")
-    ap.add_argument("--out", type=Path, default=HERE.parent / "BENCHMARKS.md")
-    ap.add_argument("--timeout", type=float, default=3600)
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
+    add_run_options(ap)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(_child(args.child, args.model, args.workdir)))
@@ -201,11 +195,7 @@ def main() -> None:
         args.configs.insert(0, "plain")  # every stage's cost is measured against it
     with tempfile.TemporaryDirectory(prefix="bench_low_bit.") as tmp:
         workdir = Path(tmp)
-        model = args.model
-        if model is None:
-            model = workdir / "resnet18.onnx"
-            subprocess.run([sys.executable, str(HERE / "make_resnet18.py"), "-o", str(model)], check=True)
-        results = _measure(args, model, workdir)
+        results = _measure(args, model_or_resnet18(args.model, workdir), workdir)
     command = "python tools/bench_low_bit.py " + " ".join(sys.argv[1:])
     section = _markdown(results, args.configs, command.strip(), args.batch_size, args.repeat)
     write_section(args.out, section, MARK_BEGIN, MARK_END)
